@@ -153,7 +153,7 @@ class Categorical:
         if not path.exists():
             raise FileNotFoundError(f"logits file not found: {path}")
         try:
-            data = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.float64, ndmin=1)
+            data = np.load(path) if path.suffix == ".npy" else np.array(path.read_text().split(), dtype=np.float64)
         except ValueError as err:
             raise ValueError(f"cannot read logits from {path}: {err}") from None
         return cls(np.ravel(data))
