@@ -45,8 +45,8 @@ GRADIENT_MODES = ("loss", "reward", "full")
 DEFAULT_QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
 #: Samples in one batch of the batch statistics (what one RL step averages over).
 DEFAULT_BATCH = 1024
-#: Samples one worker processes at once (rounded to whole RNG blocks).
-DEFAULT_CHUNK = 1 << 18
+#: Samples one worker processes at once (rounded to whole RNG blocks); one block keeps arrays in cache.
+DEFAULT_CHUNK = 1 << 16
 #: First spawn key of the per-trial streams (streaming blocks use the 1-tuple ``(b,)``).
 TRIALS_STREAM = 1
 #: Largest trials x V array :func:`gradient_trials` returns for a categorical sampler.
@@ -73,8 +73,9 @@ class _GaussianSampler:
         return log_ratio(self.p, self.q, x), x
 
     def score(self, x):
-        """Score as (n_params, *x.shape)."""
-        return self.backend.xp.moveaxis(self.backend.xp.asarray(self.q.score(x)), -1, 0)
+        """Score as a contiguous (n_params, *x.shape) array."""
+        xp = self.backend.xp
+        return xp.ascontiguousarray(xp.moveaxis(xp.asarray(self.q.score(x)), -1, 0))
 
 
 class _CategoricalSampler:
@@ -452,11 +453,11 @@ def gradient(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, 
         t, data = _draw_rows(sampler, backend, seed, blocks)
         if not categorical:
             score = sampler.score(data)  # (params, rows, size)
+            score_squared = score * score
             firsts, seconds_ = [], []
-            for w in weights(t):
-                terms = w[None] * score
-                firsts.append(terms.sum(axis=-1, dtype=xp.float64))
-                seconds_.append((terms * terms).sum(axis=-1, dtype=xp.float64))
+            for w in weights(t):  # sum over a block's samples of w s and (w s)^2, row by row
+                firsts.append(xp.einsum("rn,prn->pr", w, score))
+                seconds_.append(xp.einsum("rn,prn->pr", w * w, score_squared))
             return backend.host(xp.stack(firsts)), backend.host(xp.stack(seconds_))
         ws = xp.stack(list(weights(t)))  # (labels, rows, size); categorical runs are small
         per_block = []
@@ -530,7 +531,7 @@ def gradient_trials(q, p, estimators="k1,k2,k3", n: int = 50_000, trials: int = 
         raise ValueError(f"trials x V = {trials * width} exceeds {MAX_TRIAL_ENTRIES}; use fewer trials "
                          "or the streaming gradient()")
     labels, weights = _mode_weights(backend, estimators, modes)
-    group = max(1, min(trials, (1 << 20) // n))
+    group = max(1, min(trials, (1 << 17) // n))  # trials per task: arrays of ~1 MiB stay in cache
     result = np.zeros((len(labels), trials, width))
 
     def work(first):
@@ -539,7 +540,7 @@ def gradient_trials(q, p, estimators="k1,k2,k3", n: int = 50_000, trials: int = 
         t, data = xp.stack([d[0] for d in drawn]), xp.stack([d[1] for d in drawn])
         if not categorical:
             score = sampler.score(data)  # (params, rows, n)
-            means = [(w[None] * score).mean(axis=-1, dtype=xp.float64).T for w in weights(t)]
+            means = [xp.einsum("rn,prn->rp", w, score) / n for w in weights(t)]
             return backend.host(xp.stack(means))
         offsets = data + (xp.arange(len(rows))[:, None] * width)
         probs = xp.asarray(sampler.probs)
