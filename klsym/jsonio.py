@@ -58,7 +58,7 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, (float, np.floating)):
             return f"{float(v):.6g}"
-        return "" if v is None else str(v)
+        return "-" if v is None else str(v)
 
     table = [[str(c) for c in columns]] + [[cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
