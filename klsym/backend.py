@@ -134,7 +134,11 @@ def compile_logratio_function(body: sp.Expr, xp: ModuleType, module: str) -> Cal
 
 
 def _compile_pieces(expr: sp.Expr, xp: ModuleType, mapping) -> Callable:
-    """Lambdify ``expr`` (a nested Piecewise becomes ``select``: masking each piece measured slower)."""
+    """Lambdify ``expr``; a two-piece Piecewise becomes ``where`` (faster than lambdify's ``select``)."""
+    if (isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1].cond == sp.true):
+        first, second = (_compile_pieces(piece.expr, xp, mapping) for piece in expr.args)
+        condition = sp.lambdify(_t, expr.args[0].cond, modules=mapping)
+        return lambda values: xp.where(condition(values), first(values), second(values))
     fn = sp.lambdify(_t, expr, modules=mapping)
 
     def whole(values):

@@ -9,8 +9,8 @@ to a few numbers (count, mean, sum of squared deviations) and the blocks are mer
 (how many blocks one worker takes at once), nor on the number of threads. Memory is a few chunks,
 whatever ``n``.
 
-Quantiles are read from a fixed histogram whose bins are the float32 numbers with their mantissa
-cut to 7 bits: a quantile is exact up to the width of one bin, a relative error of at most
+Quantiles (of the finite values) are read from a fixed histogram whose bins are the float32
+numbers with their mantissa cut to 7 bits: a quantile is exact up to the width of one bin, a relative error of at most
 :math:`2^{-7} \approx 0.8\%` (linear interpolation inside the bin usually does better) for
 :math:`10^{-38} < |k| < 3 \cdot 10^{38}`; values closer to zero than that are resolved only to
 :math:`10^{-38}`, larger ones fall in the ``inf`` bin.
@@ -229,7 +229,7 @@ def _quantiles_from_histogram(counts: np.ndarray, levels) -> dict:
             out[str(level)] = low if math.isfinite(low) or low == high else high
             continue
         inside = (target - below) / counts[key] if counts[key] else 0.5
-        out[str(level)] = low + (high - low) * min(max(inside, 0.0), 1.0)
+        out[str(level)] = float(low + (high - low) * min(max(float(inside), 0.0), 1.0))
     return out
 
 
@@ -456,8 +456,8 @@ def gradient(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, 
             score_squared = score * score
             firsts, seconds_ = [], []
             for w in weights(t):  # sum over a block's samples of w s and (w s)^2, row by row
-                firsts.append(xp.einsum("rn,prn->pr", w, score))
-                seconds_.append(xp.einsum("rn,prn->pr", w * w, score_squared))
+                firsts.append(xp.einsum("rn,prn->pr", w, score, dtype=xp.float64))
+                seconds_.append(xp.einsum("rn,prn->pr", w * w, score_squared, dtype=xp.float64))
             return backend.host(xp.stack(firsts)), backend.host(xp.stack(seconds_))
         ws = xp.stack(list(weights(t)))  # (labels, rows, size); categorical runs are small
         per_block = []
@@ -540,7 +540,7 @@ def gradient_trials(q, p, estimators="k1,k2,k3", n: int = 50_000, trials: int = 
         t, data = xp.stack([d[0] for d in drawn]), xp.stack([d[1] for d in drawn])
         if not categorical:
             score = sampler.score(data)  # (params, rows, n)
-            means = [xp.einsum("rn,prn->rp", w, score) / n for w in weights(t)]
+            means = [xp.einsum("rn,prn->rp", w, score, dtype=xp.float64) / n for w in weights(t)]
             return backend.host(xp.stack(means))
         offsets = data + (xp.arange(len(rows))[:, None] * width)
         probs = xp.asarray(sampler.probs)

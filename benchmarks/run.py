@@ -1,0 +1,105 @@
+"""``make bench``: klsym's streaming engine against a PyTorch baseline, measured in the same run.
+
+Baseline: the seed-000 experiment in PyTorch (benchmarks/torch_baseline.py) in Schulman's setting
+q = N(0, 1), p = N(1, 1), 10M samples, k1..k4 mean/std/min/max; it runs in its own venv
+``.venv-bench`` (created here with the pinned CPU wheel ``torch==2.13.0``). klsym: same n, k1..k4,
+float64. Every measurement is a fresh subprocess; its peak RSS comes from ``os.wait4`` (that
+child's own rusage); timings exclude interpreter start and imports (both sides time the
+experiment in-process after a warm-up) and are the best of ``--repeats`` alternating runs.
+
+Usage: .venv/bin/python benchmarks/run.py [--n 1e7] [--big-n 1e8] [--repeats 3] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from klsym.paths import BENCHMARKS_DIR  # noqa: E402  (paths are defined only in klsym.paths)
+
+BENCH_VENV = ROOT / ".venv-bench"
+TORCH_PIN = "torch==2.13.0"  # CPU wheel; never unpinned (that pulls CUDA)
+KLSYM_PYTHON = Path(sys.executable)
+
+
+def ensure_torch_venv() -> Path:
+    python = BENCH_VENV / "bin" / "python"
+    check = subprocess.run([str(python), "-c", "import torch"], capture_output=True) if python.exists() else None
+    if check is None or check.returncode != 0:
+        print(f"creating {BENCH_VENV} with {TORCH_PIN} ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", TORCH_PIN], check=True)
+    return python
+
+
+def measure(argv: list[str]) -> dict:
+    """Run one measurement in a child process; its JSON line plus the child's own peak RSS."""
+    child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed with exit code {child.returncode}")
+    result = json.loads(output.strip().splitlines()[-1])
+    result["child_peak_rss_mib"] = usage.ru_maxrss / 1024
+    return result
+
+
+def best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["seconds"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", default="1e7")
+    parser.add_argument("--big-n", default="1e8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", default="0")
+    parser.add_argument("--json", action="store_true", help="print the raw measurements as JSON")
+    args = parser.parse_args()
+
+    torch_python = ensure_torch_venv()
+    worker = str(BENCHMARKS_DIR / "klsym_worker.py")
+    baseline = str(BENCHMARKS_DIR / "torch_baseline.py")
+    runs: dict[str, list[dict]] = {"torch_float32": [], "torch_float64": [], "klsym": []}
+    for _ in range(args.repeats):  # alternate so that load from elsewhere hits every side alike
+        runs["torch_float32"].append(measure([str(torch_python), baseline, args.n, args.seed, "float32"]))
+        runs["torch_float64"].append(measure([str(torch_python), baseline, args.n, args.seed, "float64"]))
+        runs["klsym"].append(measure([str(KLSYM_PYTHON), worker, "values", args.n, args.seed]))
+    big = measure([str(KLSYM_PYTHON), worker, "values", args.big_n, args.seed])
+    trials = measure([str(KLSYM_PYTHON), worker, "trials", "50000", "1000", args.seed])
+
+    k, t32, t64 = best(runs["klsym"]), best(runs["torch_float32"]), best(runs["torch_float64"])
+    rows = [
+        ("torch 2.13 CPU, float32 (the seed's default)", t32),
+        ("torch 2.13 CPU, float64", t64),
+        ("klsym numpy, float64", k),
+        (f"klsym numpy, float64, n = {big['n']:.0e}", big),
+    ]
+    print(f"Schulman setting q = N(0,1), p = N(1,1), k1..k4 mean/std/min/max, n = {k['n']:.0e}, "
+          f"best of {args.repeats}, {os.cpu_count()} cores\n")
+    print("| run | n | seconds | samples/s | peak RSS (MiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, r in rows:
+        print(f"| {label} | {r['n']:.0e} | {r['seconds']:.3f} | {r['n'] / r['seconds']:.3g} | "
+              f"{r['child_peak_rss_mib']:.0f} |")
+    print(f"\nspeed-up klsym float64 vs torch float32: {t32['seconds'] / k['seconds']:.2f}x; "
+          f"vs torch float64: {t64['seconds'] / k['seconds']:.2f}x (target >= 3x)")
+    print(f"klsym peak RSS at n = {big['n']:.0e}: {big['child_peak_rss_mib']:.0f} MiB (target < 150 MB; "
+          f"{big['import_rss_mib']:.0f} MiB of it is the interpreter with numpy, scipy, sympy imported)")
+    print(f"Yang's gradient experiment (5 estimators x 3 modes, 50k samples x 1000 trials): "
+          f"{trials['seconds']:.2f} s, peak RSS {trials['child_peak_rss_mib']:.0f} MiB")
+    print("all timings: " + json.dumps({name: [round(r["seconds"], 3) for r in rs] for name, rs in runs.items()}))
+    if args.json:
+        print(json.dumps({"runs": runs, "big": big, "trials": trials}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
