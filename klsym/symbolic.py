@@ -178,11 +178,13 @@ def sign_verdict(expr: sp.Expr, interval: sp.Interval = POSITIVE_REALS) -> dict:
     None when undecided. Nothing is inferred from samples alone.
 
     >>> sign_verdict(-sp.log(r))["counterexample"]
-    2
+    3
     >>> sign_verdict((1 - sp.log(r)) / r**2)["holds"]
     False
     """
     expr = sp.expand_log(expr, force=True)
+    if expr.has(sp.Piecewise):
+        expr = sp.piecewise_fold(expr)  # one Piecewise on the outside: analysed piece by piece
     simplified = _simplify(expr)
     if not simplified.is_nonnegative and not isinstance(simplified, sp.Piecewise):
         factored = sp.factor(sp.together(simplified))  # exposes signs simplify() may hide
@@ -216,9 +218,10 @@ def _sign_by_zeros(expr: sp.Expr, interval: sp.Interval) -> dict | None:
             zeros = sp.solveset(expr, r, interval)
     except Exception:  # SymPy may fail anywhere inside on exotic input; treat as undecided
         return None
-    if not isinstance(zeros, sp.FiniteSet) or not all(z.is_real for z in zeros):
+    if zeros is not sp.S.EmptySet and (not isinstance(zeros, sp.FiniteSet)
+                                       or not all(z.is_real for z in zeros)):
         return None
-    roots = sorted(zeros, key=lambda z: sp.N(z))
+    roots = sorted(zeros, key=lambda z: sp.N(z)) if zeros is not sp.S.EmptySet else []
     for point in _test_points(roots, interval):
         sign = _sign_at(expr, point)
         if sign is None:
@@ -422,16 +425,36 @@ def local_expansion(estimator: Estimator, order: int = 4) -> dict | None:
 # --- the whole analysis -----------------------------------------------------------------------
 
 @lru_cache(maxsize=None)
+def convexity(estimator: Estimator) -> dict:
+    r"""Is :math:`k''(r) \ge 0` on :math:`(0, \infty)`? A :func:`sign_verdict` of :math:`k''`.
+
+    >>> convexity(get_estimator("k2"))["counterexample"]
+    1 + 2*E
+    """
+    return sign_verdict(sp.diff(estimator.expr, r, 2))
+
+
+@lru_cache(maxsize=None)
+def nonnegativity(estimator: Estimator) -> dict:
+    r"""Is :math:`k(r) \ge 0` on :math:`(0, \infty)`? Proof, counterexample, or undecided.
+
+    The tangent argument comes first: :math:`k(1) = k'(1) = 0` and k convex imply k >= 0.
+
+    >>> nonnegativity(get_estimator("k3"))["holds"], nonnegativity(get_estimator("k1"))["counterexample"]
+    (True, 3)
+    """
+    f1, df1 = derivatives_at_one(estimator.expr, 1)
+    if f1 == 0 and df1 == 0 and convexity(estimator)["holds"] is True:
+        return {"holds": True, "argument": ("k(1) = 0, k'(1) = 0 and k convex: k lies above its "
+                                            "tangent at r = 1, which is 0"), "counterexample": None}
+    return sign_verdict(estimator.expr)
+
+
+@lru_cache(maxsize=None)
 def analyze_symbolic(estimator: Estimator) -> dict:
     """All derived properties as SymPy objects (cached in-process)."""
     f1, df1, d2f1, d3f1 = derivatives_at_one(estimator.expr, 3)
-    second = sp.diff(estimator.expr, r, 2)
-    convex = sign_verdict(second)
-    if f1 == 0 and df1 == 0 and convex["holds"] is True:
-        nonnegative = {"holds": True, "argument": ("k(1) = 0, k'(1) = 0 and k convex: k lies above its "
-                                                   "tangent at r = 1, which is 0"), "counterexample": None}
-    else:
-        nonnegative = sign_verdict(estimator.expr)
+    convex, nonnegative = convexity(estimator), nonnegativity(estimator)
     return {
         "name": estimator.name, "expr": estimator.expr, "surrogate": estimator.surrogate_expr,
         "f1": f1, "df1": df1, "d2f1": d2f1, "d3f1": d3f1,
@@ -512,11 +535,15 @@ def derivation_rows(estimators=None) -> list[dict]:
 __all__ = [
     "MODES", "analyze", "analyze_symbolic", "derivation_rows", "derivatives_at_one", "identify",
     "implied_gradient_divergence", "implied_gradient_generator", "is_zero", "local_expansion",
-    "mode_coefficient", "sign_verdict", "value_divergence",
+    "mode_coefficient", "sign_verdict", "value_divergence", "convexity", "nonnegativity",
 ]
 
 
 # --- rendering: Markdown, LaTeX, JSON ------------------------------------------------------------
+
+def _md_label(label: str | None) -> str:
+    return "—" if label is None else label.replace("|", "\\|")  # a bare | would end the table cell
+
 
 def _verdict_text(value) -> str:
     return {True: "yes", False: "no", None: "undecided"}[value]
@@ -528,12 +555,12 @@ def render_markdown(rows: list[dict]) -> str:
               "| $\\mathbb{E}_q[k]$ | loss | reward | full |")
     lines = [header, "|" + "---|" * 12]
     for row in rows:
-        grads = [f"{row['gradient'][m]['divergence'] or '—'} ($g''(1)={row['gradient'][m]['d2g1']}$)"
+        grads = [f"{_md_label(row['gradient'][m]['divergence'])} ($g''(1)={row['gradient'][m]['d2g1']}$)"
                  for m in MODES]
         lines.append("| " + " | ".join([
             f"`{row['name']}`", f"${row['latex']}$", row["f1"] or "—", row["df1"] or "—",
             row["d2f1"] or "—", row["d3f1"] or "—", _verdict_text(row["nonnegative"]),
-            _verdict_text(row["convex"]), row["value"]["divergence"] or "—", *grads]) + " |")
+            _verdict_text(row["convex"]), _md_label(row["value"]["divergence"]), *grads]) + " |")
     return "\n".join(lines) + "\n"
 
 
