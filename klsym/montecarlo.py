@@ -193,7 +193,8 @@ def _block_moments(xp, values):
     size = values.shape[-1]
     means = values.sum(axis=-1, dtype=xp.float64) / size
     deviations = values - means[..., None]
-    return means, xp.einsum("...n,...n->...", deviations, deviations)  # one pass, no squared copy
+    # a pairwise sum per row: the same bits whatever the number of rows (einsum's are not)
+    return means, (deviations * deviations).sum(axis=-1)
 
 
 def _histogram_keys(xp, values):
@@ -455,9 +456,12 @@ def gradient(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, 
             score = sampler.score(data)  # (params, rows, size)
             score_squared = score * score
             firsts, seconds_ = [], []
-            for w in weights(t):  # sum over a block's samples of w s and (w s)^2, row by row
-                firsts.append(xp.einsum("rn,prn->pr", w, score, dtype=xp.float64))
-                seconds_.append(xp.einsum("rn,prn->pr", w * w, score_squared, dtype=xp.float64))
+            for w in weights(t):  # sums over each block of w s and (w s)^2, one block at a time so
+                squared = w * w     # that the bits do not depend on how many blocks a task holds
+                firsts.append(xp.stack([xp.einsum("n,pn->p", w[row], score[:, row], dtype=xp.float64)
+                                        for row in range(len(blocks))], axis=-1))
+                seconds_.append(xp.stack([xp.einsum("n,pn->p", squared[row], score_squared[:, row],
+                                                    dtype=xp.float64) for row in range(len(blocks))], axis=-1))
             return backend.host(xp.stack(firsts)), backend.host(xp.stack(seconds_))
         ws = xp.stack(list(weights(t)))  # (labels, rows, size); categorical runs are small
         per_block = []
