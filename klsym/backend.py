@@ -20,10 +20,8 @@ from types import ModuleType
 from typing import Callable
 
 import numpy as np
-import sympy as sp
 
-from .estimators import TAYLOR_RADIUS, Estimator
-from .symbols import t as _t
+from .estimators import Estimator, compile_logratio_function
 
 #: Environment variable that selects the backend when none is passed.
 BACKEND_ENV = "KLSYM_BACKEND"
@@ -90,66 +88,9 @@ class Backend:
         if key not in self._compiled:
             # The SymPy body built by make_numeric does not depend on the array module.
             reference = estimator.numeric if kind == "value" else estimator.numeric_dt
-            self._compiled[key] = compile_logratio_function(reference.expression, self.xp,
-                                                            self.lambdify_module)
+            self._compiled[key] = compile_logratio_function(reference.expression, self.lambdify_module,
+                                                            xp=self.xp)
         return self._compiled[key]
-
-
-def compile_logratio_function(body: sp.Expr, xp: ModuleType, module: str) -> Callable:
-    r"""Compile the expression built by :func:`klsym.estimators.make_numeric` for bulk evaluation.
-
-    ``make_numeric`` returns ``Piecewise((taylor, |t| < R), (closed, True))``; lambdified as is,
-    both branches run on every element and the Taylor powers :math:`t^7` cost ~70 ns each. Here
-    the closed form runs everywhere and the Taylor polynomial (in Horner form) only on the few
-    elements with :math:`|t| < R`, which gives the same numbers (to an ulp: Horner order) many times faster.
-
-    >>> import numpy as np
-    >>> from klsym.estimators import get_estimator
-    >>> k3 = get_estimator("k3")
-    >>> fast = compile_logratio_function(k3.numeric.expression, np, "numpy")
-    >>> values = np.array([-1e-4, 0.0, 0.5, 700.0])
-    >>> bool(np.allclose(fast(values), k3.numeric(values), rtol=1e-15, atol=0))
-    True
-    """
-    mapping = [{"expm1": xp.expm1, "log1p": xp.log1p}, module]
-    taylor = None
-    closed = body
-    if (isinstance(body, sp.Piecewise) and len(body.args) == 2
-            and body.args[0].cond == (sp.Abs(_t) < TAYLOR_RADIUS)):
-        taylor = sp.lambdify(_t, sp.horner(body.args[0].expr), modules=mapping)
-        closed = body.args[1].expr
-    closed_fn = _compile_pieces(closed, xp, mapping)
-
-    def evaluate(values):
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-            out = closed_fn(values)
-            if taylor is not None:
-                small = xp.abs(values) < TAYLOR_RADIUS
-                if bool(small.any()):
-                    out[small] = taylor(values[small])
-        return out
-
-    evaluate.expression = body
-    return evaluate
-
-
-def _compile_pieces(expr: sp.Expr, xp: ModuleType, mapping) -> Callable:
-    """Lambdify ``expr``; a two-piece Piecewise becomes ``where`` (faster than lambdify's ``select``)."""
-    if (isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1].cond == sp.true):
-        first, second = (_compile_pieces(piece.expr, xp, mapping) for piece in expr.args)
-        condition = sp.lambdify(_t, expr.args[0].cond, modules=mapping)
-        return lambda values: xp.where(condition(values), first(values), second(values))
-    fn = sp.lambdify(_t, expr, modules=mapping)
-
-    def whole(values):
-        out = fn(values)
-        if xp.ndim(out) < xp.ndim(values):  # a constant (k1's derivative): broadcast
-            out = xp.full(values.shape, out, dtype=values.dtype)
-        elif out is values:  # identity (k2's derivative): callers may write into the result
-            out = values.copy()
-        return out
-
-    return whole
 
 
 def _numpy_generator(seed_sequence: np.random.SeedSequence) -> np.random.Generator:
@@ -201,4 +142,4 @@ def get_backend(name: str | Backend | None = None) -> Backend:
 
 
 __all__ = ["Backend", "BackendUnavailableError", "BACKEND_ENV", "BACKENDS", "NUMPY_BLOCK", "CUPY_BLOCK",
-           "get_backend", "compile_logratio_function", "integer_seeded"]
+           "get_backend", "integer_seeded"]

@@ -28,7 +28,6 @@ sigma_p**2 < 2*sigma_q**2
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import numpy as np

@@ -144,9 +144,12 @@ def _sign_at(expr: sp.Expr, point: sp.Expr) -> int | None:
         value = sp.N(expr.subs(r, point), 50)
     except Exception:  # not evaluable at this point
         return None
-    if not value.is_number or value.has(sp.nan, sp.zoo) or not value.is_real:
+    if not value.is_number or value.has(sp.nan, sp.zoo, sp.DiracDelta) or not value.is_real:
         return None
-    return int(bool(value > 0)) - int(bool(value < 0))
+    try:
+        return int(bool(value > 0)) - int(bool(value < 0))
+    except TypeError:  # a relational SymPy cannot decide
+        return None
 
 
 def _find_negative(expr: sp.Expr, interval: sp.Interval) -> sp.Expr | None:
@@ -193,8 +196,9 @@ def sign_verdict(expr: sp.Expr, interval: sp.Interval = POSITIVE_REALS) -> dict:
         return {"holds": True, "argument": f"{sp.sstr(simplified)} >= 0 by SymPy's assumptions (r > 0)",
                 "counterexample": None}
     if simplified.is_negative:
-        return {"holds": False, "argument": f"{sp.sstr(simplified)} < 0 for every r > 0",
-                "counterexample": sp.Integer(1)}
+        witness = _test_points([], interval)[0]
+        return {"holds": False, "argument": f"{sp.sstr(simplified)} < 0 on {sp.sstr(interval)}",
+                "counterexample": witness}
     if isinstance(simplified, sp.Piecewise):
         return _piecewise_sign(simplified, interval)
     verdict = _sign_by_zeros(simplified, interval)
@@ -247,8 +251,11 @@ def _piecewise_sign(expr: sp.Piecewise, interval: sp.Interval) -> dict:
             if part is sp.S.EmptySet:
                 continue
             if isinstance(part, sp.FiniteSet):
-                verdict = {"holds": all(_sign_at(piece, z) != -1 for z in part), "argument": "finite set",
-                           "counterexample": None}
+                signs = {z: _sign_at(piece, z) for z in part}
+                negative = [z for z, sign in signs.items() if sign == -1]
+                holds = False if negative else (None if None in signs.values() else True)
+                verdict = {"holds": holds, "argument": f"values at {sp.sstr(part)}",
+                           "counterexample": negative[0] if negative else None}
             else:
                 verdict = sign_verdict(piece, part)
             if verdict["holds"] is not True:
@@ -430,8 +437,19 @@ def convexity(estimator: Estimator) -> dict:
 
     >>> convexity(get_estimator("k2"))["counterexample"]
     1 + 2*E
+
+    A kinked k (Abs, Piecewise) is differentiated piece by piece: a negative k'' on a piece
+    disproves convexity; non-negative pieces leave the kinks unchecked, so the verdict is None.
     """
-    return sign_verdict(sp.diff(estimator.expr, r, 2))
+    expr = estimator.expr
+    if not expr.has(sp.Abs, sp.Piecewise, sp.sign, sp.Min, sp.Max):
+        return sign_verdict(sp.diff(expr, r, 2))
+    pieces = sp.piecewise_fold(expr.rewrite(sp.Piecewise))
+    verdict = sign_verdict(sp.diff(pieces, r, 2))
+    if verdict["holds"] is True:
+        return {"holds": None, "argument": "convex on each piece; the kinks are not checked",
+                "counterexample": None}
+    return verdict
 
 
 @lru_cache(maxsize=None)

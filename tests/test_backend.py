@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from klsym import backend as backend_module
-from klsym.backend import (BACKEND_ENV, Backend, BackendUnavailableError, compile_logratio_function,
-                           get_backend, integer_seeded)
+from klsym.backend import BACKEND_ENV, Backend, BackendUnavailableError, get_backend, integer_seeded
 from klsym.estimators import BUILTINS, TAYLOR_RADIUS
 from klsym.exact import estimator_stats
 from klsym.families import Gaussian
@@ -78,26 +77,6 @@ def test_cupy_code_path_with_numpy_behind_it(monkeypatch, no_cached_cupy):
     for name, entry in result["estimators"].items():
         exact = estimator_stats(name, q, p)
         assert abs(entry["mean"] - exact["mean"]) < 5 * exact["std"] / np.sqrt(n), name
-
-
-@pytest.mark.parametrize("estimator", list(BUILTINS.values()), ids=list(BUILTINS))
-@pytest.mark.parametrize("kind", ["value", "dt"])
-def test_compiled_function_matches_registry(estimator, kind):
-    reference = estimator.numeric if kind == "value" else estimator.numeric_dt
-    compiled = compile_logratio_function(reference.expression, np, "numpy")
-    expected = reference(T_GRID)
-    got = compiled(T_GRID.copy())
-    assert got.shape == T_GRID.shape
-    np.testing.assert_allclose(got, expected, rtol=4e-16 * 8, atol=0)
-
-
-def test_compiled_function_leaves_input_untouched():
-    k2_slope = BUILTINS["k2"].numeric_dt  # d/dt t^2/2 = t: the closed form is the input itself
-    compiled = compile_logratio_function(k2_slope.expression, np, "numpy")
-    values = np.array([1e-5, 2.0])
-    out = compiled(values)
-    out[:] = 7.0
-    np.testing.assert_array_equal(values, [1e-5, 2.0])
 
 
 def test_compiled_function_keeps_float32():

@@ -36,7 +36,7 @@ def test_chunk_and_threads_do_not_change_the_output(capsys):
 
 def test_categorical_with_gradient_and_crosscheck(capsys, tmp_path):
     rng = np.random.default_rng(0)
-    q_file, p_file = tmp_path / "q.txt", tmp_path / "p.txt"
+    q_file = tmp_path / "q.txt"
     np.savetxt(q_file, rng.normal(size=12))
     np.save(tmp_path / "p.npy", rng.normal(size=12))
     out = _json(capsys, ["mc", "--q-logits", str(q_file), "--p-logits", str(tmp_path / "p.npy"), "--n", "50000",
