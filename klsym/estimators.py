@@ -12,7 +12,7 @@ The expression is the single source of truth: it is what :func:`sympy.latex` pri
 r - log(r) - 1
 >>> get_estimator("low_var_kl").name     # verl's name for k3
 'k3'
->>> bregman(kl_forward()).expr            # Schulman's reverse-KL estimator
+>>> bregman("kl_forward").expr            # Schulman's reverse-KL estimator
 r*log(r) - r + 1
 """
 from __future__ import annotations
