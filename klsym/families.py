@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from array_api_compat import array_namespace
 from scipy.special import log_softmax, ndtr
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -100,10 +101,14 @@ class Gaussian:
         right = ndtr(-z_lo) - ndtr(-z_hi)
         return np.where(z_lo > 0, right, ndtr(z_hi) - ndtr(z_lo))
 
-    def score(self, x) -> np.ndarray:
-        r"""Score, shape ``x.shape + (2,)``: :math:`((x-\mu)/\sigma^2,\ ((x-\mu)^2/\sigma^2 - 1)/\sigma)`."""
-        z = self.standardize(np.asarray(x))
-        return np.stack([z / self.sigma, (z * z - 1.0) / self.sigma], axis=-1)
+    def score(self, x):
+        r"""Score, shape ``x.shape + (2,)``: :math:`((x-\mu)/\sigma^2,\ ((x-\mu)^2/\sigma^2 - 1)/\sigma)`.
+
+        Works on the array's own library (NumPy, CuPy), so the Monte Carlo engine's CuPy path can use it.
+        """
+        xp = np if isinstance(x, (np.ndarray, np.generic, list, tuple, float, int)) else array_namespace(x)
+        z = self.standardize(xp.asarray(x))
+        return xp.stack([z / self.sigma, (z * z - 1.0) / self.sigma], axis=-1)
 
 
 @dataclass(frozen=True, eq=False)
