@@ -84,8 +84,7 @@ def run(args) -> int:
     if args.format == "json":
         print(dumps(summary))
         return 0
-    print(f"family {summary['family']}  q {_short(summary['q'])}  p {_short(summary['p'])}  "
-          f"positions {summary['positions']}")
+    print_pair_header(summary)
     print(f"{KL_QP} = {summary['kl'][KL_QP]:.10g}   {KL_PQ} = {summary['kl'][KL_PQ]:.10g}")
     rows = []
     for name, stats in summary["estimators"].items():
@@ -95,6 +94,12 @@ def run(args) -> int:
                      "method": stats["method"]})
     print(format_table(rows))
     return 0
+
+
+def print_pair_header(summary: dict) -> None:
+    """The first line of the table output of ``exact`` and ``gradient``: which pair was used."""
+    print(f"family {summary['family']}  q {_short(summary['q'])}  p {_short(summary['p'])}  "
+          f"positions {summary['positions']}")
 
 
 def _short(params) -> str:

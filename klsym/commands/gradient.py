@@ -11,7 +11,7 @@ import numpy as np
 
 from ..exact import MODES, gradient_summary
 from ..jsonio import dumps, format_table
-from .exact import _short, add_pair_arguments, estimators_from_args, pair_from_args
+from .exact import add_pair_arguments, estimators_from_args, pair_from_args, print_pair_header
 
 _FIRST = 3  # entries of a per-logit gradient shown in the table
 
@@ -30,8 +30,7 @@ def run(args) -> int:
     if args.format == "json":
         print(dumps(summary))
         return 0
-    print(f"family {summary['family']}  q {_short(summary['q'])}  p {_short(summary['p'])}  "
-          f"positions {summary['positions']}")
+    print_pair_header(summary)
     rows = [dict(estimator="true", mode=label, **_cells(grad)) for label, grad in summary["true"].items()]
     for name, entry in summary["estimators"].items():
         rows += [dict(estimator=name, mode=mode, **_cells(entry[mode])) for mode in MODES]
