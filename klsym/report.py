@@ -45,7 +45,7 @@ TEMPLATE_NAME = "klsym"
 STATE_FILE = "build-state.json"
 MATHJAX_DIR = Path("static") / "mathjax"
 #: Subfolders of a previous report that a new build keeps (artifacts written by tests).
-PRESERVED_DIRS = ("screenshots",)
+PRESERVED_DIRS = ("screenshots", "failed")
 KERNEL_NAME = "python3"
 WEB_FONT = "STIX-Web"
 
@@ -498,7 +498,7 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(run_one, path, record) for path, record in to_run]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()
         for future in futures:  # first failure in notebook order
@@ -517,8 +517,11 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
         _swap_in(build_dir, output)
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
-    if (output / "failed").exists():  # a later successful build supersedes old failures
-        shutil.rmtree(output / "failed", ignore_errors=True)
+    for page in ordered:  # a notebook that now ran cleanly supersedes its old failed copy
+        if page.executed:
+            (output / "failed" / page.name).unlink(missing_ok=True)
+    if (output / "failed").is_dir() and not any((output / "failed").iterdir()):
+        (output / "failed").rmdir()
     return BuildResult(output, ordered, rows)
 
 

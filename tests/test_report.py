@@ -192,6 +192,19 @@ def test_failing_notebook_stops_the_build_and_keeps_the_previous_report(built):
     assert not list(output.parent.glob(".reports.*")), "temporary build folders left behind"
 
 
+def test_fixed_notebook_replaces_its_failed_copy(built):
+    _, notebooks, output = built
+    assert (output / "failed" / "03-broken.ipynb").exists()  # left by the previous test
+    write_notebook(notebooks / "03-broken.ipynb", "value = 1", title="Fixed")
+    try:
+        result = build_report(output, notebooks_dir=notebooks, only=["03"], log=lambda *_: None)
+    finally:
+        (notebooks / "03-broken.ipynb").unlink()
+    assert result.executed == ["03-broken.ipynb"]
+    assert not (output / "failed").exists()
+    assert (output / "03-broken.html").exists()
+
+
 def test_cli_reports_a_failing_notebook_on_first_build(tmp_path):
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
