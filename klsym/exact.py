@@ -236,7 +236,10 @@ def _gaussian_prob_negative(estimator, q: Gaussian, p: Gaussian, zmax: float = 4
         return 0.0
     edges = [-np.inf]
     for i in np.flatnonzero(negative[1:] != negative[:-1]):
-        edges.append(brentq(lambda s: float(k_of_z(s)), z[i], z[i + 1], xtol=1e-15, rtol=1e-15))
+        try:
+            edges.append(brentq(lambda s: float(k_of_z(s)), z[i], z[i + 1], xtol=1e-15, rtol=1e-15))
+        except RuntimeError:  # a multiple root drowned in rounding: the grid cell bounds it anyway
+            edges.append((z[i] + z[i + 1]) / 2)
     edges.append(np.inf)
     total = 0.0
     starts_negative = bool(negative[0])

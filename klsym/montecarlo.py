@@ -145,7 +145,7 @@ def _draw_rows(sampler, backend: Backend, seed: int, blocks):
 def _stream(work, merge, n: int, seed: int, backend: Backend, chunk: int, threads: int | None,
             progress: bool) -> None:
     """Run ``work(blocks)`` on worker threads, ``merge(blocks, result)`` in block order."""
-    from tqdm.auto import tqdm  # only the streaming loop needs it
+    from tqdm import tqdm  # text bar: notebooks have no ipywidgets, and HTML reports keep text
 
     workers = max(1, threads or min(os.cpu_count() or 1, 8))
     bar = tqdm(total=n, unit="sample", unit_scale=True, delay=2.0, disable=not progress, leave=False)

@@ -334,3 +334,21 @@ def test_summary_has_the_cli_contract_keys():
         assert {"mean", "std", "second_moment", "prob_negative", "method", "bias"} <= set(stats_)
     assert summary["estimators"]["k4"]["method"] == "quadrature"
     assert set(MODES) == {"loss", "reward", "full"}
+
+
+def test_quadrature_terminates_when_rounding_noise_dominates():
+    """A tiny divergence computed by cancellation used to split intervals forever (Jensen-Shannon, delta=1e-3)."""
+    from klsym.estimators import bregman
+    stats = estimator_stats(bregman("jensen_shannon"), Gaussian(0, 1), Gaussian(0.001, 1.00025))
+    assert stats["method"] == "quadrature" and stats["prob_negative"] == 0.0
+    assert 0 < stats["mean"] < 1e-6  # ~ f''(1)/2 * theta^T F theta = 1/4 * (1e-6 + 2 * 0.00025**2)
+
+
+def test_prob_negative_at_a_triple_root():
+    """(r - 1)^3 changes sign at r = 1 with a triple root; brentq may not converge, the grid cell bounds it."""
+    from klsym.estimators import from_formula
+    q, p = Gaussian(0, 1), Gaussian(0.003, 1)
+    stats = estimator_stats(from_formula("(r - 1)**3"), q, p)
+    # k < 0 exactly where t < 0, i.e. x < delta/2: probability Phi(0.0015)
+    from scipy.special import ndtr
+    assert abs(stats["prob_negative"] - ndtr(0.0015)) < 1e-3
