@@ -176,7 +176,11 @@ def compile_logratio_function(body: sp.Expr, module: str = "numpy", *, xp=None):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
             out = closed_fn(values)
             if taylor_fn is not None:
-                out = xp.where(xp.abs(values) < TAYLOR_RADIUS, taylor_fn(values), out)
+                small = xp.abs(values) < TAYLOR_RADIUS
+                if values.ndim == 0:
+                    out = xp.where(small, taylor_fn(values), out)
+                elif bool(small.any()):  # the polynomial runs only on the few elements near 0
+                    out[small] = taylor_fn(values[small])
         return out
 
     evaluate.expression = body
