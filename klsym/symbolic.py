@@ -514,9 +514,15 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("KLSYM_CACHE_DIR", Path.home() / ".cache" / "klsym"))
 
 
+@lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """This module's source, hashed once per process: derivations change when the code does."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def _cache_key(estimator: Estimator) -> str:
     text = "|".join([__version__, sp.__version__, sp.srepr(estimator.expr),
-                     sp.srepr(estimator.surrogate_expr), estimator.name, Path(__file__).read_text()])
+                     sp.srepr(estimator.surrogate_expr), estimator.name, _source_digest()])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
