@@ -13,8 +13,8 @@ import resource
 import sys
 import time
 
-from klsym.families import Gaussian
-from klsym.montecarlo import gradient_trials, run
+from klsym.exact.families import Gaussian
+from klsym.simulate.montecarlo import gradient_trials, run
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from klsym.paths import NOTEBOOKS_DIR, REPORTS_DIR
-from klsym.report import build_report, discover_notebooks
+from klsym.report.build import build_report, discover_notebooks
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

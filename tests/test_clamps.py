@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, softmax
 
-from klsym.clamps import (clamp_bias, clamped_numeric, clamped_numeric_dt, gaussian_mean_shift_bias,
+from klsym.exact.clamps import (clamp_bias, clamped_numeric, clamped_numeric_dt, gaussian_mean_shift_bias,
                           saturation_region)
-from klsym.families import Categorical, Gaussian
+from klsym.exact.families import Categorical, Gaussian
 
 
 def _k3(t):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from klsym.estimators import (ALIASES, BUILTINS, UnknownEstimatorError, bregman, control_variate,
+from klsym.derive.estimators import (ALIASES, BUILTINS, UnknownEstimatorError, bregman, control_variate,
                               get_estimator, get_estimators, in_logratio)
-from klsym.symbols import r, t
+from klsym.derive.symbols import r, t
 
 LOG_RATIOS = np.array([-700, -300, -30, -1, -1e-4, -1e-12, 0.0, 1e-12, 1e-4, 0.5, 1, 30, 300, 700])
 

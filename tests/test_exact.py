@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from klsym import quadrature
-from klsym.estimators import BUILTINS, control_variate, from_formula, get_estimator
-from klsym.exact import (KL_PQ, KL_QP, MODES, estimator_gradient, estimator_stats, exact_summary,
+from klsym.exact.expectations import quadrature
+from klsym.derive.estimators import BUILTINS, control_variate, from_formula, get_estimator
+from klsym.exact.expectations import (KL_PQ, KL_QP, MODES, estimator_gradient, estimator_stats, exact_summary,
                          kl_divergences, true_gradients)
-from klsym.families import Categorical, Gaussian, log_ratio
+from klsym.exact.families import Categorical, Gaussian, log_ratio
 
 # (q, p) pairs: seeds' settings plus wider/narrower references; all keep sigma_p^2 < 2 sigma_q^2 with
 # margin so E[r^2] terms converge fast enough for the quadrature cross-check.
@@ -338,7 +338,7 @@ def test_summary_has_the_cli_contract_keys():
 
 def test_quadrature_terminates_when_rounding_noise_dominates():
     """A tiny divergence computed by cancellation used to split intervals forever (Jensen-Shannon, delta=1e-3)."""
-    from klsym.estimators import bregman
+    from klsym.derive.estimators import bregman
     stats = estimator_stats(bregman("jensen_shannon"), Gaussian(0, 1), Gaussian(0.001, 1.00025))
     assert stats["method"] == "quadrature" and stats["prob_negative"] == 0.0
     assert 0 < stats["mean"] < 1e-6  # ~ f''(1)/2 * theta^T F theta = 1/4 * (1e-6 + 2 * 0.00025**2)
@@ -346,7 +346,7 @@ def test_quadrature_terminates_when_rounding_noise_dominates():
 
 def test_prob_negative_at_a_triple_root():
     """(r - 1)^3 changes sign at r = 1 with a triple root; brentq may not converge, the grid cell bounds it."""
-    from klsym.estimators import from_formula
+    from klsym.derive.estimators import from_formula
     q, p = Gaussian(0, 1), Gaussian(0.003, 1)
     stats = estimator_stats(from_formula("(r - 1)**3"), q, p)
     # k < 0 exactly where t < 0, i.e. x < delta/2: probability Phi(0.0015)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from klsym.families import Categorical, Gaussian, check_same_family, log_ratio
+from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
 
 
 @pytest.mark.parametrize("mu, sigma, message", [

@@ -4,9 +4,9 @@ import sympy as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from klsym.estimators import from_formula
-from klsym.formula import FormulaError, parse_formula
-from klsym.symbols import r
+from klsym.derive.estimators import from_formula
+from klsym.derive.formula import FormulaError, parse_formula
+from klsym.derive.symbols import r
 
 
 @pytest.mark.parametrize("text, expected", [

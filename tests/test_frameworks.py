@@ -9,7 +9,7 @@ import pytest
 from scipy.special import lambertw
 
 from klsym.cli import main
-from klsym.frameworks import (FRAMEWORKS_FILE, MODES, crosswalk, framework_names, get_setting,
+from klsym.rl.frameworks import (FRAMEWORKS_FILE, MODES, crosswalk, framework_names, get_setting,
                               load_settings)
 from klsym.paths import ROOT
 

@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from klsym.backend import NUMPY_BLOCK
-from klsym.estimators import BUILTINS
-from klsym.exact import estimator_gradient, estimator_stats
-from klsym.families import Categorical, Gaussian, log_ratio
-from klsym.montecarlo import crosscheck, gradient, gradient_trials, run
+from klsym.simulate.backend import NUMPY_BLOCK
+from klsym.derive.estimators import BUILTINS
+from klsym.exact.expectations import estimator_gradient, estimator_stats
+from klsym.exact.families import Categorical, Gaussian, log_ratio
+from klsym.simulate.montecarlo import crosscheck, gradient, gradient_trials, run
 
 ALL = list(BUILTINS)
 GAUSSIAN_PAIRS = {  # (q, p)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from klsym.cli import main
-from klsym.exact import estimator_stats
-from klsym.families import Categorical, Gaussian
+from klsym.exact.expectations import estimator_stats
+from klsym.exact.families import Categorical, Gaussian
 
 
 def _json(capsys, argv):

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from klsym.paths import NOTEBOOKS_DIR
-from klsym.report import (NOTEBOOK_PATTERN, SMALL_PARAMETERS_FILE, build_report, default_parameters,
+from klsym.report.build import (NOTEBOOK_PATTERN, SMALL_PARAMETERS_FILE, build_report, default_parameters,
                           discover_notebooks, find_external_references, parameters_cell)
 
 NOTEBOOKS = discover_notebooks(NOTEBOOKS_DIR)
@@ -107,5 +107,5 @@ def test_index_lists_every_notebook_and_the_derivation_table(small_report):
     index = (small_report.output / "index.html").read_text()
     for path in NOTEBOOKS:
         assert f'href="{path.stem}.html"' in index
-    assert "Derivation tables unavailable" not in index, "klsym.symbolic.write_derivations missing or failed"
+    assert "Derivation tables unavailable" not in index, "klsym.derive.symbolic.write_derivations missing or failed"
     assert "<table" in index.split('id="derivations"', 1)[1]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-from klsym.estimators import TAYLOR_RADIUS, get_estimator
-from klsym.precision import (LOW_PRECISION, PIPELINES, identical_logits_kl, log_softmax_kernel,
+from klsym.derive.estimators import TAYLOR_RADIUS, get_estimator
+from klsym.exact.precision import (LOW_PRECISION, PIPELINES, identical_logits_kl, log_softmax_kernel,
                              lowp_estimates, policy_pair, round_to, token_level_error)
 
 VOCAB = 32_000

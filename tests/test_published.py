@@ -11,10 +11,10 @@ import math
 import numpy as np
 import pytest
 
-from klsym.estimators import get_estimator
-from klsym.exact import KL_PQ, KL_QP, estimator_gradient_std, estimator_stats, kl_divergences
-from klsym.families import Gaussian
-from klsym.published import (exact_value, half_unit, load_rows, log_ratio_range, monte_carlo_se, pair,
+from klsym.derive.estimators import get_estimator
+from klsym.exact.expectations import KL_PQ, KL_QP, estimator_gradient_std, estimator_stats, kl_divergences
+from klsym.exact.families import Gaussian
+from klsym.report.published import (exact_value, half_unit, load_rows, log_ratio_range, monte_carlo_se, pair,
                              support_bounds)
 
 ROWS = load_rows()
@@ -122,7 +122,7 @@ def test_yang_bias_over_true(row):
 
 
 def _per_sample_kurtosis_is_moderate(row):
-    from klsym.published import _gradient_excess_kurtosis
+    from klsym.report.published import _gradient_excess_kurtosis
     return _gradient_excess_kurtosis(row["estimator"], *pair(row), {"mu": 0, "sigma": 1}[row["parameter"]]) < 1e3
 
 

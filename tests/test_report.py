@@ -16,7 +16,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from klsym import __version__
 from klsym.paths import ROOT
-from klsym.report import (NotebookFailure, build_report, default_parameters, discover_notebooks,
+from klsym.report.build import (NotebookFailure, build_report, default_parameters, discover_notebooks,
                           find_external_references, notebook_title, select_notebooks,
                           strip_external_references)
 

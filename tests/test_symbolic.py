@@ -6,12 +6,12 @@ import sympy as sp
 from scipy import integrate
 from scipy.special import log_softmax
 
-from klsym.divergences import REGISTRY, dual, get_divergence, kl_forward, kl_reverse, jeffreys, symmetrized
-from klsym.estimators import BUILTINS, bregman, control_variate, from_formula, get_estimator
-from klsym.symbolic import (MODES, analyze, analyze_symbolic, convexity, derivatives_at_one, identify,
+from klsym.derive.divergences import REGISTRY, dual, get_divergence, kl_forward, kl_reverse, jeffreys, symmetrized
+from klsym.derive.estimators import BUILTINS, bregman, control_variate, from_formula, get_estimator
+from klsym.derive.symbolic import (MODES, analyze, analyze_symbolic, convexity, derivatives_at_one, identify,
                             implied_gradient_divergence, implied_gradient_generator, local_expansion,
                             mode_coefficient, nonnegativity, value_divergence)
-from klsym.symbols import delta, r
+from klsym.derive.symbols import delta, r
 
 ALL = list(BUILTINS)
 

@@ -1,0 +1,65 @@
+"""Command line: ``python -m klsym COMMAND ...``.
+
+Each module in :mod:`klsym.cli` registers one subcommand. Errors a user can cause (unknown
+estimator, invalid sigma, malformed formula) print one line ``klsym: error: ...`` and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from klsym import __version__
+
+
+class UserError(ValueError):
+    """Bad input from the command line, reported in one line."""
+
+
+def parse_pair(text: str, what: str = "MU,SIGMA") -> tuple[float, float]:
+    """Parse ``"MU,SIGMA"`` into two floats, with a clear error.
+
+    >>> parse_pair("0,1")
+    (0.0, 1.0)
+    """
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise UserError(f"expected {what} as two numbers separated by a comma, got {text!r}") from None
+
+
+def add_format_argument(parser: argparse.ArgumentParser, default: str = "table",
+                        choices: tuple[str, ...] = ("json", "table")) -> None:
+    parser.add_argument("--format", choices=choices, default=default, help="output format")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="klsym", description="Monte Carlo estimators of KL divergence: derive, compute exactly, sample.")
+    parser.add_argument("--version", action="version", version=f"klsym {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"klsym: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

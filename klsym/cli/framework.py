@@ -1,0 +1,48 @@
+"""``python -m klsym framework NAME [--setting S] | --list``: one framework's KL setting,
+translated into r = p/q with its value divergence, gradient divergence and clamp region."""
+from __future__ import annotations
+
+from klsym.cli import UserError, add_format_argument
+from klsym.jsonio import dumps, format_table
+
+_TABLE_ROWS = ["framework", "setting", "estimator", "expr", "surrogate", "formula_framework",
+               "formula_r", "mode", "placement", "value_divergence", "gradient_divergence",
+               "gradient_generator", "input_clamp", "output_clamp", "clamp_region", "clamp_effect",
+               "importance_weight", "reduction", "coefficient", "default_flags", "enabled_by_default",
+               "citation", "notes"]
+_LIST_COLUMNS = ["framework", "setting", "default", "estimator", "mode", "input_clamp",
+                 "output_clamp", "coefficient", "verified"]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "framework", help="an RL framework's KL setting: estimator, divergences, clamp region",
+        description="Translate an RL framework's KL setting (data/frameworks.json) into r = p/q: "
+                    "the estimator, where it enters (mode), the divergence its value estimates, "
+                    "the divergence its expected gradient follows, and where clamps freeze it.")
+    parser.add_argument("name", nargs="?", help="framework name (see --list)")
+    parser.add_argument("--setting", help="setting within the framework (default: its default)")
+    parser.add_argument("--list", action="store_true", help="list frameworks and settings")
+    add_format_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from klsym.rl.frameworks import UnknownFrameworkError, crosswalk, get_setting, load_settings
+
+    if args.list:
+        rows = [crosswalk(s, derive=False) | {"verified": s.verified} for s in load_settings()]
+        rows = [{c: row[c] for c in _LIST_COLUMNS} for row in rows]
+        print(dumps(rows) if args.format == "json" else format_table(rows, _LIST_COLUMNS))
+        return 0
+    if not args.name:
+        raise UserError("give a framework NAME or --list")
+    try:
+        row = crosswalk(get_setting(args.name, args.setting))
+    except UnknownFrameworkError as err:
+        raise UserError(str(err)) from None
+    if args.format == "json":
+        print(dumps(row))
+    else:
+        print(format_table([{"field": key, "value": row[key]} for key in _TABLE_ROWS], ["field", "value"]))
+    return 0

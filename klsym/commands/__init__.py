@@ -1,1 +1,0 @@
-"""CLI subcommands: each module defines ``register(subparsers)``; :mod:`klsym.cli` finds them."""

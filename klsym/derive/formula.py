@@ -1,0 +1,110 @@
+r"""Parse a user's estimator formula into SymPy without evaluating anything as Python.
+
+The string is parsed by :mod:`ast` and rebuilt node by node from a whitelist: the symbol ``r``
+(the ratio p/q), ``t`` (shorthand for ``log(r)``), the functions ``log``, ``exp``, ``sqrt``, ``Abs``,
+numbers, ``+ - * / **`` (``^`` is read as a power) and parentheses. Anything else is refused with a
+:class:`FormulaError` naming the offending piece; nothing reaches ``eval`` or ``sympify``.
+
+>>> parse_formula("r - 1 - log(r)")
+r - log(r) - 1
+>>> parse_formula("0.5*t^2")
+log(r)**2/2
+>>> parse_formula("__import__('os')")
+Traceback (most recent call last):
+...
+klsym.derive.formula.FormulaError: malformed formula "__import__('os')": function '__import__' is not allowed (allowed: Abs, exp, log, sqrt)
+"""
+from __future__ import annotations
+
+import ast
+
+import sympy as sp
+
+from klsym.derive.symbols import r
+
+MAX_LENGTH = 500
+MAX_NUMBER = 10**6
+MAX_DEPTH = 40
+
+_FUNCTIONS = {"log": sp.log, "exp": sp.exp, "sqrt": sp.sqrt, "Abs": sp.Abs}
+_NAMES = {"r": r, "t": sp.log(r), "pi": sp.pi, "E": sp.E}
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.Pow: lambda a, b: a**b,
+}
+
+
+class FormulaError(ValueError):
+    """A formula string that is not a whitelisted expression in r."""
+
+
+def parse_formula(text: str) -> sp.Expr:
+    r"""Return the SymPy expression of ``text``, an estimator k(r) written in r (or t = log r).
+
+    >>> parse_formula("log((r-1)**2 + 1)")
+    log((r - 1)**2 + 1)
+    >>> parse_formula("r.__class__")
+    Traceback (most recent call last):
+    ...
+    klsym.derive.formula.FormulaError: malformed formula 'r.__class__': attribute access is not allowed
+    """
+    if not isinstance(text, str):
+        raise FormulaError(f"formula must be a string, got {type(text).__name__}")
+    if len(text) > MAX_LENGTH:
+        raise FormulaError(f"formula is longer than {MAX_LENGTH} characters")
+    if not text.strip():
+        raise FormulaError("formula is empty")
+    try:
+        tree = ast.parse(text.replace("^", "**").strip(), mode="eval")
+    except SyntaxError as err:
+        raise FormulaError(f"malformed formula {text!r}: not an expression ({err.msg})") from None
+    try:
+        expr = _build(tree.body, 0)
+    except FormulaError as err:
+        raise FormulaError(f"malformed formula {text!r}: {err}") from None
+    if not isinstance(expr, sp.Expr) or expr.has(sp.zoo, sp.nan):
+        raise FormulaError(f"malformed formula {text!r}: it does not define a finite expression")
+    return expr
+
+
+def _build(node: ast.AST, depth: int) -> sp.Expr:
+    if depth > MAX_DEPTH:
+        raise FormulaError("expression is nested too deeply")
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+            raise FormulaError(f"constant {node.value!r} is not a number")
+        if abs(node.value) > MAX_NUMBER:
+            raise FormulaError(f"number {node.value!r} is larger than {MAX_NUMBER}")
+        return sp.Rational(repr(node.value))
+    if isinstance(node, ast.Name):
+        if node.id not in _NAMES:
+            raise FormulaError(f"unknown name {node.id!r} (allowed: {', '.join(sorted(_NAMES))})")
+        return _NAMES[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _build(node.left, depth + 1), _build(node.right, depth + 1)
+        if isinstance(node.op, ast.Pow) and right.is_number and abs(right) > 100:
+            raise FormulaError("exponents larger than 100 are not allowed")
+        return _BINOPS[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        operand = _build(node.operand, depth + 1)
+        return -operand if isinstance(node.op, ast.USub) else operand
+    if isinstance(node, ast.Call):
+        if not isinstance(node.func, ast.Name):
+            raise FormulaError("only plain function calls such as log(r) are allowed")
+        if node.func.id not in _FUNCTIONS:
+            allowed = ", ".join(sorted(_FUNCTIONS))
+            raise FormulaError(f"function {node.func.id!r} is not allowed (allowed: {allowed})")
+        if node.keywords or len(node.args) != 1:
+            raise FormulaError(f"{node.func.id} takes exactly one argument")
+        return _FUNCTIONS[node.func.id](_build(node.args[0], depth + 1))
+    if isinstance(node, ast.Attribute):
+        raise FormulaError("attribute access is not allowed")
+    if isinstance(node, ast.Lambda):
+        raise FormulaError("lambda expressions are not allowed")
+    raise FormulaError(f"{type(node).__name__} is not allowed")
+
+
+__all__ = ["FormulaError", "parse_formula"]

@@ -1,0 +1,434 @@
+r"""The exact reference layer: ground truth for Monte Carlo tests, notebooks and published tables.
+
+For a sampler q and a reference p (both :class:`~klsym.exact.families.Gaussian` or both
+:class:`~klsym.exact.families.Categorical`) and any estimator k (built-in or custom) this module gives
+KL(q||p), KL(p||q), :math:`\mathbb{E}_q[k]`, :math:`\mathbb{E}_q[k^2]`, the per-sample std,
+:math:`P_q(k < 0)`, bias against either KL direction, the expected gradient with respect to q's
+parameters in the modes ``loss``, ``reward``, ``full``, and the true gradients of both KL directions.
+
+Every number says how it was obtained: ``"closed_form"`` (SymPy-derived Gaussian formulas,
+:mod:`klsym.derive.gaussian_closed_form`), ``"quadrature"`` (log-space adaptive quadrature,
+:mod:`klsym.exact.quadrature`, with an error estimate) or ``"exact_sum"`` (sums over a categorical support).
+
+Gradient modes, with score :math:`s(x) = \nabla_\theta \log q_\theta(x)` and samples held fixed:
+
+.. math::
+    \text{loss} = \mathbb{E}_q\left[-\frac{d k_{sur}}{dt}(t)\, s(x)\right], \quad
+    \text{reward} = \mathbb{E}_q[k(t)\, s(x)], \quad \text{full} = \text{loss} + \text{reward}.
+
+>>> from klsym.exact.families import Gaussian
+>>> kl_divergences(Gaussian(0, 1), Gaussian(1, 1))
+{'KL(q||p)': 0.5, 'KL(p||q)': 0.5}
+>>> stats = estimator_stats("k3", Gaussian(0, 1), Gaussian(1, 1))
+>>> stats["method"], round(stats["mean"], 12)
+('closed_form', 0.5)
+>>> [round(float(g), 6) for g in estimator_gradient("k3", Gaussian(0, 1), Gaussian(1, 1.1), "loss")]
+[-1.0, -1.21]
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import sympy as sp
+
+from klsym.derive import gaussian_closed_form as gcf
+from klsym.exact import quadrature
+from klsym.derive.estimators import Estimator, get_estimator, in_logratio
+from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
+from klsym.derive.symbols import t
+
+KL_QP = "KL(q||p)"
+KL_PQ = "KL(p||q)"
+MODES = ("loss", "reward", "full")
+#: Largest number of token sequences enumerated exactly for T positions (V**T).
+MAX_ENUMERATED_SEQUENCES = 4_000_000
+
+_K1 = get_estimator("k1")        # E_q[k1] = KL(q||p); its full-mode gradient is grad KL(q||p)
+_REV_K1 = get_estimator("rev_k1")  # E_q[r log r] = KL(p||q) when p << q
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def _terms(estimator: Estimator) -> dict:
+    """Closed-form decompositions of k, k^2 and the surrogate (None where no closed form)."""
+    _check_no_free_symbols(estimator)
+    return {
+        "value": gcf.decompose(estimator.expr),
+        "square": gcf.decompose(sp.expand(estimator.expr ** 2)),
+        "surrogate": gcf.decompose(estimator.surrogate),
+    }
+
+
+def _check_no_free_symbols(estimator: Estimator) -> None:
+    free = (estimator.expr.free_symbols | estimator.surrogate.free_symbols) - {sp.Symbol("r", positive=True)}
+    if free:
+        names = ", ".join(sorted(map(str, free)))
+        raise ValueError(f"estimator {estimator.name!r} has free parameters ({names}): give them numeric values")
+
+
+def _pair(q, p):
+    check_same_family(q, p)
+    if not isinstance(q, (Gaussian, Categorical)) and not hasattr(q, "loc_scale"):
+        raise ValueError(f"unsupported family {type(q).__name__}")
+
+
+def _method(estimator: Estimator, q, method: str | None, need: str) -> str:
+    if isinstance(q, Categorical):
+        if method not in (None, "exact_sum"):
+            raise ValueError(f"method {method!r} is not available for categorical pairs (use 'exact_sum')")
+        return "exact_sum"
+    if method is None:
+        closed = isinstance(q, Gaussian) and _terms(estimator)[need] is not None
+        return "closed_form" if closed else "quadrature"
+    if method == "closed_form" and (not isinstance(q, Gaussian) or _terms(estimator)[need] is None):
+        raise ValueError(f"estimator {estimator.name!r} has no Gaussian closed form; use 'quadrature'")
+    if method not in ("closed_form", "quadrature"):
+        raise ValueError(f"unknown method {method!r}; choose closed_form or quadrature")
+    return method
+
+
+@lru_cache(maxsize=None)
+def _limit_at_minus_inf(expr_in_t: sp.Expr) -> float:
+    """k(e^t) as t -> -inf (p(x) = 0 < q(x)): the value where the formula gives inf * 0."""
+    return float(sp.limit(expr_in_t, t, -sp.oo))
+
+
+def _values_on_support(estimator: Estimator, log_ratios: np.ndarray, derivative: bool = False) -> np.ndarray:
+    fn = estimator.numeric_dt if derivative else estimator.numeric
+    values = np.asarray(fn(log_ratios), dtype=np.float64)
+    zero_p = np.isneginf(log_ratios)
+    if zero_p.any():
+        expr = in_logratio(estimator.surrogate if derivative else estimator.expr)
+        values = np.where(zero_p, _limit_at_minus_inf(sp.diff(expr, t) if derivative else expr), values)
+    return values
+
+
+def _categorical_support(q: Categorical, p: Categorical):
+    support = np.isfinite(q.log_probs)
+    return support, q.probs[support], p.log_probs[support] - q.log_probs[support]
+
+
+# --- KL ----------------------------------------------------------------------------------------
+
+def kl_divergences(q, p, positions: int = 1) -> dict:
+    r"""Both KL directions between q and p, for ``positions`` i.i.d. positions (KL adds).
+
+    >>> kl_divergences(Categorical([0.0, 0.0]), Categorical([0.0, -np.inf]))
+    {'KL(q||p)': inf, 'KL(p||q)': 0.6931471805599453}
+    """
+    _pair(q, p)
+    positions = _check_positions(positions)
+    if isinstance(q, Categorical):
+        lq, lp = q.log_probs, p.log_probs
+        on_q, on_p = np.isfinite(lq), np.isfinite(lp)
+        with np.errstate(invalid="ignore"):
+            kl_qp = math.inf if (on_q & ~on_p).any() else float(np.sum(q.probs[on_q] * (lq - lp)[on_q]))
+            kl_pq = math.inf if (on_p & ~on_q).any() else float(np.sum(p.probs[on_p] * (lp - lq)[on_p]))
+        return {KL_QP: positions * kl_qp, KL_PQ: positions * kl_pq}
+    if isinstance(q, Gaussian):
+        return {label: gcf.expectation(_terms(e)["value"], q.params, p.params, positions)
+                for label, e in ((KL_QP, _K1), (KL_PQ, _REV_K1))}
+    if positions != 1:
+        raise ValueError("KL by quadrature covers positions=1 only")
+    return {label: quadrature.expect(q, lambda x, e=e: e.numeric(log_ratio(p, q, x)))[0]
+            for label, e in ((KL_QP, _K1), (KL_PQ, _REV_K1))}
+
+
+def _check_positions(positions) -> int:
+    if isinstance(positions, (bool, np.bool_)) or int(positions) != positions or positions < 1:
+        raise ValueError(f"positions must be a positive integer, got {positions!r}")
+    return int(positions)
+
+
+# --- estimator statistics ------------------------------------------------------------------------
+
+def estimator_stats(estimator, q, p, positions: int = 1, method: str | None = None) -> dict:
+    r"""Exact moments of an estimator under :math:`x \sim q`.
+
+    Parameters
+    ----------
+    estimator : str or Estimator
+    q, p : Gaussian or Categorical
+        Sampler and reference, same family.
+    positions : int
+        Number T of i.i.d. positions; k is applied to the sequence ratio :math:`\prod_i r_i`.
+    method : {None, "closed_form", "quadrature", "exact_sum"}
+        ``None`` picks the closed form where one exists.
+
+    Returns
+    -------
+    dict
+        ``mean``, ``second_moment``, ``std``, ``prob_negative``, ``method``, ``error_estimate``
+        (quadrature only, else 0), ``condition`` (Gaussian closed form: the condition on the sigmas
+        for :math:`\mathbb{E}_q[k^2]` to be finite, and whether it holds).
+
+    Examples
+    --------
+    >>> s = estimator_stats("k3", Gaussian(0, 1), Gaussian(0, 1.5))   # sigma_p^2 >= 2 sigma_q^2
+    >>> s["second_moment"], s["std"], s["condition"]["second_moment"]
+    (inf, inf, 'sigma_p**2 < 2*sigma_q**2')
+    """
+    estimator = get_estimator(estimator)
+    _pair(q, p)
+    positions = _check_positions(positions)
+    chosen = _method(estimator, q, method, "square")
+    if chosen == "exact_sum":
+        return _categorical_stats(estimator, q, p, positions)
+    if chosen == "closed_form":
+        return _closed_form_stats(estimator, q, p, positions)
+    if positions != 1:
+        raise ValueError(f"estimator {estimator.name!r} has no closed form; quadrature covers positions=1 only")
+    return _quadrature_stats(estimator, q, p)
+
+
+def _closed_form_stats(estimator, q, p, positions) -> dict:
+    terms = _terms(estimator)
+    mean = gcf.expectation(terms["value"], q.params, p.params, positions)
+    second = gcf.expectation(terms["square"], q.params, p.params, positions)
+    variance = second - mean**2 if math.isfinite(second) else second
+    powers = {"mean": terms["value"], "second_moment": terms["square"]}
+    condition = {}
+    for key, term_list in powers.items():
+        # (a-1) sigma_p^2 < a sigma_q^2 is strictest at the largest and the smallest power a
+        powers_of_r = [a for _, a, _ in term_list]
+        condition[key] = sp.sstr(sp.And(gcf.moment_condition(max(powers_of_r)),
+                                        gcf.moment_condition(min(powers_of_r))))
+        condition[key + "_holds"] = all(gcf.condition_holds(a, q.params, p.params) for _, a, _ in term_list)
+    prob_negative = _gaussian_prob_negative(estimator, q, p) if positions == 1 else math.nan
+    return {"mean": mean, "second_moment": second, "std": math.sqrt(max(variance, 0.0)),
+            "prob_negative": prob_negative, "method": "closed_form", "error_estimate": 0.0,
+            "condition": condition}
+
+
+def _quadrature_stats(estimator, q, p) -> dict:
+    def k_of_x(x):
+        return estimator.numeric(log_ratio(p, q, x))
+
+    mean, mean_error = quadrature.expect(q, k_of_x)
+    second, second_error = quadrature.expect(q, lambda x: k_of_x(x) ** 2)
+    if math.isfinite(second) and math.isfinite(mean):
+        # central moment integrated directly: no cancellation in E[k^2] - E[k]^2
+        variance, variance_error = quadrature.expect(q, lambda x: (k_of_x(x) - mean) ** 2)
+    else:
+        variance, variance_error = second, second_error
+    prob_negative = _gaussian_prob_negative(estimator, q, p) if isinstance(q, Gaussian) else math.nan
+    return {"mean": mean, "second_moment": second, "std": math.sqrt(max(variance, 0.0)),
+            "prob_negative": prob_negative, "method": "quadrature",
+            "error_estimate": {"mean": mean_error, "second_moment": second_error, "variance": variance_error}}
+
+
+def _gaussian_prob_negative(estimator, q: Gaussian, p: Gaussian, zmax: float = 40.0, points: int = 40001):
+    r""":math:`P_q(k < 0)`: sign changes of :math:`k(t(x))` on a fine z-grid, refined by ``brentq``,
+    then Gaussian masses of the negative x-intervals (``ndtr``). Regions narrower than the grid step
+    (0.002 standard deviations) would be missed; mass beyond 40 standard deviations is ignored."""
+    from scipy.optimize import brentq
+
+    def k_of_z(z):
+        return estimator.numeric(log_ratio(p, q, q.mu + q.sigma * np.asarray(z, dtype=np.float64)))
+
+    z = np.linspace(-zmax, zmax, points)
+    values = np.asarray(k_of_z(z), dtype=np.float64)
+    negative = values < 0
+    if not negative.any():
+        return 0.0
+    edges = [-np.inf]
+    for i in np.flatnonzero(negative[1:] != negative[:-1]):
+        try:
+            edges.append(brentq(lambda s: float(k_of_z(s)), z[i], z[i + 1], xtol=1e-15, rtol=1e-15))
+        except RuntimeError:  # a multiple root drowned in rounding: the grid cell bounds it anyway
+            edges.append((z[i] + z[i + 1]) / 2)
+    edges.append(np.inf)
+    total = 0.0
+    starts_negative = bool(negative[0])
+    for j in range(len(edges) - 1):
+        if (j % 2 == 0) == starts_negative:
+            lo, hi = edges[j], edges[j + 1]
+            total += float(q.mass_between(q.mu + q.sigma * lo, q.mu + q.sigma * hi))
+    return total
+
+
+def _categorical_stats(estimator, q: Categorical, p: Categorical, positions: int) -> dict:
+    probs, log_ratios = _sequence_distribution(q, p, positions)
+    values = _values_on_support(estimator, log_ratios)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = float(np.sum(probs * values))
+        second = float(np.sum(probs * values**2))
+        variance = float(np.sum(probs * (values - mean) ** 2)) if math.isfinite(mean) else math.nan
+    return {"mean": mean, "second_moment": second, "std": math.sqrt(max(variance, 0.0)) if math.isfinite(variance)
+            else (math.inf if math.isinf(second) else math.nan),
+            "prob_negative": float(np.sum(probs[values < 0])), "method": "exact_sum", "error_estimate": 0.0}
+
+
+def _sequence_distribution(q: Categorical, p: Categorical, positions: int):
+    """Probabilities and log-ratios of every token sequence of length T on q's support (V**T of them)."""
+    _, probs, log_ratios = _categorical_support(q, p)
+    if positions == 1:
+        return probs, log_ratios
+    if probs.size ** positions > MAX_ENUMERATED_SEQUENCES:
+        raise ValueError(f"{probs.size}**{positions} token sequences exceed the exact-enumeration limit "
+                         f"{MAX_ENUMERATED_SEQUENCES}")
+    seq_probs, seq_ratios = probs, log_ratios
+    for _ in range(positions - 1):
+        seq_probs = np.multiply.outer(seq_probs, probs).ravel()
+        seq_ratios = np.add.outer(seq_ratios, log_ratios).ravel()
+    return seq_probs, seq_ratios
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+def estimator_gradient(estimator, q, p, mode: str, positions: int = 1, method: str | None = None) -> np.ndarray:
+    r"""Expected gradient of the estimator wrt q's parameters in ``mode`` (loss, reward, full).
+
+    Gaussian: array ``[d/dmu, d/dsigma]``; categorical: one entry per logit.
+
+    >>> [round(float(g), 6) for g in estimator_gradient("k2", Gaussian(0, 1), Gaussian(1, 1.1), "loss")]
+    [-0.826446, -0.173554]
+    """
+    estimator = get_estimator(estimator)
+    _pair(q, p)
+    positions = _check_positions(positions)
+    if mode not in MODES:
+        raise ValueError(f"unknown gradient mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "full":
+        return (estimator_gradient(estimator, q, p, "loss", positions, method)
+                + estimator_gradient(estimator, q, p, "reward", positions, method))
+    need = "surrogate" if mode == "loss" else "value"
+    chosen = _method(estimator, q, method, need)
+    if chosen == "exact_sum":
+        if positions != 1:
+            raise ValueError("categorical gradients are available for positions=1 only")
+        return _categorical_gradient(estimator, q, p, mode)
+    if chosen == "closed_form":
+        moving = "ratio" if mode == "loss" else "sampler"
+        return gcf.gradient(_terms(estimator)[need], q.params, p.params, moving, positions)
+    if positions != 1:
+        raise ValueError(f"estimator {estimator.name!r} has no closed form; quadrature covers positions=1 only")
+    return _quadrature_gradient(estimator, q, p, mode)[0]
+
+
+def _gradient_weight(estimator: Estimator, mode: str):
+    r"""w(t) with per-sample gradient :math:`w(t(x))\, s(x)`: loss :math:`-k_{sur}'(t)`, reward k(t), full both."""
+    def weight(log_ratios):
+        loss = -np.asarray(estimator.numeric_dt(log_ratios))
+        reward = np.asarray(estimator.numeric(log_ratios))
+        return {"loss": loss, "reward": reward, "full": loss + reward}[mode]
+    return weight
+
+
+def _quadrature_gradient(estimator, q, p, mode):
+    """Per-parameter E_q[weight(t) * score(x)] by quadrature, with error estimates."""
+    weight = _gradient_weight(estimator, mode)
+    results = [quadrature.expect(q, lambda x, i=i: weight(log_ratio(p, q, x)) * q.score(x)[..., i])
+               for i in range(len(q.param_names))]
+    return np.array([v for v, _ in results]), np.array([e for _, e in results])
+
+
+def estimator_gradient_std(estimator, q, p, mode: str) -> np.ndarray:
+    r"""Per-sample standard deviation of the gradient sample :math:`w(t(x))\, s(x)`, per parameter.
+
+    The std of a batch-mean gradient over n samples is this divided by :math:`\sqrt{n}`.
+    Gaussian: quadrature of :math:`(w s_i - \mathbb{E}[w s_i])^2`; categorical: exact sums.
+
+    >>> [round(float(v), 6) for v in estimator_gradient_std("k1", Gaussian(0, 1), Gaussian(1, 1), "loss")]
+    [1.0, 1.414214]
+    """
+    estimator = get_estimator(estimator)
+    _pair(q, p)
+    if mode not in MODES:
+        raise ValueError(f"unknown gradient mode {mode!r}; choose one of {', '.join(MODES)}")
+    weight = _gradient_weight(estimator, mode)
+    mean = estimator_gradient(estimator, q, p, mode)
+    if isinstance(q, Categorical):
+        # g_j(x) = w(x) (1[x = j] - q_j): E[g_j^2] = q_j w_j^2 (1 - 2 q_j) + q_j^2 E[w^2]
+        support, probs, log_ratios = _categorical_support(q, p)
+        w = np.where(np.isneginf(log_ratios), np.nan, weight(log_ratios))
+        second = np.zeros(q.size)
+        second[support] = probs * w**2 * (1 - 2 * probs) + probs**2 * np.sum(probs * w**2)
+        return np.sqrt(np.maximum(second - mean**2, 0.0))
+    variances = [quadrature.expect(q, lambda x, i=i: (weight(log_ratio(p, q, x)) * q.score(x)[..., i]
+                                                      - mean[i]) ** 2)[0] for i in range(len(q.param_names))]
+    return np.sqrt(np.array(variances))
+
+
+def _categorical_gradient(estimator, q: Categorical, p: Categorical, mode: str) -> np.ndarray:
+    # score of a softmax wrt logit j is onehot_j - q_j, so E_q[w s_j] = q_j (w_j - E_q[w])
+    support, probs, log_ratios = _categorical_support(q, p)
+    if mode == "loss":
+        weights = -_values_on_support(estimator, log_ratios, derivative=True)
+    else:
+        weights = _values_on_support(estimator, log_ratios)
+    with np.errstate(invalid="ignore"):
+        grad = np.zeros(q.size)
+        grad[support] = probs * (weights - np.sum(probs * weights))
+    return grad
+
+
+def true_gradients(q, p, positions: int = 1) -> dict:
+    r"""Gradients of KL(q||p) and KL(p||q) wrt q's parameters.
+
+    They are the ``full``-mode gradients of k1 (:math:`\mathbb{E}_q[k_1]` = KL(q||p)) and rev_k1
+    (:math:`\mathbb{E}_q[r \log r]` = KL(p||q)); for categorical pairs where a KL is infinite the
+    gradient is NaN.
+
+    >>> g = true_gradients(Gaussian(0, 1), Gaussian(1, 1.1))
+    >>> np.round(g["KL(q||p)"], 6).tolist(), np.round(g["KL(p||q)"], 6).tolist()
+    ([-0.826446, -0.173554], [-1.0, -1.21])
+    """
+    kl = kl_divergences(q, p, positions)
+    out = {}
+    for label, estimator in ((KL_QP, _K1), (KL_PQ, _REV_K1)):
+        grad = np.asarray(estimator_gradient(estimator, q, p, "full", positions), dtype=np.float64)
+        out[label] = grad if math.isfinite(kl[label]) else np.full_like(grad, np.nan)
+    return out
+
+
+# --- summaries for the CLI and notebooks -----------------------------------------------------------
+
+def _bias(mean: float, kl: dict) -> dict:
+    with np.errstate(invalid="ignore"):
+        return {label: float(np.float64(mean) - np.float64(value)) for label, value in kl.items()}
+
+
+def exact_summary(q, p, estimators, positions: int = 1) -> dict:
+    """The ``klsym exact`` JSON object (see the CLI contract in :mod:`klsym.commands.exact`)."""
+    estimators = [get_estimator(e) for e in estimators]
+    kl = kl_divergences(q, p, positions)
+    out = {"family": q.name, "q": _params(q), "p": _params(p), "positions": positions, "kl": kl, "estimators": {}}
+    for estimator in estimators:
+        stats = estimator_stats(estimator, q, p, positions)
+        stats["bias"] = _bias(stats["mean"], kl)
+        stats["target"] = estimator.target
+        out["estimators"][estimator.name] = stats
+    return out
+
+
+def gradient_summary(q, p, estimators, positions: int = 1) -> dict:
+    """The ``klsym gradient`` JSON object: true gradients and every estimator's three modes."""
+    estimators = [get_estimator(e) for e in estimators]
+    names = q.param_names if isinstance(q, Gaussian) else None
+
+    def label(vector):
+        return dict(zip(names, map(float, vector))) if names else np.asarray(vector)
+
+    out = {"family": q.name, "q": _params(q), "p": _params(p), "positions": positions,
+           "true": {k: label(v) for k, v in true_gradients(q, p, positions).items()}, "estimators": {}}
+    for estimator in estimators:
+        entry = {}
+        for mode in MODES:
+            entry[mode] = label(estimator_gradient(estimator, q, p, mode, positions))
+        entry["method"] = {mode: _method(estimator, q, None, "surrogate" if mode == "loss" else "value")
+                           for mode in ("loss", "reward")}
+        out["estimators"][estimator.name] = entry
+    return out
+
+
+def _params(family):
+    return list(family.params) if isinstance(family, Gaussian) else family.logits
+
+
+__all__ = ["KL_QP", "KL_PQ", "MODES", "kl_divergences", "estimator_stats", "estimator_gradient",
+           "estimator_gradient_std",
+           "true_gradients", "exact_summary", "gradient_summary", "MAX_ENUMERATED_SEQUENCES"]

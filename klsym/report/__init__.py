@@ -1,0 +1,1 @@
+"""Report: published tables with provenance, comparison tables and the HTML report builder."""
