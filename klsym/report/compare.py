@@ -1,0 +1,569 @@
+r"""Comparison tables: one place where a number is shown three (or four) ways.
+
+Every table here is tidy (one row per estimator, pair, quantity, mode and parameter) and puts side by
+side what the layers of klsym say about the same quantity:
+
+* ``symbolic``: what SymPy derives (:func:`klsym.derive.symbolic.analyze`): the divergence
+  :math:`\mathbb{E}_q[k]` equals, the divergence each gradient mode follows;
+* ``exact``: the exact layer (:mod:`klsym.exact.expectations`: closed form, exact sum or quadrature);
+* ``mc``: the streaming Monte Carlo engine (:mod:`klsym.simulate.montecarlo`), with its standard
+  error ``se`` and :math:`z = (\text{mc} - \text{exact}) / \text{se}`;
+* ``published``: a published table (:mod:`klsym.report.published`), with the z-score of the published
+  number and whether it equals the exact value to the digits printed.
+
+Notebooks call these functions and narrate; they do not build tables themselves.
+
+>>> from klsym.exact.families import Gaussian
+>>> table = compare("k1,k3", Gaussian(0, 1), Gaussian(0.5, 1), n=20_000, seed=0)
+>>> table[["estimator", "direction", "exact"]].round(6).values.tolist()
+[['k1', 'KL(q||p)', 0.125], ['k3', 'KL(q||p)', 0.125]]
+>>> bool(table["z"].abs().max() < 5)
+True
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+import sympy as sp
+
+from klsym.derive.estimators import Estimator, control_variate, get_estimator, get_estimators
+from klsym.derive.symbolic import analyze, derivation_rows, is_zero, mode_coefficient
+from klsym.derive.symbols import r
+from klsym.exact import clamps
+from klsym.exact.expectations import (KL_PQ, KL_QP, MODES, estimator_gradient, estimator_gradient_std,
+                                      estimator_stats, kl_divergences, true_gradients)
+from klsym.exact.families import Categorical, Gaussian
+from klsym.report.published import exact_value, half_unit, load_rows, monte_carlo_se, pair
+from klsym.simulate import montecarlo
+
+WHAT = ("symbolic", "exact", "mc")
+PARAMS = ("mu", "sigma")
+# an exact gradient "equals" a true gradient when the whole vector agrees to these tolerances
+RTOL, ATOL = 1e-7, 1e-9
+
+
+def z_score(estimate, exact, se):
+    r"""Elementwise :math:`(\text{estimate} - \text{exact}) / \text{se}`; 0 where both agree with zero spread.
+
+    >>> z_score([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [0.0, 0.5, np.nan]).tolist()
+    [0.0, 2.0, nan]
+    """
+    estimate, exact, se = (np.asarray(a, dtype=np.float64) for a in (estimate, exact, se))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (estimate - exact) / se
+    return np.where((se == 0) & (estimate == exact), 0.0, z)
+
+
+def _names(estimators) -> list[Estimator]:
+    return get_estimators(estimators) if isinstance(estimators, str) else [get_estimator(e) for e in estimators]
+
+
+def _param_names(q) -> list[str]:
+    return list(PARAMS) if isinstance(q, Gaussian) else [f"logit {i}" for i in range(len(q.logits))]
+
+
+def _label(entry: dict) -> str:
+    return entry["divergence"] or f"g(r) = {entry['generator']}"
+
+
+def _equals(vector, true: dict) -> str:
+    """Which true gradient an exact expected gradient is (the whole vector, to RTOL/ATOL)."""
+    vector = np.asarray(vector, dtype=np.float64)
+    if np.allclose(vector, 0.0, atol=ATOL):
+        return "zero"
+    for label, target in ((f"grad {KL_QP}", true[KL_QP]), (f"grad {KL_PQ}", true[KL_PQ]),
+                          (f"-grad {KL_PQ}", -true[KL_PQ]), (f"-grad {KL_QP}", -true[KL_QP])):
+        if np.allclose(vector, target, rtol=RTOL, atol=ATOL):
+            return label
+    return "neither"
+
+
+# --- one pair: symbolic, exact and Monte Carlo --------------------------------------------------
+
+def compare(estimators, q, p, what=WHAT, *, n: int | None = None, seed: int = 0, modes=(),
+            z_se: str = "sample", dtype: str = "float64") -> pd.DataFrame:
+    r"""Values (and gradients, for ``modes``) of each estimator on one pair, every layer side by side.
+
+    Parameters
+    ----------
+    estimators : str or list
+        ``"k1,k3"``, names or :class:`~klsym.derive.estimators.Estimator` objects.
+    q, p : Gaussian or Categorical
+        Sampler and reference.
+    what : sequence of {"symbolic", "exact", "mc"}
+        Layers to show; ``"mc"`` needs ``n``.
+    n, seed : int
+        Monte Carlo sample size and seed (:func:`klsym.simulate.montecarlo.run`, and
+        :func:`~klsym.simulate.montecarlo.gradient` with the same seed for ``modes``).
+    modes : sequence of {"loss", "reward", "full"}
+        Gradient modes to add, one row per mode and parameter of q.
+    z_se : {"sample", "exact"}
+        Standard error of the value's z: the sample one, or the exact :math:`\mathrm{sd}_q(k)/\sqrt n`
+        (falling back to the sample one where :math:`\mathbb{E}_q[k^2] = \infty`). Gradients always use
+        the sample standard error of the per-sample gradient.
+    dtype : {"float64", "float32"}
+        Monte Carlo precision.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Value rows (``quantity == "value"``): ``estimator, quantity, mode, param, direction`` (what SymPy
+        says :math:`\mathbb{E}_q[k]` equals, else the estimator's target), ``symbolic``, ``true`` (the
+        exact divergence in that direction), ``exact, exact_std, method, prob_negative``, the exact
+        ``KL(q||p)`` and ``KL(p||q)``, ``mc, mc_std, se, z, infinite_variance``. Gradient rows:
+        ``direction`` (the divergence the mode follows), ``exact``, ``equals`` (which true gradient
+        the exact vector is), ``true`` (that direction's true gradient, or NaN), ``mc, se, z``.
+    """
+    what = tuple(what)
+    unknown = sorted(set(what) - set(WHAT))
+    if unknown:
+        raise ValueError(f"what: unknown layer(s) {unknown}; choose from {list(WHAT)} (published: use reproduce)")
+    if "mc" in what and n is None:
+        raise ValueError("what includes 'mc': give the sample size n")
+    if z_se not in ("sample", "exact"):
+        raise ValueError(f"z_se must be 'sample' or 'exact', not {z_se!r}")
+    estimators, modes = _names(estimators), tuple(modes)
+    kl = kl_divergences(q, p)
+    true = true_gradients(q, p) if modes else {}
+    sampled = grads = {}
+    if "mc" in what:
+        sampled = montecarlo.run(q, p, estimators, n=n, seed=seed, dtype=dtype, quantiles=(),
+                                 batch_size=None)["estimators"]
+        if modes:
+            grads = montecarlo.gradient(q, p, estimators, n=n, seed=seed, modes=modes, dtype=dtype)["gradients"]
+    rows = []
+    for estimator in estimators:
+        derived = analyze(estimator) if "symbolic" in what else None
+        stats = estimator_stats(estimator, q, p)
+        direction = derived["value"]["divergence"] if derived else estimator.target
+        row = {"estimator": estimator.name, "quantity": "value", "mode": "", "param": "", "direction": direction,
+               "symbolic": _label(derived["value"]) if derived else None, "true": kl.get(direction, np.nan),
+               "exact": stats["mean"], "exact_std": stats["std"], "method": stats["method"],
+               "prob_negative": stats["prob_negative"], KL_QP: kl[KL_QP], KL_PQ: kl[KL_PQ]}
+        if "mc" in what:
+            mc = sampled[estimator.name]
+            infinite = not math.isfinite(stats["second_moment"])
+            se = mc["se"] if z_se == "sample" or infinite else math.sqrt(max(stats["std"], 0.0) ** 2 / n)
+            row.update(mc=mc["mean"], mc_std=mc["std"], se=se, z=float(z_score(mc["mean"], stats["mean"], se)),
+                       infinite_variance=infinite)
+        rows.append(row)
+        for mode in modes:
+            exact = np.asarray(estimator_gradient(estimator, q, p, mode), dtype=np.float64)
+            follows = derived["gradient"][mode]["divergence"] if derived else None
+            target = true.get(follows)
+            mc_grad = grads.get(estimator.name, {}).get(mode)
+            z = z_score(mc_grad["mean"], exact, mc_grad["se"]) if mc_grad is not None else None
+            for i, param in enumerate(_param_names(q)):
+                row = {"estimator": estimator.name, "quantity": "gradient", "mode": mode, "param": param,
+                       "direction": follows, "symbolic": _label(derived["gradient"][mode]) if derived else None,
+                       "true": target[i] if target is not None else (0.0 if follows == "zero" else np.nan),
+                       "exact": exact[i], "equals": _equals(exact, true),
+                       f"grad {KL_QP}": true[KL_QP][i], f"grad {KL_PQ}": true[KL_PQ][i]}
+                if mc_grad is not None:
+                    row.update(mc=float(mc_grad["mean"][i]), se=float(mc_grad["se"][i]), z=float(z[i]))
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compare_pairs(estimators, pairs: Mapping, what=("exact",), *, n: int | None = None, seed=0,
+                  key: str = "pair", **options) -> pd.DataFrame:
+    """:func:`compare` over several pairs, one after the other, with a column ``key`` naming the pair.
+
+    Parameters
+    ----------
+    pairs : mapping
+        label -> ``(q, p)`` (e.g. :func:`gaussian_path`, :func:`with_reference`).
+    seed : int or sequence of int
+        One seed for every pair, or one per pair (in order).
+    """
+    seeds = [int(seed)] * len(pairs) if np.ndim(seed) == 0 else [int(s) for s in seed]
+    if len(seeds) != len(pairs):
+        raise ValueError(f"{len(seeds)} seeds for {len(pairs)} pairs")
+    frames = [compare(estimators, q, p, what, n=n, seed=s, **options).assign(**{key: label})
+              for (label, (q, p)), s in zip(pairs.items(), seeds)]
+    table = pd.concat(frames, ignore_index=True)
+    return table[[key, *[c for c in table.columns if c != key]]]
+
+
+def gaussian_path(grid, q=(0.0, 1.0), direction=(1.0, 0.0), origin=None) -> dict:
+    r"""Pairs along a straight line of references: x -> (q, p_x), p_x = N(o_mu + x d_mu, o_sigma + x d_sigma).
+
+    ``origin`` defaults to q, so ``direction = (p.mu - q.mu, p.sigma - q.sigma)`` reaches p at x = 1.
+
+    >>> [(x, p.mu, p.sigma) for x, (q, p) in gaussian_path([0.5, 1.0], direction=(1.0, 0.5)).items()]
+    [(0.5, 0.5, 1.25), (1.0, 1.0, 1.5)]
+    """
+    sampler = q if isinstance(q, Gaussian) else Gaussian(*q)
+    origin = sampler if origin is None else (origin if isinstance(origin, Gaussian) else Gaussian(*origin))
+    return {float(x): (sampler, Gaussian(float(origin.mu + x * direction[0]), float(origin.sigma + x * direction[1])))
+            for x in np.asarray(grid, dtype=np.float64)}
+
+
+def with_reference(policies: Mapping, p) -> dict:
+    """label -> (q, p) for several samplers q against one reference p."""
+    return {label: (q, p) for label, q in policies.items()}
+
+
+def relative(table: pd.DataFrame, direction: str = KL_QP) -> pd.DataFrame:
+    r"""Value rows with bias and spread relative to one KL direction: (E[k] - KL)/KL, sd/KL, and the same for MC."""
+    out = table[table["quantity"] == "value"].copy()
+    true = out[direction]
+    out["relative bias"] = (out["exact"] - true) / true
+    out["relative std"] = out["exact_std"] / true
+    out["E[k]/KL"] = out["exact"] / true
+    if "mc" in out:
+        out["MC relative bias"] = (out["mc"] - true) / true
+        out["MC relative std"] = out["mc_std"] / true
+        out["MC E[k]/KL"] = out["mc"] / true
+        out["relative se"] = out["se"] / true
+    return out
+
+
+# --- SymPy tables ------------------------------------------------------------------------------
+
+def symbolic_table(estimators, modes=MODES) -> pd.DataFrame:
+    r"""What SymPy derives, one row per estimator and gradient mode.
+
+    Columns: ``k(r)``, ``k(1)``, ``k'(1)``, ``k''(1)``, ``k'''(1)``, ``k >= 0``, ``convex``, ``E_q[k] is``,
+    ``mode``, ``h(r)`` (expected gradient :math:`\mathbb{E}_q[h(r)\,s]`), ``g(r)`` (solving
+    :math:`g - r g' = h + c`), ``follows`` (the divergence :math:`D_g`), ``g''(1)`` and
+    ``g - r g' = h + c`` (SymPy's check that its g satisfies the ODE: the derivative in r vanishes).
+    """
+    rows = []
+    for estimator in _names(estimators):
+        derived = analyze(estimator)
+        for mode in modes:
+            h = mode_coefficient(estimator, mode)
+            gradient = derived["gradient"][mode]
+            g = sp.sympify(gradient["generator"], locals={"r": r})
+            rows.append({"estimator": estimator.name, "k(r)": derived["expr"], "k(1)": derived["f1"],
+                         "k'(1)": derived["df1"], "k''(1)": derived["d2f1"], "k'''(1)": derived["d3f1"],
+                         "k >= 0": derived["nonnegative"], "convex": derived["convex"],
+                         "E_q[k] is": derived["value"]["divergence"] or "(unnamed)", "mode": mode,
+                         "h(r)": sp.sstr(h), "g(r)": gradient["generator"],
+                         "follows": gradient["divergence"] or "(unnamed)", "g''(1)": gradient["d2g1"],
+                         "g - r g' = h + c": is_zero(sp.diff(g - r * sp.diff(g, r) - h, r))})
+    return pd.DataFrame(rows)
+
+
+def formulas_latex(estimators) -> str:
+    r"""One aligned LaTeX block: each estimator's own SymPy expression (``sympy.latex``, nothing retyped).
+
+    >>> formulas_latex("k3")
+    '\\begin{aligned}\\mathrm{k3}:\\quad k(r) &= r - \\log{\\left(r \\right)} - 1\\end{aligned}'
+    """
+    lines = [rf"\mathrm{{{e.name.replace('_', chr(92) + '_')}}}:\quad k(r) &= {sp.latex(e.expr)}"
+             for e in _names(estimators)]
+    return r"\begin{aligned}" + r"\\".join(lines) + r"\end{aligned}"
+
+
+def derivation_markdown(estimators=None) -> str:
+    """The derivation table (value and gradient-mode divergences) as Markdown with LaTeX cells."""
+    def cell(text):
+        return text.replace("|", r"\|")
+
+    lines = [r"| estimator | $k(r)$ | $k(1)$ | $k'(1)$ | $k''(1)$ | $k'''(1)$ | $k \ge 0$ | convex "
+             r"| $\mathbb{E}_q[k]$ equals | `loss` follows | `reward` follows | `full` follows |",
+             "|" + "---|" * 12]
+    for row in derivation_rows(estimators):
+        entries = [row["value"]] + [row["gradient"][mode] for mode in MODES]
+        lines.append("| " + " | ".join(
+            [row["name"], f"${row['latex']}$"]
+            + [f"${sp.latex(sp.sympify(row[key]))}$" for key in ("f1", "df1", "d2f1", "d3f1")]
+            + [str(row["nonnegative"]), str(row["convex"])]
+            + [cell(e["divergence"] or f"$g(r) = {sp.latex(sp.sympify(e['generator']))}$") for e in entries]) + " |")
+    return "\n".join(lines)
+
+
+# --- published tables --------------------------------------------------------------------------
+
+def _published_columns(row, exact: float, se: float) -> dict:
+    printed = row["published_value"]
+    published = float(printed)
+    finite = math.isfinite(se)
+    # only the distance beyond half a unit of the last printed digit is evidence against the number
+    beyond = np.sign(published - exact) * max(abs(published - exact) - half_unit(printed), 0.0)
+    return {"published": printed, "exact": exact,
+            "exact, published digits": f"{exact:.{len(printed.partition('.')[2])}f}",
+            # relative slack 1e-9: an exact value on the rounding boundary (0.0025 printed as 0.002) agrees
+            "published_matches_digits": abs(published - exact) <= half_unit(printed) * (1 + 1e-9),
+            "published_se": se, "z_published": (published - exact) / se if finite else np.nan,
+            "z_beyond_rounding": beyond / se if finite else np.nan}
+
+
+def _value_statistic(row, stats: dict, true: float) -> float:
+    quantity = row["quantity"]
+    if quantity in ("bias", "bias/true"):
+        return (stats["mean"] - true) / true
+    if quantity in ("std", "stdev/true"):
+        return stats["std"] / true
+    return stats[quantity]  # "min", "max": sample extremes
+
+
+def _trial_statistic(row, per_trial: np.ndarray, true: float) -> float:
+    return {"average_gradient": per_trial.mean(), "bias/true": abs(per_trial.mean() - true) / abs(true),
+            "stdev/true": per_trial.std(ddof=1) / abs(true)}[row["quantity"]]
+
+
+def reproduce(table: str, *, n: int, seed: int = 0, trials: int | None = None, direction: str | None = None,
+              dtype: str = "float64") -> pd.DataFrame:
+    r"""A published table next to its exact values and our own Monte Carlo reproduction.
+
+    Parameters
+    ----------
+    table : str
+        A file of :data:`klsym.report.published.TABLES` (``"schulman2020_tables.csv"``, ...).
+    n, seed : int
+        Our Monte Carlo sample size (per trial for gradient tables) and seed. Value tables run one
+        :func:`~klsym.simulate.montecarlo.run` per setting, settings sorted by (q, p), with seed
+        ``seed + index``; gradient tables (Yang) run :func:`~klsym.simulate.montecarlo.gradient_trials`
+        in ``loss`` mode, the mode the publication back-propagates.
+    trials : int, optional
+        Trials for gradient tables.
+    direction : str, optional
+        Keep only rows whose published "true" direction is this one (``KL(q||p)`` or ``KL(p||q)``).
+    dtype : {"float64", "float32"}
+        Our Monte Carlo precision.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Per published row: ``table, p, estimator, param, quantity, published, exact`` (the document's own
+        definition), ``exact, published digits``, ``published_matches_digits`` (|published - exact| within
+        half a unit of the last printed digit), ``published_se`` (the published run's standard error),
+        ``z_published``, ``z_beyond_rounding`` (only the distance beyond the rounding counts), ``mc``
+        (ours), ``exact_at_n`` (the exact value at our n and trials), ``mc_se`` and ``z_mc``.
+    """
+    rows = [row for row in load_rows((table,))
+            if direction is None or row["published_true_direction"].split(" ")[0] == direction]
+    if not rows:
+        raise ValueError(f"no published rows in {table!r}" + (f" with true direction {direction}" if direction else ""))
+    gradients = rows[0]["file"] == "yang2025_gradients.csv"
+    if gradients and trials is None:
+        raise ValueError(f"{table} is a table of per-trial gradients: give trials")
+    settings = sorted({(row["q_mu"], row["q_sigma"], row["p_mu"], row["p_sigma"]) for row in rows},
+                      key=lambda s: tuple(float(v) for v in s))
+    sampled = {}
+    for index, setting in enumerate(settings):
+        members = [row for row in rows if (row["q_mu"], row["q_sigma"], row["p_mu"], row["p_sigma"]) == setting]
+        names = list(dict.fromkeys(row["estimator"] for row in members if row["estimator"] != "true"))
+        q, p = pair(members[0])
+        if gradients:
+            sampled[setting] = montecarlo.gradient_trials(q, p, names, n=n, trials=trials, seed=seed + index,
+                                                          modes="loss", dtype=dtype)["gradients"]
+        else:
+            sampled[setting] = montecarlo.run(q, p, names, n=n, seed=seed + index, dtype=dtype, quantiles=(),
+                                              batch_size=None)["estimators"]
+    out = []
+    for row in rows:
+        q, p = pair(row)
+        setting = (row["q_mu"], row["q_sigma"], row["p_mu"], row["p_sigma"])
+        true_direction = row["published_true_direction"].split(" ")[0]
+        exact, se = exact_value(row), monte_carlo_se(row)
+        entry = {"table": row["table"], "p": f"N({p.mu:g}, {p.sigma:g})", "estimator": row["estimator"],
+                 "param": row["parameter"], "quantity": row["quantity"], **_published_columns(row, exact, se)}
+        if gradients:
+            ours = dict(row, sample_size=str(n), trials=str(trials))
+            exact_ours, mc_se = exact_value(ours), monte_carlo_se(ours)
+            if row["estimator"] == "true":
+                mc, mc_se = np.nan, np.nan
+            else:
+                i = PARAMS.index(row["parameter"])
+                mc = _trial_statistic(row, sampled[setting][row["estimator"]]["loss"][:, i],
+                                      true_gradients(q, p)[true_direction][i])
+        else:
+            exact_ours = exact
+            mc = _value_statistic(row, sampled[setting][row["estimator"]], kl_divergences(q, p)[true_direction])
+            # the published run's standard error, rescaled to our sample size
+            mc_se = se * np.sqrt(float(row["sample_size"]) / n) if math.isfinite(se) else np.nan
+        entry.update(mc=mc, exact_at_n=exact_ours, mc_se=mc_se, z_mc=(mc - exact_ours) / mc_se)
+        out.append(entry)
+    return pd.DataFrame(out)
+
+
+# --- per-trial gradients -----------------------------------------------------------------------
+
+def trial_gradients(estimators, q, p, *, n: int, trials: int, seed: int = 0, mode: str = "loss") -> pd.DataFrame:
+    r"""Per-trial gradient estimates (one row per estimator, parameter and trial) with the exact mean.
+
+    Columns: ``estimator, param, trial, gradient`` (the trial's mean gradient over ``n`` samples),
+    ``exact`` (the exact expected gradient), ``exact per-sample std``.
+    """
+    estimators = _names(estimators)
+    sampled = montecarlo.gradient_trials(q, p, estimators, n=n, trials=trials, seed=seed, modes=mode)["gradients"]
+    frames = []
+    for estimator in estimators:
+        exact = estimator_gradient(estimator, q, p, mode)
+        std = estimator_gradient_std(estimator, q, p, mode)
+        for i, param in enumerate(_param_names(q)):
+            frames.append(pd.DataFrame({"estimator": estimator.name, "param": param, "trial": np.arange(trials),
+                                        "gradient": sampled[estimator.name][mode][:, i], "exact": exact[i],
+                                        "exact per-sample std": std[i]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def trial_summary(trials_table: pd.DataFrame, n: int) -> pd.DataFrame:
+    r"""Mean and spread over trials against the exact values: per estimator and parameter, the MC mean, its
+    z against the exact mean (se: sd over trials / sqrt(trials)) and the per-sample std (sd over trials
+    times sqrt(n)) next to the exact one."""
+    grouped = trials_table.groupby(["estimator", "param"], sort=False)
+    out = grouped.agg(exact=("exact", "first"), mc=("gradient", "mean"), trial_sd=("gradient", lambda g: g.std(ddof=1)),
+                      trials=("gradient", "size"), exact_std=("exact per-sample std", "first")).reset_index()
+    out["z"] = (out["mc"] - out["exact"]) / (out["trial_sd"] / np.sqrt(out["trials"]))
+    out["MC per-sample std"] = out["trial_sd"] * np.sqrt(n)
+    return out
+
+
+# --- token level (categorical) -----------------------------------------------------------------
+
+def zipf_policies(vocab_size: int, exponent: float, perturbation: float, temperatures, rng) -> tuple:
+    r"""A Zipf-like reference p (logits :math:`-s \log \mathrm{rank}`) and policies q: p's logits plus Gaussian
+    noise of sd ``perturbation`` (drawn from ``rng``), and p at each temperature.
+
+    Returns ``(p, {label: q})``.
+    """
+    base = -exponent * np.log(np.arange(1, vocab_size + 1))
+    policies = {f"perturbed (noise sd {perturbation:g})": Categorical(base + perturbation * rng.standard_normal(vocab_size))}
+    policies.update({f"temperature {tau:g}": Categorical(base / tau) for tau in temperatures})
+    return Categorical(base), policies
+
+
+def policy_summary(policies: Mapping, p) -> pd.DataFrame:
+    """Both KL directions and the largest |t| on q's support, per policy."""
+    return pd.DataFrame({label: {**kl_divergences(q, p), "max |t| on q's support": float(np.abs(p.log_probs - q.log_probs).max())}
+                         for label, q in policies.items()}).T
+
+
+def sequence_table(estimators, q, p, positions, *, n: int, seed: int = 0) -> pd.DataFrame:
+    r"""k of the sequence ratio :math:`\prod_i r_i` over T i.i.d. positions vs the sum of per-token k.
+
+    Exact: enumeration of all :math:`V^T` sequences (``positions``) and T times the per-token moments.
+    Monte Carlo: ``n`` sequences drawn token by token with ``default_rng(seed + T)``. Every column is
+    relative to KL(q||p) over T positions; z uses the exact standard error.
+    """
+    token_t = p.log_probs - q.log_probs
+    rows = []
+    for T in positions:
+        kl = kl_divergences(q, p, positions=T)[KL_QP]
+        tokens = np.random.default_rng(seed + T).choice(len(q.probs), size=(n, T), p=q.probs)
+        for estimator in _names(estimators):
+            sequence, token = estimator_stats(estimator, q, p, positions=T), estimator_stats(estimator, q, p)
+            mc_sequence = estimator.numeric(token_t[tokens].sum(axis=1))
+            mc_sum = estimator.numeric(token_t[tokens]).sum(axis=1)
+            rows.append({"T": T, "estimator": estimator.name, "KL(q||p), T positions": kl,
+                         "k(seq ratio): exact mean / KL": sequence["mean"] / kl, "MC": mc_sequence.mean() / kl,
+                         "z": (mc_sequence.mean() - sequence["mean"]) / (sequence["std"] / np.sqrt(n)),
+                         "exact sd / KL": sequence["std"] / kl, "MC sd / KL": mc_sequence.std() / kl,
+                         "sum of per-token k: exact mean / KL": T * token["mean"] / kl, "MC (sum)": mc_sum.mean() / kl,
+                         "exact sd / KL (sum)": np.sqrt(T) * token["std"] / kl, "MC sd / KL (sum)": mc_sum.std() / kl})
+    return pd.DataFrame(rows)
+
+
+def spike_table(estimators, policies: Mapping, p, *, batch_tokens: int, batches: int, clamp: float,
+                seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    r"""The largest value in a batch of B tokens: exact quantiles of the batch maximum
+    (:math:`P(\max \le c) = F(c)^B`, F exact over the vocabulary) vs Monte Carlo batches
+    (``default_rng(seed + index)`` per policy), and the exact probability that a batch holds a token with
+    :math:`|k| >` ``clamp``. Returns ``(table, maxima)``, ``maxima`` one row per Monte Carlo batch.
+    """
+    rows, maxima_frames = [], []
+    for index, (label, q) in enumerate(policies.items()):
+        t = p.log_probs - q.log_probs
+        drawn = q.sample(np.random.default_rng(seed + index), (batches, batch_tokens))
+        for estimator in _names(estimators):
+            values = np.asarray(estimator.numeric(t))
+            order = np.argsort(values)
+            cdf = np.cumsum(q.probs[order])
+            exact_quantiles = {level: values[order][min(np.searchsorted(cdf, level ** (1 / batch_tokens)), len(cdf) - 1)]
+                               for level in (0.5, 0.99)}
+            maxima = values[drawn].max(axis=1)
+            beyond = float(np.sum(q.probs[np.abs(values) > clamp]))
+            rows.append({"policy q": label, "estimator": estimator.name, "max over vocabulary": values.max(),
+                         "median batch max: exact": exact_quantiles[0.5], "median batch max: MC": np.median(maxima),
+                         "99% batch max: exact": exact_quantiles[0.99], "99% batch max: MC": np.quantile(maxima, 0.99),
+                         f"P(|k| > {clamp:g}) per token": beyond,
+                         f"P(batch has |k| > {clamp:g})": -np.expm1(batch_tokens * np.log1p(-beyond))})
+            maxima_frames.append(pd.DataFrame({"policy q": label, "estimator": estimator.name, "batch max": maxima}))
+    return pd.DataFrame(rows), pd.concat(maxima_frames, ignore_index=True)
+
+
+def saturation_table(estimators, clamp: float) -> pd.DataFrame:
+    """Where an input clamp |t| <= a and an output clamp |k| <= c (a = c = ``clamp``) freeze each estimator."""
+    return pd.DataFrame({e.name: {"input clamp |t| <= a": clamps.format_region(clamps.saturation_region(e.name, input_clamp=clamp)),
+                                  "output clamp |k| <= c": clamps.format_region(clamps.saturation_region(e.name, output_clamp=clamp))}
+                         for e in _names(estimators)}).T
+
+
+def clamp_table(estimators, policies: Mapping, p, clamp: float, *, n: int, seed: int = 0) -> pd.DataFrame:
+    r"""What input and output clamps at ``clamp`` do to the value and to each gradient mode: exact
+    (:func:`klsym.exact.clamps.clamp_bias`) vs Monte Carlo (the clamped estimator on ``n`` tokens drawn
+    with ``default_rng(seed + index)`` per policy; z uses the sample standard error)."""
+    rows = []
+    for index, (label, q) in enumerate(policies.items()):
+        t = (p.log_probs - q.log_probs)[q.sample(np.random.default_rng(seed + index), n)]
+        for estimator in _names(estimators):
+            for kind, options in (("input", {"input_clamp": clamp}), ("output", {"output_clamp": clamp})):
+                out = clamps.clamp_bias(estimator.name, q, p, **options)
+                clamped = np.asarray(clamps.clamped_numeric(estimator.name, **options)(t))
+                spread = clamped.std()
+                rows.append({"policy q": label, "estimator": estimator.name, "clamp": f"{kind} ±{clamp:g}",
+                             "value: unclamped": out["value"]["unclamped"], "value: clamped (exact)": out["value"]["clamped"],
+                             "value: clamped (MC)": clamped.mean(),
+                             "z": (clamped.mean() - out["value"]["clamped"]) / (spread / np.sqrt(n)) if spread > 0 else 0.0,
+                             "value rel. bias": out["value"]["relative"],
+                             **{f"{mode} grad rel. bias": out["gradient"][mode]["relative"] for mode in MODES}})
+    return pd.DataFrame(rows)
+
+
+# --- control variates (notebook 08) ------------------------------------------------------------
+
+def parabola_vertex(x, y) -> float:
+    """The vertex of the least-squares parabola through (x, y)."""
+    a, b, _ = np.polyfit(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), 2)
+    return -b / (2 * a)
+
+
+def lambda_star(q, p) -> float:
+    r"""Variance-optimal :math:`\lambda^* = (\mathrm{KL}(q\|p) + \mathrm{KL}(p\|q)) / (\mathbb{E}_q[r^2] - 1)`
+    of :math:`k_\lambda = -\log r + \lambda (r - 1)`, from the exact layer (``rev_k2`` is k = r)."""
+    kl = kl_divergences(q, p)
+    return (kl[KL_QP] + kl[KL_PQ]) / (estimator_stats("rev_k2", q, p)["second_moment"] - 1)
+
+
+def control_variate_scan(q, p, lambdas, *, n: int | None = None, seed: int = 0) -> pd.DataFrame:
+    r"""Variance of :math:`k_\lambda` on a grid of :math:`\lambda`: exact, and (``n``) Monte Carlo sample
+    variances of every member on one shared sample."""
+    lambdas = np.asarray(lambdas, dtype=np.float64)
+    family = [control_variate(float(value)) for value in lambdas]
+    out = pd.DataFrame({"lambda": lambdas,
+                        "exact variance": [estimator_stats(member, q, p)["std"] ** 2 for member in family]})
+    if n is not None:
+        sampled = montecarlo.run(q, p, family, n=n, seed=seed, quantiles=(), batch_size=None)["estimators"]
+        out["MC variance"] = [sampled[member.name]["std"] ** 2 for member in family]
+    return out
+
+
+def lambda_star_sweep(path: Mapping, *, probe=None, n: int | None = None, seed=0) -> pd.DataFrame:
+    r"""Along a path of pairs: exact :math:`\lambda^*`, Var(k3)/Var(k_{\lambda^*}), and (``n``, ``probe``)
+    the Monte Carlo vertex of sample variances on the probe grid (seed per pair as in :func:`compare_pairs`)."""
+    seeds = [int(seed)] * len(path) if np.ndim(seed) == 0 else [int(s) for s in seed]
+    rows = []
+    for (x, (q, p)), s in zip(path.items(), seeds):
+        best = lambda_star(q, p)
+        row = {"x": x, "lambda* exact": best,
+               "Var(k3) / Var(k_lambda*)": estimator_stats("k3", q, p)["std"] ** 2
+               / estimator_stats(control_variate(float(best)), q, p)["std"] ** 2}
+        if n is not None:
+            scan = control_variate_scan(q, p, probe, n=n, seed=s)
+            row["lambda* Monte Carlo"] = parabola_vertex(scan["lambda"], scan["MC variance"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+__all__ = ["compare", "compare_pairs", "gaussian_path", "with_reference", "relative", "z_score", "symbolic_table",
+           "formulas_latex", "derivation_markdown", "reproduce", "trial_gradients", "trial_summary",
+           "zipf_policies", "policy_summary", "sequence_table", "spike_table", "saturation_table", "clamp_table",
+           "parabola_vertex", "lambda_star", "control_variate_scan", "lambda_star_sweep", "WHAT", "PARAMS"]

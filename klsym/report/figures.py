@@ -1,0 +1,143 @@
+"""The standard figures of the notebooks (matplotlib/seaborn), drawn from the tidy tables of
+:mod:`klsym.report.compare`. Each function draws on ``ax`` (or a new figure) and returns the axes.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from klsym.derive.estimators import get_estimator, get_estimators
+from klsym.exact.expectations import KL_PQ, KL_QP
+
+
+def _axes(ax, figsize=(8, 4.8)):
+    return ax if ax is not None else plt.subplots(figsize=figsize)[1]
+
+
+def _estimators(estimators):
+    return get_estimators(estimators) if isinstance(estimators, str) else [get_estimator(e) for e in estimators]
+
+
+def setup() -> None:
+    """The notebooks' seaborn theme."""
+    sns.set_theme(style="whitegrid", context="notebook")
+
+
+def estimator_curves(estimators, log_ratio=None):
+    r"""Left: :math:`k(e^t)` against :math:`t = \log r` (``Estimator.numeric``); right: :math:`dk_{sur}/dt`, the
+    loss-mode weight of the score (``Estimator.numeric_dt``)."""
+    t = np.linspace(-3.0, 3.0, 601) if log_ratio is None else np.asarray(log_ratio)
+    figure, (value_axis, slope_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for estimator in _estimators(estimators):
+        value_axis.plot(t, estimator.numeric(t), label=estimator.name)
+        slope_axis.plot(t, estimator.numeric_dt(t), label=estimator.name)
+    value_axis.set(xlabel=r"$t = \log r$", ylabel=r"$k(e^t)$", ylim=(-3, 8), title="value")
+    slope_axis.set(xlabel=r"$t = \log r$", ylabel=r"$d k_{sur}/dt$", ylim=(-5, 10), title="loss-mode weight")
+    value_axis.legend(ncol=3, fontsize="small")
+    figure.tight_layout()
+    return value_axis, slope_axis
+
+
+def value_vs_ratio(estimators, ratio=None, ax=None):
+    r"""Each estimator as a function of :math:`r` (log axis), from its own expression."""
+    ratio = np.geomspace(0.02, 8.0, 800) if ratio is None else np.asarray(ratio)
+    ax = _axes(ax, (8, 4.5))
+    for estimator in _estimators(estimators):
+        ax.plot(ratio, estimator.numeric(np.log(ratio)), label=estimator.name)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set(xscale="log", xlabel=r"$r = p(x)/q(x)$", ylabel=r"$k(r)$", ylim=(-4, 6), title="value estimators")
+    ax.legend()
+    return ax
+
+
+def bregman_gap(estimator="k3", ax=None):
+    r""":math:`-\log r`, its tangent at :math:`r = 1` and the gap between them, with the registry's estimator."""
+    ratio = np.linspace(0.15, 3.5, 400)
+    curve, line = -np.log(ratio), 1.0 - ratio
+    ax = _axes(ax, (8, 4.5))
+    ax.plot(ratio, curve, label=r"$f(r) = -\log r$")
+    ax.plot(ratio, line, label=r"tangent at $r = 1$: $1 - r$")
+    ax.fill_between(ratio, line, curve, alpha=0.25, label=r"gap $= r - 1 - \log r$")
+    ax.plot(ratio, get_estimator(estimator).numeric(np.log(ratio)), color="black", linestyle="--", linewidth=1,
+            label=f"{get_estimator(estimator).name} (registry)")
+    ax.set(xlabel=r"$r$", ylabel="value", ylim=(-2.5, 2.5), title=r"Bregman gap of $-\log r$")
+    ax.legend()
+    return ax
+
+
+def exact_and_mc(curves: pd.DataFrame, x: str, y: str, hue: str | None = "estimator", points=None,
+                 point_y: str | None = None, yerr: str | None = None, ax=None, absolute: bool = False, **axis):
+    r"""Exact curves (lines, one per ``hue``) and Monte Carlo points (``points``, with :math:`\pm 2`
+    ``yerr`` bars) of the same quantity; ``absolute`` plots :math:`|y|`; ``axis`` goes to ``ax.set``."""
+    ax = _axes(ax)
+    point_y = point_y or y
+    groups = curves.groupby(hue, sort=False) if hue else [(None, curves)]
+    colours = dict(zip([g for g, _ in groups], sns.color_palette(n_colors=max(1, len(groups)))))
+    for group, curve in groups:
+        values = curve[y].abs() if absolute else curve[y]
+        ax.plot(curve[x], values, color=colours[group], label=f"{group} exact" if group is not None else f"{y}")
+        if points is not None:
+            dots = points[points[hue] == group] if hue else points
+            ax.errorbar(dots[x], dots[point_y], yerr=2 * dots[yerr] if yerr else None, fmt="o", markersize=4,
+                        color=colours[group], label=f"{group} Monte Carlo" if group is not None else "Monte Carlo")
+    ax.set(**axis)
+    ax.legend(ncol=2, fontsize="small")
+    return ax
+
+
+def trial_violins(trials: pd.DataFrame, true: dict, title: str = "", color=None):
+    r"""Per-trial gradient estimates (:func:`klsym.report.compare.trial_gradients`), one panel per parameter:
+    violins, each estimator's exact expected gradient (solid), :math:`\nabla`KL(q||p) (dashed, red) and
+    :math:`\nabla`KL(p||q) (dotted, purple); ``true`` from :func:`klsym.exact.expectations.true_gradients`."""
+    params = list(dict.fromkeys(trials["param"]))
+    figure, axes = plt.subplots(1, len(params), figsize=(13, 4.8))
+    for i, (ax, param) in enumerate(zip(np.atleast_1d(axes), params)):
+        part = trials[trials["param"] == param]
+        sns.violinplot(data=part, x="estimator", y="gradient", ax=ax, inner="quartile", cut=0, density_norm="width",
+                       color=color)
+        exact = part.groupby("estimator", sort=False)["exact"].first()
+        for position, value in enumerate(exact):
+            ax.hlines(value, position - 0.4, position + 0.4, color="black", linewidth=1.5,
+                      label="exact expected gradient" if position == 0 else None)
+        if true:
+            ax.axhline(true[KL_QP][i], color="tab:red", linestyle="--", label="grad KL(q||p)")
+            ax.axhline(true[KL_PQ][i], color="tab:purple", linestyle=":", label="grad KL(p||q)")
+        ax.set(title=f"{title} wrt {param}", ylabel=f"d / d{param}")
+        ax.tick_params(axis="x", rotation=20)
+    np.atleast_1d(axes)[0].legend(fontsize="small")
+    figure.tight_layout()
+    return axes
+
+
+def sequence_spread(sequences: pd.DataFrame):
+    """Notebook 07: k of the sequence ratio, mean / KL and spread / KL against T, vs the per-token sum."""
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for name, part in sequences.groupby("estimator", sort=False):
+        axes[0].plot(part["T"], part["k(seq ratio): exact mean / KL"], "o-", label=name)
+        axes[1].plot(part["T"], part["exact sd / KL"], "o-", label=f"{name}: k(seq ratio)")
+        axes[1].plot(part["T"], part["exact sd / KL (sum)"], "x--", color=axes[1].lines[-1].get_color(),
+                     label=f"{name}: sum")
+    axes[0].set(xlabel="T positions", ylabel="E_q[k] / KL(q||p)", title="k of the sequence ratio: mean / KL (exact)")
+    axes[1].set(xlabel="T positions", ylabel="sd / KL(q||p)", yscale="log",
+                title="spread: sequence ratio vs per-token sum")
+    axes[0].legend()
+    axes[1].legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    return axes
+
+
+def batch_maxima(maxima: pd.DataFrame, clamp: float, ax=None):
+    """Notebook 07: the largest estimator value per Monte Carlo batch, per estimator and policy."""
+    ax = _axes(ax, (11, 4.5))
+    sns.boxplot(data=maxima, x="estimator", y="batch max", hue="policy q", ax=ax, fliersize=2)
+    ax.axhline(clamp, color="black", linestyle=":", label=f"clamp {clamp:g}")
+    ax.set(yscale="symlog", title="largest estimator value in a batch (Monte Carlo)")
+    ax.legend(fontsize="small")
+    return ax
+
+
+__all__ = ["setup", "estimator_curves", "value_vs_ratio", "bregman_gap", "exact_and_mc", "trial_violins",
+           "sequence_spread", "batch_maxima"]
