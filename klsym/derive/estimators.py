@@ -33,6 +33,8 @@ from klsym.derive.symbols import r, t
 #: |t| below which the Taylor polynomial of k(e^t) replaces the closed form (cancellation).
 TAYLOR_RADIUS = 1e-3
 TAYLOR_ORDER = 8
+#: Gradient modes, theta the parameters of q and samples held fixed (see :func:`gradient_weights`).
+MODES = ("loss", "reward", "full")
 
 
 class UnknownEstimatorError(KeyError):
@@ -325,7 +327,47 @@ def from_formula(text: str, name: str | None = None, target: str | None = None) 
     return Estimator(name or text.strip(), parse_formula(text), target, "user formula")
 
 
+def gradient_weights(value, slope, t, modes=MODES) -> dict:
+    r"""The weight :math:`w(t)` of the per-sample gradient :math:`w(t)\, \nabla_\theta \log q_\theta(x)`, per mode.
+
+    With :math:`t = \log p(x) - \log q_\theta(x)`, :math:`\nabla_\theta t = -\nabla_\theta \log q_\theta`, so
+
+    .. math::
+
+        w_{loss} = -\frac{d k_{sur}}{dt}(t), \qquad w_{reward} = k(e^t), \qquad w_{full} = w_{loss} + w_{reward}.
+
+    The one place this rule is written: the exact layer and the Monte Carlo engine both call it.
+
+    Parameters
+    ----------
+    value, slope : callable
+        :math:`t \mapsto k(e^t)` and :math:`t \mapsto \frac{d}{dt} k_{sur}(e^t)`, compiled for the array's
+        library (:attr:`Estimator.numeric`, :attr:`Estimator.numeric_dt` or a backend's).
+    t : array
+        Log-ratios.
+    modes : sequence of str
+        Any of ``loss``, ``reward``, ``full``.
+
+    >>> import numpy as np
+    >>> k3 = get_estimator("k3")
+    >>> w = gradient_weights(k3.numeric, k3.numeric_dt, np.array([0.0, np.log(2.0)]))
+    >>> [float(v) for v in w["loss"]], [round(float(v), 6) for v in w["full"]]
+    ([-0.0, -1.0], [0.0, -0.693147])
+    """
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise ValueError(f"unknown gradient mode(s) {unknown}; choose from: {', '.join(MODES)}")
+    out = {}
+    if "loss" in modes or "full" in modes:
+        out["loss"] = -slope(t)
+    if "reward" in modes or "full" in modes:
+        out["reward"] = value(t)
+    if "full" in modes:
+        out["full"] = out["loss"] + out["reward"]
+    return {mode: out[mode] for mode in modes}
+
+
 __all__ = [
-    "Estimator", "BUILTINS", "ALIASES", "UnknownEstimatorError", "get_estimator", "get_estimators",
+    "MODES", "gradient_weights", "Estimator", "BUILTINS", "ALIASES", "UnknownEstimatorError", "get_estimator", "get_estimators",
     "bregman", "control_variate", "from_formula", "in_logratio", "make_numeric", "compile_logratio_function",
 ]

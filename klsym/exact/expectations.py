@@ -35,13 +35,12 @@ import sympy as sp
 
 from klsym.derive import gaussian_closed_form as gcf
 from klsym.exact import quadrature
-from klsym.derive.estimators import Estimator, get_estimator, in_logratio
+from klsym.derive.estimators import MODES, Estimator, get_estimator, gradient_weights, in_logratio
 from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
 from klsym.derive.symbols import t
 
 KL_QP = "KL(q||p)"
 KL_PQ = "KL(p||q)"
-MODES = ("loss", "reward", "full")
 #: Largest number of token sequences enumerated exactly for T positions (V**T).
 MAX_ENUMERATED_SEQUENCES = 4_000_000
 
@@ -310,11 +309,9 @@ def estimator_gradient(estimator, q, p, mode: str, positions: int = 1, method: s
 
 
 def _gradient_weight(estimator: Estimator, mode: str):
-    r"""w(t) with per-sample gradient :math:`w(t(x))\, s(x)`: loss :math:`-k_{sur}'(t)`, reward k(t), full both."""
+    r"""t -> w(t), the per-sample gradient being :math:`w(t(x))\, s(x)` (:func:`gradient_weights`)."""
     def weight(log_ratios):
-        loss = -np.asarray(estimator.numeric_dt(log_ratios))
-        reward = np.asarray(estimator.numeric(log_ratios))
-        return {"loss": loss, "reward": reward, "full": loss + reward}[mode]
+        return np.asarray(gradient_weights(estimator.numeric, estimator.numeric_dt, log_ratios, (mode,))[mode])
     return weight
 
 
@@ -356,10 +353,8 @@ def estimator_gradient_std(estimator, q, p, mode: str) -> np.ndarray:
 def _categorical_gradient(estimator, q: Categorical, p: Categorical, mode: str) -> np.ndarray:
     # score of a softmax wrt logit j is onehot_j - q_j, so E_q[w s_j] = q_j (w_j - E_q[w])
     support, probs, log_ratios = _categorical_support(q, p)
-    if mode == "loss":
-        weights = -_values_on_support(estimator, log_ratios, derivative=True)
-    else:
-        weights = _values_on_support(estimator, log_ratios)
+    weights = gradient_weights(lambda lr: _values_on_support(estimator, lr),
+                               lambda lr: _values_on_support(estimator, lr, derivative=True), log_ratios, (mode,))[mode]
     with np.errstate(invalid="ignore"):
         grad = np.zeros(q.size)
         grad[support] = probs * (weights - np.sum(probs * weights))

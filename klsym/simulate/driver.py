@@ -1,0 +1,236 @@
+r"""The streaming driver: RNG blocks drawn on worker threads, statistics merged in block order.
+
+Samples :math:`x \sim q` come in RNG blocks: block ``key`` (a path of spawn keys) of ``size`` samples is
+drawn from ``SeedSequence(seed, spawn_key=key)``. The streaming plan uses keys ``(b,)`` with
+:data:`klsym.simulate.backend.NUMPY_BLOCK` samples each; per-trial plans use ``(TRIALS_STREAM, i)``.
+A worker draws a *chunk* (consecutive blocks of one size) as ``(rows, size)`` arrays, and every
+accumulator (:mod:`klsym.simulate.accumulators`) reduces it to one partial result per block. The main
+thread merges the partials in block order, so a result depends only on ``(seed, plan)``: not on how
+many blocks a chunk holds nor on the number of threads. At most ``2 x threads`` chunks are in flight,
+so memory does not depend on ``n``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from klsym.derive.estimators import MODES, Estimator, gradient_weights, get_estimators
+from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
+from klsym.simulate.backend import Backend, get_backend
+
+DTYPES = {"float64": np.float64, "float32": np.float32}
+#: Samples one worker processes at once (rounded to whole RNG blocks); one block keeps arrays in cache.
+DEFAULT_CHUNK = 1 << 16
+#: First spawn key of the per-trial streams (streaming blocks use the 1-tuple ``(b,)``).
+TRIALS_STREAM = 1
+
+
+# --- samplers ----------------------------------------------------------------------------------
+
+class GaussianSampler:
+    """Draws x = mu + sigma z from q and returns (t, x); the score comes from the family."""
+
+    categorical = False
+
+    def __init__(self, q: Gaussian, p: Gaussian, backend: Backend, dtype):
+        self.q, self.p, self.backend, self.dtype = q, p, backend, dtype
+        self.param_names = q.param_names
+        self.size = len(q.param_names)
+
+    def draw(self, generator, size):
+        z = generator.standard_normal(size, dtype=self.dtype)
+        x = self.q.mu + self.q.sigma * z
+        return log_ratio(self.p, self.q, x), x
+
+    def score(self, x):
+        """Score as a contiguous (n_params, *x.shape) array."""
+        xp = self.backend.xp
+        return xp.ascontiguousarray(xp.moveaxis(xp.asarray(self.q.score(x)), -1, 0))
+
+
+class CategoricalSampler:
+    """Inverse-CDF sampling of token ids from a precomputed CDF (O(log V) per sample)."""
+
+    categorical = True
+
+    def __init__(self, q: Categorical, p: Categorical, backend: Backend, dtype):
+        xp = backend.xp
+        self.q, self.p, self.backend, self.dtype = q, p, backend, dtype
+        self.param_names = None
+        self.size = q.size
+        self.probs = q.probs
+        self.cdf = xp.asarray(np.cumsum(self.probs))
+        self.last_token = int(np.flatnonzero(self.probs > 0)[-1])  # u past a rounded cdf[-1]
+        self.table = xp.asarray((p.log_probs - q.log_probs).astype(dtype))
+
+    def draw(self, generator, size):
+        xp = self.backend.xp
+        u = generator.random(size)
+        tokens = xp.minimum(xp.searchsorted(self.cdf, u, side="right"), self.last_token)
+        return self.table[tokens], tokens
+
+
+def make_sampler(q, p, backend: Backend, dtype):
+    check_same_family(q, p)
+    if isinstance(q, Gaussian):
+        return GaussianSampler(q, p, backend, dtype)
+    if isinstance(q, Categorical):
+        return CategoricalSampler(q, p, backend, dtype)
+    raise ValueError(f"no Monte Carlo sampler for the family {type(q).__name__}")
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+def check_count(value, what: str) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a positive integer, got {value!r}") from None
+    if not (math.isfinite(number) and number >= 1 and number == int(number)):
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(number)
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def check_modes(modes) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in modes.split(",")) if isinstance(modes, str) else tuple(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"unknown gradient mode(s) {unknown or modes}; choose from: {', '.join(MODES)}")
+    return modes
+
+
+# --- the stream: what is sampled, and the chunks it is cut into --------------------------------
+
+class Stream:
+    """One Monte Carlo experiment: the pair, the estimators (compiled for the backend) and the seed."""
+
+    def __init__(self, q, p, estimators, seed: int = 0, backend: str | Backend | None = None,
+                 dtype: str = "float64"):
+        estimators = get_estimators(estimators) if isinstance(estimators, str) else [
+            e if isinstance(e, Estimator) else get_estimators([e])[0] for e in estimators]
+        if not estimators:
+            raise ValueError("no estimators given")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+        self.q, self.p, self.estimators, self.dtype = q, p, estimators, dtype
+        self.seed = check_seed(seed)
+        self.backend = get_backend(backend)
+        self.sampler = make_sampler(q, p, self.backend, DTYPES[dtype])
+        self.values = [self.backend.value_function(e) for e in estimators]
+        self.slopes = [self.backend.derivative_function(e) for e in estimators]
+
+    @property
+    def xp(self):
+        return self.backend.xp
+
+    def streaming_plan(self, n: int, chunk: int = DEFAULT_CHUNK):
+        """Chunks of ``(key, size)``: full blocks grouped by ``chunk``, a partial last block alone."""
+        block = self.backend.block_size
+        per_chunk = max(1, chunk // block)
+        full, rest = divmod(n, block)
+        for start in range(0, full, per_chunk):
+            yield [((b,), block) for b in range(start, min(full, start + per_chunk))]
+        if rest:
+            yield [((full,), rest)]
+
+    def trials_plan(self, n: int, trials: int, group: int):
+        """Chunks of ``group`` trials, trial ``i`` being block ``(TRIALS_STREAM, i)`` of ``n`` samples."""
+        for first in range(0, trials, group):
+            yield [((TRIALS_STREAM, i), n) for i in range(first, min(trials, first + group))]
+
+    def draw(self, blocks) -> "Chunk":
+        return Chunk(self, blocks)
+
+
+class Chunk:
+    """Consecutive RNG blocks of one size, drawn at once: ``t`` and ``data`` are (rows, size) arrays.
+
+    Estimator values and gradient weights are computed once per chunk and shared by the accumulators.
+    """
+
+    def __init__(self, stream: Stream, blocks):
+        xp, sampler = stream.xp, stream.sampler
+        self.stream, self.blocks = stream, blocks
+        self.sizes = [size for _, size in blocks]
+        drawn = [sampler.draw(stream.backend.generator(stream.seed, *key), size) for key, size in blocks]
+        self.t = xp.stack([d[0] for d in drawn])
+        self.data = xp.stack([d[1] for d in drawn])
+        self._values: dict = {}
+        self._weights: dict = {}
+        self._score = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.blocks)
+
+    def values(self, i: int):
+        """Values k(e^t) of estimator ``i``."""
+        if i not in self._values:
+            self._values[i] = self.stream.values[i](self.t)
+        return self._values[i]
+
+    def weights(self, i: int, modes) -> dict:
+        """Gradient weights of estimator ``i`` per mode (see :func:`klsym.derive.estimators.gradient_weights`)."""
+        missing = [m for m in modes if m not in self._weights.get(i, {})]
+        if missing:
+            values = self._values.get(i)
+            value = (lambda t: values) if values is not None else self.stream.values[i]
+            self._weights.setdefault(i, {}).update(gradient_weights(value, self.stream.slopes[i], self.t, missing))
+        return self._weights[i]
+
+    def score(self):
+        """Gaussian score, (params, rows, size)."""
+        if self._score is None:
+            self._score = self.stream.sampler.score(self.data)
+        return self._score
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+def stream_through(stream: Stream, plan, accumulators, threads: int | None = None, progress: bool = False,
+                   total: int | None = None):
+    """Feed every chunk of ``plan`` to fresh copies of ``accumulators`` on worker threads and merge them
+    into ``accumulators`` in block order. Returns the accumulators."""
+    from tqdm import tqdm  # text bar: notebooks have no ipywidgets, and HTML reports keep text
+
+    def work(blocks):
+        chunk = stream.draw(blocks)
+        parts = []
+        for accumulator in accumulators:
+            part = accumulator.empty()
+            part.update(chunk)
+            parts.append(part)
+        return parts
+
+    workers = max(1, threads or min(os.cpu_count() or 1, 8))
+    bar = tqdm(total=total, unit="sample", unit_scale=True, delay=2.0, disable=not progress, leave=False)
+    with ThreadPoolExecutor(workers) as pool, bar:
+        pending: deque = deque()
+
+        def finish():
+            blocks, future = pending.popleft()
+            for accumulator, part in zip(accumulators, future.result()):
+                accumulator.merge(part)
+            bar.update(sum(size for _, size in blocks))
+
+        for blocks in plan:
+            pending.append((blocks, pool.submit(work, blocks)))
+            while len(pending) > 2 * workers:  # bounded queue: memory independent of n
+                finish()
+        while pending:
+            finish()
+    return accumulators
+
+
+__all__ = ["Stream", "Chunk", "stream_through", "make_sampler", "check_count", "check_seed", "check_modes",
+           "DTYPES", "DEFAULT_CHUNK", "TRIALS_STREAM"]
