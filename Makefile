@@ -25,6 +25,14 @@ report: $(STAMP) ## build the report into reports/
 lab: $(STAMP) ## open JupyterLab on notebooks/
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
+lint: $(STAMP) ## lint and check formatting (ruff, configured in pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
 bench: $(STAMP) ## run the benchmarks (ratios against a baseline measured in the same run)
 	$(BIN)/python benchmarks/run.py
 
@@ -32,4 +40,4 @@ clean: ## remove reports/ and caches (keeps .venv)
 	rm -rf reports .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help venv test report lab bench clean
+.PHONY: help venv test report lab lint format bench clean
