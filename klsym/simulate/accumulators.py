@@ -31,12 +31,13 @@ HIST_BINS = 1 << _HIST_BITS
 class Accumulator:
     """Base class: subclasses define ``partials(chunk)`` (one per block), ``fold(partial)`` and ``result()``."""
 
-    def __init__(self):
+    def __init__(self, *config):
+        self._config = config
         self._partials: list = []
 
     def empty(self) -> "Accumulator":
         """A fresh accumulator with the same configuration."""
-        raise NotImplementedError
+        return type(self)(*self._config)
 
     def partials(self, chunk) -> list:
         raise NotImplementedError
@@ -77,14 +78,12 @@ class Moments(Accumulator):
     r"""Count, mean and sum of squared deviations of each estimator's values (``square``: of :math:`k^2`)."""
 
     def __init__(self, width: int, square: bool = False):
-        super().__init__()
+        super().__init__(width, square)
         self.width, self.square = width, square
         self.count = 0.0
         self.mean = np.zeros(width)
         self.m2 = np.zeros(width)
 
-    def empty(self):
-        return Moments(self.width, self.square)
 
     def partials(self, chunk):
         xp, host = chunk.stream.xp, chunk.stream.backend.host
@@ -111,28 +110,31 @@ class Moments(Accumulator):
         return np.sqrt(self.m2 / max(self.count - 1.0, 1.0))
 
 
-class Extremes(Accumulator):
+class _PerChunk(Accumulator):
+    """A statistic that is exact whatever the grouping (extremes, integer counts): one partial per chunk,
+    ``summarise(xp, values)`` applied to each estimator's values."""
+
+    def partials(self, chunk):
+        xp = chunk.stream.xp
+        return [chunk.stream.backend.host(xp.stack([self.summarise(xp, chunk.values(i)) for i in range(self.width)]))]
+
+
+class Extremes(_PerChunk):
     """Min, max, and the counts of negative and of non-finite values, per estimator."""
 
     def __init__(self, width: int):
-        super().__init__()
+        super().__init__(width)
         self.width = width
         self.min = np.full(width, np.inf)
         self.max = np.full(width, -np.inf)
         self.negative = np.zeros(width)
         self.nonfinite = np.zeros(width)
 
-    def empty(self):
-        return Extremes(self.width)
 
-    def partials(self, chunk):
-        xp, host = chunk.stream.xp, chunk.stream.backend.host
-        rows = []
-        for i in range(self.width):
-            values = chunk.values(i)
-            rows.append(xp.stack([values.min(), values.max(), xp.count_nonzero(values < 0),
-                                  values.size - xp.count_nonzero(xp.isfinite(values))]))
-        return [host(xp.stack(rows))]  # min/max and counts are exact whatever the grouping
+    @staticmethod
+    def summarise(xp, values):
+        return xp.stack([values.min(), values.max(), xp.count_nonzero(values < 0),
+                         values.size - xp.count_nonzero(xp.isfinite(values))])
 
     def fold(self, partial) -> None:
         self.min = np.minimum(self.min, partial[:, 0])
@@ -179,26 +181,20 @@ def quantiles_from_histogram(counts: np.ndarray, levels) -> dict:
     return out
 
 
-class Histogram(Accumulator):
+class Histogram(_PerChunk):
     """Counts of the finite values in float32 bit-pattern bins (relative width :math:`2^{-7}`)."""
 
     def __init__(self, width: int):
-        super().__init__()
+        super().__init__(width)
         self.width = width
         self.counts = np.zeros((width, HIST_BINS), dtype=np.int64)
 
-    def empty(self):
-        return Histogram(self.width)
 
-    def partials(self, chunk):
-        xp, host = chunk.stream.xp, chunk.stream.backend.host
-        counts = []
-        for i in range(self.width):
-            values = chunk.values(i)
-            finite = xp.isfinite(values)
-            kept = values if bool(finite.all()) else values[finite]
-            counts.append(xp.bincount(histogram_keys(xp, kept), minlength=HIST_BINS))
-        return [host(xp.stack(counts))]  # integer counts: exact whatever the grouping
+    @staticmethod
+    def summarise(xp, values):
+        finite = xp.isfinite(values)
+        kept = values if bool(finite.all()) else values[finite]
+        return xp.bincount(histogram_keys(xp, kept), minlength=HIST_BINS)
 
     def fold(self, partial) -> None:
         self.counts += partial
@@ -213,13 +209,11 @@ class BatchSpread(Accumulator):
     (a block's incomplete last batch is left out), and the number of negative batch means."""
 
     def __init__(self, width: int, batch_size: int):
-        super().__init__()
+        super().__init__(width, batch_size)
         self.width, self.batch_size = width, batch_size
         self.moments = Moments(width)
         self.negative = np.zeros(width)
 
-    def empty(self):
-        return BatchSpread(self.width, self.batch_size)
 
     def partials(self, chunk):
         xp, host = chunk.stream.xp, chunk.stream.backend.host
@@ -262,15 +256,13 @@ class GradientSums(Accumulator):
     """
 
     def __init__(self, width: int, modes, size: int, categorical: bool):
-        super().__init__()
+        super().__init__(width, modes, size, categorical)
         self.width, self.modes, self.size, self.categorical = width, tuple(modes), size, categorical
         labels = width * len(self.modes)
         self.sums = np.zeros((labels, size))
         self.squares = np.zeros((labels, size))
         self.weight_sums = np.zeros((labels, 2))  # categorical: sum w, sum w^2
 
-    def empty(self):
-        return GradientSums(self.width, self.modes, self.size, self.categorical)
 
     def _weights(self, chunk):
         for i in range(self.width):
@@ -329,14 +321,12 @@ class TrialGradients(Accumulator):
     r"""One gradient estimate per block (a trial of ``n`` samples): the block mean of :math:`w\, s`."""
 
     def __init__(self, width: int, modes, size: int, categorical: bool, trials: int):
-        super().__init__()
+        super().__init__(width, modes, size, categorical, trials)
         self.width, self.modes, self.size, self.categorical = width, tuple(modes), size, categorical
         self.trials = trials
         self.result = np.zeros((width * len(self.modes), trials, size))
         self._next = 0
 
-    def empty(self):
-        return TrialGradients(self.width, self.modes, self.size, self.categorical, self.trials)
 
     def partials(self, chunk):
         xp, host = chunk.stream.xp, chunk.stream.backend.host
