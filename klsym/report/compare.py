@@ -142,7 +142,8 @@ def compare(estimators, q, p, what=WHAT, *, n: int | None = None, seed: int = 0,
         row = {"estimator": estimator.name, "quantity": "value", "mode": "", "param": "", "direction": direction,
                "symbolic": _label(derived["value"]) if derived else None, "true": kl.get(direction, np.nan),
                "exact": stats["mean"], "exact_std": stats["std"], "method": stats["method"],
-               "prob_negative": stats["prob_negative"], KL_QP: kl[KL_QP], KL_PQ: kl[KL_PQ]}
+               "prob_negative": stats["prob_negative"], KL_QP: kl[KL_QP], KL_PQ: kl[KL_PQ],
+               "exact_equals_true": bool(np.isclose(stats["mean"], kl.get(direction, np.nan), rtol=RTOL, atol=ATOL))}
         if "mc" in what:
             mc = sampled[estimator.name]
             infinite = not math.isfinite(stats["second_moment"])
@@ -220,6 +221,13 @@ def relative(table: pd.DataFrame, direction: str = KL_QP) -> pd.DataFrame:
         out["MC E[k]/KL"] = out["mc"] / true
         out["relative se"] = out["se"] / true
     return out
+
+
+def gradient_error(estimator, q, p, mode: str, direction: str = KL_QP) -> float:
+    r"""Relative distance of an exact expected gradient from a true one,
+    :math:`\|\mathbb{E}[\hat g] - \nabla D\| / \|\nabla D\|` (Euclidean norm over the parameters of q)."""
+    target = true_gradients(q, p)[direction]
+    return float(np.linalg.norm(estimator_gradient(estimator, q, p, mode) - target) / np.linalg.norm(target))
 
 
 # --- SymPy tables ------------------------------------------------------------------------------
@@ -563,7 +571,7 @@ def lambda_star_sweep(path: Mapping, *, probe=None, n: int | None = None, seed=0
     return pd.DataFrame(rows)
 
 
-__all__ = ["compare", "compare_pairs", "gaussian_path", "with_reference", "relative", "z_score", "symbolic_table",
+__all__ = ["compare", "compare_pairs", "gaussian_path", "with_reference", "relative", "gradient_error", "z_score", "symbolic_table",
            "formulas_latex", "derivation_markdown", "reproduce", "trial_gradients", "trial_summary",
            "zipf_policies", "policy_summary", "sequence_table", "spike_table", "saturation_table", "clamp_table",
            "parabola_vertex", "lambda_star", "control_variate_scan", "lambda_star_sweep", "WHAT", "PARAMS"]
