@@ -1,0 +1,687 @@
+r"""Where KL-regularised policy-gradient training ends up, for each estimator and gradient mode.
+
+A categorical policy :math:`q = \operatorname{softmax}(\theta)` over V tokens is trained on a reward
+vector R with a KL term of coefficient :math:`\beta > 0` to the reference p. The intended objective
+:math:`\mathbb{E}_q[R] - \beta\,\mathrm{KL}(q\|p)` has the maximiser
+
+.. math:: q^*(x) = \frac{p(x)\, e^{R(x)/\beta}}{Z}.
+
+The expected update of the logits is the policy gradient minus β times the expected gradient of the
+KL term in its mode (:func:`klsym.exact.expectations.estimator_gradient`). With the softmax score
+:math:`s_j = 1[x = j] - q_j` and the mode coefficient :math:`h(r)` of
+:func:`klsym.derive.symbolic.mode_coefficient` it is
+
+.. math:: u_j(\theta) = q_j\,\big(a_j - \mathbb{E}_q[a]\big), \qquad a_j = R_j - \beta\, h(p_j / q_j),
+
+so an interior fixed point is where :math:`R_j - \beta h(r_j) = \lambda` for one multiplier λ.
+Where the mode follows :math:`\nabla D_g` (the implied generator of :func:`klsym.derive.symbolic.analyze`)
+this is the stationarity condition of :math:`\mathbb{E}_q[R] - \beta D_g(q, p)` on the simplex,
+:math:`R_j - \beta\,\varphi(r_j) = \lambda` with :math:`\varphi = \partial_{q}[q\, g(p/q)] = g - r g'`,
+derived by SymPy; for a convex g it has at most one solution, found by one-dimensional root
+finding for λ (:func:`stationary_point`). Otherwise the stable fixed point of the expected dynamics
+is found numerically (:func:`fixed_point` says which). Statuses: ``interior``; ``collapse`` (no
+interior fixed point: probability flows to the high-reward tokens, ``probs`` is the limit point);
+``diverges`` (the dynamics run to the boundary elsewhere, or do not settle).
+
+>>> fp = fixed_point(REFERENCE_PROBLEM, "k3", "full")           # follows grad KL(q||p)
+>>> fp["status"], fp["equals_optimum"]
+('interior', True)
+>>> fixed_point(REFERENCE_PROBLEM, "k1", "loss")["status"]      # zero KL gradient
+'collapse'
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+
+import numpy as np
+import pandas as pd
+import sympy as sp
+from scipy.integrate import solve_ivp
+from scipy.optimize import brentq, root
+from scipy.special import log_softmax, logsumexp, softmax
+
+from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, in_logratio
+from klsym.derive.symbolic import analyze, is_zero, mode_coefficient, sign_verdict
+from klsym.derive.symbols import r, t
+from klsym.exact.clamps import clamped_numeric, clamped_numeric_dt
+from klsym.exact.expectations import KL_PQ, KL_QP, MODES, estimator_gradient, kl_divergences
+from klsym.exact.families import Categorical
+
+#: Statuses of an end point.
+STATUSES = ("interior", "collapse", "diverges")
+#: Time the exact expected dynamics are integrated for (units of 1/learning rate: steps at lr = 1).
+DYNAMICS_TIME = 1e5
+#: Below this probability a token of the dynamics' end point counts as dropped (boundary limit).
+DROPPED_MASS = 1e-4
+#: Largest |t| = |log r| the multiplier search lets a token reach (exp(-700) underflows nothing).
+_T_LIMIT = 700.0
+#: Logit gap below the largest logit at which the expected update is evaluated (q >= e^-600).
+_FLOOR = 600.0
+
+
+# --- the problem ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class FixedPointProblem:
+    r"""A reference policy p (logits), a reward per token and the KL coefficient β.
+
+    >>> FixedPointProblem([0.0, 0.0], [1.0], 0.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: reward has 1 entries but the reference has 2 tokens
+    """
+
+    p_logits: np.ndarray
+    reward: np.ndarray
+    beta: float
+    reference: Categorical = field(init=False, repr=False)
+
+    def __post_init__(self):
+        logits = _finite_vector(self.p_logits, "reference logits")
+        reward = _finite_vector(self.reward, "reward")
+        if reward.size != logits.size:
+            raise ValueError(f"reward has {reward.size} entries but the reference has {logits.size} tokens")
+        if logits.size < 2:
+            raise ValueError("the reference needs at least 2 tokens")
+        try:
+            beta = float(self.beta)
+        except (TypeError, ValueError):
+            raise ValueError(f"beta must be a number, got {self.beta!r}") from None
+        if not math.isfinite(beta) or beta <= 0:
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        for name, value in (("p_logits", logits), ("reward", reward), ("beta", beta),
+                            ("reference", Categorical(logits))):
+            object.__setattr__(self, name, value)
+
+    @property
+    def p(self) -> np.ndarray:
+        return softmax(self.p_logits)
+
+    @property
+    def size(self) -> int:
+        return int(self.p_logits.size)
+
+    def with_beta(self, beta: float) -> "FixedPointProblem":
+        return FixedPointProblem(self.p_logits, self.reward, beta)
+
+
+def _finite_vector(values, what: str) -> np.ndarray:
+    try:
+        array = np.ravel(np.asarray(values, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be real numbers") from None
+    if array.size == 0:
+        raise ValueError(f"{what} is empty")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} contain non-finite values (nan or inf)")
+    array.setflags(write=False)
+    return array
+
+
+#: The documented reference problem of the crosswalk's "converges to" column: V = 3, the reward
+#: favours the token the reference likes least (p = (0.5, 0.3, 0.2), R = (0, 0.5, 1)), β = 0.5,
+#: so q* = p e^{2R}/Z = (0.18, 0.29, 0.53) is far from both p and the reward maximiser.
+REFERENCE_PROBLEM = FixedPointProblem(np.log([0.5, 0.3, 0.2]), np.array([0.0, 0.5, 1.0]), 0.5)
+
+
+def optimum(problem: FixedPointProblem) -> np.ndarray:
+    r"""The maximiser of :math:`\mathbb{E}_q[R] - \beta\,\mathrm{KL}(q\|p)`: :math:`q^* \propto p\,e^{R/\beta}`.
+
+    >>> optimum(FixedPointProblem([0.0, 0.0], [0.0, math.log(3)], 1.0)).round(6).tolist()
+    [0.25, 0.75]
+    """
+    return softmax(problem.p_logits + problem.reward / problem.beta)
+
+
+# --- the expected update ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KLTerm:
+    """A KL term as training applies it: estimator, mode, and a framework's clamps (None: none)."""
+
+    estimator: Estimator
+    mode: str
+    input_clamp: float | None = None
+    output_clamp: float | None = None
+
+    @property
+    def clamped(self) -> bool:
+        return self.input_clamp is not None or self.output_clamp is not None
+
+    @cached_property
+    def _functions(self):
+        return (clamped_numeric(self.estimator, self.input_clamp, self.output_clamp),
+                clamped_numeric_dt(self.estimator, self.input_clamp, self.output_clamp))
+
+    def weight(self, log_ratios: np.ndarray) -> np.ndarray:
+        r"""Per-sample coefficient w(t) of the score: the KL gradient of one sample is :math:`w\,s`."""
+        value, slope = self._functions
+        loss, reward = -np.asarray(slope(log_ratios)), np.asarray(value(log_ratios))
+        return {"loss": loss, "reward": reward, "full": loss + reward}[self.mode]
+
+
+def kl_term(estimator, mode: str, input_clamp: float | None = None, output_clamp: float | None = None) -> KLTerm:
+    """Resolve an estimator name and check the mode."""
+    if mode not in MODES:
+        raise ValueError(f"unknown gradient mode {mode!r}; choose one of {', '.join(MODES)}")
+    if isinstance(estimator, KLTerm):
+        return estimator
+    return KLTerm(get_estimator(estimator), mode, input_clamp, output_clamp)
+
+
+def score_expectation(probs: np.ndarray, values: np.ndarray) -> np.ndarray:
+    r""":math:`\mathbb{E}_q[v(x)\, s(x)]` wrt softmax logits: :math:`q_j (v_j - \mathbb{E}_q[v])`.
+
+    >>> score_expectation(np.array([0.5, 0.5]), np.array([0.0, 1.0])).tolist()
+    [-0.25, 0.25]
+    """
+    return probs * (values - np.dot(probs, values))
+
+
+def kl_gradient(problem: FixedPointProblem, logits: np.ndarray, term: KLTerm) -> np.ndarray:
+    """Expected gradient of the KL term wrt q's logits (exact layer; clamps through their weights)."""
+    q = Categorical(logits)
+    if not term.clamped:
+        return estimator_gradient(term.estimator, q, problem.reference, term.mode)
+    return score_expectation(q.probs, term.weight(problem.reference.log_probs - q.log_probs))
+
+
+def expected_update(problem: FixedPointProblem, logits, estimator, mode: str | None = None) -> np.ndarray:
+    r"""Expected logit update :math:`\mathbb{E}_q[R\,\nabla\log q] - \beta\,(\text{KL-term gradient})`.
+
+    >>> bool(np.abs(expected_update(REFERENCE_PROBLEM, np.log(optimum(REFERENCE_PROBLEM)), "k2", "loss")).max() < 1e-15)
+    True
+    """
+    term = kl_term(estimator, mode) if not isinstance(estimator, KLTerm) else estimator
+    logits = np.asarray(logits, dtype=np.float64)
+    # a token further than _FLOOR below the top keeps the update it has there: r stays finite
+    logits = np.maximum(logits - logits.max(), -_FLOOR)
+    probs = softmax(logits)
+    return score_expectation(probs, problem.reward) - problem.beta * kl_gradient(problem, logits, term)
+
+
+def update_jacobian(problem: FixedPointProblem, logits, term: KLTerm, step: float = 1e-6) -> np.ndarray:
+    r"""Eigenvalues of the expected dynamics' Jacobian on the simplex (V - 1 of them).
+
+    Logits are defined up to a shift, so the last logit is held at 0; central differences.
+    Negative real parts: a stable fixed point.
+    """
+    reduced = _reduced(np.asarray(logits, dtype=np.float64))
+    columns = []
+    for i in range(reduced.size):
+        bump = np.zeros_like(reduced)
+        bump[i] = step
+        columns.append((_reduced_field(problem, term, reduced + bump)
+                        - _reduced_field(problem, term, reduced - bump)) / (2 * step))
+    eigenvalues = np.linalg.eigvals(np.array(columns).T)
+    return eigenvalues[np.argsort(-eigenvalues.real)]
+
+
+def _reduced(logits: np.ndarray) -> np.ndarray:
+    return logits[:-1] - logits[-1]
+
+
+def _full(reduced: np.ndarray) -> np.ndarray:
+    return np.append(reduced, 0.0)
+
+
+def _reduced_field(problem, term, reduced):
+    update = expected_update(problem, _full(reduced), term)
+    return update[:-1] - update[-1]
+
+
+# --- SymPy: the stationarity condition --------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def stationarity_condition(estimator, mode: str) -> dict:
+    r"""The condition :math:`R_j - \beta\,\varphi(r_j) = \lambda` of a mode's implied divergence.
+
+    :math:`\varphi(r) = g(r) - r g'(r)` is :math:`\partial_{q_j}[q_j\, g(p_j/q_j)]`, checked to differ
+    from the mode coefficient h by a constant. Returns ``phi`` (in r), ``convex`` (g'' >= 0 proved),
+    ``constant`` (φ constant: no restoring force), ``inverse`` (t = log r as a function of
+    y = φ, where SymPy finds a unique closed form), ``range`` (φ at r -> ∞ and r -> 0+).
+
+    >>> c = stationarity_condition("k3", "loss")                  # KL(p||q)
+    >>> c["phi"], c["inverse"], c["convex"]
+    (1 - r, log(1 - y), True)
+    >>> stationarity_condition("k1", "full")["inverse"]            # KL(q||p): r_j = e^{1 - y}
+    1 - y
+    """
+    estimator = get_estimator(estimator)
+    derived = analyze(estimator)["gradient"][mode]
+    g = sp.sympify(derived["generator"], locals={"r": r})
+    out = {"divergence": derived["divergence"], "generator": g, "phi": None, "convex": False,
+           "constant": False, "inverse": None, "range": None}
+    if g.has(sp.Integral):  # SymPy could not integrate the ODE: no generator to differentiate
+        return out
+    phi = sp.simplify(g - r * sp.diff(g, r))
+    if not is_zero(sp.diff(phi - mode_coefficient(estimator, mode), r)):
+        raise AssertionError(f"{estimator.name} {mode}: g - r g' is not h + c")  # the ODE of symbolic
+    y = sp.Symbol("y", real=True)
+    out["phi"] = phi
+    out["constant"] = is_zero(sp.diff(phi, r))
+    out["convex"] = not out["constant"] and sign_verdict(sp.diff(g, r, 2))["holds"] is True
+    if out["constant"]:
+        return out
+    phi_t = sp.simplify(in_logratio(phi))
+    out["range"] = tuple(float(sp.limit(phi_t, t, end)) for end in (sp.oo, -sp.oo))
+    try:
+        solutions = [s for s in sp.solve(sp.Eq(phi_t, y), t) if not s.has(sp.I)]
+    except (NotImplementedError, ValueError):
+        solutions = []
+    out["inverse"] = solutions[0] if len(solutions) == 1 else None
+    out["y"] = y
+    return out
+
+
+def stationary_point(problem: FixedPointProblem, estimator, mode: str) -> dict | None:
+    r"""The interior stationary point of :math:`\mathbb{E}_q[R] - \beta D_g(q, p)`, for a convex g.
+
+    With φ decreasing, :math:`r_j = \varphi^{-1}((R_j - \lambda)/\beta)` and
+    :math:`\sum_j p_j / r_j` decreases in λ: one root, found by ``brentq`` on its logarithm.
+    Returns ``{"probs", "multiplier", "method"}``; ``{"probs": None, ...}`` when no λ solves
+    it (the maximiser lies on the boundary); None when the condition is not a convex gradient
+    field (then :func:`fixed_point` integrates the dynamics).
+
+    >>> sp_ = stationary_point(REFERENCE_PROBLEM, "k2", "loss")
+    >>> bool(np.allclose(sp_["probs"], optimum(REFERENCE_PROBLEM), atol=1e-12))
+    True
+    """
+    condition = stationarity_condition(get_estimator(estimator).name if not isinstance(estimator, Estimator)
+                                       else estimator, mode)
+    if not condition["convex"] or condition["constant"]:
+        return None
+    phi_inf, phi_zero = condition["range"]
+    inverse = _inverse_function(condition)
+    reward, beta, log_p = problem.reward, problem.beta, log_softmax(problem.p_logits)
+    lower = (reward.max() - beta * phi_zero) if math.isfinite(phi_zero) else -math.inf
+    upper = (reward.min() - beta * phi_inf) if math.isfinite(phi_inf) else math.inf
+
+    def log_mass(multiplier):  # log sum_j q_j with q_j = p_j / r_j
+        log_r = np.clip(inverse((reward - multiplier) / beta), -_T_LIMIT, _T_LIMIT)
+        return float(logsumexp(log_p - log_r))
+
+    bracket = _bracket(log_mass, lower, upper, scale=beta + np.ptp(reward))
+    method = "SymPy stationarity condition, brentq for the multiplier"
+    if bracket is None:
+        return {"probs": None, "multiplier": None, "method": method + ": no interior solution"}
+    multiplier = brentq(log_mass, *bracket, xtol=1e-15, rtol=4 * np.finfo(float).eps, maxiter=500)
+    log_q = log_p - inverse((reward - multiplier) / beta)
+    return {"probs": softmax(log_q), "multiplier": multiplier, "method": method}
+
+
+def _inverse_function(condition: dict):
+    y = condition["y"]
+    if condition["inverse"] is not None:
+        closed = sp.lambdify(y, condition["inverse"], modules="numpy")
+        return lambda values: np.asarray(closed(np.asarray(values, dtype=np.float64)), dtype=np.float64) \
+            * np.ones_like(values)
+    phi_t = sp.lambdify(t, in_logratio(condition["phi"]), modules="numpy")
+
+    def numeric(values):  # phi decreasing in r: one root in t per value
+        return np.array([brentq(lambda s, v=v: phi_t(s) - v, -_T_LIMIT, _T_LIMIT, xtol=1e-14)
+                         for v in np.atleast_1d(values)])
+    return numeric
+
+
+def _bracket(fn, lower: float, upper: float, scale: float):
+    """An interval where the decreasing fn changes sign, inside (lower, upper); None if none."""
+    gap = 1e-12 * max(1.0, abs(lower) if math.isfinite(lower) else 1.0, abs(upper) if math.isfinite(upper) else 1.0)
+    lo = lower + gap if math.isfinite(lower) else (upper - scale if math.isfinite(upper) else -scale)
+    hi = upper - gap if math.isfinite(upper) else (lo + scale)
+    with np.errstate(all="ignore"):
+        for _ in range(200):
+            if not math.isfinite(lower) and fn(lo) <= 0:
+                lo -= 2 * (hi - lo)
+            elif not math.isfinite(upper) and fn(hi) >= 0:
+                hi += 2 * (hi - lo)
+            else:
+                break
+        f_lo, f_hi = fn(lo), fn(hi)
+    if not (f_lo > 0 > f_hi):
+        return None
+    return lo, hi
+
+
+# --- the expected dynamics ------------------------------------------------------------------------
+
+def integrate_dynamics(problem: FixedPointProblem, estimator, mode: str | None = None, *,
+                       time: float = DYNAMICS_TIME, points: int = 200, start=None) -> dict:
+    r"""Integrate :math:`\dot\theta = u(\theta)` from q = p (exact expected dynamics; LSODA).
+
+    Returns ``times`` (log-spaced) and ``probs`` (one row per time); ``finite`` is False when the
+    logits left the floating-point range.
+    """
+    term = kl_term(estimator, mode) if not isinstance(estimator, KLTerm) else estimator
+    start = problem.p_logits if start is None else np.asarray(start, dtype=np.float64)
+    times = np.concatenate([[0.0], np.geomspace(1e-2, time, points - 1)])
+    with np.errstate(all="ignore"):
+        solution = solve_ivp(lambda _, z: _reduced_field(problem, term, z), (0.0, time), _reduced(start),
+                             method="LSODA", t_eval=times, rtol=1e-10, atol=1e-12)
+    reduced = solution.y.T
+    finite = solution.success and np.isfinite(reduced).all()
+    probs = softmax(np.column_stack([reduced, np.zeros(len(reduced))]), axis=1)
+    return {"times": solution.t, "probs": probs, "logits": reduced, "finite": bool(finite),
+            "message": solution.message}
+
+
+def _polish(problem, term, logits):
+    """Newton-type refinement of an approximate interior fixed point (None if it does not converge)."""
+    with np.errstate(all="ignore"):
+        solution = root(lambda z: _reduced_field(problem, term, z), _reduced(logits), method="hybr", tol=1e-14)
+    if not solution.success or not np.isfinite(solution.x).all():
+        return None
+    if np.max(np.abs(_reduced_field(problem, term, solution.x))) > 1e-10:
+        return None
+    return _full(solution.x)
+
+
+def _boundary_status(problem, probs) -> tuple[str, np.ndarray]:
+    """A boundary limit: collapse if the dropped tokens all have lower reward than the kept ones."""
+    kept = probs >= DROPPED_MASS
+    limit = np.where(kept, probs, 0.0)
+    limit = limit / limit.sum()
+    collapse = problem.reward[kept].min() >= problem.reward[~kept].max()
+    return ("collapse" if collapse else "diverges"), limit
+
+
+def fixed_point(problem: FixedPointProblem, estimator, mode: str, *, input_clamp: float | None = None,
+                output_clamp: float | None = None) -> dict:
+    r"""Where training with this KL term ends up, with how it was found.
+
+    Returns ``probs``, ``KL(q||p)``, ``KL(p||q)``, ``reward`` (:math:`\mathbb{E}_q[R]`),
+    ``distance_to_optimum`` (:math:`\mathrm{KL}(q_\text{end}\|q^*)`), ``status``, ``stable``,
+    ``eigenvalues`` (Jacobian on the simplex, interior points), ``equals_optimum``, ``follows``
+    (the implied divergence), ``method``.
+
+    A convex implied divergence is solved exactly (:func:`stationary_point`) and the exact dynamics
+    from q = p confirm it; otherwise the dynamics are integrated for :data:`DYNAMICS_TIME` and an
+    interior end point is refined by root finding.
+    """
+    term = kl_term(estimator, mode, input_clamp, output_clamp)
+    condition = stationarity_condition(term.estimator, mode)
+    exact = None if term.clamped else stationary_point(problem, term.estimator, mode)
+    if exact is not None and exact["probs"] is not None:  # concave objective: the dynamics reach it
+        return _report(problem, exact["probs"], "interior", None, term, condition["divergence"], exact["method"])
+    dynamics = integrate_dynamics(problem, term)
+    end = dynamics["probs"][-1]
+    if condition["constant"] and not term.clamped:
+        probs, method = end, "SymPy: the mode's implied divergence has no restoring force (phi constant)"
+        status, probs = _boundary_status(problem, end) if dynamics["finite"] else ("diverges", end)
+    else:
+        method = ("numeric: stable fixed point of the exact expected dynamics from q = p"
+                  + (" (clamps)" if term.clamped else " (implied divergence not convex)" if exact is None
+                     else " (no interior stationary point)"))
+        polished = _polish(problem, term, np.log(np.maximum(end, 1e-300))) if end.min() > DROPPED_MASS else None
+        if not dynamics["finite"]:
+            probs, status = end, "diverges"
+        elif polished is not None and np.max(np.abs(softmax(polished) - end)) < 1e-3:
+            probs, status = softmax(polished), "interior"
+        else:
+            status, probs = _boundary_status(problem, end)
+    return _report(problem, probs, status, status == "collapse", term, condition["divergence"], method)
+
+
+def _report(problem, probs, status, stable, term, follows, method) -> dict:
+    """The result dict; an interior point gets its Jacobian eigenvalues and ``stable`` from them.
+
+    For a boundary limit ``stable`` says whether it attracts the dynamics from q = p (collapse)."""
+    eigenvalues = None
+    if status == "interior":
+        eigenvalues = update_jacobian(problem, np.log(probs), term)
+        stable = bool(np.all(eigenvalues.real < 0))
+    with np.errstate(divide="ignore"):
+        q, star = Categorical(np.log(probs)), Categorical(np.log(optimum(problem)))
+    kl = kl_divergences(q, problem.reference)
+    distance = max(kl_divergences(q, star)[KL_QP], 0.0)  # rounding can make it -1e-17
+    return {"probs": np.asarray(probs), KL_QP: kl[KL_QP], KL_PQ: kl[KL_PQ],
+            "reward": float(np.dot(probs, problem.reward)), "distance_to_optimum": distance,
+            "status": status, "stable": stable,
+            "eigenvalues": None if eigenvalues is None else _real_if_close(eigenvalues),
+            "equals_optimum": bool(status == "interior" and distance < 1e-10),
+            "follows": follows, "method": method}
+
+
+def _real_if_close(values: np.ndarray):
+    values = np.real_if_close(values, tol=1e6)
+    return values.tolist() if np.isrealobj(values) else [[v.real, v.imag] for v in values]
+
+
+def fixed_point_summary(problem: FixedPointProblem, estimators=None, modes=MODES, *,
+                        input_clamp: float | None = None, output_clamp: float | None = None) -> dict:
+    """The ``klsym fixedpoint`` JSON object: the optimum and each estimator's end point per mode."""
+    estimators = [get_estimator(e) for e in (estimators if estimators is not None else BUILTINS)]
+    star = optimum(problem)
+    out = {"p": problem.p, "reward_vector": problem.reward, "beta": problem.beta,
+           "optimum": {"probs": star, KL_QP: kl_divergences(Categorical(np.log(star)), problem.reference)[KL_QP],
+                       "reward": float(np.dot(star, problem.reward))},
+           "estimators": {}}
+    for estimator in estimators:
+        out["estimators"][estimator.name] = {
+            mode: fixed_point(problem, estimator, mode, input_clamp=input_clamp, output_clamp=output_clamp)
+            for mode in modes}
+    return out
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    """One row per (estimator, mode) of a :func:`fixed_point_summary`, for tables."""
+    rows = [{"estimator": "optimum q*", "mode": "-", "status": "-", "probs": _fmt(summary["optimum"]["probs"]),
+             KL_QP: summary["optimum"][KL_QP], "reward": summary["optimum"]["reward"]}]
+    for name, entry in summary["estimators"].items():
+        rows += [{"estimator": name, "mode": mode, "status": point["status"], "probs": _fmt(point["probs"]),
+                  KL_QP: point[KL_QP], KL_PQ: point[KL_PQ], "reward": point["reward"],
+                  "distance_to_optimum": point["distance_to_optimum"], "stable": point["stable"],
+                  "equals q*": point["equals_optimum"], "follows": point["follows"]}
+                 for mode, point in entry.items()]
+    return rows
+
+
+def _fmt(probs) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in probs) + ")"
+
+
+# --- simulated training --------------------------------------------------------------------------
+
+def expected_ascent(problem: FixedPointProblem, estimator, mode: str | None = None, *, lr: float = 1.0,
+                    steps: int = 2000, input_clamp=None, output_clamp=None) -> np.ndarray:
+    r"""Exact expected-gradient ascent from q = p: :math:`\theta \leftarrow \theta + \eta\,u(\theta)`.
+
+    Returns the probabilities after each step, shape (steps + 1, V).
+    """
+    term = estimator if isinstance(estimator, KLTerm) else kl_term(estimator, mode, input_clamp, output_clamp)
+    logits = problem.p_logits.copy()
+    path = [softmax(logits)]
+    with np.errstate(all="ignore"):
+        for _ in range(steps):
+            logits = logits + lr * expected_update(problem, logits, term)
+            logits -= logits.max()
+            path.append(softmax(logits))
+    return np.array(path)
+
+
+def stochastic_training(problem: FixedPointProblem, estimator, mode: str | None = None, *, batch: int = 64,
+                        lr: float = 0.5, steps: int = 2000, seeds=(0,), decay: float = 0.6,
+                        input_clamp=None, output_clamp=None) -> dict:
+    r"""Training with per-sample updates as a framework computes them, B tokens a step.
+
+    Each step samples :math:`x_1..x_B \sim q` and ascends
+    :math:`\frac1B \sum_i \big[A_i - \beta\, w_\text{loss}(t_i)\,1_{\text{loss, full}}\big]\, s(x_i)
+    - \beta\,\frac1B\sum_i k(t_i)\,s(x_i)\,1_\text{full}`, with the advantage :math:`A_i` the
+    leave-one-out (RLOO) baselined reward, and in ``reward`` mode the reward :math:`R - \beta k`
+    (KL in the reward, as PPO/RLOO do). Baselines leave the expected update unchanged. The step
+    size decays as :math:`\eta / (1 + n/100)^{decay}` and the Polyak average of the second half of
+    the iterates is returned (it converges to the fixed point; a constant step would not).
+
+    Returns ``probs`` (per seed: the Polyak average), ``last`` (last iterate per seed), ``path``
+    (per seed, probs every step).
+    """
+    term = estimator if isinstance(estimator, KLTerm) else kl_term(estimator, mode, input_clamp, output_clamp)
+    if batch < 2:
+        raise ValueError("batch must be at least 2 (the leave-one-out baseline)")
+    log_p = log_softmax(problem.p_logits)
+    averages, lasts, paths = [], [], []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        logits = problem.p_logits.copy()
+        path, tail = [softmax(logits)], np.zeros(problem.size)
+        for step in range(steps):
+            probs = softmax(logits)
+            tokens = rng.choice(problem.size, size=batch, p=probs)
+            log_ratio = log_p[tokens] - np.log(probs[tokens])
+            reward = problem.reward[tokens]
+            if term.mode == "reward":
+                reward = reward - problem.beta * term.weight(log_ratio)
+            advantage = (reward * batch - reward.sum()) / (batch - 1)  # reward minus the mean of the others
+            coefficient = advantage.copy()
+            if term.mode != "reward":
+                coefficient -= problem.beta * term.weight(log_ratio)
+            # mean_i c_i (onehot(x_i) - q)
+            update = np.bincount(tokens, weights=coefficient, minlength=problem.size) / batch \
+                - probs * coefficient.mean()
+            logits = logits + lr / (1 + step / 100) ** decay * update
+            logits -= logits.max()
+            path.append(softmax(logits))
+            if step >= steps // 2:
+                tail += path[-1]
+        averages.append(tail / (steps - steps // 2))
+        lasts.append(path[-1])
+        paths.append(np.array(path))
+    return {"probs": np.array(averages), "last": np.array(lasts), "path": np.array(paths)}
+
+
+# --- tables and helpers for notebooks and the crosswalk --------------------------------------------
+
+def converges_to(estimator, mode: str, problem: FixedPointProblem = REFERENCE_PROBLEM, *,
+                 input_clamp: float | None = None, output_clamp: float | None = None) -> str:
+    r"""One phrase for the crosswalk: where training with this term ends up at ``problem``.
+
+    >>> converges_to("k1", "reward")
+    'q* = p e^{R/beta}/Z'
+    >>> converges_to("k1", "loss")
+    'collapse onto the reward maximiser(s)'
+    """
+    point = fixed_point(problem, estimator, mode, input_clamp=input_clamp, output_clamp=output_clamp)
+    if point["equals_optimum"]:
+        return "q* = p e^{R/beta}/Z"
+    if point["status"] == "collapse":
+        best = problem.reward >= problem.reward.max()
+        if point["probs"][~best].sum() == 0:
+            return "collapse onto the reward maximiser(s)"
+        return f"collapse to the boundary {_fmt(point['probs'])}"
+    if point["status"] == "diverges":
+        return "diverges"
+    stable = "" if point["stable"] else ", unstable"
+    return f"interior {_fmt(point['probs'])}, KL(end||q*) = {point['distance_to_optimum']:.3g}{stable}"
+
+
+def endpoint_table(problem: FixedPointProblem = REFERENCE_PROBLEM, estimators=None, modes=MODES) -> pd.DataFrame:
+    """Every estimator x mode end point at ``problem`` as a DataFrame (probs one column per token)."""
+    summary = fixed_point_summary(problem, estimators, modes)
+    frame = pd.DataFrame(summary_rows(summary)[1:])
+    return frame.drop(columns="probs").join(pd.DataFrame(
+        [point["probs"] for entry in summary["estimators"].values() for point in entry.values()],
+        columns=[f"q[{j}]" for j in range(problem.size)]))
+
+
+def trajectory_frame(problem: FixedPointProblem = REFERENCE_PROBLEM, estimators=None, modes=MODES, *,
+                     lr: float = 1.0, steps: int = 2000, every: int = 10) -> pd.DataFrame:
+    """Exact expected-gradient ascent from q = p for each estimator x mode, long format.
+
+    Columns: estimator, mode, step, ``q[j]``, KL(q||p), KL(q||q*), reward.
+    """
+    frames = []
+    for estimator in (estimators if estimators is not None else BUILTINS):
+        for mode in modes:
+            path = expected_ascent(problem, estimator, mode, lr=lr, steps=steps)[::every]
+            frames.append(_path_frame(problem, path, every, estimator=get_estimator(estimator).name, mode=mode))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _path_frame(problem, path, every, **labels) -> pd.DataFrame:
+    log_q = np.log(np.maximum(path, 1e-300))
+    log_p, log_star = log_softmax(problem.p_logits), np.log(optimum(problem))
+    frame = pd.DataFrame(path, columns=[f"q[{j}]" for j in range(problem.size)])
+    frame.insert(0, "step", np.arange(len(path)) * every)
+    for key, value in labels.items():
+        frame.insert(0, key, value)
+    frame[KL_QP] = np.sum(path * (log_q - log_p), axis=1)
+    frame["KL(q||q*)"] = np.sum(path * (log_q - log_star), axis=1)
+    frame["reward"] = path @ problem.reward
+    return frame
+
+
+def stochastic_frame(problem: FixedPointProblem, runs, *, batch: int = 64, lr: float = 0.5, steps: int = 2000,
+                     seeds=(0, 1, 2), every: int = 10) -> pd.DataFrame:
+    """Stochastic training paths (long format, one run per seed) for each (estimator, mode) in ``runs``."""
+    frames = []
+    for estimator, mode in runs:
+        result = stochastic_training(problem, estimator, mode, batch=batch, lr=lr, steps=steps, seeds=seeds)
+        for seed, path in zip(seeds, result["path"]):
+            frames.append(_path_frame(problem, path[::every], every, estimator=get_estimator(estimator).name,
+                                      mode=mode, seed=seed))
+    return pd.concat(frames, ignore_index=True)
+
+
+def simulation_check(problem: FixedPointProblem, estimator, mode: str, *, batch: int = 64, lr: float = 0.5,
+                     steps: int = 4000, seeds=tuple(range(8)), ascent_lr: float = 1.0,
+                     ascent_steps: int = 20000) -> dict:
+    r"""Predicted end point vs exact expected ascent vs stochastic training (z per token across seeds).
+
+    ``z`` = (seed mean of the Polyak averages - predicted) / (their standard error); ``max_abs_z``.
+    """
+    predicted = fixed_point(problem, estimator, mode)
+    ascent = expected_ascent(problem, estimator, mode, lr=ascent_lr, steps=ascent_steps)[-1]
+    runs = stochastic_training(problem, estimator, mode, batch=batch, lr=lr, steps=steps, seeds=seeds)["probs"]
+    mean, se = runs.mean(axis=0), runs.std(axis=0, ddof=1) / math.sqrt(len(seeds))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, (mean - predicted["probs"]) / se, 0.0)
+    return {"predicted": predicted["probs"], "status": predicted["status"], "ascent": ascent,
+            "ascent_error": float(np.max(np.abs(ascent - predicted["probs"]))),
+            "stochastic": mean, "stochastic_se": se, "z": z, "max_abs_z": float(np.max(np.abs(z)))}
+
+
+def simulation_table(problem: FixedPointProblem = REFERENCE_PROBLEM, runs=(("k3", "full"), ("k3", "loss")),
+                     **options) -> pd.DataFrame:
+    """:func:`simulation_check` for each (estimator, mode), one row each."""
+    rows = []
+    for estimator, mode in runs:
+        check = simulation_check(problem, estimator, mode, **options)
+        rows.append({"estimator": get_estimator(estimator).name, "mode": mode, "status": check["status"],
+                     "predicted": _fmt(check["predicted"]), "expected ascent": _fmt(check["ascent"]),
+                     "max |ascent - predicted|": check["ascent_error"],
+                     "stochastic (mean of seeds)": _fmt(check["stochastic"]), "max |z|": check["max_abs_z"]})
+    return pd.DataFrame(rows)
+
+
+def beta_sweep(settings, betas, problem: FixedPointProblem = REFERENCE_PROBLEM) -> pd.DataFrame:
+    """End point vs β for framework settings (their estimator, mode and clamps), long format."""
+    rows = []
+    for setting in settings:
+        for beta in betas:
+            scaled = problem.with_beta(beta)
+            point = fixed_point(scaled, setting.get_estimator(), setting.mode,
+                                input_clamp=setting.input_clamp, output_clamp=setting.output_clamp)
+            rows.append({"setting": setting.key, "estimator": setting.get_estimator().name, "mode": setting.mode,
+                         "beta": beta, "status": point["status"], KL_QP: point[KL_QP],
+                         "reward": point["reward"], "distance_to_optimum": point["distance_to_optimum"],
+                         **{f"q[{j}]": v for j, v in enumerate(point["probs"])}})
+    return pd.DataFrame(rows)
+
+
+def converges_to_table(settings, problem: FixedPointProblem = REFERENCE_PROBLEM) -> pd.DataFrame:
+    """The crosswalk's "converges to" column for framework settings (clamps included)."""
+    return pd.DataFrame([{"setting": s.key, "estimator": s.get_estimator().name, "mode": s.mode,
+                          "converges to": converges_to(s.get_estimator(), s.mode, problem,
+                                                       input_clamp=s.input_clamp, output_clamp=s.output_clamp)}
+                         for s in settings])
+
+
+__all__ = [
+    "STATUSES", "DYNAMICS_TIME", "DROPPED_MASS", "FixedPointProblem", "REFERENCE_PROBLEM", "KLTerm", "kl_term",
+    "optimum", "score_expectation", "kl_gradient", "expected_update", "update_jacobian", "stationarity_condition",
+    "stationary_point", "integrate_dynamics", "fixed_point", "fixed_point_summary", "summary_rows",
+    "expected_ascent", "stochastic_training", "converges_to", "endpoint_table", "trajectory_frame",
+    "stochastic_frame", "simulation_check", "simulation_table", "beta_sweep", "converges_to_table",
+]
