@@ -29,9 +29,10 @@ import numpy as np
 import pandas as pd
 import sympy as sp
 
-from klsym.derive.estimators import Estimator, control_variate, get_estimator, get_estimators
-from klsym.derive.symbolic import analyze, derivation_rows, is_zero, mode_coefficient
-from klsym.derive.symbols import r
+from klsym.derive.divergences import REGISTRY
+from klsym.derive.estimators import Estimator, bregman, control_variate, from_formula, get_estimator, get_estimators
+from klsym.derive.symbolic import analyze, derivation_rows, derivatives_at_one, is_zero, mode_coefficient
+from klsym.derive.symbols import alpha, r
 from klsym.exact import clamps
 from klsym.exact.expectations import (KL_PQ, KL_QP, MODES, estimator_gradient, estimator_gradient_std,
                                       estimator_stats, kl_divergences, true_gradients)
@@ -141,7 +142,8 @@ def compare(estimators, q, p, what=WHAT, *, n: int | None = None, seed: int = 0,
         direction = derived["value"]["divergence"] if derived else estimator.target
         row = {"estimator": estimator.name, "quantity": "value", "mode": "", "param": "", "direction": direction,
                "symbolic": _label(derived["value"]) if derived else None, "true": kl.get(direction, np.nan),
-               "exact": stats["mean"], "exact_std": stats["std"], "method": stats["method"],
+               "exact": stats["mean"], "exact_std": stats["std"], "exact_second_moment": stats["second_moment"],
+               "method": stats["method"],
                "prob_negative": stats["prob_negative"], KL_QP: kl[KL_QP], KL_PQ: kl[KL_PQ],
                "exact_equals_true": bool(np.isclose(stats["mean"], kl.get(direction, np.nan), rtol=RTOL, atol=ATOL))}
         if "mc" in what:
@@ -284,6 +286,85 @@ def derivation_markdown(estimators=None) -> str:
             + [str(row["nonnegative"]), str(row["convex"])]
             + [cell(e["divergence"] or f"$g(r) = {sp.latex(sp.sympify(e['generator']))}$") for e in entries]) + " |")
     return "\n".join(lines)
+
+
+# --- f-divergences (notebook 03) --------------------------------------------------------------
+
+def registry_table(amari_alpha: float = 0.5) -> pd.DataFrame:
+    r"""klsym's registry of generators (:data:`klsym.derive.divergences.REGISTRY`), the Amari alpha evaluated
+    at ``amari_alpha``, with SymPy's derivatives at r = 1 (None where not differentiable there).
+
+    Columns ``name, label, generator`` (SymPy), ``f(1), f'(1), f''(1), f'''(1)`` and ``smooth``
+    (twice differentiable at 1 with :math:`f''(1) \ne 0`: it has a quadratic local expansion).
+    """
+    rows = []
+    for name, divergence in REGISTRY.items():
+        generator = divergence.generator.subs(alpha, sp.nsimplify(amari_alpha))
+        derivatives = derivatives_at_one(generator, 3)
+        rows.append({"name": name, "label": divergence.label, "generator": generator,
+                     **dict(zip(("f(1)", "f'(1)", "f''(1)", "f'''(1)"), derivatives)),
+                     "smooth": derivatives[2] is not None and derivatives[2] != 0})
+    return pd.DataFrame(rows)
+
+
+def registry_markdown(registry: pd.DataFrame) -> str:
+    """:func:`registry_table` as Markdown with LaTeX cells ("—": not differentiable at r = 1)."""
+    lines = ["| name | label | $f(r)$ | $f(1)$ | $f'(1)$ | $f''(1)$ | $f'''(1)$ |", "|---|---|---|---|---|---|---|"]
+    for row in registry.to_dict("records"):
+        values = [row[key] for key in ("f(1)", "f'(1)", "f''(1)", "f'''(1)")]
+        lines.append(f"| `{row['name']}` | {row['label'].replace('|', chr(92) + '|')} | ${sp.latex(row['generator'])}$ | "
+                     + " | ".join("—" if value is None else f"${sp.latex(value)}$" for value in values) + " |")
+    return "\n".join(lines)
+
+
+def local_expansion_table(registry: pd.DataFrame, fisher_form, deltas, direction, *, n: int | None = None,
+                          seed: int = 0) -> pd.DataFrame:
+    r"""Exact :math:`D_f` (the mean of each smooth generator's Bregman estimator) against the quadratic form
+    :math:`\frac{f''(1)}{2}\,\delta^2\, d^\top F d`, q = N(0, 1), p = N(δ d_mu, 1 + δ d_sigma); with ``n``,
+    Monte Carlo at each δ too (seed + index): ``mc, se, z`` against the exact :math:`D_f`."""
+    smooth = registry[registry["smooth"]]
+    estimators = [bregman(row["generator"], name=row["name"]) for row in smooth.to_dict("records")]
+    curvature = dict(zip(smooth["name"], smooth["f''(1)"]))
+    what = ("exact", "mc") if n is not None else ("exact",)
+    seeds = seed + np.arange(len(np.atleast_1d(deltas)))
+    table = compare_pairs(estimators, gaussian_path(deltas, direction=direction), what, n=n, seed=seeds, key="delta")
+    table = table.rename(columns={"estimator": "generator", "exact": "exact D_f"})
+    table.insert(2, "SymPy f''(1)", table["generator"].map(curvature).astype(str))
+    table["quadratic form"] = [float(curvature[name]) / 2 * step**2 * float(fisher_form)
+                               for name, step in zip(table["generator"], table["delta"])]
+    table["ratio"] = table["exact D_f"] / table["quadratic form"]
+    table["|ratio - 1|"] = (table["ratio"] - 1).abs()
+    return table
+
+
+def bias_series_table(deltas, directions: Mapping, cubic, quartic, estimator="k2") -> pd.DataFrame:
+    r"""Exact bias :math:`\mathbb{E}_q[k] - \mathrm{KL}(q\|p)` against the series terms
+    :math:`c_3\,\mathbb{E}_q[(r-1)^3] + c_4\,\mathbb{E}_q[(r-1)^4]` (moments exact, from :math:`\mathbb{E}_q[r^a]`
+    and :math:`\mathbb{E}_q[r] = 1`) along each direction ``label -> (d_mu, d_sigma)`` from q = N(0, 1)."""
+    third, fourth = from_formula("r**3", name="r^3"), from_formula("r**4", name="r^4")
+    rows = []
+    for label, direction in directions.items():
+        for step, (q, p) in gaussian_path(deltas, direction=direction).items():
+            rows.append({"direction": label, "delta": step,
+                         "exact bias": estimator_stats(estimator, q, p)["mean"] - kl_divergences(q, p)[KL_QP],
+                         # rev_k2 is k = r: its second moment is E_q[r^2]
+                         "m2": estimator_stats("rev_k2", q, p)["second_moment"],
+                         "m3": estimator_stats(third, q, p)["mean"], "m4": estimator_stats(fourth, q, p)["mean"]})
+    table = pd.DataFrame(rows)
+    table["series terms"] = (float(cubic) * (table.m3 - 3 * table.m2 + 2)
+                             + float(quartic) * (table.m4 - 4 * table.m3 + 6 * table.m2 - 3))
+    return table
+
+
+def small_delta_slopes(table: pd.DataFrame, x: str = "delta", y: str = "exact bias", by: str = "direction",
+                       reference: str = "series terms") -> pd.DataFrame:
+    """Per group: the log-log slope of |y| between the two smallest x, and y / reference at the smallest x."""
+    rows = []
+    for label, curve in table.groupby(by, sort=False):
+        first, second = curve.iloc[0], curve.iloc[1]
+        rows.append({by: label, "log-log slope at small delta": np.log(abs(second[y] / first[y])) / np.log(second[x] / first[x]),
+                     x: first[x], f"{y} / {reference}": first[y] / first[reference]})
+    return pd.DataFrame(rows).set_index(by)
 
 
 # --- published tables --------------------------------------------------------------------------
@@ -572,6 +653,7 @@ def lambda_star_sweep(path: Mapping, *, probe=None, n: int | None = None, seed=0
 
 
 __all__ = ["compare", "compare_pairs", "gaussian_path", "with_reference", "relative", "gradient_error", "z_score", "symbolic_table",
-           "formulas_latex", "derivation_markdown", "reproduce", "trial_gradients", "trial_summary",
+           "formulas_latex", "derivation_markdown", "registry_table", "registry_markdown",
+           "local_expansion_table", "bias_series_table", "small_delta_slopes", "reproduce", "trial_gradients", "trial_summary",
            "zipf_policies", "policy_summary", "sequence_table", "spike_table", "saturation_table", "clamp_table",
            "parabola_vertex", "lambda_star", "control_variate_scan", "lambda_star_sweep", "WHAT", "PARAMS"]

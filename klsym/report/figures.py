@@ -69,16 +69,19 @@ def bregman_gap(estimator="k3", ax=None):
 
 
 def exact_and_mc(curves: pd.DataFrame, x: str, y: str, hue: str | None = "estimator", points=None,
-                 point_y: str | None = None, yerr: str | None = None, ax=None, absolute: bool = False, **axis):
-    r"""Exact curves (lines, one per ``hue``) and Monte Carlo points (``points``, with :math:`\pm 2`
-    ``yerr`` bars) of the same quantity; ``absolute`` plots :math:`|y|`; ``axis`` goes to ``ax.set``."""
+                 point_y: str | None = None, yerr: str | None = None, ax=None, absolute: bool = False,
+                 linestyle: str = "-", label: str = "{group} exact", **axis):
+    r"""Exact curves (lines, one per ``hue``, labelled ``label.format(group=...)``) and Monte Carlo points
+    (``points``, with :math:`\pm 2` ``yerr`` bars) of the same quantity; ``absolute`` plots :math:`|y|`;
+    ``axis`` goes to ``ax.set``."""
     ax = _axes(ax)
     point_y = point_y or y
     groups = curves.groupby(hue, sort=False) if hue else [(None, curves)]
     colours = dict(zip([g for g, _ in groups], sns.color_palette(n_colors=max(1, len(groups)))))
     for group, curve in groups:
         values = curve[y].abs() if absolute else curve[y]
-        ax.plot(curve[x], values, color=colours[group], label=f"{group} exact" if group is not None else f"{y}")
+        ax.plot(curve[x], values, color=colours[group], linestyle=linestyle,
+                label=label.format(group=group) if group is not None else y)
         if points is not None:
             dots = points[points[hue] == group] if hue else points
             ax.errorbar(dots[x], dots[point_y], yerr=2 * dots[yerr] if yerr else None, fmt="o", markersize=4,
