@@ -82,6 +82,12 @@ def _equals(vector, true: dict) -> str:
     return "neither"
 
 
+def _agrees(follows: str | None, equals: str) -> bool:
+    """SymPy's label and the exact gradient tell the same story (KL(q||p), KL(p||q), zero, or neither)."""
+    named = {KL_QP: f"grad {KL_QP}", KL_PQ: f"grad {KL_PQ}", "zero": "zero"}
+    return named.get(follows) == equals if follows in named else equals not in named.values()
+
+
 # --- one pair: symbolic, exact and Monte Carlo --------------------------------------------------
 
 def compare(estimators, q, p, what=WHAT, *, n: int | None = None, seed: int = 0, modes=(),
@@ -116,7 +122,8 @@ def compare(estimators, q, p, what=WHAT, *, n: int | None = None, seed: int = 0,
         exact divergence in that direction), ``exact, exact_std, method, prob_negative``, the exact
         ``KL(q||p)`` and ``KL(p||q)``, ``mc, mc_std, se, z, infinite_variance``. Gradient rows:
         ``direction`` (the divergence the mode follows), ``exact``, ``equals`` (which true gradient
-        the exact vector is), ``true`` (that direction's true gradient, or NaN), ``mc, se, z``.
+        the exact vector is), ``symbolic_agrees`` (that and SymPy's label agree), ``true`` (that direction's
+        true gradient, or NaN), ``mc, se, z`` and the estimator's ``infinite_variance``.
     """
     what = tuple(what)
     unknown = sorted(set(what) - set(WHAT))
@@ -164,9 +171,11 @@ def compare(estimators, q, p, what=WHAT, *, n: int | None = None, seed: int = 0,
                        "direction": follows, "symbolic": _label(derived["gradient"][mode]) if derived else None,
                        "true": target[i] if target is not None else (0.0 if follows == "zero" else np.nan),
                        "exact": exact[i], "equals": _equals(exact, true),
+                       "symbolic_agrees": _agrees(follows, _equals(exact, true)) if derived else None,
                        f"grad {KL_QP}": true[KL_QP][i], f"grad {KL_PQ}": true[KL_PQ][i]}
                 if mc_grad is not None:
-                    row.update(mc=float(mc_grad["mean"][i]), se=float(mc_grad["se"][i]), z=float(z[i]))
+                    row.update(mc=float(mc_grad["mean"][i]), se=float(mc_grad["se"][i]), z=float(z[i]),
+                               infinite_variance=not math.isfinite(stats["second_moment"]))
                 rows.append(row)
     return pd.DataFrame(rows)
 
