@@ -9,8 +9,9 @@ import pytest
 from scipy.special import lambertw
 
 from klsym.cli import main
+from klsym.rl import expressions as ex
 from klsym.rl.frameworks import (FRAMEWORKS_FILE, MODES, crosswalk, framework_names, get_setting,
-                              load_settings)
+                                 load_settings)
 from klsym.paths import ROOT
 
 SETTINGS = load_settings()
@@ -27,11 +28,11 @@ def test_row_is_complete_and_cited(setting):
     assert setting.mode in MODES
     assert setting.get_estimator().expr is not None
     assert "/" in setting.repo and setting.file and setting.commit
-    assert setting.verified in {"code", "reference"}
-    if setting.verified_commit:
-        assert len(setting.verified_commit) == 40
-    # A straight-through row must use a straight-through estimator, and vice versa.
-    assert setting.straight_through == setting.get_estimator().straight_through
+    assert setting.verified == "code" and setting.checked
+    # re-read at the cited commit itself
+    assert len(setting.verified_at_commit) == 40 and setting.verified_at_commit.startswith(setting.commit)
+    # A straight-through row is one whose expression has a stop-gradient but no importance weight.
+    assert setting.straight_through == (setting.expr.has(ex.sg) and not ex.weights(setting.expr))
 
 
 def _clamped_k3(t, a, c):
@@ -99,7 +100,7 @@ def test_default_setting_divergences(framework):
 def test_straight_through_follows_k2_gradient():
     row = crosswalk(get_setting("verl", "kl_loss_k3+"))
     assert row["gradient_divergence"] == "KL(q||p)"
-    assert "k2" in row["clamp_effect"]
+    assert "unclamped" in row["clamp_effect"] and "straight-through" in row["clamp_effect"]
 
 
 def test_cli_json(capsys):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from klsym.cli import UserError, add_format_argument
 from klsym.jsonio import dumps, format_table
 
-_TABLE_ROWS = ["framework", "setting", "estimator", "expr", "surrogate", "formula_framework",
-               "formula_r", "mode", "placement", "value_divergence", "gradient_divergence",
+_TABLE_ROWS = ["framework", "setting", "estimator", "expr", "surrogate", "formula_framework", "expression",
+               "enters", "formula_r", "mode", "placement", "offpolicy_weighting", "offpolicy", "checked",
+               "value_divergence", "gradient_divergence",
                "gradient_generator", "input_clamp", "output_clamp", "clamp_region", "clamp_effect",
                "importance_weight", "reduction", "coefficient", "default_flags", "enabled_by_default",
                "citation", "notes"]

@@ -1,30 +1,34 @@
-r"""RL frameworks' KL settings as data, translated into klsym's notation and derivations.
+r"""RL frameworks' KL settings as data: each one the per-token expression the framework computes.
 
-The table ``data/frameworks.json`` holds one row per framework setting (estimator, where it
-enters, clamps, straight-through, weights, reduction, defaults, and the repository, file and
-commit it was read from). Frameworks mostly write ``logr = logp - ref``, which is :math:`-t`;
-each row also gives the formula in :math:`r = p/q = \pi_\text{ref}/\pi`.
+The table ``data/frameworks.json`` holds one row per framework setting: the framework's own spelling of the
+term, the same term transcribed as an expression in ``logq`` (the policy, differentiable), ``logp`` (the
+reference) and ``logb`` (the behaviour policy that drew the token), whether it enters as a loss or as a
+reward, defaults, and the repository, file and commit it was re-read at (:mod:`klsym.rl.expressions`).
 
-:func:`crosswalk` joins a row with the derivations of :func:`klsym.derive.symbolic.analyze`: the
-divergence whose value the estimator targets, the divergence whose gradient the chosen mode
-follows, and the region of :math:`t = \log r` where the clamps freeze the value
-(:func:`klsym.exact.clamps.saturation_region`).
+Everything else is derived from the expression: the estimator and gradient mode
+(:func:`klsym.rl.expressions.identify`), the clamps and their region, the importance weights, the
+off-policy weighting. :func:`crosswalk` joins a row with the derivations of
+:func:`klsym.derive.symbolic.analyze`: the divergence the value estimates and the one the expected gradient
+follows.
 
 >>> get_setting("verl").estimator, get_setting("verl").mode
 ('k3', 'loss')
->>> get_setting("nemo-rl", "loss").input_clamp
-20.0
+>>> get_setting("nemo-rl", "loss").input_clamp, get_setting("nemo-rl", "loss").mode
+(20.0, 'full')
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
-from klsym.exact.clamps import format_region, saturation_region
-from klsym.derive.estimators import ALIASES, BUILTINS, Estimator, from_formula, get_estimator
+import sympy as sp
+
+from klsym.derive.estimators import Estimator
+from klsym.exact.clamps import format_region
 from klsym.paths import DATA_DIR
+from klsym.rl import expressions as ex
 
 FRAMEWORKS_FILE = DATA_DIR / "frameworks.json"
 MODES = ("reward", "loss", "full")
@@ -38,25 +42,21 @@ class UnknownFrameworkError(ValueError):
 class FrameworkSetting:
     r"""One KL setting of one framework (a row of ``data/frameworks.json``).
 
-    ``mode`` is ``"reward"`` (k as a stop-gradient reward), ``"loss"`` (pathwise gradient of k)
-    or ``"full"`` (loss + reward: a differentiable weight equal to 1 on-policy). Clamps: t is
-    clamped to ``[-input_clamp, input_clamp]``, k to ``[-output_clamp, output_clamp]``.
+    ``expression`` is the per-token term as the framework computes it; ``enters`` says whether it is a loss
+    or a (stop-gradient) reward. The properties ``estimator``, ``mode``, ``input_clamp``, ``output_clamp``,
+    ``straight_through``, ``importance_weight`` and ``formula_r`` are derived from it.
     """
 
     framework: str
     setting: str
     default: bool
     enabled_by_default: bool | None
-    estimator: str
     framework_estimator: str
     formula_framework: str
-    formula_r: str
-    mode: str
+    expression: str
+    enters: str
     placement: str
-    input_clamp: float | None
-    output_clamp: float | None
-    straight_through: bool
-    importance_weight: str | None
+    offpolicy: str
     reduction: str
     coefficient_name: str
     coefficient: float
@@ -65,8 +65,8 @@ class FrameworkSetting:
     file: str
     function: str
     commit: str
-    verified: str
-    verified_commit: str | None
+    verified_at_commit: str
+    checked: str
     notes: str
 
     @property
@@ -74,17 +74,74 @@ class FrameworkSetting:
         return f"{self.framework}/{self.setting}"
 
     @property
+    def verified(self) -> str:
+        """``"code"``: every row's expression was re-read in the framework's code at its commit."""
+        return "code"
+
+    @property
     def citation(self) -> str:
-        """``repo@commit:file (function)``, plus how it was checked."""
-        checked = (f"read in code at {self.verified_commit[:7]}" if self.verified_commit
-                   else "read in code" if self.verified == "code" else "from the reference file")
-        return f"{self.repo}@{self.commit}:{self.file} ({self.function}); {checked}"
+        """``repo@commit:file (function)``, plus the commit it was re-read at."""
+        return (f"{self.repo}@{self.commit}:{self.file} ({self.function}); "
+                f"re-read in code at {self.verified_at_commit[:7]}")
+
+    @cached_property
+    def expr(self) -> sp.Expr:
+        """The parsed expression (:func:`klsym.rl.expressions.parse_expression`)."""
+        return ex.parse_expression(self.expression)
+
+    @cached_property
+    def _identified(self) -> dict:
+        return ex.identify(self.expr, self.enters)
 
     def get_estimator(self) -> Estimator:
-        """The klsym estimator: a built-in name or a formula in r."""
-        if self.estimator in BUILTINS or self.estimator in ALIASES:
-            return get_estimator(self.estimator)
-        return from_formula(self.estimator, name=self.estimator)
+        """The klsym estimator the expression is on-policy without clamps (built-in where one matches)."""
+        return self._identified["estimator"]
+
+    @property
+    def estimator(self) -> str:
+        return self.get_estimator().name
+
+    @property
+    def mode(self) -> str:
+        """``loss``, ``reward`` or ``full`` (derived; ``other`` where no mode matches)."""
+        return self._identified["mode"] or "other"
+
+    @property
+    def straight_through(self) -> bool:
+        return self.get_estimator().straight_through
+
+    @cached_property
+    def _clamps(self) -> dict:
+        return ex.clamps(self.expr)
+
+    @property
+    def input_clamp(self) -> float | None:
+        return self._clamps["input_clamp"]
+
+    @property
+    def output_clamp(self) -> float | None:
+        return self._clamps["output_clamp"]
+
+    @property
+    def importance_weight(self) -> str | None:
+        r"""The weights :math:`e^{\log q - \cdot}` of the expression, and whether they are differentiable."""
+        found = ex.weights(self.expr)
+        if not found:
+            return None
+        text = "; ".join(f"{w['weight']} ({'differentiable' if w['differentiable'] else 'detached'})" for w in found)
+        if any(isinstance(node, ex.inside) for node in ex.clamp_nodes(self.expr)):
+            text += "; detached where the input clamp bites"
+        return text
+
+    @property
+    def formula_r(self) -> str:
+        """The on-policy value in r = p/q (clamps included)."""
+        value = ex.on_policy(self.expr, self.enters)["value"]
+        return sp.sstr(value.subs(sp.Symbol("t", real=True), sp.log(sp.Symbol("r", positive=True))))
+
+    @property
+    def offpolicy_weighting(self) -> str:
+        return ex.offpolicy_weighting(self.expr, self.enters)
 
 
 def _validate(row: dict, path: Path) -> FrameworkSetting:
@@ -94,11 +151,12 @@ def _validate(row: dict, path: Path) -> FrameworkSetting:
     where = f"{path.name}: {row.get('framework')}/{row.get('setting')}"
     if missing or extra:
         raise ValueError(f"{where}: missing columns {missing}, unknown columns {extra}")
-    if row["mode"] not in MODES:
-        raise ValueError(f"{where}: mode {row['mode']!r} is not one of {', '.join(MODES)}")
-    for clamp in ("input_clamp", "output_clamp"):
-        if row[clamp] is not None:
-            row[clamp] = float(row[clamp])
+    if row["enters"] not in ex.ENTERS:
+        raise ValueError(f"{where}: enters {row['enters']!r} is not one of {', '.join(ex.ENTERS)}")
+    try:
+        ex.parse_expression(row["expression"])
+    except ex.ExpressionError as err:
+        raise ValueError(f"{where}: {err}") from None
     return FrameworkSetting(**row)
 
 
@@ -157,20 +215,8 @@ def get_setting(framework: str, setting: str | None = None) -> FrameworkSetting:
 
 
 def clamp_effect(setting: FrameworkSetting) -> str:
-    """What the clamps do to the gradient in this setting's mode (one sentence)."""
-    if setting.input_clamp is None and setting.output_clamp is None:
-        return "no clamp"
-    if setting.straight_through:
-        return "value frozen in the region; the gradient is k2's (unclamped) everywhere"
-    if setting.mode == "loss":
-        return "value frozen and gradient zero in the region"
-    if setting.mode == "reward":
-        return "reward saturates at the clamp in the region (score-function gradient with a capped reward)"
-    weight = setting.importance_weight or ""
-    if "detached where the input clamp bites" in weight:
-        return ("pathwise part zero in the region; the reward part keeps the capped value, "
-                "except where the input clamp bites (weight detached: both parts zero)")
-    return "pathwise part zero in the region; the reward part keeps the capped value"
+    """What the clamps do to one token's gradient in the clamp region, probed from the expression."""
+    return ex.clamp_effect(setting.expr, setting.enters)
 
 
 def crosswalk(setting: FrameworkSetting, derive: bool = True) -> dict:
@@ -186,7 +232,7 @@ def crosswalk(setting: FrameworkSetting, derive: bool = True) -> dict:
     ('k3', 't < -10.99998 or t > 2.610869')
     """
     estimator = setting.get_estimator()
-    region = saturation_region(estimator, setting.input_clamp, setting.output_clamp)
+    region = ex.clamp_region(setting.expr)
     row = {
         "framework": setting.framework,
         "setting": setting.setting,
@@ -196,6 +242,8 @@ def crosswalk(setting: FrameworkSetting, derive: bool = True) -> dict:
         "expr": str(estimator.expr),
         "surrogate": None if estimator.surrogate_expr is None else str(estimator.surrogate_expr),
         "formula_framework": setting.formula_framework,
+        "expression": setting.expression,
+        "enters": setting.enters,
         "formula_r": setting.formula_r,
         "mode": setting.mode,
         "placement": setting.placement,
@@ -205,11 +253,14 @@ def crosswalk(setting: FrameworkSetting, derive: bool = True) -> dict:
         "clamp_region_intervals": [list(interval) for interval in region],
         "clamp_effect": clamp_effect(setting),
         "importance_weight": setting.importance_weight,
+        "offpolicy_weighting": setting.offpolicy_weighting,
+        "offpolicy": setting.offpolicy,
         "reduction": setting.reduction,
         "coefficient": f"{setting.coefficient_name}={setting.coefficient:g}",
         "default_flags": setting.default_flags,
         "citation": setting.citation,
         "verified": setting.verified,
+        "checked": setting.checked,
         "notes": setting.notes,
     }
     if derive:
@@ -225,6 +276,9 @@ def _derived(estimator: Estimator, mode: str) -> dict:
     except Exception as err:  # a formula SymPy cannot analyse is reported, not raised
         reason = f"not derived ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
         return {"value_divergence": reason, "gradient_divergence": reason, "gradient_generator": None}
+    if mode not in analysis["gradient"]:
+        return {"value_divergence": analysis["value"]["divergence"], "gradient_divergence": None,
+                "gradient_generator": None}
     gradient = analysis["gradient"][mode]
     return {
         "value_divergence": analysis["value"]["divergence"],

@@ -1,0 +1,315 @@
+r"""Off-policy KL terms: tokens drawn from a behaviour policy b, gradients taken for q = pi_theta.
+
+Every combination of estimator k, gradient mode and **weighting** is written as one per-token expression in
+``logq`` (differentiable), ``logp`` and ``logb`` (:mod:`klsym.rl.expressions`), with :math:`t = \log p - \log q`
+and :math:`w = q/b = e^{\log q - \log b}`:
+
+=============================  ====================================================================
+weighting                      loss term (mode ``loss``; ``reward`` uses :math:`\mathrm{sg}(k)\log q`)
+=============================  ====================================================================
+``none``                       :math:`k` (samples used as if drawn from q)
+``token-is``                   :math:`\mathrm{sg}(w)\, k`
+``token-is-differentiable``    :math:`e^{\log q - \mathrm{sg}(\log b)} k` (reward terms as ``token-is``)
+``truncated-is``               :math:`\min(\mathrm{sg}(w), c)\, k`
+``ppo-clip``                   (reward only) :math:`\max(w\,\mathrm{sg}(k),\ \mathrm{clip}(w, 1-\epsilon, 1+\epsilon)\,\mathrm{sg}(k))`,
+                               PPO's clipped objective with advantage :math:`-k`
+=============================  ====================================================================
+
+One token's gradient is :math:`c(x)\, \nabla_\theta \log q_\theta(x)` with :math:`c = \partial L/\partial \log q`, so
+
+.. math:: \mathbb{E}_{x\sim b}[\nabla L] = \mathbb{E}_b[c\, s_q], \qquad
+          \mathbb{E}_b[\mathrm{sg}(w)\, c\, s_q] = \mathbb{E}_q[c\, s_q]
+
+(``token-is`` is the on-policy answer whenever :math:`b > 0` where :math:`q > 0`). Exact: categorical sums
+(:math:`\mathbb{E}_b[c\,s_j] = b_j c_j - q_j \sum_x b_x c_x`); Gaussian log-space quadrature over b
+(:mod:`klsym.exact.quadrature`; a divergent integral comes back infinite). The second moment of
+:math:`w` under Gaussians is finite iff :math:`\sigma_b^2 > \sigma_q^2/2`; the per-sample gradient
+variance of ``token-is`` k3 needs in addition :math:`\sigma_b^2 > \sigma_p^2/2`-type conditions, which the
+quadrature detects (``variance_finite``).
+
+>>> from klsym.exact.families import Categorical
+>>> q, p, b = Categorical([0.0, 0.5, -0.5]), Categorical([0.3, 0.0, 0.2]), Categorical([0.2, 0.1, -0.2])
+>>> exact = offpolicy_gradient("k1", "reward", "token-is", q, p, b)
+>>> bool(np.allclose(exact["gradient"], true_gradient(q, p)))     # token-is k1 reward = grad KL(q||p)
+True
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+import sympy as sp
+
+from klsym.derive.estimators import Estimator, get_estimator, in_logratio
+from klsym.derive.symbols import t
+from klsym.exact import quadrature
+from klsym.exact.expectations import KL_QP, MODES, kl_divergences, true_gradients
+from klsym.exact.families import Categorical, Gaussian, check_same_family
+from klsym.rl import expressions as ex
+
+WEIGHTINGS = ("none", "token-is", "token-is-differentiable", "truncated-is", "ppo-clip")
+#: Weightings whose expected gradient is the on-policy one for every estimator and mode (b > 0 where q > 0).
+UNBIASED_WEIGHTINGS = ("token-is",)
+DEFAULT_TRUNCATION = 2.0
+DEFAULT_CLIP = 0.2
+
+
+# --- the expression of (estimator, mode, weighting) --------------------------------------------------
+
+def _in_logprobs(expr_t: sp.Expr) -> sp.Expr:
+    return expr_t.subs(t, ex.logp - ex.logq)
+
+
+@lru_cache(maxsize=None)
+def term_expression(estimator, mode: str, weighting: str = "none", truncation: float = DEFAULT_TRUNCATION,
+                    clip: float = DEFAULT_CLIP) -> tuple[sp.Expr, str, sp.Expr]:
+    r"""``(expression, enters, value)`` of one weighted KL term (see the module table); ``value`` is the
+    weighted estimate of the KL the term carries (the expression itself, except in ``full`` mode).
+
+    >>> term_expression("k3", "loss", "token-is-differentiable")[0]
+    (-logp + logq + exp(logp - logq) - 1)*exp(logq - sg(logb))
+    """
+    estimator = get_estimator(estimator)
+    if mode not in MODES:
+        raise ValueError(f"unknown gradient mode {mode!r}; choose one of {', '.join(MODES)}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    truncation = _positive(truncation, "truncation c")
+    clip = _positive(clip, "PPO clip epsilon")
+    value = _in_logprobs(in_logratio(estimator.expr))
+    pathwise = _in_logprobs(in_logratio(estimator.surrogate))
+    if estimator.straight_through:  # value of k, gradient of the surrogate
+        pathwise = pathwise - ex.sg(pathwise) + ex.sg(value)
+    w = sp.exp(ex.logq - ex.logb)
+    if weighting == "ppo-clip":
+        if mode != "reward":
+            raise ValueError("ppo-clip weights the reward (advantage -k) only: use mode 'reward'")
+        eps = sp.nsimplify(clip)
+        return (sp.Max(w * ex.sg(value), ex.clamp(w, 1 - eps, 1 + eps) * ex.sg(value)), "loss",
+                ex.sg(w) * value)
+    factor = {"none": sp.S.One, "token-is": ex.sg(w), "token-is-differentiable": ex.sg(w),
+              "truncated-is": sp.Min(ex.sg(w), sp.nsimplify(truncation))}[weighting]
+    loss_factor = sp.exp(ex.logq - ex.sg(ex.logb)) if weighting == "token-is-differentiable" else factor
+    if mode == "reward":
+        return factor * value, "reward", factor * value
+    loss = loss_factor * pathwise
+    if mode == "loss":
+        return loss, "loss", loss
+    return loss + ex.sg(factor * value) * ex.logq, "loss", loss
+
+
+def _positive(value, what: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a positive number, got {value!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    return value
+
+
+# --- the three distributions -------------------------------------------------------------------
+
+def check_triple(q, p, b) -> None:
+    """q, p and b of one family; b must put mass wherever q does (and q wherever b samples)."""
+    check_same_family(q, p)
+    check_same_family(q, b)
+    if isinstance(q, Categorical):
+        on_q, on_b = np.isfinite(q.log_probs), np.isfinite(b.log_probs)
+        missing = np.flatnonzero(on_q & ~on_b)
+        if missing.size:
+            raise ValueError(f"behaviour b has zero probability on tokens where q has mass (token {missing[0]}): "
+                             "the importance weight q/b is infinite there")
+        extra = np.flatnonzero(on_b & ~on_q)
+        if extra.size:
+            raise ValueError(f"q has zero probability on tokens b samples (token {extra[0]}): log q = -inf there")
+
+
+def _per_token(expr: sp.Expr, enters: str, q, p, b, x, value_expr: sp.Expr | None = None):
+    """(value, coefficient c) of the expression at tokens/points x drawn from b."""
+    lq, lp, lb = q.log_prob(x), p.log_prob(x), b.log_prob(x)
+    value = ex.numeric(expr if value_expr is None else value_expr)(lq, lp, lb)
+    coefficient = ex.numeric(ex.coefficient(expr, enters))(lq, lp, lb)
+    return value, coefficient
+
+
+def exact_expression(expr: sp.Expr, enters: str, q, p, b, value_expr: sp.Expr | None = None) -> dict:
+    r"""Exact :math:`\mathbb{E}_b[L]`, :math:`\mathbb{E}_b[c\,s_q]` and the per-sample gradient std under b.
+
+    Categorical: sums over b's support; Gaussian: quadrature over b (``method``). ``variance_finite`` is
+    False where the second moment of the gradient sample diverges.
+    """
+    check_triple(q, p, b)
+    if isinstance(q, Categorical):
+        x = np.arange(q.size)[np.isfinite(b.log_probs)]
+        probs = b.probs[x]
+        value, c = _per_token(expr, enters, q, p, b, x, value_expr)
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean_c = float(np.sum(probs * c))
+            gradient = -q.probs * mean_c
+            gradient[x] += probs * c
+            second = q.probs**2 * float(np.sum(probs * c**2))
+            second[x] += probs * c**2 * (1 - 2 * q.probs[x])
+            variance = second - gradient**2
+        return {"value": float(np.sum(probs * value)), "gradient": gradient,
+                "gradient_std": np.sqrt(np.maximum(variance, 0.0)),
+                "variance_finite": bool(np.all(np.isfinite(second))), "method": "exact_sum"}
+    if not isinstance(q, Gaussian):
+        raise ValueError(f"unsupported family {type(q).__name__}")
+    value_fn = ex.numeric(expr if value_expr is None else value_expr)
+    c_fn = ex.numeric(ex.coefficient(expr, enters))
+
+    def c_of(z):
+        return c_fn(q.log_prob(z), p.log_prob(z), b.log_prob(z))
+
+    value = quadrature.expect(b, lambda z: value_fn(q.log_prob(z), p.log_prob(z), b.log_prob(z)))[0]
+    gradient = np.array([quadrature.expect(b, lambda z, i=i: c_of(z) * q.score(z)[..., i])[0] for i in range(2)])
+    second = np.array([quadrature.expect(b, lambda z, i=i: (c_of(z) * q.score(z)[..., i]) ** 2)[0]
+                       for i in range(2)])
+    finite = bool(np.all(np.isfinite(second)))
+    variance = second - gradient**2 if finite else np.full(2, math.inf)
+    return {"value": float(value), "gradient": gradient, "gradient_std": np.sqrt(np.maximum(variance, 0.0)),
+            "variance_finite": finite, "method": "quadrature"}
+
+
+def offpolicy_gradient(estimator, mode: str, weighting: str, q, p, b, truncation: float = DEFAULT_TRUNCATION,
+                       clip: float = DEFAULT_CLIP) -> dict:
+    """:func:`exact_expression` of :func:`term_expression` (one estimator, mode, weighting)."""
+    expr, enters, value = term_expression(get_estimator(estimator), mode, weighting, truncation, clip)
+    return exact_expression(expr, enters, q, p, b, value)
+
+
+def true_gradient(q, p) -> np.ndarray:
+    """Gradient of KL(q||p) wrt q's parameters (:func:`klsym.exact.expectations.true_gradients`)."""
+    return np.asarray(true_gradients(q, p)[KL_QP], dtype=float)
+
+
+def drift(q, b) -> float:
+    """KL(b||q): how far the behaviour policy has drifted from q."""
+    return float(kl_divergences(b, q)[KL_QP])
+
+
+# --- Monte Carlo from b ---------------------------------------------------------------------------
+
+def monte_carlo(expr: sp.Expr, enters: str, q, p, b, n: int = 200_000, seed: int = 0,
+                value_expr: sp.Expr | None = None) -> dict:
+    r"""Mean and standard error of the value and of the gradient sample :math:`c(x)\, s_q(x)`, x ~ b."""
+    check_triple(q, p, b)
+    if isinstance(n, bool) or int(n) != n or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    rng = np.random.default_rng(seed)
+    x = b.sample(rng, int(n))
+    value, c = _per_token(expr, enters, q, p, b, x, value_expr)
+    samples = c[:, None] * q.score(x)
+    return {"value": float(value.mean()), "value_se": float(value.std(ddof=1) / math.sqrt(n)),
+            "gradient": samples.mean(0), "gradient_se": samples.std(0, ddof=1) / math.sqrt(n), "n": int(n)}
+
+
+# --- summaries and tables -------------------------------------------------------------------------
+
+def _estimators(estimators) -> list[Estimator]:
+    if isinstance(estimators, str):
+        estimators = [e.strip() for e in estimators.split(",") if e.strip()]
+    return [get_estimator(e) for e in estimators]
+
+
+def _relative(a, b) -> float:
+    """|a - b| / |b|; NaN where b is zero (k1's loss-mode gradient): the absolute bias column says it then."""
+    scale = float(np.linalg.norm(b))
+    difference = float(np.linalg.norm(np.asarray(a) - np.asarray(b)))
+    return difference / scale if scale > 1e-12 * max(1.0, difference) else math.nan
+
+
+def offpolicy_rows(q, p, b, estimators="k1,k2,k3", modes=MODES, weightings=WEIGHTINGS,
+                   truncation: float = DEFAULT_TRUNCATION, clip: float = DEFAULT_CLIP) -> list[dict]:
+    """One row per (estimator, mode, weighting): exact value and gradient under b, and their bias
+    against the on-policy value/gradient (b = q) and against grad KL(q||p)."""
+    check_triple(q, p, b)
+    truth = true_gradient(q, p)
+    kl = kl_divergences(q, p)[KL_QP]
+    rows = []
+    for estimator in _estimators(estimators):
+        for mode in modes:
+            on = offpolicy_gradient(estimator, mode, "none", q, p, q, truncation, clip)
+            for weighting in weightings:
+                if weighting == "ppo-clip" and mode != "reward":
+                    continue
+                off = offpolicy_gradient(estimator, mode, weighting, q, p, b, truncation, clip)
+                rows.append({"estimator": estimator.name, "mode": mode, "weighting": weighting,
+                             "value": off["value"], "value bias vs on-policy": off["value"] - on["value"],
+                             f"value bias vs {KL_QP}": off["value"] - kl,
+                             "gradient": off["gradient"], "on-policy gradient": on["gradient"],
+                             "gradient bias vs on-policy": float(np.linalg.norm(off["gradient"] - on["gradient"])),
+                             "relative gradient bias vs on-policy": _relative(off["gradient"], on["gradient"]),
+                             f"relative error vs grad {KL_QP}": _relative(off["gradient"], truth),
+                             "gradient std (per sample)": off["gradient_std"],
+                             "variance finite": off["variance_finite"], "method": off["method"]})
+    return rows
+
+
+def offpolicy_summary(q, p, b, estimators="k1,k2,k3", weightings=WEIGHTINGS, truncation: float = DEFAULT_TRUNCATION,
+                      clip: float = DEFAULT_CLIP) -> dict:
+    """The ``--behaviour`` JSON object of ``klsym gradient``: drift, truths and one entry per row."""
+    rows = offpolicy_rows(q, p, b, estimators, MODES, weightings, truncation, clip)
+    return {"family": q.name, "q": _params(q), "p": _params(p), "b": _params(b), "positions": 1,
+            f"drift KL(b||q)": drift(q, b), "kl": kl_divergences(q, p),
+            "true": {KL_QP: true_gradient(q, p)}, "truncation": truncation, "clip": clip,
+            "rows": rows}
+
+
+def _params(family):
+    return list(family.params) if isinstance(family, Gaussian) else family.logits
+
+
+def value_rows(q, p, b, estimators="k1,k2,k3", weightings=("none", "token-is", "truncated-is"),
+               truncation: float = DEFAULT_TRUNCATION) -> list[dict]:
+    """Exact :math:`\\mathbb{E}_b[\\text{weight}\\cdot k]` per estimator and weighting, with its bias vs KL(q||p)."""
+    kl = kl_divergences(q, p)[KL_QP]
+    rows = []
+    for estimator in _estimators(estimators):
+        for weighting in weightings:
+            out = offpolicy_gradient(estimator, "loss", weighting, q, p, b, truncation)
+            rows.append({"estimator": estimator.name, "weighting": weighting, "mean": out["value"],
+                         f"bias vs {KL_QP}": out["value"] - kl})
+    return rows
+
+
+def drift_table(q, p, behaviours, estimators="k1,k2,k3", modes=("loss", "reward", "full"),
+                weightings=WEIGHTINGS, truncation: float = DEFAULT_TRUNCATION, clip: float = DEFAULT_CLIP,
+                labels=None) -> pd.DataFrame:
+    """Relative gradient bias (vs on-policy) of every weighting as b drifts away from q, long format."""
+    rows = []
+    for index, b in enumerate(behaviours):
+        label = labels[index] if labels is not None else index
+        for row in offpolicy_rows(q, p, b, estimators, modes, weightings, truncation, clip):
+            rows.append({"behaviour": label, "drift KL(b||q)": drift(q, b),
+                         **{k: v for k, v in row.items() if not isinstance(v, np.ndarray)},
+                         "max per-sample std": float(np.max(row["gradient std (per sample)"]))})
+    return pd.DataFrame(rows)
+
+
+def mc_check_table(q, p, b, estimators="k1,k2,k3", modes=MODES, weightings=WEIGHTINGS, n: int = 200_000,
+                   seed: int = 0, truncation: float = DEFAULT_TRUNCATION, clip: float = DEFAULT_CLIP) -> pd.DataFrame:
+    """Exact vs Monte Carlo (x ~ b) gradients with the largest |z| per row."""
+    rows = []
+    for estimator in _estimators(estimators):
+        for mode in modes:
+            for weighting in weightings:
+                if weighting == "ppo-clip" and mode != "reward":
+                    continue
+                expr, enters, value = term_expression(estimator, mode, weighting, truncation, clip)
+                exact = exact_expression(expr, enters, q, p, b, value)
+                mc = monte_carlo(expr, enters, q, p, b, n, seed, value)
+                z = (mc["gradient"] - exact["gradient"]) / np.where(mc["gradient_se"] > 0, mc["gradient_se"], np.inf)
+                rows.append({"estimator": estimator.name, "mode": mode, "weighting": weighting,
+                             "exact |grad|": float(np.linalg.norm(exact["gradient"])),
+                             "MC |grad|": float(np.linalg.norm(mc["gradient"])), "max |z|": float(np.max(np.abs(z))),
+                             "variance finite": exact["variance_finite"]})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["WEIGHTINGS", "UNBIASED_WEIGHTINGS", "DEFAULT_TRUNCATION", "DEFAULT_CLIP", "term_expression",
+           "check_triple", "exact_expression", "offpolicy_gradient", "true_gradient", "drift", "monte_carlo",
+           "offpolicy_rows", "offpolicy_summary", "value_rows", "drift_table", "mc_check_table"]
