@@ -137,9 +137,18 @@ class Autoregressive:
     def offsets(self) -> np.ndarray:
         return prefix_offsets(self.vocab_size, self.horizon)
 
-    @property
+    @cached_property
     def probs(self) -> np.ndarray:
-        return np.exp(self.log_probs)
+        probs = np.exp(self.log_probs)
+        probs.setflags(write=False)
+        return probs
+
+    @cached_property
+    def prefix_probs(self) -> np.ndarray:
+        """Probability of every prefix (shape (P,), read-only): :func:`prefix_mass` computed once."""
+        mass = prefix_mass(self)
+        mass.setflags(write=False)
+        return mass
 
     def rows(self, depth: int) -> slice:
         """The rows of the prefixes of length ``depth`` (0 <= depth < T)."""
@@ -280,7 +289,7 @@ def per_position_kls(q: Autoregressive, p: Autoregressive) -> dict:
     r"""Position t's share of each sequence KL: :math:`\mathbb{E}_{y_{<t} \sim q}[KL(q_t \| p_t)]` and
     :math:`\mathbb{E}_{y_{<t} \sim p}[KL(p_t \| q_t)]` (the chain rule of KL: they add up to the sequence KLs)."""
     conditional = conditional_kls(q, p)
-    weights = {"KL(q||p)": prefix_mass(q), "KL(p||q)": prefix_mass(p)}
+    weights = {"KL(q||p)": q.prefix_probs, "KL(p||q)": p.prefix_probs}
     return {label: np.array([float(np.sum((weights[label] * conditional[label])[q.rows(d)]))
                              for d in range(q.horizon)]) for label in conditional}
 

@@ -52,7 +52,7 @@ import math
 import numpy as np
 
 from klsym.derive.estimators import Estimator, get_estimators
-from klsym.exact.autoregressive import (Autoregressive, per_position_kls, prefix_mass, prefix_sums, score_gradient,
+from klsym.exact.autoregressive import (Autoregressive, per_position_kls, prefix_sums, score_gradient,
                                         sequence_kls, to_go, whole_sequence_expectations)
 
 KL_QP, KL_PQ = "KL(q||p)", "KL(p||q)"
@@ -80,15 +80,15 @@ def true_gradients(q: Autoregressive, p: Autoregressive) -> dict:
     r"""Flat gradients (length P V) of the sequence KL(q||p) and KL(p||q) w.r.t. q's logits."""
     _check_pair(q, p)
     excess = q.log_probs - p.log_probs  # l(u, a) = log q - log p
-    kl_pq_rows = prefix_mass(p)[:, None] * (q.probs - p.probs)  # only q(.|u) depends on theta_u; states ~ p
-    return {KL_QP: score_gradient(q, prefix_mass(q), to_go(q, excess)), KL_PQ: kl_pq_rows.ravel()}
+    kl_pq_rows = p.prefix_probs[:, None] * (q.probs - p.probs)  # only q(.|u) depends on theta_u; states ~ p
+    return {KL_QP: score_gradient(q, q.prefix_probs, to_go(q, excess)), KL_PQ: kl_pq_rows.ravel()}
 
 
 def partial_gradients(q: Autoregressive, p: Autoregressive) -> dict:
     r""":math:`\sum_t \mathbb{E}_{y_{<t} \sim q}[\nabla_\theta D(q(\cdot|y_{<t}) \| p(\cdot|y_{<t}))]`, states held
     fixed, for D = KL(q||p) and KL(p||q); flat (P V,)."""
     _check_pair(q, p)
-    mass = prefix_mass(q)
+    mass = q.prefix_probs
     return {KL_QP: score_gradient(q, mass, q.log_probs - p.log_probs),
             KL_PQ: (mass[:, None] * (q.probs - p.probs)).ravel()}
 
@@ -131,7 +131,7 @@ def placement_gradients(estimator, q: Autoregressive, p: Autoregressive, placeme
     _check_pair(q, p)
     placements = _check_placements(placements)
     token_t = p.log_probs - q.log_probs
-    mass = prefix_mass(q)
+    mass = q.prefix_probs
     cache: dict = {}
 
     def value():
@@ -181,27 +181,35 @@ def placement_gradient(estimator, q: Autoregressive, p: Autoregressive, placemen
 
 # --- comparisons -------------------------------------------------------------------------------
 
+def _norm(a: np.ndarray) -> float:
+    return math.sqrt(float(np.einsum("i,i", a, a)))  # einsum: BLAS dot/norm contend for cores on a busy machine
+
+
+def _vector(a) -> np.ndarray:
+    return np.ravel(np.asarray(a, dtype=np.float64))
+
+
 def relative_difference(a, b) -> float:
     r""":math:`\|a - b\| / \max(\|a\|, \|b\|)` (0 when both vanish; NaN when either is not finite)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = _vector(a), _vector(b)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return math.nan
-    scale = max(float(np.linalg.norm(a)), float(np.linalg.norm(b)))
-    return 0.0 if scale == 0 else float(np.linalg.norm(a - b)) / scale
+    scale = max(_norm(a), _norm(b))
+    return 0.0 if scale == 0 else _norm(a - b) / scale
 
 
 def relative_error(gradient, target) -> float:
     r""":math:`\|g - g^*\| / \|g^*\|` (inf when the target vanishes and g does not)."""
-    gradient, target = np.asarray(gradient, dtype=np.float64), np.asarray(target, dtype=np.float64)
-    error, scale = float(np.linalg.norm(gradient - target)), float(np.linalg.norm(target))
+    gradient, target = _vector(gradient), _vector(target)
+    error, scale = _norm(gradient - target), _norm(target)
     return (0.0 if error == 0 else math.inf) if scale == 0 else error / scale
 
 
 def cosine(a, b) -> float:
     """Cosine of the angle between two gradients (NaN when either is zero)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    norms = float(np.linalg.norm(a)) * float(np.linalg.norm(b))
-    return math.nan if norms == 0 else float(np.dot(a, b)) / norms
+    a, b = _vector(a), _vector(b)
+    norms = _norm(a) * _norm(b)
+    return math.nan if norms == 0 else float(np.einsum("i,i", a, b)) / norms
 
 
 def reference_gradients(q: Autoregressive, p: Autoregressive) -> dict:
@@ -212,11 +220,19 @@ def reference_gradients(q: Autoregressive, p: Autoregressive) -> dict:
 
 def follows(gradient, references: dict, tolerance: float = FOLLOWS_TOLERANCE) -> str | None:
     """Label of the first reference (in :data:`FOLLOWS_ORDER`) equal to ``gradient``, ``"zero"`` or None."""
+    gradient = _vector(gradient)
+    if not np.isfinite(gradient).all():
+        return None
+    size = _norm(gradient)
+    norms = {}
     for label in FOLLOWS_ORDER:
-        if relative_difference(gradient, references[label]) < tolerance:
+        reference = _vector(references[label])
+        norms[label] = _norm(reference) if np.isfinite(reference).all() else math.nan
+        scale = max(size, norms[label])
+        if scale == 0 or (math.isfinite(scale) and _norm(gradient - reference) < tolerance * scale):
             return label
-    scale = max(float(np.linalg.norm(references[label])) for label in FOLLOWS_ORDER)
-    return ZERO if float(np.linalg.norm(gradient)) <= tolerance * scale else None
+    scale = max((n for n in norms.values() if math.isfinite(n)), default=0.0)
+    return ZERO if size <= tolerance * scale else None
 
 
 # --- the summary (JSON of `python -m klsym sequence`) --------------------------------------------
@@ -244,8 +260,9 @@ def sequence_summary(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"
     for estimator in estimators:
         entry = {}
         for name, gradient in placement_gradients(estimator, q, p, placements).items():
-            entry[name] = {"gradient": gradient, "follows": follows(gradient, references),
-                           "relative_error": relative_error(gradient, target), "cosine": cosine(gradient, target)}
+            label = follows(gradient, references)
+            entry[name] = {"gradient": gradient, "follows": label, "relative_error": relative_error(gradient, target),
+                           "cosine": math.nan if label == ZERO else cosine(gradient, target)}  # no direction
         out["estimators"][estimator.name] = entry
     if mc is not None:
         from klsym.simulate.sequences import crosscheck  # only a Monte Carlo run needs the engine
@@ -257,11 +274,11 @@ def sequence_summary(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"
 # --- tables for notebooks --------------------------------------------------------------------
 
 def placement_table(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", placements=ALL_PLACEMENTS):
-    """One row per (estimator, placement): ``follows``, ``relative_error``, ``cosine`` (a pandas DataFrame)."""
+    """One row per (estimator, placement): ``follows`` ("-" for None), ``relative_error``, ``cosine`` (a DataFrame)."""
     import pandas as pd
 
     summary = sequence_summary(q, p, estimators, placements)
-    return pd.DataFrame([{"estimator": name, "placement": placement, "follows": entry["follows"],
+    return pd.DataFrame([{"estimator": name, "placement": placement, "follows": entry["follows"] or "-",
                           "relative_error": entry["relative_error"], "cosine": entry["cosine"]}
                          for name, by_placement in summary["estimators"].items()
                          for placement, entry in by_placement.items()])
@@ -270,15 +287,16 @@ def placement_table(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3",
 def follows_table(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", placements=ALL_PLACEMENTS):
     """Estimators x placements DataFrame of ``follows`` labels ("-" for None)."""
     table = placement_table(q, p, estimators, placements)
-    wide = table.pivot(index="estimator", columns="placement", values="follows").fillna("-")
+    wide = table.pivot(index="estimator", columns="placement", values="follows")
     return wide.loc[list(dict.fromkeys(table["estimator"])), list(dict.fromkeys(table["placement"]))].rename_axis(
         columns=None)
 
 
 def pair(kind: str, vocab_size: int, horizon: int, distance: float, seed: int = 0):
-    r"""A (q, p) pair for sweeps: p is ``"random"`` (N(0,1) logits) or ``"zipf"`` (LLM-shaped); q is p with
-    N(0, distance^2) noise on every logit (``"perturbed"`` suffix implied) or, for ``kind="zipf-tempered"``, p at
-    temperature ``1 + distance``."""
+    r"""A (q, p) pair for sweeps: p is ``"random"`` (N(0,1) logits) or ``"zipf"`` (LLM-shaped, see
+    :meth:`Autoregressive.zipf`); q is p with N(0, distance^2) noise on every logit, or for ``"zipf-tempered"`` p at
+    temperature ``1 + distance`` (every prefix of a Zipf p has the same sorted logits, so a tempered q is equally far
+    from p after every prefix: the missing future term vanishes)."""
     if kind == "random":
         p = Autoregressive.random(vocab_size, horizon, seed)
     elif kind in ("zipf", "zipf-tempered"):
@@ -304,7 +322,7 @@ def future_term_table(kind: str, vocab_size: int, horizons, distances, seed: int
             q, p = pair(kind, vocab_size, horizon, distance, seed)
             true, partial = true_gradients(q, p)[KL_QP], partial_gradients(q, p)[KL_QP]
             row = {"T": horizon, "distance": distance, KL_QP: sequence_kls(q, p)[KL_QP],
-                   "|grad KL(q||p)|": float(np.linalg.norm(true)), "future / |grad|": relative_error(partial, true),
+                   "|grad KL(q||p)|": _norm(true), "future / |grad|": relative_error(partial, true),
                    "cos(partial, true)": cosine(partial, true)}
             for estimator in _estimators(estimators):
                 row[f"{estimator.name} loss: rel. error"] = relative_error(
@@ -314,54 +332,51 @@ def future_term_table(kind: str, vocab_size: int, horizons, distances, seed: int
 
 
 def paper_claims(q: Autoregressive, p: Autoregressive):
-    r"""Claims about per-token KL terms in autoregressive RL (Tang & Munos 2025, arXiv 2506.09477; Liu et al. 2025,
-    arXiv 2510.01555, as summarised in klsym issue 12), each checked by an exact number on (q, p).
+    r"""The claims of Tang & Munos 2025 (arXiv 2506.09477) and Liu et al. 2025 (arXiv 2510.01555) as summarised in
+    klsym issue 12, each consequence checked by an exact number on (q, p).
 
-    Columns: ``source``, ``claim``, ``quantity``, ``value``, ``holds``.
+    Claim **A**: a per-token loss ignores that changing q at position t changes which prefixes later positions see
+    (it can at best deliver the partial gradient). Claim **B**: the gradient of the sequence KL needs the KL in the
+    reward with reward-to-go returns, or the sequence-level term. Rows marked ``related`` are single-token facts
+    the two claims rest on. Columns: ``claim``, ``statement``, ``quantity``, ``value``, ``holds``.
     """
     import pandas as pd
 
     references = reference_gradients(q, p)
     grads = {e.name: placement_gradients(e, q, p) for e in _estimators("k1,k2,k3")}
     future = references[KL_QP] - references[PARTIAL_QP]
-    true_norm = float(np.linalg.norm(references[KL_QP]))
+    true_norm = _norm(references[KL_QP])
     tol = FOLLOWS_TOLERANCE
     rows = [
-        ("Tang & Munos", "k1 in the loss (pathwise, samples fixed) has zero expected gradient",
-         "|E[loss grad of k1]| / |grad KL(q||p)|", float(np.linalg.norm(grads["k1"]["loss"])) / true_norm,
-         lambda v: v < tol),
-        ("Tang & Munos", "a per-token loss misses the effect of q at position t on later prefixes: k2 in the loss "
-         "gives the partial gradient, not grad KL(q||p)",
-         "rel. difference k2 loss vs partial KL(q||p)", relative_difference(grads["k2"]["loss"],
-                                                                            references[PARTIAL_QP]),
-         lambda v: v < tol),
-        ("Tang & Munos", "... and the part it misses is the score times the KL still to come (nonzero for T > 1)",
-         "|grad KL(q||p) - partial| / |grad KL(q||p)|", float(np.linalg.norm(future)) / true_norm,
+        ("A", "k2 in the loss gives the partial gradient of KL(q||p) (states frozen), not the gradient",
+         "rel. difference k2 loss vs partial KL(q||p)",
+         relative_difference(grads["k2"]["loss"], references[PARTIAL_QP]), lambda v: v < tol),
+        ("A", "what it misses is each token's score times the KL still to come: nonzero for T > 1",
+         "|grad KL(q||p) - partial| / |grad KL(q||p)|", _norm(future) / true_norm,
          lambda v: v > tol if q.horizon > 1 else v < tol),
-        ("Tang & Munos", "k3 in the loss follows KL(p||q) per token, hence at best the partial KL(p||q) gradient",
-         "rel. difference k3 loss vs partial KL(p||q)", relative_difference(grads["k3"]["loss"],
-                                                                            references[PARTIAL_PQ]),
-         lambda v: v < tol),
-        ("Tang & Munos", "k1 as a per-token reward with reward-to-go (undiscounted) gives grad KL(q||p) exactly",
+        ("A", "k3 in the loss gives at best the partial gradient of KL(p||q)",
+         "rel. difference k3 loss vs partial KL(p||q)",
+         relative_difference(grads["k3"]["loss"], references[PARTIAL_PQ]), lambda v: v < tol),
+        ("A", "a per-token weight exp(log q_t - sg log q_t) on k3 (loss+reward) still gives only the partial "
+         "gradient of KL(q||p)", "rel. difference k3 loss+reward vs partial KL(q||p)",
+         relative_difference(grads["k3"]["loss+reward"], references[PARTIAL_QP]), lambda v: v < tol),
+        ("B", "k1 as a per-token reward with undiscounted reward-to-go gives grad KL(q||p) exactly",
          "rel. difference k1 reward-to-go vs grad KL(q||p)",
          relative_difference(grads["k1"]["reward-to-go"], references[KL_QP]), lambda v: v < tol),
-        ("Liu et al.", "the summed KL as a sequence-level reward also gives grad KL(q||p) in expectation",
+        ("B", "the summed k1 as a sequence-level reward gives grad KL(q||p) in expectation",
          "rel. difference k1 sequence-reward vs grad KL(q||p)",
          relative_difference(grads["k1"]["sequence-reward"], references[KL_QP]), lambda v: v < tol),
-        ("Liu et al.", "k2 in the loss and k1 as each token's own reward have the same expected gradient",
+        ("B", "k3 in the loss plus k3 in the reward with reward-to-go (full) gives grad KL(q||p)",
+         "rel. difference k3 full vs grad KL(q||p)",
+         relative_difference(grads["k3"]["full"], references[KL_QP]), lambda v: v < tol),
+        ("related", "k1 in the loss (pathwise, samples fixed) has zero expected gradient",
+         "|k1 loss| / |grad KL(q||p)|", _norm(grads["k1"]["loss"]) / true_norm, lambda v: v < tol),
+        ("related", "k2 in the loss and k1 as each token's own reward have the same expected gradient",
          "rel. difference k2 loss vs k1 reward", relative_difference(grads["k2"]["loss"], grads["k1"]["reward"]),
          lambda v: v < tol),
-        ("Liu et al.", "k3 in the loss is not grad KL(q||p) of the sequences",
-         "rel. error of k3 loss vs grad KL(q||p)", relative_error(grads["k3"]["loss"], references[KL_QP]),
-         lambda v: v > tol),
-        ("Liu et al.", "a per-token importance weight exp(logq - sg logq) on k3 still gives only the partial "
-         "gradient; k3 with the sequence term (full) gives grad KL(q||p)",
-         "rel. difference k3 loss+reward vs partial; k3 full vs true (max)",
-         max(relative_difference(grads["k3"]["loss+reward"], references[PARTIAL_QP]),
-             relative_difference(grads["k3"]["full"], references[KL_QP])), lambda v: v < tol),
     ]
-    return pd.DataFrame([{"source": source, "claim": claim, "quantity": quantity, "value": value,
-                          "holds": bool(check(value))} for source, claim, quantity, value, check in rows])
+    return pd.DataFrame([{"claim": claim, "statement": statement, "quantity": quantity, "value": value,
+                          "holds": bool(check(value))} for claim, statement, quantity, value, check in rows])
 
 
 # --- framework crosswalk: which placement a setting implements -----------------------------------
@@ -428,8 +443,24 @@ def sequence_answer(estimator, mode: str, aggregation: str, q: Autoregressive, p
             "follows": follows(gradient, reference_gradients(q, p))}
 
 
+def framework_answers(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"):
+    """Every row of :data:`FRAMEWORK_PLACEMENTS` x estimator: placement, scale and what it follows (a DataFrame)."""
+    import pandas as pd
+
+    references = reference_gradients(q, p)
+    rows = []
+    for estimator in _estimators(estimators):
+        gradients = placement_gradients(estimator, q, p, PLACEMENTS)
+        for (mode, aggregation), (placement, scale, note) in FRAMEWORK_PLACEMENTS.items():
+            rows.append({"mode": mode, "aggregation": aggregation, "estimator": estimator.name,
+                         "placement": placement, "scale": scale,
+                         "follows": follows(gradients[placement], references) or "-",
+                         "note": note})
+    return pd.DataFrame(rows)
+
+
 __all__ = ["PLACEMENTS", "RATIO_PLACEMENTS", "ALL_PLACEMENTS", "FOLLOWS_TOLERANCE", "FOLLOWS_ORDER",
            "FRAMEWORK_PLACEMENTS", "true_gradients", "partial_gradients", "missing_future_term",
            "placement_gradients", "placement_gradient", "relative_difference", "relative_error", "cosine",
            "reference_gradients", "follows", "sequence_summary", "placement_table", "follows_table", "pair",
-           "future_term_table", "paper_claims", "placement_of_setting", "sequence_answer"]
+           "future_term_table", "paper_claims", "placement_of_setting", "sequence_answer", "framework_answers"]
