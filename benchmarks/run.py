@@ -101,6 +101,9 @@ def main() -> int:
     print(f"Yang's gradient experiment (5 estimators x 3 modes, 50k samples x 1000 trials): "
           f"{trials['seconds']:.2f} s, peak RSS {trials['child_peak_rss_mib']:.0f} MiB")
     print("all timings: " + json.dumps({name: [round(r["seconds"], 3) for r in rs] for name, rs in runs.items()}))
+    sequences = measure([str(KLSYM_PYTHON), str(BENCHMARKS_DIR / "sequences.py"), "--repeats", "1"])
+    print(f"exact sequence analysis V = 16, T = 5 ({sequences['sequences']:,} sequences, k1..k3 x 9 placements): "
+          f"{sequences['seconds']:.2f} s (target well under 60 s), peak RSS {sequences['child_peak_rss_mib']:.0f} MiB")
     if args.json:
         print(json.dumps({"runs": runs, "big": big, "trials": trials}, indent=2))
     return 0
