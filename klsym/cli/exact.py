@@ -68,6 +68,8 @@ def register(subparsers) -> None:
         description="Exact KL(q||p), KL(p||q) and, per estimator, mean, std, E[k^2], P(k<0), bias; "
                     "method closed_form, quadrature or exact_sum.")
     add_pair_arguments(parser)
+    from klsym.cli.offpolicy import add_behaviour_arguments
+    add_behaviour_arguments(parser)
     parser.add_argument("--published", action="store_true",
                         help="print every published seed-table row next to its exact value")
     parser.set_defaults(func=run)
@@ -80,6 +82,10 @@ def run(args) -> int:
         print(dumps(rows) if args.format == "json" else format_table(rows))
         return 0
     q, p = pair_from_args(args)
+    from klsym.cli.offpolicy import behaviour_from_args, run_exact
+    behaviour = behaviour_from_args(args, q)
+    if behaviour is not None:
+        return run_exact(args, q, p, behaviour, estimators_from_args(args))
     summary = exact_summary(q, p, estimators_from_args(args), args.positions)
     if args.format == "json":
         print(dumps(summary))

@@ -11,6 +11,7 @@ import numpy as np
 
 from klsym.exact.expectations import MODES, gradient_summary
 from klsym.jsonio import dumps, format_table
+from klsym.cli.offpolicy import add_behaviour_arguments, behaviour_from_args, run_gradient
 from klsym.cli.exact import add_pair_arguments, estimators_from_args, pair_from_args, print_pair_header
 
 _FIRST = 3  # entries of a per-logit gradient shown in the table
@@ -21,11 +22,15 @@ def register(subparsers) -> None:
         "gradient", help="expected estimator gradients (loss, reward, full) vs true KL gradients",
         description="Gradients wrt the sampler q's parameters (mu, sigma or logits), samples held fixed.")
     add_pair_arguments(parser)
+    add_behaviour_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     q, p = pair_from_args(args)
+    behaviour = behaviour_from_args(args, q)
+    if behaviour is not None:
+        return run_gradient(args, q, p, behaviour, estimators_from_args(args))
     summary = gradient_summary(q, p, estimators_from_args(args), args.positions)
     if args.format == "json":
         print(dumps(summary))

@@ -20,6 +20,7 @@ from klsym.cli import UserError
 from klsym.jsonio import dumps, format_table
 from klsym.simulate.montecarlo import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_QUANTILES, DTYPES, crosscheck, gradient, run
 from klsym.cli.exact import add_pair_arguments, estimators_from_args, pair_from_args
+from klsym.cli.offpolicy import add_behaviour_arguments, behaviour_from_args, run_mc
 
 
 def _count(text: str) -> int:
@@ -47,6 +48,7 @@ def register(subparsers) -> None:
                     "standard error, min, max, fraction negative, approximate quantiles and the spread of "
                     "batch means; optionally gradients (loss/reward/full) and z-scores against the exact layer.")
     add_pair_arguments(parser)
+    add_behaviour_arguments(parser)
     parser.add_argument("--n", type=_count, default=1_000_000, help="number of samples (e.g. 1e8)")
     parser.add_argument("--seed", type=int, default=0, help="seed; results depend only on (seed, n)")
     parser.add_argument("--chunk", type=_count, default=DEFAULT_CHUNK,
@@ -73,6 +75,9 @@ def run_command(args) -> int:
         raise UserError("mc samples single positions only: --positions must be 1")
     q, p = pair_from_args(args)
     estimators = estimators_from_args(args)
+    behaviour = behaviour_from_args(args, q)
+    if behaviour is not None:
+        return run_mc(args, q, p, behaviour, estimators)
     options = {"chunk": args.chunk, "backend": args.backend, "dtype": args.dtype, "threads": args.threads,
                "progress": not args.quiet}
     result = run(q, p, estimators, args.n, args.seed, quantiles=args.quantiles, batch_size=args.batch_size,

@@ -292,7 +292,31 @@ def crosswalk_table(defaults_only: bool = False, derive: bool = True) -> list[di
     return [crosswalk(s, derive) for s in load_settings() if s.default or not defaults_only]
 
 
-__all__ = [
+def gradient_check_table(q, p, n: int = 200_000, seed: int = 0, settings=None):
+    r"""On-policy (b = q) expected gradient of each setting's expression: exact vs Monte Carlo, with |z|.
+
+    Exact: :func:`klsym.rl.offpolicy.exact_expression` (categorical sums, Gaussian quadrature); MC: x ~ q.
+    ``settings`` defaults to each framework's default setting.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from klsym.exact.expectations import KL_PQ, KL_QP, true_gradients
+    from klsym.rl.offpolicy import exact_expression, monte_carlo
+
+    truth = true_gradients(q, p)
+    rows = []
+    for setting in settings if settings is not None else [s for s in load_settings() if s.default]:
+        exact = exact_expression(setting.expr, setting.enters, q, p, q)
+        mc = monte_carlo(setting.expr, setting.enters, q, p, q, n, seed)
+        z = (mc["gradient"] - exact["gradient"]) / np.where(mc["gradient_se"] > 0, mc["gradient_se"], np.inf)
+        rows.append({"setting": setting.key, "mode": setting.mode, "exact gradient": np.round(exact["gradient"], 6),
+                     "MC gradient": np.round(mc["gradient"], 6), "max |z|": float(np.max(np.abs(z))),
+                     f"grad {KL_QP}": np.round(truth[KL_QP], 6), f"grad {KL_PQ}": np.round(truth[KL_PQ], 6)})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["gradient_check_table", 
     "FRAMEWORKS_FILE", "MODES", "FrameworkSetting", "UnknownFrameworkError", "load_settings",
     "framework_names", "get_setting", "clamp_effect", "crosswalk", "crosswalk_table",
 ]
