@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from klsym.cli import main
-from klsym.derive.estimators import control_variate, from_formula
+from klsym.derive.estimators import BUILTINS, control_variate, from_formula, get_estimator
 from klsym.exact.autoregressive import MAX_SEQUENCES, Autoregressive, per_position_kls, sequence_kls
 from klsym.rl import sequences as seq
 from klsym.simulate import sequences as mcseq
@@ -249,6 +249,20 @@ def test_follows_labels_of_k1_k2_k3(pair):
         for placement, entry in by.items():
             if entry["follows"] == KL_QP:
                 assert entry["relative_error"] < 1e-10 and entry["cosine"] == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_every_builtin_runs_and_whole_sequence_targets_hold(name):
+    """E_q[k(R)] targets the sequence divergence: k of the whole-sequence ratio in `full` follows its gradient."""
+    q, p = make_pair(3, 3, 11, 0.6)
+    references = seq.reference_gradients(q, p)
+    gradients = seq.placement_gradients(name, q, p)
+    assert all(np.isfinite(g).all() and g.shape == (q.size,) for g in gradients.values())
+    target = {"KL(q||p)": KL_QP, "KL(p||q)": KL_PQ}.get(get_estimator(name).target)
+    # unbiased for their target, so E_q[k(R)] is the sequence divergence; straight-through ones differentiate
+    # another surrogate in the loss, so their `full` is not the gradient of E_q[k(R)]
+    if name not in ("k2", "k4", "rev_k2") and not get_estimator(name).straight_through:
+        assert seq.follows(gradients["sequence-ratio-full"], references) == target
 
 
 def test_one_position_has_no_future_term():
