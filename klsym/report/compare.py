@@ -241,6 +241,41 @@ def gradient_error(estimator, q, p, mode: str, direction: str = KL_QP) -> float:
     return float(np.linalg.norm(estimator_gradient(estimator, q, p, mode) - target) / np.linalg.norm(target))
 
 
+def ratios(table: pd.DataFrame) -> pd.DataFrame:
+    r"""Value rows with :math:`\mathbb{E}_q[k]` relative to both KL directions: ``E[k]/KL(q||p)``,
+    ``E[k]/KL(p||q)`` and, with Monte Carlo, ``MC E[k]/...`` and ``se/...``."""
+    out = table[table["quantity"] == "value"].copy()
+    for direction in (KL_QP, KL_PQ):
+        out[f"E[k]/{direction}"] = out["exact"] / out[direction]
+        if "mc" in out:
+            out[f"MC E[k]/{direction}"] = out["mc"] / out[direction]
+            out[f"se/{direction}"] = out["se"] / out[direction]
+    return out
+
+
+def path_sweep(estimators, paths: Mapping, picks, *, n: int, seed, seed_step: int = 1000,
+               key: str = "x") -> tuple[pd.DataFrame, pd.DataFrame]:
+    r"""Exact values along each path (``label -> {x: (q, p)}``, e.g. :func:`gaussian_path`) and Monte Carlo at the
+    points ``picks`` (indices into each path) with seeds ``seed + seed_step * index_of_path``; both with
+    :func:`ratios`. Returns ``(curves, points)``, a column ``path`` naming the path."""
+    curves, points = [], []
+    for index, (label, path) in enumerate(paths.items()):
+        items = list(path.items())
+        curves.append(compare_pairs(estimators, path, ("exact",), key=key).assign(path=label))
+        picked = dict(items[i] for i in np.asarray(picks, dtype=int))
+        points.append(compare_pairs(estimators, picked, ("exact", "mc"), n=n, seed=np.asarray(seed) + seed_step * index,
+                                    key=key).assign(path=label))
+    return ratios(pd.concat(curves, ignore_index=True)), ratios(pd.concat(points, ignore_index=True))
+
+
+def support_table(estimators, q, p) -> pd.DataFrame:
+    """Exact infimum and supremum of each estimator over the ratios a Gaussian pair can produce."""
+    from klsym.report.published import support_bounds
+
+    return pd.DataFrame([dict(zip(("inf k (exact)", "sup k (exact)"), support_bounds(e.name, q, p)), estimator=e.name)
+                         for e in _names(estimators)]).set_index("estimator")
+
+
 # --- SymPy tables ------------------------------------------------------------------------------
 
 def symbolic_table(estimators, modes=MODES) -> pd.DataFrame:
@@ -661,7 +696,7 @@ def lambda_star_sweep(path: Mapping, *, probe=None, n: int | None = None, seed=0
     return pd.DataFrame(rows)
 
 
-__all__ = ["compare", "compare_pairs", "gaussian_path", "with_reference", "relative", "gradient_error", "z_score", "symbolic_table",
+__all__ = ["compare", "compare_pairs", "gaussian_path", "with_reference", "relative", "ratios", "path_sweep", "support_table", "gradient_error", "z_score", "symbolic_table",
            "formulas_latex", "derivation_markdown", "registry_table", "registry_markdown",
            "local_expansion_table", "bias_series_table", "small_delta_slopes", "reproduce", "trial_gradients", "trial_summary",
            "zipf_policies", "policy_summary", "sequence_table", "spike_table", "saturation_table", "clamp_table",

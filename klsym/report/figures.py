@@ -70,14 +70,15 @@ def bregman_gap(estimator="k3", ax=None):
 
 def exact_and_mc(curves: pd.DataFrame, x: str, y: str, hue: str | None = "estimator", points=None,
                  point_y: str | None = None, yerr: str | None = None, ax=None, absolute: bool = False,
-                 linestyle: str = "-", label: str = "{group} exact", **axis):
+                 linestyle: str = "-", label: str = "{group} exact", colour=None, **axis):
     r"""Exact curves (lines, one per ``hue``, labelled ``label.format(group=...)``) and Monte Carlo points
     (``points``, with :math:`\pm 2` ``yerr`` bars) of the same quantity; ``absolute`` plots :math:`|y|`;
-    ``axis`` goes to ``ax.set``."""
+    ``colour`` fixes one colour for every group; ``axis`` goes to ``ax.set``."""
     ax = _axes(ax)
     point_y = point_y or y
     groups = curves.groupby(hue, sort=False) if hue else [(None, curves)]
     colours = dict(zip([g for g, _ in groups], sns.color_palette(n_colors=max(1, len(groups)))))
+    colours = {group: colour for group in colours} if colour is not None else colours
     for group, curve in groups:
         values = curve[y].abs() if absolute else curve[y]
         ax.plot(curve[x], values, color=colours[group], linestyle=linestyle,
@@ -142,5 +143,19 @@ def batch_maxima(maxima: pd.DataFrame, clamp: float, ax=None):
     return ax
 
 
-__all__ = ["setup", "estimator_curves", "value_vs_ratio", "bregman_gap", "exact_and_mc", "trial_violins",
+def ratio_to_kl(curves: pd.DataFrame, points: pd.DataFrame, x: str = "x", ax=None, **axis):
+    r"""Notebook 06: exact :math:`\mathbb{E}_q[k]/\mathrm{KL}` in both directions (lines) with Monte Carlo points
+    (:math:`\pm 2` se), from :func:`klsym.report.compare.path_sweep`; reference lines at 2 and 1."""
+    ax = _axes(ax)
+    for direction, colour in ((KL_QP, "tab:blue"), (KL_PQ, "tab:orange")):
+        exact_and_mc(curves, x, f"E[k]/{direction}", hue=None, points=points, point_y=f"MC E[k]/{direction}",
+                     yerr=f"se/{direction}", ax=ax, colour=colour)
+    ax.axhline(2.0, color="black", linewidth=0.8, linestyle=":", label="k''(1) = 2")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set(ylabel="E_q[k] / KL", **axis)
+    ax.legend(fontsize="small")
+    return ax
+
+
+__all__ = ["ratio_to_kl", "setup", "estimator_curves", "value_vs_ratio", "bregman_gap", "exact_and_mc", "trial_violins",
            "sequence_spread", "batch_maxima"]
