@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import mpmath
 import numpy as np
 import sympy as sp
 
@@ -110,6 +111,62 @@ def _categorical_support(q: Categorical, p: Categorical):
     return support, q.probs[support], p.log_probs[support] - q.log_probs[support]
 
 
+#: Largest support (tokens, or token sequences for T positions) summed exactly in mpmath at
+#: :data:`SUM_DIGITS` digits: cancellation-free near p = q, no overflow at extreme logits. Larger
+#: supports are summed in float64.
+MPMATH_SUPPORT = 4096
+SUM_DIGITS = 60
+
+
+def _uses_mpmath(q: Categorical, positions: int = 1) -> bool:
+    return int(np.isfinite(q.log_probs).sum()) ** positions <= MPMATH_SUPPORT
+
+
+def _mp_log_softmax(logits) -> list:
+    finite = [mpmath.mpf(float(v)) for v in logits if np.isfinite(v)]
+    top = max(finite)
+    norm = top + mpmath.log(mpmath.fsum(mpmath.exp(v - top) for v in finite))
+    return [mpmath.mpf(float(v)) - norm if np.isfinite(v) else -mpmath.inf for v in logits]
+
+
+def _mp_distribution(q: Categorical, p: Categorical, positions: int = 1):
+    """Object arrays (probabilities, log-ratios) of mpmath numbers over q's support (call inside workdps)."""
+    lq, lp = _mp_log_softmax(q.logits), _mp_log_softmax(p.logits)
+    on_q = [i for i, v in enumerate(lq) if v != -mpmath.inf]
+    probs = np.array([mpmath.exp(lq[i]) for i in on_q], dtype=object)
+    log_ratios = np.array([lp[i] - lq[i] for i in on_q], dtype=object)
+    seq_probs, seq_ratios = probs, log_ratios
+    for _ in range(positions - 1):
+        seq_probs = np.multiply.outer(seq_probs, probs).ravel()
+        seq_ratios = np.add.outer(seq_ratios, log_ratios).ravel()
+    return on_q, seq_probs, seq_ratios
+
+
+@lru_cache(maxsize=None)
+def _mp_function(expr_in_t: sp.Expr):
+    """Elementwise t -> f(t) on mpmath numbers; at t = -inf (p(x) = 0) the limit of f."""
+    evaluate = sp.lambdify(t, expr_in_t, modules="mpmath")
+    at_minus_inf = mpmath.mpf(_limit_at_minus_inf(expr_in_t))
+
+    def apply(log_ratios):
+        return np.array([at_minus_inf if v == -mpmath.inf else mpmath.mpf(evaluate(v)) for v in log_ratios],
+                        dtype=object)
+    return apply
+
+
+def _mp_value(estimator: Estimator):
+    return _mp_function(in_logratio(estimator.expr))
+
+
+def _mp_slope(estimator: Estimator):
+    return _mp_function(sp.diff(in_logratio(estimator.surrogate), t))
+
+
+def _mp_expect(probs, values):
+    """sum q k in mpmath; an infinite value with positive probability makes it infinite."""
+    return mpmath.fsum(p * v for p, v in zip(probs, values) if p != 0)
+
+
 # --- KL ----------------------------------------------------------------------------------------
 
 def kl_divergences(q, p, positions: int = 1) -> dict:
@@ -120,6 +177,17 @@ def kl_divergences(q, p, positions: int = 1) -> dict:
     """
     _pair(q, p)
     positions = _check_positions(positions)
+    if isinstance(q, Categorical) and _uses_mpmath(q):
+        with mpmath.workdps(SUM_DIGITS):
+            lq, lp = _mp_log_softmax(q.logits), _mp_log_softmax(p.logits)
+            kl = {}
+            for label, (a, b) in ((KL_QP, (lq, lp)), (KL_PQ, (lp, lq))):
+                on_a = [i for i, v in enumerate(a) if v != -mpmath.inf]
+                if any(b[i] == -mpmath.inf for i in on_a):
+                    kl[label] = math.inf
+                else:
+                    kl[label] = positions * float(mpmath.fsum(mpmath.exp(a[i]) * (a[i] - b[i]) for i in on_a))
+        return kl
     if isinstance(q, Categorical):
         lq, lp = q.log_probs, p.log_probs
         on_q, on_p = np.isfinite(lq), np.isfinite(lp)
@@ -185,9 +253,14 @@ def estimator_stats(estimator, q, p, positions: int = 1, method: str | None = No
 
 def _closed_form_stats(estimator, q, p, positions) -> dict:
     terms = _terms(estimator)
-    mean = gcf.expectation(terms["value"], q.params, p.params, positions)
-    second = gcf.expectation(terms["square"], q.params, p.params, positions)
-    variance = second - mean**2 if math.isfinite(second) else second
+
+    def moments():  # E[k], E[k^2] and Var k at the working precision: no cancellation near p = q
+        mean = gcf.combine(terms["value"], q.params, p.params, positions)[0]
+        second = gcf.combine(terms["square"], q.params, p.params, positions)[0]
+        variance = second - mean**2 if mpmath.isfinite(second) and mpmath.isfinite(mean) else second
+        return [mean, second, variance]
+
+    mean, second, variance = gcf.precise(moments)
     powers = {"mean": terms["value"], "second_moment": terms["square"]}
     condition = {}
     for key, term_list in powers.items():
@@ -197,9 +270,23 @@ def _closed_form_stats(estimator, q, p, positions) -> dict:
                                         gcf.moment_condition(min(powers_of_r))))
         condition[key + "_holds"] = all(gcf.condition_holds(a, q.params, p.params) for _, a, _ in term_list)
     prob_negative = _gaussian_prob_negative(estimator, q, p) if positions == 1 else math.nan
-    return {"mean": mean, "second_moment": second, "std": math.sqrt(max(variance, 0.0)),
-            "prob_negative": prob_negative, "method": "closed_form", "error_estimate": 0.0,
-            "condition": condition}
+    return {"mean": float(mean), "second_moment": float(second), "log_second_moment": _log(second),
+            "std": _sqrt(variance), "prob_negative": prob_negative, "method": "closed_form",
+            "error_estimate": 0.0, "condition": condition}
+
+
+def _log(value) -> float:
+    """log of a non-negative mpmath or float value (finite where the value itself overflows)."""
+    value = mpmath.mpf(value)
+    if mpmath.isnan(value) or value < 0:
+        return math.nan
+    return float(mpmath.log(value)) if value > 0 else -math.inf
+
+
+def _sqrt(variance) -> float:
+    """std from a variance: rounding below 0 is 0; NaN stays NaN."""
+    variance = mpmath.mpf(variance)
+    return math.nan if mpmath.isnan(variance) else float(mpmath.sqrt(max(variance, 0)))
 
 
 def _quadrature_stats(estimator, q, p) -> dict:
@@ -250,6 +337,8 @@ def _gaussian_prob_negative(estimator, q: Gaussian, p: Gaussian, zmax: float = 4
 
 
 def _categorical_stats(estimator, q: Categorical, p: Categorical, positions: int) -> dict:
+    if _uses_mpmath(q, positions):
+        return _categorical_stats_mpmath(estimator, q, p, positions)
     probs, log_ratios = _sequence_distribution(q, p, positions)
     values = _values_on_support(estimator, log_ratios)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -259,6 +348,23 @@ def _categorical_stats(estimator, q: Categorical, p: Categorical, positions: int
     return {"mean": mean, "second_moment": second, "std": math.sqrt(max(variance, 0.0)) if math.isfinite(variance)
             else (math.inf if math.isinf(second) else math.nan),
             "prob_negative": float(np.sum(probs[values < 0])), "method": "exact_sum", "error_estimate": 0.0}
+
+
+def _categorical_stats_mpmath(estimator, q: Categorical, p: Categorical, positions: int) -> dict:
+    """Exact sums in mpmath: E[k], E[k^2], the centred variance, P(k < 0), log E[k^2]."""
+    with mpmath.workdps(SUM_DIGITS):
+        _, probs, log_ratios = _mp_distribution(q, p, positions)
+        values = _mp_value(estimator)(log_ratios)
+        mean = _mp_expect(probs, values)
+        second = _mp_expect(probs, values * values)
+        if mpmath.isfinite(mean) and mpmath.isfinite(second):
+            variance = _mp_expect(probs, [(v - mean) ** 2 for v in values])
+        else:
+            variance = second if not mpmath.isnan(mean) else mpmath.nan
+        negative = mpmath.fsum(pr for pr, v in zip(probs, values) if v < 0)
+        return {"mean": float(mean), "second_moment": float(second), "log_second_moment": _log(second),
+                "std": _sqrt(variance), "prob_negative": float(negative), "method": "exact_sum",
+                "error_estimate": 0.0}
 
 
 def _sequence_distribution(q: Categorical, p: Categorical, positions: int):
@@ -292,6 +398,8 @@ def estimator_gradient(estimator, q, p, mode: str, positions: int = 1, method: s
     if mode not in MODES:
         raise ValueError(f"unknown gradient mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "full":
+        if all(_method(estimator, q, method, need) == "closed_form" for need in ("surrogate", "value")):
+            return _closed_form_full_gradient(estimator, q, p, positions)
         return (estimator_gradient(estimator, q, p, "loss", positions, method)
                 + estimator_gradient(estimator, q, p, "reward", positions, method))
     need = "surrogate" if mode == "loss" else "value"
@@ -306,6 +414,18 @@ def estimator_gradient(estimator, q, p, mode: str, positions: int = 1, method: s
     if positions != 1:
         raise ValueError(f"estimator {estimator.name!r} has no closed form; quadrature covers positions=1 only")
     return _quadrature_gradient(estimator, q, p, mode)[0]
+
+
+def _closed_form_full_gradient(estimator, q, p, positions) -> np.ndarray:
+    """loss + reward summed at the working precision: they cancel where E_q[k] does not move (rev_k2)."""
+    terms = _terms(estimator)
+
+    def full():
+        loss = gcf.gradient_parts(terms["surrogate"], q.params, p.params, "ratio", positions)
+        reward = gcf.gradient_parts(terms["value"], q.params, p.params, "sampler", positions)
+        return [a + b for a, b in zip(loss, reward)]
+
+    return np.array([float(v) for v in gcf.precise(full)])
 
 
 def _gradient_weight(estimator: Estimator, mode: str):
@@ -352,6 +472,14 @@ def estimator_gradient_std(estimator, q, p, mode: str) -> np.ndarray:
 
 def _categorical_gradient(estimator, q: Categorical, p: Categorical, mode: str) -> np.ndarray:
     # score of a softmax wrt logit j is onehot_j - q_j, so E_q[w s_j] = q_j (w_j - E_q[w])
+    if _uses_mpmath(q):
+        with mpmath.workdps(SUM_DIGITS):
+            on_q, probs, log_ratios = _mp_distribution(q, p)
+            weights = gradient_weights(_mp_value(estimator), _mp_slope(estimator), log_ratios, (mode,))[mode]
+            mean = _mp_expect(probs, weights)
+            grad = np.zeros(q.size)
+            grad[on_q] = [float(pr * (w - mean)) for pr, w in zip(probs, weights)]
+        return grad
     support, probs, log_ratios = _categorical_support(q, p)
     weights = gradient_weights(lambda lr: _values_on_support(estimator, lr),
                                lambda lr: _values_on_support(estimator, lr, derivative=True), log_ratios, (mode,))[mode]

@@ -188,13 +188,29 @@ class Categorical:
 def log_ratio(p, q, x):
     r"""The log-ratio :math:`t(x) = \log p(x) - \log q(x)`.
 
-    For two Gaussians it is computed as :math:`\log(\sigma_q/\sigma_p) + (z_q - z_p)(z_q + z_p)/2`,
-    which avoids the cancellation of two large quadratics when p is close to q.
+    For two Gaussians it is computed as :math:`\log(\sigma_q/\sigma_p) + (z_q - z_p)(z_q + z_p)/2`
+    with :math:`z_q - z_p = ((x - \mu_q)(\sigma_p - \sigma_q)/\sigma_q + \mu_p - \mu_q) / \sigma_p`
+    and :math:`\log(\sigma_q/\sigma_p) = -\operatorname{log1p}((\sigma_p - \sigma_q)/\sigma_q)`: no
+    cancellation when p is close to q (the differences of nearby parameters are exact in floating point).
+
+    >>> sigma_p = 1.0 + 1e-8                 # at x = mu: t = -log(sigma_p), to the last bit
+    >>> float(log_ratio(Gaussian(0.0, sigma_p), Gaussian(0.0, 1.0), np.array(0.0))) == -math.log1p(sigma_p - 1.0)
+    True
     """
     if isinstance(p, Gaussian) and isinstance(q, Gaussian):
-        zq, zp = q.standardize(x), p.standardize(x)
-        return math.log(q.sigma / p.sigma) + 0.5 * (zq - zp) * (zq + zp)
+        centred = x - q.mu
+        with np.errstate(over="ignore", invalid="ignore"):
+            difference = (centred * ((p.sigma - q.sigma) / q.sigma) + (p.mu - q.mu)) / p.sigma  # z_q - z_p
+            zq = centred / q.sigma
+            return _log_sigma_ratio(q.sigma, p.sigma) + 0.5 * difference * (2 * zq - difference)
     return p.log_prob(x) - q.log_prob(x)
+
+
+def _log_sigma_ratio(sigma_q: float, sigma_p: float) -> float:
+    r""":math:`\log(\sigma_q / \sigma_p)` accurate when the sigmas are close and finite when they are far apart."""
+    if 0.5 < sigma_p / sigma_q < 2.0:
+        return -math.log1p((sigma_p - sigma_q) / sigma_q)
+    return math.log(sigma_q) - math.log(sigma_p)
 
 
 def check_same_family(q, p) -> None:
