@@ -1,0 +1,168 @@
+"""Off-policy single-token KL terms: brute-force sums written here, finite differences, MC from b (|z| < 5)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax
+
+from klsym.derive.estimators import get_estimator
+from klsym.exact.expectations import KL_QP, MODES, estimator_gradient, kl_divergences
+from klsym.exact.families import Categorical, Gaussian
+from klsym.paths import ROOT
+from klsym.rl import expressions as ex
+from klsym.rl.offpolicy import (WEIGHTINGS, exact_expression, monte_carlo, offpolicy_gradient, term_expression,
+                                value_rows)
+
+ESTIMATORS = ("k1", "k2", "k3", "k3+", "rev_k1")
+CASES = [(e, m, w) for e in ESTIMATORS for m in MODES for w in WEIGHTINGS if w != "ppo-clip" or m == "reward"]
+TRUNCATION, CLIP = 1.3, 0.2
+
+
+def _categorical_triple(seed=3, size=6, spread=0.8):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=size)
+    return (Categorical(logits), Categorical(logits + rng.normal(scale=spread, size=size)),
+            Categorical(logits + rng.normal(scale=0.6, size=size)))
+
+
+def _brute_force(estimator, mode, weighting, q, p, b):
+    """E_b[c(x) (onehot(x) - q)] with c written out from k, k_sur' and w = q/b (no klsym.rl code)."""
+    e = get_estimator(estimator)
+    t = p.log_probs - q.log_probs
+    w = np.exp(q.log_probs - b.log_probs)
+    k, h_loss = e.numeric(t), -e.numeric_dt(t)
+    if weighting == "ppo-clip":  # loss max(w k, clip(w) k): gradient w k where the unclipped branch wins
+        c = np.where(w * k >= np.clip(w, 1 - CLIP, 1 + CLIP) * k, w * k, 0.0)
+    else:
+        factor = {"none": np.ones_like(w), "token-is": w, "token-is-differentiable": w,
+                  "truncated-is": np.minimum(w, TRUNCATION)}[weighting]
+        loss = w * (k + h_loss) if weighting == "token-is-differentiable" else factor * h_loss
+        c = {"loss": loss, "reward": factor * k, "full": loss + factor * k}[mode]
+    grad = np.zeros(q.size)
+    for x in range(q.size):
+        onehot = np.eye(q.size)[x]
+        grad += b.probs[x] * c[x] * (onehot - q.probs)
+    return grad
+
+
+@pytest.mark.parametrize("estimator, mode, weighting", CASES)
+def test_exact_matches_brute_force_sum(estimator, mode, weighting):
+    q, p, b = _categorical_triple()
+    exact = offpolicy_gradient(estimator, mode, weighting, q, p, b, TRUNCATION, CLIP)["gradient"]
+    assert np.allclose(exact, _brute_force(estimator, mode, weighting, q, p, b), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("estimator, mode, weighting", CASES)
+def test_exact_matches_finite_differences(estimator, mode, weighting):
+    q, p, b = _categorical_triple(seed=5)
+    expr, enters, _ = term_expression(estimator, mode, weighting, TRUNCATION, CLIP)
+    loss = ex.numeric(ex.surrogate(expr, enters))
+
+    def expected(theta):  # sum over tokens of b(x) L(log q_theta(x)), detached values at theta_0
+        return float(np.sum(b.probs * loss(log_softmax(theta), p.log_probs, b.log_probs, q.log_probs)))
+    step, fd = 1e-6, np.zeros(q.size)
+    for j in range(q.size):
+        e = np.eye(q.size)[j] * step
+        fd[j] = (expected(q.logits + e) - expected(q.logits - e)) / (2 * step)
+    exact = exact_expression(expr, enters, q, p, b)["gradient"]
+    assert np.allclose(exact, fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_token_is_is_the_on_policy_gradient(estimator, mode):
+    q, p, b = _categorical_triple(seed=7)
+    on_policy = estimator_gradient(estimator, q, p, mode)     # klsym.exact: an independent code path
+    assert np.allclose(offpolicy_gradient(estimator, mode, "token-is", q, p, b)["gradient"], on_policy,
+                       rtol=1e-10, atol=1e-14)
+    assert not np.allclose(offpolicy_gradient(estimator, mode, "none", q, p, b)["gradient"], on_policy, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["loss", "reward", "full"])
+def test_gaussian_token_is_matches_the_closed_form_on_policy_gradient(mode):
+    q, p, b = Gaussian(0.0, 1.0), Gaussian(0.7, 1.2), Gaussian(0.4, 1.1)
+    exact = offpolicy_gradient("k3", mode, "token-is", q, p, b)
+    assert exact["method"] == "quadrature"
+    assert np.allclose(exact["gradient"], estimator_gradient("k3", q, p, mode), rtol=1e-8, atol=1e-12)
+
+
+def test_values_token_is_unbiased_and_none_is_e_b():
+    q, p, b = _categorical_triple(seed=11)
+    kl = kl_divergences(q, p)[KL_QP]
+    rows = {(r["estimator"], r["weighting"]): r for r in value_rows(q, p, b, "k1,k3", ("none", "token-is"))}
+    for name in ("k1", "k3"):
+        assert rows[(name, "token-is")]["mean"] == pytest.approx(kl, rel=1e-12)
+        k = get_estimator(name).numeric(p.log_probs - q.log_probs)
+        assert rows[(name, "none")]["mean"] == pytest.approx(float(np.sum(b.probs * k)), rel=1e-12)
+
+
+FAMILIES = {
+    "categorical": _categorical_triple(seed=2),
+    "gaussian": (Gaussian(0.0, 1.0), Gaussian(0.5, 1.1), Gaussian(0.3, 1.05)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_monte_carlo_from_b_agrees_with_exact(family, weighting):
+    q, p, b = FAMILIES[family]
+    modes = ("reward",) if weighting == "ppo-clip" else MODES
+    for estimator in ("k1", "k3"):
+        for mode in modes:
+            expr, enters, value = term_expression(estimator, mode, weighting, TRUNCATION, CLIP)
+            exact = exact_expression(expr, enters, q, p, b, value)
+            mc = monte_carlo(expr, enters, q, p, b, n=100_000, seed=17, value_expr=value)
+            assert exact["variance_finite"]
+            se = mc["gradient_se"]
+            live = se > 0
+            assert np.all(np.abs(mc["gradient"] - exact["gradient"])[live] < 5 * se[live]), (estimator, mode)
+            assert np.allclose(mc["gradient"][~live], exact["gradient"][~live], atol=1e-12)
+            assert abs(mc["value"] - exact["value"]) < 5 * mc["value_se"]
+
+
+def test_infinite_variance_is_flagged():
+    # E_b[w^2] = int q^2/b is finite iff sigma_b^2 > sigma_q^2 / 2: b = N(0, 0.6) is too narrow
+    q, p, narrow = Gaussian(0.0, 1.0), Gaussian(0.3, 1.0), Gaussian(0.0, 0.6)
+    assert not offpolicy_gradient("k1", "reward", "token-is", q, p, narrow)["variance_finite"]
+    assert offpolicy_gradient("k1", "reward", "none", q, p, narrow)["variance_finite"]
+    assert offpolicy_gradient("k1", "reward", "truncated-is", q, p, narrow)["variance_finite"]
+    assert offpolicy_gradient("k1", "reward", "token-is", q, p, Gaussian(0.0, 0.8))["variance_finite"]
+
+
+def test_behaviour_without_mass_where_q_has_mass_is_one_clear_error():
+    q, p = Categorical([0.0, 1.0, 0.5]), Categorical([0.2, 0.0, 0.0])
+    with pytest.raises(ValueError, match="behaviour b has zero probability on tokens where q has mass"):
+        offpolicy_gradient("k3", "loss", "token-is", q, p, Categorical([0.0, 1.0, -np.inf]))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "inf,1"], "finite"),
+    (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "0,0"], "sigma must be positive"),
+    (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "0,1", "--weighting", "nope"], "unknown weighting"),
+    (["exact", "--q", "0,1", "--p", "1,1", "--behaviour", "0,1", "--positions", "2"], "single positions"),
+    (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "0,1", "--truncation", "-1"], "truncation"),
+    (["gradient", "--q-logits", "{q}", "--p-logits", "{q}", "--behaviour-logits", "{b}"], "zero probability"),
+    (["gradient", "--q-logits", "{q}", "--p-logits", "{q}", "--behaviour-logits", "{nan}"], "NaN"),
+])
+def test_cli_errors_are_one_line(argv, needle, tmp_path):
+    files = {"q": [0.0, 1.0, 0.5], "b": [0.0, 1.0, float("-inf")], "nan": [0.0, float("nan"), 1.0]}
+    for name, values in files.items():
+        (tmp_path / f"{name}.txt").write_text(" ".join(map(str, values)))
+    argv = [a.format(**{n: tmp_path / f"{n}.txt" for n in files}) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "klsym", *argv], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("klsym: error:")
+    assert needle in proc.stderr
+
+
+def test_cli_gradient_json_contract():
+    proc = subprocess.run([sys.executable, "-m", "klsym", "gradient", "--q", "0,1", "--p", "1,1", "--behaviour",
+                           "0.3,1", "--estimators", "k1", "--weighting", "none,token-is", "--format", "json"],
+                          capture_output=True, text=True, cwd=ROOT, check=True)
+    out = json.loads(proc.stdout)
+    assert out["drift KL(b||q)"] == pytest.approx(0.045)
+    rows = {(r["mode"], r["weighting"]): r for r in out["rows"]}
+    assert len(rows) == 6
+    assert np.allclose(rows[("full", "token-is")]["gradient"], out["true"][KL_QP])
