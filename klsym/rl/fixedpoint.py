@@ -47,7 +47,10 @@ from klsym.derive.symbolic import analyze, is_zero, mode_coefficient, sign_verdi
 from klsym.derive.symbols import r, t
 from klsym.exact.clamps import clamped_numeric, clamped_numeric_dt
 from klsym.exact.expectations import KL_PQ, KL_QP, MODES, estimator_gradient, kl_divergences
+from klsym.exact.autoregressive import Autoregressive, prefix_mass, score_gradient, sequence_kls, to_go
 from klsym.exact.families import Categorical
+from klsym.rl.sequences import PLACEMENTS as SEQUENCE_PLACEMENTS
+from klsym.rl.sequences import placement_gradient
 
 #: Statuses of an end point.
 STATUSES = ("interior", "collapse", "diverges")
@@ -158,8 +161,8 @@ class KLTerm:
     def weight(self, log_ratios: np.ndarray) -> np.ndarray:
         r"""Per-sample coefficient w(t) of the score: the KL gradient of one sample is :math:`w\,s`."""
         value, slope = self._functions
-        loss, reward = -np.asarray(slope(log_ratios)), np.asarray(value(log_ratios))
-        return {"loss": loss, "reward": reward, "full": loss + reward}[self.mode]
+        out = 0.0 if self.mode == "reward" else -np.asarray(slope(log_ratios))
+        return out + np.asarray(value(log_ratios)) if self.mode != "loss" else out
 
 
 def kl_term(estimator, mode: str, input_clamp: float | None = None, output_clamp: float | None = None) -> KLTerm:
@@ -527,8 +530,10 @@ def stochastic_training(problem: FixedPointProblem, estimator, mode: str | None 
         logits = problem.p_logits.copy()
         path, tail = [softmax(logits)], np.zeros(problem.size)
         for step in range(steps):
-            probs = softmax(logits)
-            tokens = rng.choice(problem.size, size=batch, p=probs)
+            probs = path[-1]
+            cumulative = np.cumsum(probs)  # inverse-CDF sampling (rng.choice with p is slow per call)
+            tokens = np.minimum(np.searchsorted(cumulative, rng.random(batch) * cumulative[-1], side="right"),
+                                problem.size - 1)
             log_ratio = log_p[tokens] - np.log(probs[tokens])
             reward = problem.reward[tokens]
             if term.mode == "reward":
@@ -549,6 +554,139 @@ def stochastic_training(problem: FixedPointProblem, estimator, mode: str | None 
         lasts.append(path[-1])
         paths.append(np.array(path))
     return {"probs": np.array(averages), "last": np.array(lasts), "path": np.array(paths)}
+
+
+# --- sequences: a terminal reward on the autoregressive family ---------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class SequenceProblem:
+    r"""A tabular autoregressive reference p, a terminal reward R(y) per sequence, and β.
+
+    ``reward`` has V^T entries, sequences in lexicographic order (the order of the last depth's rows
+    of :class:`~klsym.exact.autoregressive.Autoregressive`, token by token).
+    """
+
+    reference: Autoregressive
+    reward: np.ndarray
+    beta: float
+
+    def __post_init__(self):
+        if not isinstance(self.reference, Autoregressive):
+            raise ValueError(f"the reference must be Autoregressive, got {type(self.reference).__name__}")
+        reward = _finite_vector(self.reward, "reward")
+        if reward.size != self.reference.n_sequences:
+            raise ValueError(f"reward has {reward.size} entries but there are V^T = {self.reference.n_sequences} "
+                             "sequences")
+        beta = FixedPointProblem(np.zeros(2), np.zeros(2), self.beta).beta  # one check of beta
+        object.__setattr__(self, "reward", reward)
+        object.__setattr__(self, "beta", beta)
+
+
+def _reference_sequence_problem() -> SequenceProblem:
+    reference = Autoregressive.random(2, 3, seed=0)
+    sequences = np.array(np.unravel_index(np.arange(8), (2, 2, 2))).T
+    return SequenceProblem(reference, sequences.mean(axis=1), 0.5)
+
+
+#: V = 2 tokens, T = 3, p = ``Autoregressive.random(2, 3, seed=0)``, R(y) = fraction of tokens equal to 1, β = 0.5.
+REFERENCE_SEQUENCE_PROBLEM = _reference_sequence_problem()
+
+
+def sequence_probs(policy: Autoregressive) -> np.ndarray:
+    """Probability of each of the V^T sequences (lexicographic order)."""
+    last = policy.rows(policy.horizon - 1)
+    return (prefix_mass(policy)[last, None] * policy.probs[last]).ravel()
+
+
+def sequence_optimum(problem: SequenceProblem) -> Autoregressive:
+    r"""The sequence-KL optimum :math:`q^*(y) \propto p(y)\,e^{R(y)/\beta}` as a policy, by a backward pass.
+
+    With :math:`V(y) = R(y)/\beta` at the leaves and :math:`V(u) = \log \sum_a p(a|u)\,e^{V(ua)}` above,
+    :math:`q^*(a|u) = p(a|u)\,e^{V(ua) - V(u)}`: its logits are :math:`\log p(a|u) + V(ua)`.
+
+    >>> star = sequence_optimum(REFERENCE_SEQUENCE_PROBLEM)
+    >>> p, R = REFERENCE_SEQUENCE_PROBLEM.reference, REFERENCE_SEQUENCE_PROBLEM.reward
+    >>> bool(np.allclose(sequence_probs(star), softmax(np.log(sequence_probs(p)) + R / 0.5), atol=1e-14))
+    True
+    """
+    p = problem.reference
+    values = np.zeros(p.logits.shape)
+    last = p.rows(p.horizon - 1)
+    values[last] = problem.reward.reshape(-1, p.vocab_size) / problem.beta
+    for depth in range(p.horizon - 2, -1, -1):
+        children = p.rows(depth + 1)
+        soft_value = logsumexp(p.log_probs[children] + values[children], axis=-1)
+        values[p.rows(depth)] = soft_value.reshape(-1, p.vocab_size)
+    return Autoregressive(p.log_probs + values)
+
+
+def sequence_update(problem: SequenceProblem, logits: np.ndarray, estimator, placement: str) -> np.ndarray:
+    r"""Expected update (flat, P V) of the logits: :math:`\mathbb{E}_q[R(y) \sum_t s_t] - \beta\,` placement gradient.
+
+    The placement gradient is :func:`klsym.rl.sequences.placement_gradient` (exact, per placement).
+    """
+    p = problem.reference
+    logits = np.asarray(logits, dtype=np.float64).reshape(p.logits.shape)
+    logits = np.maximum(logits - logits.max(axis=1, keepdims=True), -_FLOOR)
+    q = Autoregressive(logits)
+    terminal = np.zeros(p.logits.shape)
+    terminal[p.rows(p.horizon - 1)] = problem.reward.reshape(-1, p.vocab_size)
+    reward = score_gradient(q, prefix_mass(q), to_go(q, terminal))
+    return reward - problem.beta * placement_gradient(estimator, q, p, placement)
+
+
+def sequence_fixed_point(problem: SequenceProblem, estimator, placement: str, *,
+                         time: float = DYNAMICS_TIME) -> dict:
+    r"""Where exact expected-gradient training of a placement ends, compared with :math:`q^*`.
+
+    The expected dynamics are integrated from q = p (LSODA) for ``time``; ``converged`` says whether
+    the update vanished there (max |u| < 1e-8). Returns the sequence probabilities, both sequence KLs
+    to p, :math:`\mathbb{E}_q[R]`, ``distance_to_optimum`` = KL(end||q*) of the sequences, the largest
+    difference of a conditional probability from q*'s, ``status`` (interior, collapse, diverges as for
+    :func:`fixed_point`, on the sequence distribution) and ``equals_optimum``.
+    """
+    p = problem.reference
+    star = sequence_optimum(problem)
+    with np.errstate(all="ignore"):
+        solution = solve_ivp(lambda _, z: sequence_update(problem, z, estimator, placement), (0.0, time),
+                             p.log_probs.ravel(), method="LSODA", rtol=1e-10, atol=1e-12)
+    end_logits = solution.y[:, -1].reshape(p.logits.shape)
+    finite = solution.success and np.isfinite(end_logits).all()
+    end = Autoregressive(np.maximum(end_logits - end_logits.max(axis=1, keepdims=True), -_FLOOR)) if finite else p
+    probs = sequence_probs(end)
+    residual = float(np.max(np.abs(sequence_update(problem, end.logits, estimator, placement))))
+    converged = finite and residual < 1e-8
+    if not finite:
+        status = "diverges"
+    elif converged and probs.min() > DROPPED_MASS:
+        status = "interior"
+    else:
+        sequences = FixedPointProblem(np.log(sequence_probs(p)), problem.reward, problem.beta)
+        status, _ = _boundary_status(sequences, probs)
+    kl = sequence_kls(end, p)
+    distance = max(sequence_kls(end, star)[KL_QP], 0.0)
+    return {"probs": probs, KL_QP: kl[KL_QP], KL_PQ: kl[KL_PQ], "reward": float(probs @ problem.reward),
+            "distance_to_optimum": distance, "status": status, "converged": converged, "residual": residual,
+            "max_conditional_difference": float(np.max(np.abs(end.probs - star.probs))),
+            "equals_optimum": bool(status == "interior" and distance < 1e-10)}
+
+
+def sequence_table(problem: SequenceProblem = REFERENCE_SEQUENCE_PROBLEM, estimators=("k1", "k2", "k3"),
+                   placements=SEQUENCE_PLACEMENTS) -> pd.DataFrame:
+    """:func:`sequence_fixed_point` for each estimator x placement, with what the placement follows."""
+    star = sequence_optimum(problem)
+    optimum_kl = sequence_kls(star, problem.reference)[KL_QP]
+    rows = [{"estimator": "optimum q*", "placement": "-", "status": "-", KL_QP: optimum_kl,
+             "reward": float(sequence_probs(star) @ problem.reward), "distance_to_optimum": 0.0}]
+    for estimator in estimators:
+        for placement in placements:
+            point = sequence_fixed_point(problem, estimator, placement)
+            rows.append({"estimator": get_estimator(estimator).name, "placement": placement,
+                         "status": point["status"], KL_QP: point[KL_QP], "reward": point["reward"],
+                         "distance_to_optimum": point["distance_to_optimum"],
+                         "max |q(a|u) - q*(a|u)|": point["max_conditional_difference"],
+                         "equals q*": point["equals_optimum"], "converged": point["converged"]})
+    return pd.DataFrame(rows)
 
 
 # --- tables and helpers for notebooks and the crosswalk --------------------------------------------
@@ -629,14 +767,15 @@ def simulation_check(problem: FixedPointProblem, estimator, mode: str, *, batch:
                      ascent_steps: int = 20000) -> dict:
     r"""Predicted end point vs exact expected ascent vs stochastic training (z per token across seeds).
 
-    ``z`` = (seed mean of the Polyak averages - predicted) / (their standard error); ``max_abs_z``.
+    ``z`` = (seed mean of the Polyak averages - predicted) / (their standard error, floored at 1e-12:
+    some terms, e.g. k1 in the reward, make every per-sample update vanish at q*, so runs agree to
+    rounding); ``max_abs_z``.
     """
     predicted = fixed_point(problem, estimator, mode)
     ascent = expected_ascent(problem, estimator, mode, lr=ascent_lr, steps=ascent_steps)[-1]
     runs = stochastic_training(problem, estimator, mode, batch=batch, lr=lr, steps=steps, seeds=seeds)["probs"]
     mean, se = runs.mean(axis=0), runs.std(axis=0, ddof=1) / math.sqrt(len(seeds))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(se > 0, (mean - predicted["probs"]) / se, 0.0)
+    z = (mean - predicted["probs"]) / np.maximum(se, 1e-12)
     return {"predicted": predicted["probs"], "status": predicted["status"], "ascent": ascent,
             "ascent_error": float(np.max(np.abs(ascent - predicted["probs"]))),
             "stochastic": mean, "stochastic_se": se, "z": z, "max_abs_z": float(np.max(np.abs(z)))}
@@ -684,4 +823,6 @@ __all__ = [
     "stationary_point", "integrate_dynamics", "fixed_point", "fixed_point_summary", "summary_rows",
     "expected_ascent", "stochastic_training", "converges_to", "endpoint_table", "trajectory_frame",
     "stochastic_frame", "simulation_check", "simulation_table", "beta_sweep", "converges_to_table",
+    "SequenceProblem", "REFERENCE_SEQUENCE_PROBLEM", "sequence_probs", "sequence_optimum", "sequence_update",
+    "sequence_fixed_point", "sequence_table",
 ]
