@@ -190,11 +190,22 @@ def compile_logratio_function(body: sp.Expr, module: str = "numpy", *, xp=None):
 
 
 def _compile_pieces(expr: sp.Expr, xp, mapping):
-    """Lambdify ``expr``; a two-piece Piecewise becomes ``where`` (faster than ``select``)."""
+    """Lambdify ``expr``; a two-piece Piecewise runs its second piece only where the first does not apply."""
     if isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1].cond == sp.true:
         first, second = (_compile_pieces(piece.expr, xp, mapping) for piece in expr.args)
         condition = sp.lambdify(t, expr.args[0].cond, modules=mapping)
-        return lambda values: xp.where(condition(values), first(values), second(values))
+
+        def pieces(values):
+            chosen = condition(values)
+            if xp.ndim(values) == 0:
+                return xp.where(chosen, first(values), second(values))
+            if bool(chosen.all()):  # the usual case (k4: t <= 40): one piece, no select
+                return first(values)
+            out, rest = first(values), ~chosen
+            out[rest] = second(values[rest])
+            return out
+
+        return pieces
     fn = sp.lambdify(t, expr, modules=mapping)
 
     def whole(values):
@@ -231,9 +242,10 @@ _SCHULMAN = "Schulman (2020), Approximating KL Divergence (seeds 001, 002)"
 _YANG = "Yang (2025), Gradient Estimation of KL Divergence in LLM RL (seed 003)"
 _VERL = "verl core_algos.kl_penalty: value of the base estimator, gradient of k2 (straight-through)"
 
-# k4 = log((r-1)^2 + 1): for t > 0 factor out e^{2t} so nothing overflows at t = 700.
+# k4 = log((r-1)^2 + 1): past t = 40 factor out e^{2t} so nothing overflows at t = 700 (40 keeps
+# expm1(t)^2 and the derivative's e^t expm1(t) finite in float32 too); the first form is exact below.
 _K4_STABLE = sp.Piecewise(
-    (log1p(expm1(t) ** 2), t <= 0),
+    (log1p(expm1(t) ** 2), t <= 40),
     (2 * t + log1p(2 * sp.exp(-2 * t) - 2 * sp.exp(-t)), True),
 )
 

@@ -11,8 +11,10 @@ so memory does not depend on ``n``.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,8 +33,15 @@ TRIALS_STREAM = 1
 
 # --- samplers ----------------------------------------------------------------------------------
 
+def _rows(xp, generators, draw):
+    """``draw(generator)`` for each block's generator, as one (rows, size) array (no copy for one row)."""
+    if len(generators) == 1:
+        return draw(generators[0])[None]
+    return xp.stack([draw(generator) for generator in generators])
+
+
 class GaussianSampler:
-    """Draws x = mu + sigma z from q and returns (t, x); the score comes from the family."""
+    """Draws x = mu + sigma z from q and returns (t, x) as (rows, size) arrays; the score comes from the family."""
 
     categorical = False
 
@@ -41,9 +50,9 @@ class GaussianSampler:
         self.param_names = q.param_names
         self.size = len(q.param_names)
 
-    def draw(self, generator, size):
-        z = generator.standard_normal(size, dtype=self.dtype)
-        x = self.q.mu + self.q.sigma * z
+    def draw(self, generators, size):
+        z = _rows(self.backend.xp, generators, lambda g: g.standard_normal(size, dtype=self.dtype))
+        x = self.q.mu + self.q.sigma * z  # elementwise: the same bits as block by block
         return log_ratio(self.p, self.q, x), x
 
     def score(self, x):
@@ -67,9 +76,9 @@ class CategoricalSampler:
         self.last_token = int(np.flatnonzero(self.probs > 0)[-1])  # u past a rounded cdf[-1]
         self.table = xp.asarray((p.log_probs - q.log_probs).astype(dtype))
 
-    def draw(self, generator, size):
+    def draw(self, generators, size):
         xp = self.backend.xp
-        u = generator.random(size)
+        u = _rows(xp, generators, lambda g: g.random(size))
         tokens = xp.minimum(xp.searchsorted(self.cdf, u, side="right"), self.last_token)
         return self.table[tokens], tokens
 
@@ -159,12 +168,12 @@ class Chunk:
     """
 
     def __init__(self, stream: Stream, blocks):
-        xp, sampler = stream.xp, stream.sampler
         self.stream, self.blocks = stream, blocks
         self.sizes = [size for _, size in blocks]
-        drawn = [sampler.draw(stream.backend.generator(stream.seed, *key), size) for key, size in blocks]
-        self.t = xp.stack([d[0] for d in drawn])
-        self.data = xp.stack([d[1] for d in drawn])
+        if len(set(self.sizes)) != 1:
+            raise ValueError("a chunk holds RNG blocks of one size")
+        generators = [stream.backend.generator(stream.seed, *key) for key, _ in blocks]
+        self.t, self.data = stream.sampler.draw(generators, self.sizes[0])
         self._values: dict = {}
         self._weights: dict = {}
         self._score = None
@@ -174,7 +183,7 @@ class Chunk:
         return len(self.blocks)
 
     def values(self, i: int):
-        """Values k(e^t) of estimator ``i``."""
+        """Values k(e^t) of estimator ``i`` (one array per estimator: each stays in cache while it is reduced)."""
         if i not in self._values:
             self._values[i] = self.stream.values[i](self.t)
         return self._values[i]
@@ -197,12 +206,38 @@ class Chunk:
 
 # --- the driver --------------------------------------------------------------------------------
 
+#: glibc ``mallopt`` settings (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``) applied once per process.
+_MALLOC_SETTINGS = ((-3, 32 << 20), (-1, 128 << 20))
+_malloc_tuned = False
+
+
+def keep_freed_blocks() -> None:
+    """Let glibc reuse freed block-sized arrays instead of returning them to the OS.
+
+    By default glibc hands every freed array above 128 KiB back to the kernel and page-faults it in
+    again on the next allocation: for the engine's 512 KiB temporaries that costs as much as the
+    arithmetic. Arrays up to 32 MiB are now kept in the heap (at most 128 MiB of freed memory is held
+    before trimming), so memory stays bounded and independent of ``n``. No effect outside glibc.
+    """
+    global _malloc_tuned
+    if _malloc_tuned or not sys.platform.startswith("linux"):
+        return
+    _malloc_tuned = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        for option, value in _MALLOC_SETTINGS:
+            libc.mallopt(option, value)
+    except (OSError, AttributeError):  # musl or another libc: keep its defaults
+        pass
+
+
 def stream_through(stream: Stream, plan, accumulators, threads: int | None = None, progress: bool = False,
                    total: int | None = None):
     """Feed every chunk of ``plan`` to fresh copies of ``accumulators`` on worker threads and merge them
     into ``accumulators`` in block order. Returns the accumulators."""
     from tqdm import tqdm  # text bar: notebooks have no ipywidgets, and HTML reports keep text
 
+    keep_freed_blocks()
     def work(blocks):
         chunk = stream.draw(blocks)
         parts = []
