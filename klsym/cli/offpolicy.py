@@ -114,6 +114,45 @@ def run_mc(args, q, p, b, estimators) -> int:
     return 0
 
 
+def add_sequence_behaviour_arguments(parser) -> None:
+    """``--behaviour-model B.npy --weighting W`` for ``klsym sequence``."""
+    from klsym.rl.offpolicy import SEQUENCE_WEIGHTINGS
+
+    parser.add_argument("--behaviour-model", metavar="B.npy",
+                        help="behaviour policy b that drew the sequences: (P, V) logits of every prefix")
+    parser.add_argument("--weighting", default=",".join(SEQUENCE_WEIGHTINGS),
+                        help=f"with --behaviour-model: comma-separated from {', '.join(SEQUENCE_WEIGHTINGS)}")
+
+
+def run_sequence(args, q, p) -> int:
+    """``klsym sequence --behaviour-model``: exact (enumeration under b) per estimator x placement x weighting,
+    follows labels, variance per sequence, MC from b with ``--mc N``, and the recommended unbiased option."""
+    from klsym.cli.exact import estimators_from_args
+    from klsym.exact.autoregressive import Autoregressive
+    from klsym.rl.offpolicy import SEQUENCE_PLACEMENTS, SEQUENCE_WEIGHTINGS, recommend, sequence_offpolicy_table
+
+    b = Autoregressive.from_file(args.behaviour_model)
+    weightings = tuple(w.strip() for w in args.weighting.split(",") if w.strip())
+    unknown = [w for w in weightings if w not in SEQUENCE_WEIGHTINGS]
+    if unknown or not weightings:
+        raise UserError(f"unknown weighting {unknown[0] if unknown else args.weighting!r}; "
+                        f"choose from {', '.join(SEQUENCE_WEIGHTINGS)}")
+    asked = [name.strip() for name in args.placements.split(",") if name.strip()]
+    placements = tuple(name for name in asked if name in SEQUENCE_PLACEMENTS)
+    if not placements:
+        raise UserError(f"off-policy weightings cover the placements {', '.join(SEQUENCE_PLACEMENTS)}")
+    table = sequence_offpolicy_table(q, p, b, estimators_from_args(args), placements, weightings, args.mc, args.seed)
+    best = recommend(table)
+    if args.format == "json":
+        print(dumps({"rows": table.to_dict("records"), "recommended": best}))
+        return 0
+    print(format_table(table.to_dict("records")))
+    if best:
+        print(f"recommended (unbiased for grad KL(q||p), least variance): {best['estimator']} {best['placement']} "
+              f"{best['weighting']} (variance per sequence {best['variance (per sequence)']:.6g})")
+    return 0
+
+
 def register(subparsers) -> None:
     from klsym.cli.exact import add_pair_arguments
 
@@ -140,4 +179,4 @@ def run(args) -> int:
 
 
 __all__ = ["add_behaviour_arguments", "behaviour_from_args", "weightings_from_args", "run_gradient", "run_exact",
-           "run_mc"]
+           "run_mc", "add_sequence_behaviour_arguments", "run_sequence"]

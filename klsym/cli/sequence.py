@@ -5,7 +5,8 @@ Two tabular autoregressive policies (``.npy`` arrays of shape (P, V), see :mod:`
     python -m klsym sequence --q-model q.npy --p-model p.npy --estimators k1,k2,k3 --format json
 
 or a random pair: ``--random V,T,SEED`` makes p with N(0, 1) logits (``np.random.default_rng(SEED)``) and q = p
-plus N(0, DISTANCE^2) noise on every logit (seed SEED + 1; ``--distance``, default 0.5). ``--mc N --seed S``
+plus N(0, DISTANCE^2) noise on every logit (seed SEED + 1; ``--distance``, default 0.5). ``--eos TOKEN`` makes
+lengths variable (a sequence stops at its first TOKEN). ``--mc N --seed S``
 adds a Monte Carlo cross-check (``mc`` block: per-placement gradients, standard errors, max |z|).
 
 JSON keys: ``kl`` {"KL(q||p)", "KL(p||q)"}; ``true_gradient`` and ``partial_gradient`` (same two keys, flat lists in
@@ -19,6 +20,7 @@ import numpy as np
 
 from klsym.cli import UserError, add_format_argument
 from klsym.cli.exact import estimators_from_args
+from klsym.cli.offpolicy import add_sequence_behaviour_arguments, run_sequence
 from klsym.exact.autoregressive import Autoregressive
 from klsym.jsonio import dumps, format_table
 from klsym.rl.sequences import ALL_PLACEMENTS, KL_PQ, KL_QP, sequence_summary
@@ -33,6 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument("--q-model", metavar="Q.npy", help="sampler q: (P, V) logits of every prefix")
     parser.add_argument("--p-model", metavar="P.npy", help="reference p: (P, V) logits of every prefix")
     parser.add_argument("--random", metavar="V,T,SEED", help="a random pair instead of model files")
+    parser.add_argument("--eos", type=int, default=None, metavar="TOKEN",
+                        help="end-of-sequence token: sequences stop at their first TOKEN (default: fixed length T)")
     parser.add_argument("--distance", type=float, default=0.5,
                         help="with --random: std of the noise added to p's logits to make q (default 0.5)")
     parser.add_argument("--estimators", default="k1,k2,k3", help="comma-separated estimator names (default k1,k2,k3)")
@@ -43,6 +47,7 @@ def register(subparsers) -> None:
     parser.add_argument("--mc", type=int, default=None, metavar="N", help="also run N Monte Carlo sequences")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="Monte Carlo seed (default 0)")
     add_format_argument(parser)
+    add_sequence_behaviour_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -54,7 +59,7 @@ def pair_from_args(args):
     if files:
         if args.q_model is None or args.p_model is None:
             raise UserError("both --q-model and --p-model are required")
-        q, p = Autoregressive.from_file(args.q_model), Autoregressive.from_file(args.p_model)
+        q, p = Autoregressive.from_file(args.q_model, args.eos), Autoregressive.from_file(args.p_model, args.eos)
         q.check_pair(p)
         return q, p
     try:
@@ -64,18 +69,20 @@ def pair_from_args(args):
             from None
     if seed < 0:
         raise UserError(f"the seed of --random must be non-negative, got {seed}")
-    p = Autoregressive.random(vocab, horizon, seed)
+    p = Autoregressive.random(vocab, horizon, seed).with_eos(args.eos)
     return p.perturbed(args.distance, seed + 1), p
 
 
 def run(args) -> int:
     q, p = pair_from_args(args)
+    if args.behaviour_model is not None:
+        return run_sequence(args, q, p)
     summary = sequence_summary(q, p, estimators_from_args(args), args.placements, mc=args.mc, seed=args.seed)
     if args.format == "json":
         print(dumps(summary))
         return 0
-    print(f"V {summary['V']}  T {summary['T']}  sequences {summary['sequences']:,}  parameters "
-          f"{summary['parameters']:,}")
+    print(f"V {summary['V']}  T {summary['T']}  eos {summary['eos']}  sequences enumerated {summary['sequences']:,}  "
+          f"parameters {summary['parameters']:,}")
     print(f"{KL_QP} = {summary['kl'][KL_QP]:.10g}   {KL_PQ} = {summary['kl'][KL_PQ]:.10g}   "
           f"missing future term |grad - partial| / |grad KL(q||p)| = {summary['missing_future_term']:.6g}")
     mc = summary.get("mc")

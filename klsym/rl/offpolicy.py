@@ -310,6 +310,216 @@ def mc_check_table(q, p, b, estimators="k1,k2,k3", modes=MODES, weightings=WEIGH
     return pd.DataFrame(rows)
 
 
+# --- sequences: autoregressive q, p, b ---------------------------------------------------------------
+#
+# A sequence y = (y_1..y_T) is drawn from b; per position w_t = q_t / b_t, k_t = k(p_t / q_t), h_t = -k_sur'(t_t) and the
+# score s_t = grad log q(y_t | y_<t). Every (placement, weighting) gradient of one sequence is sum_t C_t s_t; the
+# coefficients C_t are built in _sequence_coefficients. Exact expectations enumerate the V^T sequences under b.
+
+SEQUENCE_WEIGHTINGS = ("none", "token-is", "token-is-differentiable", "sequence-is", "sequence-mean-is-differentiable",
+                       "per-decision")
+SEQUENCE_PLACEMENTS = ("loss", "reward", "reward-to-go", "sequence-reward", "full", "loss+reward")
+#: Largest V^T enumerated by the off-policy sequence functions (arrays of shape (V^T, T, V)).
+MAX_OFFPOLICY_SEQUENCES = 1 << 18
+
+
+def _check_sequence_triple(q, p, b) -> None:
+    from klsym.exact.autoregressive import Autoregressive
+
+    for name, policy in (("q", q), ("p", p), ("b", b)):
+        if not isinstance(policy, Autoregressive):
+            raise ValueError(f"{name} must be an Autoregressive policy, got {type(policy).__name__}")
+    q.check_pair(p)
+    try:
+        q.check_pair(b)
+    except ValueError as err:
+        raise ValueError(str(err).replace("q and p", "q and the behaviour b")) from None
+    if q.eos is not None:
+        raise ValueError("off-policy sequence weightings cover the fixed horizon (no eos) only")
+    if q.n_sequences > MAX_OFFPOLICY_SEQUENCES:
+        raise ValueError(f"V^T = {q.n_sequences:,} sequences exceed the off-policy enumeration limit "
+                         f"{MAX_OFFPOLICY_SEQUENCES:,}")
+
+
+def _rows_of(policy, tokens: np.ndarray) -> np.ndarray:
+    """Row (prefix) index of every position of every sequence, shape (N, T)."""
+    vocab = policy.vocab_size
+    rows = np.empty(tokens.shape, dtype=np.int64)
+    index = np.zeros(tokens.shape[0], dtype=np.int64)
+    for depth in range(tokens.shape[1]):
+        rows[:, depth] = policy.offsets[depth] + index
+        index = index * vocab + tokens[:, depth]
+    return rows
+
+
+def _per_position(q, p, b, tokens):
+    rows = _rows_of(q, tokens)
+    return rows, q.log_probs[rows, tokens], p.log_probs[rows, tokens], b.log_probs[rows, tokens]
+
+
+def _sequence_coefficients(estimator, placement: str, weighting: str, lq, lp, lb) -> np.ndarray:
+    """C (N, T): the weight of each position's score in one sequence's gradient."""
+    t_ = lp - lq
+    k = np.asarray(estimator.numeric(t_), dtype=float)
+    h = -np.asarray(estimator.numeric_dt(t_), dtype=float)
+    w = np.exp(lq - lb)
+    horizon = lq.shape[1]
+    zeros = np.zeros_like(k)
+    loss_on = placement in ("loss", "full", "loss+reward")
+    to_go = np.cumsum(k[:, ::-1], axis=1)[:, ::-1]
+    reward = {"loss": zeros, "reward": k, "reward-to-go": to_go, "full": to_go, "loss+reward": k,
+              "sequence-reward": np.broadcast_to(k.sum(1, keepdims=True), k.shape)}[placement]
+    loss = h if loss_on else zeros
+    if weighting == "none":
+        return loss + reward
+    if weighting == "token-is":
+        return w * (loss + reward)
+    if weighting == "token-is-differentiable":  # grad(w_t k_t) = w_t (k_t + h_t) s_t; reward terms as token-is
+        return (w * (k + h) if loss_on else zeros) + w * reward
+    if weighting == "sequence-is":
+        return np.prod(w, axis=1, keepdims=True) * (loss + reward)
+    if weighting == "sequence-mean-is-differentiable":
+        # c = exp(mean_t(log q_t - sg log b_t)) times every term; grad c = c (1/T) sum_u s_u (TRL #6586)
+        c = np.exp(np.mean(lq - lb, axis=1, keepdims=True))
+        through_c = c * k.sum(1, keepdims=True) / horizon if loss_on else zeros
+        return c * (loss + reward) + through_c
+    if weighting == "per-decision":
+        rho = np.cumprod(w, axis=1)
+        if placement == "reward-to-go" or placement == "full":
+            credited = np.cumsum((rho * k)[:, ::-1], axis=1)[:, ::-1]
+        elif placement == "sequence-reward":  # k_s s_t involves positions up to max(s, t)
+            credited = np.cumsum((rho * k)[:, ::-1], axis=1)[:, ::-1] + rho * (np.cumsum(k, axis=1) - k)
+        else:
+            credited = rho * reward
+        return rho * loss + credited
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(SEQUENCE_WEIGHTINGS)}")
+
+
+def _gradient_from_coefficients(q, rows, tokens, coefficients, weights):
+    """sum_n weights_n sum_t C_nt (onehot(y_t) - q_row): a flat gradient of length P V."""
+    weighted = weights[:, None] * coefficients
+    grad = np.zeros(q.logits.shape)
+    np.add.at(grad, (rows, tokens), weighted)
+    np.add.at(grad, rows, -weighted[..., None] * q.probs[rows])
+    return grad.ravel()
+
+
+def _squared_norms(q, rows, tokens, coefficients):
+    """||g(y)||^2 per sequence: positions sit in different rows, so no cross terms."""
+    qrow = q.probs[rows]
+    per_position = 1.0 - 2.0 * qrow[np.arange(rows.shape[0])[:, None], np.arange(rows.shape[1]), tokens] \
+        + np.sum(qrow**2, axis=-1)
+    return np.sum(coefficients**2 * per_position, axis=1)
+
+
+def _all_sequences(policy) -> np.ndarray:
+    grids = np.indices((policy.vocab_size,) * policy.horizon).reshape(policy.horizon, -1)
+    return grids.T.copy()
+
+
+def sequence_offpolicy_gradients(estimator, q, p, b, placements=SEQUENCE_PLACEMENTS,
+                                 weightings=SEQUENCE_WEIGHTINGS) -> dict:
+    r"""Exact :math:`\mathbb{E}_{y\sim b}[g(y)]` (flat) and the per-sequence variance :math:`\mathbb{E}\|g\|^2 -
+    \|\mathbb{E} g\|^2` for every placement x weighting: ``{(placement, weighting): {"gradient", "variance"}}``."""
+    estimator = get_estimator(estimator)
+    _check_sequence_triple(q, p, b)
+    tokens = _all_sequences(q)
+    rows, lq, lp, lb = _per_position(q, p, b, tokens)
+    probs = np.exp(lb.sum(axis=1))
+    out = {}
+    for placement in placements:
+        for weighting in weightings:
+            c = _sequence_coefficients(estimator, placement, weighting, lq, lp, lb)
+            gradient = _gradient_from_coefficients(q, rows, tokens, c, probs)
+            second = float(np.sum(probs * _squared_norms(q, rows, tokens, c)))
+            out[(placement, weighting)] = {"gradient": gradient, "variance": second - float(gradient @ gradient)}
+    return out
+
+
+def sample_sequences(policy, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n sequences drawn token by token from ``policy`` (inverse CDF per prefix row), shape (n, T)."""
+    tokens = np.empty((n, policy.horizon), dtype=np.int64)
+    index = np.zeros(n, dtype=np.int64)
+    for depth in range(policy.horizon):
+        cdf = np.cumsum(policy.probs[policy.offsets[depth] + index], axis=1)
+        tokens[:, depth] = np.minimum((rng.random(n)[:, None] > cdf).sum(1), policy.vocab_size - 1)
+        index = index * policy.vocab_size + tokens[:, depth]
+    return tokens
+
+
+def sequence_monte_carlo(estimator, q, p, b, placement: str, weighting: str, n: int = 20_000, seed: int = 0) -> dict:
+    """Mean and standard error of every gradient coordinate from n sequences drawn from b."""
+    estimator = get_estimator(estimator)
+    _check_sequence_triple(q, p, b)
+    tokens = sample_sequences(b, int(n), np.random.default_rng(seed))
+    rows, lq, lp, lb = _per_position(q, p, b, tokens)
+    c = _sequence_coefficients(estimator, placement, weighting, lq, lp, lb)
+    total = _gradient_from_coefficients(q, rows, tokens, c, np.ones(len(tokens)))
+    # each coordinate is touched at most once per sequence: its square sums the same way
+    squares = np.zeros(q.logits.shape)
+    values = c[..., None] * ((np.arange(q.vocab_size) == tokens[..., None]) - q.probs[rows])
+    np.add.at(squares, rows, values**2)
+    mean = total / n
+    variance = np.maximum(squares.ravel() / n - mean**2, 0.0) * n / (n - 1)
+    return {"gradient": mean, "se": np.sqrt(variance / n), "n": int(n)}
+
+
+def sequence_offpolicy_table(q, p, b, estimators="k1,k3", placements=SEQUENCE_PLACEMENTS,
+                             weightings=SEQUENCE_WEIGHTINGS, mc: int | None = None, seed: int = 0) -> pd.DataFrame:
+    r"""One row per estimator x placement x weighting: what the exact expected gradient under b follows
+    (:func:`klsym.rl.sequences.follows`), its relative error vs :math:`\nabla KL(q\|p)` of the sequences,
+    ``unbiased`` (follows KL(q||p)), the per-sequence variance; with ``mc``, max |z| of n sequences from b."""
+    from klsym.rl.sequences import KL_QP as SEQ_KL_QP
+    from klsym.rl.sequences import follows, reference_gradients, relative_error
+
+    references = reference_gradients(q, p)
+    target = references[SEQ_KL_QP]
+    rows = []
+    for estimator in _estimators(estimators):
+        exact = sequence_offpolicy_gradients(estimator, q, p, b, placements, weightings)
+        for (placement, weighting), entry in exact.items():
+            label = follows(entry["gradient"], references)
+            row = {"estimator": estimator.name, "placement": placement, "weighting": weighting,
+                   "follows": label or "-", "unbiased": label == SEQ_KL_QP,
+                   "relative error vs grad KL(q||p)": relative_error(entry["gradient"], target),
+                   "variance (per sequence)": entry["variance"]}
+            if mc:
+                sampled = sequence_monte_carlo(estimator, q, p, b, placement, weighting, mc, seed)
+                live = sampled["se"] > 0
+                row["MC max |z|"] = float(np.max(np.abs(sampled["gradient"] - entry["gradient"])[live]
+                                                 / sampled["se"][live]))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def recommend(table: pd.DataFrame) -> dict:
+    """The unbiased row (follows grad KL(q||p)) of least per-sequence variance."""
+    unbiased = table[table["unbiased"]]
+    if unbiased.empty:
+        return {}
+    return unbiased.sort_values("variance (per sequence)").iloc[0].to_dict()
+
+
+def variance_vs_horizon(vocab_size: int, horizons, drift_scale: float, distance: float = 0.5, seed: int = 0,
+                        estimators="k1,k3", placements=("full", "reward-to-go"),
+                        weightings=("sequence-is", "per-decision")) -> pd.DataFrame:
+    """Per-sequence variance of unbiased options as T grows: p random, q = p + noise(distance),
+    b = q + noise(drift_scale) (the policy before an update), same seeds at every T."""
+    from klsym.exact.autoregressive import Autoregressive
+
+    frames = []
+    for horizon in horizons:
+        p = Autoregressive.random(vocab_size, horizon, seed)
+        q = p.perturbed(distance, seed + 1)
+        b = q.perturbed(drift_scale, seed + 2)
+        frame = sequence_offpolicy_table(q, p, b, estimators, placements, weightings)
+        frame.insert(0, "T", horizon)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
 __all__ = ["WEIGHTINGS", "UNBIASED_WEIGHTINGS", "DEFAULT_TRUNCATION", "DEFAULT_CLIP", "term_expression",
            "check_triple", "exact_expression", "offpolicy_gradient", "true_gradient", "drift", "monte_carlo",
-           "offpolicy_rows", "offpolicy_summary", "value_rows", "drift_table", "mc_check_table"]
+           "offpolicy_rows", "offpolicy_summary", "value_rows", "drift_table", "mc_check_table",
+           "SEQUENCE_WEIGHTINGS", "SEQUENCE_PLACEMENTS", "sequence_offpolicy_gradients", "sample_sequences",
+           "sequence_monte_carlo", "sequence_offpolicy_table", "recommend", "variance_vs_horizon"]
