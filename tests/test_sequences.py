@@ -54,17 +54,29 @@ def row_index(prefix, vocab):
     return index + digits
 
 
-def brute_force(q_logits, p_logits, vocab, horizon, value, slope):
-    """Expected per-sequence gradient of every placement, by a sum over all V^T sequences."""
+def all_sequences(vocab, horizon, eos=None):
+    """Every distinct sequence: T tokens, or cut after its first eos."""
+    seen = set()
+    for y in itertools.product(range(vocab), repeat=horizon):
+        if eos in y:
+            y = y[:y.index(eos) + 1]
+        if y not in seen:
+            seen.add(y)
+            yield y
+
+
+def brute_force(q_logits, p_logits, vocab, horizon, value, slope, eos=None):
+    """Expected per-sequence gradient of every placement, by a sum over all sequences."""
     qp, pp = softmax_rows(q_logits), softmax_rows(p_logits)
     size = len(q_logits) * vocab
     out = {name: np.zeros(size) for name in seq.ALL_PLACEMENTS}
-    for y in itertools.product(range(vocab), repeat=horizon):
-        rows = [row_index(y[:i], vocab) for i in range(horizon)]
-        prob = math.prod(qp[rows[i]][y[i]] for i in range(horizon))
-        ts = [math.log(pp[rows[i]][y[i]]) - math.log(qp[rows[i]][y[i]]) for i in range(horizon)]
+    for y in all_sequences(vocab, horizon, eos):
+        length = len(y)
+        rows = [row_index(y[:i], vocab) for i in range(length)]
+        prob = math.prod(qp[rows[i]][y[i]] for i in range(length))
+        ts = [math.log(pp[rows[i]][y[i]]) - math.log(qp[rows[i]][y[i]]) for i in range(length)]
         scores = []
-        for i in range(horizon):
+        for i in range(length):
             s = np.zeros(size)
             for b in range(vocab):
                 s[rows[i] * vocab + b] = (1.0 if b == y[i] else 0.0) - qp[rows[i]][b]
@@ -74,27 +86,27 @@ def brute_force(q_logits, p_logits, vocab, horizon, value, slope):
         total_t = sum(ts)
         weights = {
             "loss": path, "reward": k,
-            "reward-to-go": [sum(k[i:]) for i in range(horizon)],
-            "sequence-reward": [sum(k)] * horizon,
-            "full": [path[i] + sum(k[i:]) for i in range(horizon)],
-            "loss+reward": [path[i] + k[i] for i in range(horizon)],
-            "sequence-ratio-loss": [-slope(total_t)] * horizon,
-            "sequence-ratio-reward": [value(total_t)] * horizon,
-            "sequence-ratio-full": [value(total_t) - slope(total_t)] * horizon,
+            "reward-to-go": [sum(k[i:]) for i in range(length)],
+            "sequence-reward": [sum(k)] * length,
+            "full": [path[i] + sum(k[i:]) for i in range(length)],
+            "loss+reward": [path[i] + k[i] for i in range(length)],
+            "sequence-ratio-loss": [-slope(total_t)] * length,
+            "sequence-ratio-reward": [value(total_t)] * length,
+            "sequence-ratio-full": [value(total_t) - slope(total_t)] * length,
         }
         for name, w in weights.items():
-            out[name] += prob * sum(w[i] * scores[i] for i in range(horizon))
+            out[name] += prob * sum(w[i] * scores[i] for i in range(length))
     return out
 
 
-def brute_sequence_probs(logits, vocab, horizon):
+def brute_sequence_probs(logits, vocab, horizon, eos=None):
     probs = softmax_rows(logits)
-    return {y: math.prod(probs[row_index(y[:i], vocab)][y[i]] for i in range(horizon))
-            for y in itertools.product(range(vocab), repeat=horizon)}
+    return {y: math.prod(probs[row_index(y[:i], vocab)][y[i]] for i in range(len(y)))
+            for y in all_sequences(vocab, horizon, eos)}
 
 
-def brute_kl(q_logits, p_logits, vocab, horizon):
-    qs, ps = brute_sequence_probs(q_logits, vocab, horizon), brute_sequence_probs(p_logits, vocab, horizon)
+def brute_kl(q_logits, p_logits, vocab, horizon, eos=None):
+    qs, ps = brute_sequence_probs(q_logits, vocab, horizon, eos), brute_sequence_probs(p_logits, vocab, horizon, eos)
     return (sum(qs[y] * math.log(qs[y] / ps[y]) for y in qs), sum(ps[y] * math.log(ps[y] / qs[y]) for y in qs))
 
 
@@ -167,13 +179,13 @@ def test_true_gradients_equal_finite_differences_of_the_sequence_kls(pair):
     np.testing.assert_allclose(true[KL_PQ], fd_pq, atol=1e-8)
 
 
-def expected_penalty(q_logits, frozen_logits, p_logits, vocab, horizon, value, whole=False):
+def expected_penalty(q_logits, frozen_logits, p_logits, vocab, horizon, value, whole=False, eos=None):
     """E over y ~ q_frozen of sum_t k(r_t) (or k(prod r_t)) with r_t from q_logits."""
     qs = softmax_rows(q_logits)
     ps = softmax_rows(p_logits)
     total = 0.0
-    for y, prob in brute_sequence_probs(frozen_logits, vocab, horizon).items():
-        ts = [math.log(ps[row_index(y[:i], vocab)][y[i]] / qs[row_index(y[:i], vocab)][y[i]]) for i in range(horizon)]
+    for y, prob in brute_sequence_probs(frozen_logits, vocab, horizon, eos).items():
+        ts = [math.log(ps[row_index(y[:i], vocab)][y[i]] / qs[row_index(y[:i], vocab)][y[i]]) for i in range(len(y))]
         total += prob * (value(sum(ts)) if whole else sum(value(t) for t in ts))
     return total
 
@@ -341,13 +353,73 @@ def test_monte_carlo_depends_only_on_seed_and_n():
 
 def test_sampler_draws_sequences_with_their_probabilities():
     q = Autoregressive.random(2, 2, seed=3)
-    tokens, rows = mcseq.sample(q, np.random.default_rng(0), 200_000)
+    tokens, rows, alive = mcseq.sample(q, np.random.default_rng(0), 200_000)
+    assert alive.all()
     codes = tokens[:, 0] * 2 + tokens[:, 1]
     counts = np.bincount(codes, minlength=4)
     probs = np.array([math.exp(q.log_prob(y)) for y in itertools.product(range(2), repeat=2)])
     z = (counts / 200_000 - probs) / np.sqrt(probs * (1 - probs) / 200_000)
     assert np.max(np.abs(z)) < 5
     assert np.array_equal(rows[:, 1], 1 + tokens[:, 0])
+
+
+# --- end of sequence: variable lengths ------------------------------------------------------------
+
+EOS_PAIRS = [(3, 3, 12, 0.6, 0), (2, 4, 13, 0.8, 1), (3, 2, 14, 0.5, 2)]
+
+
+def eos_pair(vocab, horizon, seed, scale, eos):
+    q, p = make_pair(vocab, horizon, seed, scale)
+    return q.with_eos(eos), p.with_eos(eos)
+
+
+@pytest.mark.parametrize("pair", EOS_PAIRS)
+def test_eos_kls_and_every_placement_equal_brute_force(pair):
+    vocab, horizon, eos = pair[0], pair[1], pair[4]
+    q, p = eos_pair(*pair)
+    kl_qp, kl_pq = brute_kl(q.logits.tolist(), p.logits.tolist(), vocab, horizon, eos)
+    assert sequence_kls(q, p)[KL_QP] == pytest.approx(kl_qp, rel=1e-12)
+    assert sequence_kls(q, p)[KL_PQ] == pytest.approx(kl_pq, rel=1e-12)
+    for name in CLOSED:
+        expected = brute_force(q.logits.tolist(), p.logits.tolist(), vocab, horizon, *CLOSED[name], eos=eos)
+        got = seq.placement_gradients(name, q, p)
+        for placement in seq.ALL_PLACEMENTS:
+            np.testing.assert_allclose(got[placement], expected[placement], rtol=1e-9, atol=1e-13,
+                                       err_msg=f"{name} {placement}")
+
+
+def test_eos_true_gradients_and_full_equal_finite_differences():
+    vocab, horizon, eos = 2, 3, 1
+    q, p = eos_pair(vocab, horizon, 15, 0.7, eos)
+    p_logits = p.logits.tolist()
+    true = seq.true_gradients(q, p)
+    for index, label in enumerate((KL_QP, KL_PQ)):
+        fd = finite_difference(lambda lg: brute_kl(lg.tolist(), p_logits, vocab, horizon, eos)[index], q.logits)
+        np.testing.assert_allclose(true[label], fd, atol=1e-8)
+    full = finite_difference(lambda lg: expected_penalty(lg.tolist(), lg.tolist(), p_logits, vocab, horizon,
+                                                         CLOSED["k3"][0], eos=eos), q.logits)
+    np.testing.assert_allclose(seq.placement_gradient("k3", q, p, "full"), full, atol=1e-8)
+
+
+def test_eos_follows_labels_and_monte_carlo():
+    q, p = eos_pair(3, 3, 12, 0.6, 0)
+    summary = seq.sequence_summary(q, p, "k1,k2,k3")
+    assert summary["eos"] == 0
+    got = {name: {placement: entry["follows"] for placement, entry in by.items()}
+           for name, by in summary["estimators"].items()}
+    assert got == EXPECTED_FOLLOWS
+    check = mcseq.crosscheck(q, p, "k1,k2,k3", n=150_000, seed=5, exact=summary)
+    assert check["passed"], check["max_abs_z"]
+    tokens, _, alive = mcseq.sample(q, np.random.default_rng(1), 1000)
+    ended = (tokens == 0) & alive
+    assert not alive[:, 1:][ended[:, :-1]].any()  # nothing is alive after an EOS
+
+
+def test_eos_errors():
+    with pytest.raises(ValueError, match="eos must be a token id"):
+        Autoregressive(np.zeros((3, 2)), eos=2)
+    with pytest.raises(ValueError, match="same end-of-sequence"):
+        seq.true_gradients(Autoregressive(np.zeros((3, 2)), eos=1), Autoregressive(np.zeros((3, 2))))
 
 
 # --- constructors and bad input ------------------------------------------------------------------
@@ -424,7 +496,7 @@ def test_cli_random_pair_with_monte_carlo(capsys):
 
 
 def test_cli_table(capsys):
-    assert main(["sequence", "--random", "3,2,0", "--estimators", "k1,k2"]) == 0
+    assert main(["sequence", "--random", "3,2,0", "--estimators", "k1,k2", "--eos", "1"]) == 0
     text = capsys.readouterr().out
     assert "reward-to-go" in text and "partial KL(q||p)" in text
 
@@ -438,6 +510,7 @@ def test_cli_table(capsys):
     (["--random", "2,2,0", "--estimators", "k9"], "unknown estimator"),
     (["--random", "2,2,0", "--expr", "__import__('os')"], ""),
     (["--random", "2,2,0", "--mc", "0"], "positive integer"),
+    (["--random", "2,2,0", "--eos", "2"], "eos must be a token id"),
 ])
 def test_cli_bad_input_one_line_error(argv, message, capsys):
     assert main(["sequence", *argv]) == 2

@@ -13,6 +13,10 @@ prefix (a) is row 1 + a, prefix (a, b) is row 1 + V + a V + b, prefix :math:`(u_
 :math:`\text{offset}_d + \sum_i u_i V^{d-i}` with :math:`\text{offset}_d = (V^d - 1)/(V - 1)`. T and V follow from
 the shape. Gradients with respect to the logits are flat vectors of length P V in the same row-major order.
 
+**End of sequence** (optional, ``eos=TOKEN``; not stored in the file): a sequence stops at its first EOS token
+(included) or after T tokens, so lengths vary from 1 to T. The rows of prefixes that contain EOS stay in the table
+but are never reached (their probability is zero, and so is their gradient).
+
 Exact quantities never loop over sequences in Python: every function works depth by depth on the
 (V^d, V) block of rows of depth d (the children of a depth-d row are the rows of depth d + 1 in the same
 order), so its cost is O(P V) and its memory a few arrays of the parameters' size. Only quantities of the
@@ -70,6 +74,8 @@ class Autoregressive:
     ----------
     logits : array_like, shape (P, V)
         Finite real numbers; V >= 2, :math:`V^T \le` :data:`MAX_SEQUENCES`.
+    eos : int, optional
+        The end-of-sequence token (variable lengths); None for the fixed horizon T.
 
     Examples
     --------
@@ -79,6 +85,7 @@ class Autoregressive:
     """
 
     logits: np.ndarray
+    eos: int | None = None
     log_probs: np.ndarray = field(init=False, repr=False)
     name = "autoregressive"
 
@@ -104,6 +111,11 @@ class Autoregressive:
         if not np.isfinite(logits).all():
             raise ValueError("autoregressive logits must be finite (an infinite logit makes a sequence KL "
                              "infinite or a token impossible); use a large finite negative number instead")
+        if self.eos is not None:
+            if isinstance(self.eos, (bool, np.bool_)) or not isinstance(self.eos, (int, np.integer)) \
+                    or not 0 <= self.eos < vocab:
+                raise ValueError(f"eos must be a token id in 0..{vocab - 1}, got {self.eos!r}")
+            object.__setattr__(self, "eos", int(self.eos))
         logits.setflags(write=False)
         log_probs = log_softmax(logits, axis=-1)
         log_probs.setflags(write=False)
@@ -150,6 +162,15 @@ class Autoregressive:
         mass.setflags(write=False)
         return mass
 
+    @cached_property
+    def continuing(self) -> np.ndarray:
+        """1.0 for the tokens after which the sequence goes on, 0.0 for EOS (shape (V,))."""
+        out = np.ones(self.vocab_size)
+        if self.eos is not None:
+            out[self.eos] = 0.0
+        out.setflags(write=False)
+        return out
+
     def rows(self, depth: int) -> slice:
         """The rows of the prefixes of length ``depth`` (0 <= depth < T)."""
         return slice(int(self.offsets[depth]), int(self.offsets[depth + 1]))
@@ -167,8 +188,11 @@ class Autoregressive:
     def log_prob(self, sequence) -> float:
         r""":math:`\log q(y) = \sum_t \log q(y_t \mid y_{<t})` of one whole sequence."""
         sequence = tuple(int(a) for a in sequence)
-        if len(sequence) != self.horizon:
-            raise ValueError(f"a sequence has {self.horizon} tokens, got {len(sequence)}")
+        ends = [i for i, a in enumerate(sequence) if a == self.eos]
+        complete = len(sequence) == self.horizon if not ends else ends[0] == len(sequence) - 1
+        if not (complete and 1 <= len(sequence) <= self.horizon):
+            raise ValueError(f"not a whole sequence: {sequence} (T = {self.horizon} tokens"
+                             + ("" if self.eos is None else f", or fewer ending at the first eos {self.eos}") + ")")
         return float(sum(self.log_probs[self.row_of(sequence[:i]), a] for i, a in enumerate(sequence)))
 
     def check_pair(self, other) -> None:
@@ -178,11 +202,13 @@ class Autoregressive:
         if other.logits.shape != self.logits.shape:
             raise ValueError(f"q and p must have the same shape (V, T): q has V={self.vocab_size}, "
                              f"T={self.horizon}; p has V={other.vocab_size}, T={other.horizon}")
+        if other.eos != self.eos:
+            raise ValueError(f"q and p must have the same end-of-sequence token, got {self.eos} and {other.eos}")
 
     # --- constructors --------------------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Autoregressive":
+    def from_file(cls, path: str | Path, eos: int | None = None) -> "Autoregressive":
         """Read a (P, V) ``.npy`` file (the format in the module docstring)."""
         path = Path(path)
         if not path.exists():
@@ -191,7 +217,7 @@ class Autoregressive:
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as err:
             raise ValueError(f"cannot read a (P, V) .npy array from {path}: {err}") from None
-        return cls(data)
+        return cls(data, eos)
 
     def save(self, path: str | Path) -> None:
         np.save(Path(path), np.asarray(self.logits))
@@ -239,17 +265,21 @@ class Autoregressive:
         temperature = float(temperature)
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be positive and finite, got {temperature}")
-        return Autoregressive(self.logits / temperature)
+        return Autoregressive(self.logits / temperature, self.eos)
 
     def perturbed(self, scale: float, seed: int = 0) -> "Autoregressive":
         """The same policy with N(0, scale^2) noise added to every logit."""
         noise = np.random.default_rng(seed).standard_normal(self.logits.shape)
-        return Autoregressive(self.logits + float(scale) * noise)
+        return Autoregressive(self.logits + float(scale) * noise, self.eos)
 
     def interpolated(self, other: "Autoregressive", weight: float) -> "Autoregressive":
         """Logits (1 - weight) * self + weight * other: a path from self (0) to other (1)."""
         self.check_pair(other)
-        return Autoregressive((1.0 - weight) * self.logits + weight * other.logits)
+        return Autoregressive((1.0 - weight) * self.logits + weight * other.logits, self.eos)
+
+    def with_eos(self, eos: int | None) -> "Autoregressive":
+        """The same logits with ``eos`` as the end-of-sequence token (None: fixed horizon)."""
+        return Autoregressive(self.logits, eos)
 
 
 def _check_shape(vocab_size, horizon) -> tuple[int, int]:
@@ -274,7 +304,7 @@ def prefix_mass(policy: Autoregressive) -> np.ndarray:
     mass[0] = 1.0
     for depth in range(1, policy.horizon):
         parent = policy.rows(depth - 1)
-        mass[policy.rows(depth)] = (mass[parent, None] * probs[parent]).ravel()
+        mass[policy.rows(depth)] = (mass[parent, None] * probs[parent] * policy.continuing).ravel()
     return mass
 
 
@@ -314,7 +344,7 @@ def to_go(policy: Autoregressive, immediate: np.ndarray) -> np.ndarray:
     for depth in range(horizon - 2, -1, -1):
         children = total[policy.rows(depth + 1)]
         expected_child = np.sum(probs[policy.rows(depth + 1)] * children, axis=-1)
-        total[policy.rows(depth)] += expected_child.reshape(vocab ** depth, vocab)
+        total[policy.rows(depth)] += expected_child.reshape(vocab ** depth, vocab) * policy.continuing
     return total
 
 
@@ -359,10 +389,15 @@ def whole_sequence_expectations(q: Autoregressive, p: Autoregressive, function) 
     for start in range(last.start, last.stop, LEAF_BLOCK_ROWS):
         block = slice(start, min(start + LEAF_BLOCK_ROWS, last.stop))
         out[block] = np.asarray(function(prefix_t[block, None] + token_t[block]), dtype=np.float64)
+    if q.eos is not None:  # a sequence also ends at EOS: (u, eos) is a leaf at every depth
+        inner = slice(0, last.start)
+        out[inner, q.eos] = np.asarray(function(prefix_t[inner] + token_t[inner, q.eos]), dtype=np.float64)
     probs, vocab = q.probs, q.vocab_size
+    going_on = q.continuing > 0
     for depth in range(q.horizon - 2, -1, -1):
         children = q.rows(depth + 1)
-        out[q.rows(depth)] = np.sum(probs[children] * out[children], axis=-1).reshape(vocab ** depth, vocab)
+        expected = np.sum(probs[children] * out[children], axis=-1).reshape(vocab ** depth, vocab)
+        out[q.rows(depth), :] = np.where(going_on, expected, out[q.rows(depth)])
     return out
 
 

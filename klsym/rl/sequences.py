@@ -241,7 +241,7 @@ def sequence_summary(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"
                      mc: int | None = None, seed: int = 0, **mc_options) -> dict:
     r"""The ``klsym sequence`` JSON object.
 
-    Keys: ``V``, ``T``, ``sequences``, ``parameters``; ``kl`` {KL(q||p), KL(p||q)}; ``per_position`` (each position's
+    Keys: ``V``, ``T``, ``eos``, ``sequences`` (V^T enumerated), ``parameters``; ``kl`` {KL(q||p), KL(p||q)}; ``per_position`` (each position's
     share of both KLs); ``true_gradient`` and ``partial_gradient`` (same two keys, flat lists of length P V);
     ``missing_future_term`` (:math:`\|\nabla KL(q\|p) - \partial KL(q\|p)\| / \|\nabla KL(q\|p)\|`); ``estimators`` ->
     name -> placement -> {``gradient``, ``follows``, ``relative_error``, ``cosine``} (the last two against
@@ -252,7 +252,7 @@ def sequence_summary(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"
     estimators, placements = _estimators(estimators), _check_placements(placements)
     references = reference_gradients(q, p)
     target = references[KL_QP]
-    out = {"V": q.vocab_size, "T": q.horizon, "sequences": q.n_sequences, "parameters": q.size,
+    out = {"V": q.vocab_size, "T": q.horizon, "eos": q.eos, "sequences": q.n_sequences, "parameters": q.size,
            "kl": sequence_kls(q, p), "per_position": per_position_kls(q, p),
            "true_gradient": {KL_QP: references[KL_QP], KL_PQ: references[KL_PQ]},
            "partial_gradient": {KL_QP: references[PARTIAL_QP], KL_PQ: references[PARTIAL_PQ]},

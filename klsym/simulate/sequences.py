@@ -75,9 +75,10 @@ def _z(estimate, exact, se):
     return np.where((se == 0) & (estimate == exact), 0.0, z)
 
 
-def sample(q: Autoregressive, generator: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    r"""``n`` sequences from q, token by token: (tokens, rows), both (n, T) int64 (``rows[:, t]`` = row of
-    :math:`y_{<t}`). Token t is :math:`\#\{a : \text{cdf}(a | y_{<t}) \le u_t\}` for a uniform :math:`u_t`."""
+def sample(q: Autoregressive, generator: np.random.Generator, n: int):
+    r"""``n`` sequences from q, token by token: (tokens, rows, alive), each (n, T) (``rows[:, t]`` = row of
+    :math:`y_{<t}`; ``alive[:, t]`` False after the sequence's EOS, where tokens are padding). Token t is
+    :math:`\#\{a : \text{cdf}(a | y_{<t}) \le u_t\}` for a uniform :math:`u_t`."""
     vocab, horizon = q.vocab_size, q.horizon
     cdf = np.cumsum(q.probs, axis=-1)
     uniforms = generator.random((n, horizon))
@@ -89,15 +90,18 @@ def sample(q: Autoregressive, generator: np.random.Generator, n: int) -> tuple[n
         drawn = np.sum(cdf[rows[:, position]] <= uniforms[:, position, None], axis=-1)
         tokens[:, position] = np.minimum(drawn, vocab - 1)  # u past a rounded cdf[-1]
         index = index * vocab + tokens[:, position]
-    return tokens, rows
+    alive = np.ones((n, horizon), dtype=bool)
+    if q.eos is not None:  # positions after the first EOS are padding
+        alive[:, 1:] = np.cumsum(tokens == q.eos, axis=1)[:, :-1] == 0
+    return tokens, rows, alive
 
 
-def _placement_weights(estimator: Estimator, log_ratios: np.ndarray, placements):
-    """Yield (placement, w) with w of shape (n, T): the weight of each token's score."""
-    value = np.asarray(estimator.numeric(log_ratios), dtype=np.float64)
-    pathwise = -np.asarray(estimator.numeric_dt(log_ratios), dtype=np.float64)
+def _placement_weights(estimator: Estimator, log_ratios: np.ndarray, alive: np.ndarray, placements):
+    """Yield (placement, w) with w of shape (n, T): the weight of each token's score (0 on padding)."""
+    value = np.asarray(estimator.numeric(log_ratios), dtype=np.float64) * alive
+    pathwise = -np.asarray(estimator.numeric_dt(log_ratios), dtype=np.float64) * alive
     to_go = np.cumsum(value[:, ::-1], axis=1)[:, ::-1]
-    total = log_ratios.sum(axis=1, keepdims=True)
+    total = np.sum(log_ratios * alive, axis=1, keepdims=True)
     for name in placements:
         if name.startswith("sequence-ratio-"):
             mode = name.removeprefix("sequence-ratio-")
@@ -106,10 +110,10 @@ def _placement_weights(estimator: Estimator, log_ratios: np.ndarray, placements)
                 whole = whole - np.asarray(estimator.numeric_dt(total), dtype=np.float64)
             if mode in ("reward", "full"):
                 whole = whole + np.asarray(estimator.numeric(total), dtype=np.float64)
-            yield name, np.broadcast_to(whole, log_ratios.shape)
+            yield name, whole * alive
         else:
             yield name, {"loss": lambda: pathwise, "reward": lambda: value, "reward-to-go": lambda: to_go,
-                         "sequence-reward": lambda: np.broadcast_to(value.sum(axis=1, keepdims=True), value.shape),
+                         "sequence-reward": lambda: value.sum(axis=1, keepdims=True) * alive,
                          "full": lambda: pathwise + to_go, "loss+reward": lambda: pathwise + value}[name]()
 
 
@@ -143,7 +147,7 @@ def gradient(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: int
     def work(blocks):
         reduced = []
         for block, size in blocks:
-            tokens, rows = sample(q, backend.generator(seed, block), size)
+            tokens, rows, alive = sample(q, backend.generator(seed, block), size)
             cells = rows * q.vocab_size + tokens
             log_ratios = token_t[rows, tokens]
             cell_keys, cell_index = np.unique(cells, return_inverse=True)
@@ -151,15 +155,16 @@ def gradient(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: int
             cell_index, row_index = cell_index.ravel(), row_index.ravel()
             per_label = []
             for estimator in estimators:
-                for _, w in _placement_weights(estimator, log_ratios, placements):
+                for _, w in _placement_weights(estimator, log_ratios, alive, placements):
                     w = np.ascontiguousarray(w).ravel()
                     squared = w * w
                     per_label.append((np.bincount(cell_index, w, cell_keys.size),
                                       np.bincount(cell_index, squared, cell_keys.size),
                                       np.bincount(row_index, w, row_keys.size),
                                       np.bincount(row_index, squared, row_keys.size)))
-            penalty = -log_ratios.sum(axis=1)
-            reduced.append((cell_keys, row_keys, np.bincount(row_index, minlength=row_keys.size), per_label,
+            penalty = -np.sum(log_ratios * alive, axis=1)
+            visited = np.bincount(row_index, alive.ravel().astype(np.float64), row_keys.size)
+            reduced.append((cell_keys, row_keys, visited, per_label,
                             (float(penalty.sum()), float(np.dot(penalty, penalty)))))
         return reduced
 
