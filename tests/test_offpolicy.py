@@ -166,3 +166,105 @@ def test_cli_gradient_json_contract():
     rows = {(r["mode"], r["weighting"]): r for r in out["rows"]}
     assert len(rows) == 6
     assert np.allclose(rows[("full", "token-is")]["gradient"], out["true"][KL_QP])
+
+
+# --- sequences ------------------------------------------------------------------------------------
+
+from klsym.exact.autoregressive import Autoregressive  # noqa: E402
+from klsym.rl.offpolicy import (SEQUENCE_PLACEMENTS, SEQUENCE_WEIGHTINGS, recommend,  # noqa: E402
+                                sequence_monte_carlo, sequence_offpolicy_gradients, sequence_offpolicy_table)
+from klsym.rl.sequences import placement_gradients  # noqa: E402
+
+SEQ_P = Autoregressive.random(2, 3, seed=4)
+SEQ_Q = SEQ_P.perturbed(0.6, seed=5)
+SEQ_B = SEQ_Q.perturbed(0.5, seed=6)
+
+
+def _surrogate(name, placement, weighting, lq, lq0, lp, lb):
+    """One sequence's surrogate loss written from the definitions (lq differentiable, the rest detached)."""
+    e = get_estimator(name)
+    k, k0 = e.numeric(lp - lq), e.numeric(lp - lq0)   # k0: the detached value sg(k)
+    w = np.exp(lq0 - lb)
+    T = len(lq)
+    rho = np.cumprod(w)
+    factor = {"none": np.ones(T), "token-is": w, "token-is-differentiable": w, "per-decision": rho,
+              "sequence-is": np.full(T, np.prod(w)),
+              "sequence-mean-is-differentiable": np.full(T, np.exp(np.mean(lq0 - lb)))}[weighting]
+    if weighting == "token-is-differentiable":
+        loss = np.sum(np.exp(lq - lb) * k)
+    elif weighting == "sequence-mean-is-differentiable":
+        loss = np.exp(np.mean(lq - lb)) * np.sum(k)
+    else:
+        loss = np.sum(factor * k)
+    if weighting == "per-decision":   # k_s credited to the score of t by rho_{1:max(s, t)}
+        credit = {"reward": lambda s, t: s == t, "reward-to-go": lambda s, t: s >= t,
+                  "sequence-reward": lambda s, t: True}
+        reward = {kind: sum(rho[max(s, t)] * k0[s] * lq[t] for t in range(T) for s in range(T) if rule(s, t))
+                  for kind, rule in credit.items()}
+    else:
+        reward = {"reward": np.sum(factor * k0 * lq),
+                  "reward-to-go": sum(factor[t] * lq[t] * np.sum(k0[t:]) for t in range(T)),
+                  "sequence-reward": sum(factor[t] * lq[t] * np.sum(k0) for t in range(T))}
+    return {"loss": loss, "reward": reward["reward"], "reward-to-go": reward["reward-to-go"],
+            "sequence-reward": reward["sequence-reward"], "full": loss + reward["reward-to-go"],
+            "loss+reward": loss + reward["reward"]}[placement]
+
+
+def _sequence_expected_surrogate(name, placement, weighting, logits):
+    from itertools import product
+    q_theta = Autoregressive(logits)
+    total = 0.0
+    for y in product(range(SEQ_Q.vocab_size), repeat=SEQ_Q.horizon):
+        rows = [SEQ_Q.row_of(y[:t]) for t in range(len(y))]
+        pick = (rows, list(y))
+        lq, lq0 = q_theta.log_probs[pick], SEQ_Q.log_probs[pick]
+        lp, lb = SEQ_P.log_probs[pick], SEQ_B.log_probs[pick]
+        total += np.exp(lb.sum()) * _surrogate(name, placement, weighting, lq, lq0, lp, lb)
+    return total
+
+
+@pytest.mark.parametrize("weighting", SEQUENCE_WEIGHTINGS)
+@pytest.mark.parametrize("placement", SEQUENCE_PLACEMENTS)
+def test_sequence_weightings_match_finite_differences_of_their_definitions(placement, weighting):
+    exact = sequence_offpolicy_gradients("k3", SEQ_Q, SEQ_P, SEQ_B, [placement], [weighting])[(placement, weighting)]
+    step, fd = 1e-6, np.zeros(SEQ_Q.size)
+    for j in range(SEQ_Q.size):
+        e = np.zeros(SEQ_Q.size)
+        e[j] = step
+        up = _sequence_expected_surrogate("k3", placement, weighting, SEQ_Q.logits + e.reshape(SEQ_Q.logits.shape))
+        down = _sequence_expected_surrogate("k3", placement, weighting, SEQ_Q.logits - e.reshape(SEQ_Q.logits.shape))
+        fd[j] = (up - down) / (2 * step)
+    assert np.allclose(exact["gradient"], fd, rtol=1e-6, atol=1e-8)
+
+
+def test_sequence_none_on_policy_is_the_sequence_module_placements():
+    exact = sequence_offpolicy_gradients("k2", SEQ_Q, SEQ_P, SEQ_Q, weightings=["none"])
+    reference = placement_gradients("k2", SEQ_Q, SEQ_P, SEQUENCE_PLACEMENTS)
+    for placement in SEQUENCE_PLACEMENTS:
+        assert np.allclose(exact[(placement, "none")]["gradient"], reference[placement], rtol=1e-12, atol=1e-15)
+
+
+def test_which_sequence_options_are_unbiased():
+    table = sequence_offpolicy_table(SEQ_Q, SEQ_P, SEQ_B, "k1,k3", ["full", "reward-to-go"])
+    unbiased = set(map(tuple, table[table["unbiased"]][["estimator", "placement", "weighting"]].values))
+    assert {("k1", "full", "sequence-is"), ("k1", "full", "per-decision"), ("k1", "reward-to-go", "per-decision"),
+            ("k3", "full", "per-decision"), ("k3", "full", "sequence-is")} <= unbiased
+    assert not any(w in ("none", "token-is", "token-is-differentiable") for _, _, w in unbiased)
+    best = recommend(table)
+    assert best["unbiased"] and best["variance (per sequence)"] == table[table["unbiased"]][
+        "variance (per sequence)"].min()
+
+
+@pytest.mark.parametrize("weighting", SEQUENCE_WEIGHTINGS)
+def test_sequence_monte_carlo_from_b_agrees_with_exact(weighting):
+    exact = sequence_offpolicy_gradients("k3", SEQ_Q, SEQ_P, SEQ_B, ["full", "sequence-reward"], [weighting])
+    for placement in ("full", "sequence-reward"):
+        mc = sequence_monte_carlo("k3", SEQ_Q, SEQ_P, SEQ_B, placement, weighting, n=40_000, seed=23)
+        live = mc["se"] > 0
+        z = np.abs(mc["gradient"] - exact[(placement, weighting)]["gradient"])[live] / mc["se"][live]
+        assert z.max() < 5, (placement, z.max())
+
+
+def test_sequence_behaviour_of_another_shape_is_one_clear_error():
+    with pytest.raises(ValueError, match="behaviour b must have the same shape"):
+        sequence_offpolicy_gradients("k1", SEQ_Q, SEQ_P, Autoregressive.random(3, 2, seed=0))
