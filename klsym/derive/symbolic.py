@@ -27,9 +27,6 @@ r - log(r) - 1
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -40,6 +37,7 @@ import sympy as sp
 from sympy.calculus.util import continuous_domain
 
 from klsym import __version__
+from klsym.derive.diskcache import cache_key, cached_json
 from klsym.derive.divergences import REGISTRY
 from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, in_logratio
 from klsym.derive.symbols import delta, r, t, u, x
@@ -510,22 +508,6 @@ def _jsonable(result: dict) -> dict:
     }
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("KLSYM_CACHE_DIR", Path.home() / ".cache" / "klsym"))
-
-
-@lru_cache(maxsize=1)
-def _source_digest() -> str:
-    """This module's source, hashed once per process: derivations change when the code does."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-
-
-def _cache_key(estimator: Estimator) -> str:
-    text = "|".join([__version__, sp.__version__, sp.srepr(estimator.expr),
-                     sp.srepr(estimator.surrogate_expr), estimator.name, _source_digest()])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
 def analyze(estimator: Estimator | str) -> dict:
     """Derived properties of one estimator as JSON-ready values (the ``derive`` contract).
 
@@ -537,18 +519,8 @@ def analyze(estimator: Estimator | str) -> dict:
     ('1', True, 'KL(q||p)', 'KL(p||q)')
     """
     estimator = get_estimator(estimator)
-    path = _cache_dir() / f"derive-{_cache_key(estimator)}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        pass
-    result = _jsonable(analyze_symbolic(estimator))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result))
-    except OSError:  # a read-only home is fine: the in-process cache still holds
-        pass
-    return result
+    key = cache_key([sp.srepr(estimator.expr), sp.srepr(estimator.surrogate_expr), estimator.name], [__file__])
+    return cached_json("derive", key, lambda: _jsonable(analyze_symbolic(estimator)))
 
 
 def derivation_rows(estimators=None) -> list[dict]:

@@ -25,9 +25,10 @@ import html
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from klsym.jsonio import to_jsonable
 

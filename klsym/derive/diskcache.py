@@ -1,0 +1,60 @@
+"""A JSON disk cache for derivations: keyed by the klsym and SymPy versions, the inputs, and the
+source of the modules that derive them (so a derivation is recomputed when its code changes).
+
+Location: ``$KLSYM_CACHE_DIR``, default ``~/.cache/klsym``. A cache that cannot be written (a
+read-only home) is skipped silently; the callers keep their own in-process caches.
+
+>>> key = cache_key(["k3"], [__file__])
+>>> len(key), key == cache_key(["k3"], [__file__]), key == cache_key(["k2"], [__file__])
+(24, True, False)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import sympy as sp
+
+from klsym import __version__
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KLSYM_CACHE_DIR", Path.home() / ".cache" / "klsym"))
+
+
+@cache
+def source_digest(path: str) -> str:
+    """A module's source, hashed once per process."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cache_key(parts: Iterable[str], sources: Iterable[str]) -> str:
+    """Hash of the versions, ``parts`` (the inputs) and the source files ``sources``."""
+    text = "|".join([__version__, sp.__version__, *parts, *(source_digest(str(s)) for s in sources)])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def cached_json(prefix: str, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per key: read ``PREFIX-KEY.json`` from the cache or write it there."""
+    path = cache_dir() / f"{prefix}-{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    result = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(result))
+        os.replace(temporary, path)  # readers never see a half-written file
+    except OSError:
+        pass
+    return result
+
+
+__all__ = ["cache_dir", "source_digest", "cache_key", "cached_json"]
