@@ -383,7 +383,9 @@ def paper_claims(q: Autoregressive, p: Autoregressive):
 
 #: (mode, aggregation) -> (placement, scale of the expected gradient for fixed-length responses, note).
 #: Modes and aggregations as in ``data/frameworks.json``; the scale is a positive constant (it is absorbed in the
-#: KL coefficient), so ``follows`` is that of the unscaled placement.
+#: KL coefficient), so ``follows`` is that of the unscaled placement. With variable lengths (EOS) a batch token-mean
+#: scales by about 1/E[L] instead, but a per-sequence mean weights each sequence by 1/L: not a constant, so not
+#: one of these placements.
 FRAMEWORK_PLACEMENTS = {
     ("loss", "token-mean"): ("loss", "1/T", "k_t in the loss averaged over all tokens of the batch"),
     ("loss", "sequence-mean"): ("loss", "1/T", "mean over each sequence's tokens, then over sequences"),
