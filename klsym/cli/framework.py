@@ -21,23 +21,52 @@ def register(subparsers) -> None:
         description="Translate an RL framework's KL setting (data/frameworks.json) into r = p/q: "
                     "the estimator, where it enters (mode), the divergence its value estimates, "
                     "the divergence its expected gradient follows, and where clamps freeze it.")
-    parser.add_argument("name", nargs="?", help="framework name (see --list)")
+    parser.add_argument("name", nargs="?",
+                        help="framework name (see --list); a prefix such as 'trl' lists the settings of every match")
     parser.add_argument("--setting", help="setting within the framework (default: its default)")
     parser.add_argument("--list", action="store_true", help="list frameworks and settings")
     add_format_argument(parser)
     parser.set_defaults(func=run)
 
 
+def matching_frameworks(prefix: str, names: list[str]) -> list[str]:
+    """Framework names that ``prefix`` names: itself if it is one, else those starting with it.
+
+    >>> matching_frameworks("trl", ["verl", "trl-grpo", "trl-ppo"])
+    ['trl-grpo', 'trl-ppo']
+    >>> matching_frameworks("VERL", ["verl", "trl-grpo"])
+    ['verl']
+    """
+    key = prefix.strip().lower()
+    if key in names:
+        return [key]
+    return [name for name in names if key and name.startswith(key)]
+
+
+def _print_listing(settings, output_format: str) -> None:
+    from klsym.rl.frameworks import crosswalk
+
+    rows = [crosswalk(s, derive=False) | {"verified": s.verified} for s in settings]
+    rows = [{c: row[c] for c in _LIST_COLUMNS} for row in rows]
+    print(dumps(rows) if output_format == "json" else format_table(rows, _LIST_COLUMNS))
+
+
 def run(args) -> int:
-    from klsym.rl.frameworks import UnknownFrameworkError, crosswalk, get_setting, load_settings
+    from klsym.rl.frameworks import UnknownFrameworkError, crosswalk, framework_names, get_setting, load_settings
 
     if args.list:
-        rows = [crosswalk(s, derive=False) | {"verified": s.verified} for s in load_settings()]
-        rows = [{c: row[c] for c in _LIST_COLUMNS} for row in rows]
-        print(dumps(rows) if args.format == "json" else format_table(rows, _LIST_COLUMNS))
+        _print_listing(load_settings(), args.format)
         return 0
     if not args.name:
         raise UserError("give a framework NAME or --list")
+    matches = matching_frameworks(args.name, framework_names())
+    if len(matches) > 1 or (matches and matches[0] != args.name.strip().lower()):
+        # a prefix (``trl``: trl-grpo, trl-ppo, trl-rloo): every setting of every match
+        if args.setting is not None:
+            raise UserError(f"{args.name!r} names several frameworks ({', '.join(matches)}); "
+                            "--setting needs exactly one")
+        _print_listing([s for s in load_settings() if s.framework in matches], args.format)
+        return 0
     try:
         row = crosswalk(get_setting(args.name, args.setting))
     except UnknownFrameworkError as err:
