@@ -224,8 +224,8 @@ def test_partial_gradients_equal_finite_differences_with_states_frozen():
 
     partial = seq.partial_gradients(q, p)
     for direction in (KL_QP, KL_PQ):
-        np.testing.assert_allclose(partial[direction], finite_difference(lambda lg: frozen_states(lg, direction),
-                                                                         q.logits), atol=1e-8)
+        np.testing.assert_allclose(partial[direction], finite_difference(
+            lambda lg, direction=direction: frozen_states(lg, direction), q.logits), atol=1e-8)
 
 
 # --- follows labels ------------------------------------------------------------------------------
@@ -257,8 +257,8 @@ def test_follows_labels_of_k1_k2_k3(pair):
            for name, by in summary["estimators"].items()}
     assert got == EXPECTED_FOLLOWS
     assert summary["missing_future_term"] > 1e-3
-    for name, by in summary["estimators"].items():
-        for placement, entry in by.items():
+    for by in summary["estimators"].values():
+        for entry in by.values():
             if entry["follows"] == KL_QP:
                 assert entry["relative_error"] < 1e-10 and entry["cosine"] == pytest.approx(1.0, abs=1e-12)
 
@@ -394,7 +394,7 @@ def test_eos_true_gradients_and_full_equal_finite_differences():
     p_logits = p.logits.tolist()
     true = seq.true_gradients(q, p)
     for index, label in enumerate((KL_QP, KL_PQ)):
-        fd = finite_difference(lambda lg: brute_kl(lg.tolist(), p_logits, vocab, horizon, eos)[index], q.logits)
+        fd = finite_difference(lambda lg, i=index: brute_kl(lg.tolist(), p_logits, vocab, horizon, eos)[i], q.logits)
         np.testing.assert_allclose(true[label], fd, atol=1e-8)
     full = finite_difference(lambda lg: expected_penalty(lg.tolist(), lg.tolist(), p_logits, vocab, horizon,
                                                          CLOSED["k3"][0], eos=eos), q.logits)

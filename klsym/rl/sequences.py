@@ -52,8 +52,15 @@ import math
 import numpy as np
 
 from klsym.derive.estimators import Estimator, get_estimators
-from klsym.exact.autoregressive import (Autoregressive, per_position_kls, prefix_sums, score_gradient,
-                                        sequence_kls, to_go, whole_sequence_expectations)
+from klsym.exact.autoregressive import (
+    Autoregressive,
+    per_position_kls,
+    prefix_sums,
+    score_gradient,
+    sequence_kls,
+    to_go,
+    whole_sequence_expectations,
+)
 
 KL_QP, KL_PQ = "KL(q||p)", "KL(p||q)"
 PARTIAL_QP, PARTIAL_PQ = "partial KL(q||p)", "partial KL(p||q)"
@@ -106,7 +113,8 @@ def _check_placements(placements) -> tuple[str, ...]:
     placements = tuple(placements)
     unknown = [name for name in placements if name not in ALL_PLACEMENTS]
     if unknown or not placements:
-        raise ValueError(f"unknown placement(s) {unknown or list(placements)}; choose from: {', '.join(ALL_PLACEMENTS)}")
+        raise ValueError(f"unknown placement(s) {unknown or list(placements)}; "
+                         f"choose from: {', '.join(ALL_PLACEMENTS)}")
     return placements
 
 
@@ -241,8 +249,9 @@ def sequence_summary(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"
                      mc: int | None = None, seed: int = 0, **mc_options) -> dict:
     r"""The ``klsym sequence`` JSON object.
 
-    Keys: ``V``, ``T``, ``eos``, ``sequences`` (V^T enumerated), ``parameters``; ``kl`` {KL(q||p), KL(p||q)}; ``per_position`` (each position's
-    share of both KLs); ``true_gradient`` and ``partial_gradient`` (same two keys, flat lists of length P V);
+    Keys: ``V``, ``T``, ``eos``, ``sequences`` (V^T enumerated), ``parameters``; ``kl`` {KL(q||p), KL(p||q)};
+    ``per_position`` (each position's share of both KLs); ``true_gradient`` and ``partial_gradient`` (same two keys,
+    flat lists of length P V);
     ``missing_future_term`` (:math:`\|\nabla KL(q\|p) - \partial KL(q\|p)\| / \|\nabla KL(q\|p)\|`); ``estimators`` ->
     name -> placement -> {``gradient``, ``follows``, ``relative_error``, ``cosine``} (the last two against
     :math:`\nabla KL(q\|p)` of the sequences); with ``mc``, an ``mc`` block from
