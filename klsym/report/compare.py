@@ -32,7 +32,7 @@ import sympy as sp
 from klsym.derive.divergences import REGISTRY
 from klsym.derive.estimators import Estimator, bregman, control_variate, from_formula, get_estimator, get_estimators
 from klsym.derive.symbolic import analyze, derivation_rows, derivatives_at_one, is_zero, mode_coefficient
-from klsym.derive.symbols import alpha, r
+from klsym.derive.symbols import alpha, r, x
 from klsym.exact import clamps
 from klsym.exact.expectations import (KL_PQ, KL_QP, MODES, estimator_gradient, estimator_gradient_std,
                                       estimator_stats, kl_divergences, true_gradients)
@@ -696,8 +696,67 @@ def lambda_star_sweep(path: Mapping, *, probe=None, n: int | None = None, seed=0
     return pd.DataFrame(rows)
 
 
+def evaluate(expr, symbol, values) -> np.ndarray:
+    """``float(expr.subs(symbol, v))`` for each v: a SymPy closed form on a grid, evaluated by SymPy itself."""
+    return np.array([float(expr.subs(symbol, value)) for value in np.asarray(values, dtype=np.float64)])
+
+
+def shift_moments(q_mu: float, q_sigma: float, p_mu: float, p_sigma: float) -> dict:
+    r"""Exact Gaussian integrals (SymPy) for the shifted :math:`k_2` gradient, per parameter i of q = N(mu, sigma):
+    :math:`\mathbb{E}_q[s_i^2 L^2]`, :math:`\mathbb{E}_q[s_i^2 L]`, :math:`\mathbb{E}_q[s_i^2]`, :math:`\mathbb{E}_q[s_i L]`
+    with :math:`L = \log(q/p)` and :math:`s_i` the score, at the given parameters (rationalised)."""
+    mu, sigma = sp.Symbol("mu", real=True), sp.Symbol("sigma", positive=True)
+    log_q = -sp.log(sigma) - sp.log(2 * sp.pi) / 2 - (x - mu) ** 2 / (2 * sigma**2)
+    log_p = log_q.subs({mu: sp.nsimplify(p_mu), sigma: sp.nsimplify(p_sigma)})
+    at_q = {mu: sp.nsimplify(q_mu), sigma: sp.nsimplify(q_sigma)}
+    density = sp.exp(log_q.subs(at_q))
+    log_q_over_p = sp.expand((log_q - log_p).subs(at_q))
+    scores = {"mu": sp.diff(log_q, mu).subs(at_q), "sigma": sp.diff(log_q, sigma).subs(at_q)}
+    moments = {}
+    for name, score in scores.items():
+        integrands = {"E[s^2 L^2]": score**2 * log_q_over_p**2, "E[s^2 L]": score**2 * log_q_over_p,
+                      "E[s^2]": score**2, "E[s L]": score * log_q_over_p}
+        moments[name] = {key: sp.simplify(sp.integrate(sp.expand(value) * density, (x, -sp.oo, sp.oo)))
+                         for key, value in integrands.items()}
+    return moments
+
+
+def shift_table(moments: dict) -> tuple[pd.DataFrame, float]:
+    r"""Per parameter: the derived minimiser :math:`\mathbb{E}[s^2 L]/\mathbb{E}[s^2]`, the shift as printed in the
+    seed :math:`\mathbb{E}[s^2 L^2]/\mathbb{E}[s^2]`, the exact mean gradient; and the pooled single shift
+    :math:`\sum_i \mathbb{E}[s_i^2 L] / \sum_i \mathbb{E}[s_i^2]`."""
+    shifts = pd.DataFrame({
+        name: {"lambda* derived  E[s^2 L]/E[s^2]": float(m["E[s^2 L]"] / m["E[s^2]"]),
+               "lambda as printed  E[s^2 L^2]/E[s^2]": float(m["E[s^2 L^2]"] / m["E[s^2]"]),
+               "exact mean gradient E[L s]": float(m["E[s L]"])}
+        for name, m in moments.items()})
+    pooled = float(sum(m["E[s^2 L]"] for m in moments.values()) / sum(m["E[s^2]"] for m in moments.values()))
+    return shifts, pooled
+
+
+def shift_comparison(candidates: Mapping, moments: dict, q, p, *, n: int, trials: int,
+                     seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    r"""Each shift :math:`\lambda` of :math:`k_2 \to \frac12(\log r + \lambda)^2` (``label -> lambda``): the exact
+    mean loss gradient, the per-sample std by SymPy's closed form
+    :math:`\sqrt{\mathbb{E}[s^2L^2] - 2\lambda\mathbb{E}[s^2L] + \lambda^2\mathbb{E}[s^2] - \mathbb{E}[sL]^2}`, by the
+    exact layer and by Monte Carlo trials. Returns ``(comparison, per-trial table)``."""
+    shifted = [Estimator(label, (sp.log(r) + sp.Float(value)) ** 2 / 2, None, "k2 shifted by lambda (seed 003)")
+               for label, value in candidates.items()]
+    per_trial = trial_gradients(shifted, q, p, n=n, trials=trials, seed=seed)
+    summary = trial_summary(per_trial, n).rename(columns={"estimator": "shift", "param": "parameter"})
+    summary["lambda"] = summary["shift"].map(dict(candidates))
+    summary["per-sample std, SymPy"] = [
+        float(moments[parameter]["E[s^2 L^2]"] - 2 * candidates[label] * moments[parameter]["E[s^2 L]"]
+              + candidates[label] ** 2 * moments[parameter]["E[s^2]"] - moments[parameter]["E[s L]"] ** 2) ** 0.5
+        for label, parameter in zip(summary["shift"], summary["parameter"])]
+    summary = summary.rename(columns={"exact": "exact mean gradient", "exact_std": "per-sample std, exact layer",
+                                      "MC per-sample std": "per-sample std, MC trials", "mc": "MC mean over trials"})
+    return summary[["shift", "parameter", "lambda", "exact mean gradient", "per-sample std, SymPy",
+                    "per-sample std, exact layer", "per-sample std, MC trials", "MC mean over trials", "z"]], per_trial
+
+
 __all__ = ["compare", "compare_pairs", "gaussian_path", "with_reference", "relative", "ratios", "path_sweep", "support_table", "gradient_error", "z_score", "symbolic_table",
            "formulas_latex", "derivation_markdown", "registry_table", "registry_markdown",
            "local_expansion_table", "bias_series_table", "small_delta_slopes", "reproduce", "trial_gradients", "trial_summary",
            "zipf_policies", "policy_summary", "sequence_table", "spike_table", "saturation_table", "clamp_table",
-           "parabola_vertex", "lambda_star", "control_variate_scan", "lambda_star_sweep", "WHAT", "PARAMS"]
+           "parabola_vertex", "lambda_star", "evaluate", "shift_moments", "shift_table", "shift_comparison", "control_variate_scan", "lambda_star_sweep", "WHAT", "PARAMS"]

@@ -157,5 +157,37 @@ def ratio_to_kl(curves: pd.DataFrame, points: pd.DataFrame, x: str = "x", ax=Non
     return ax
 
 
-__all__ = ["ratio_to_kl", "setup", "estimator_curves", "value_vs_ratio", "bregman_gap", "exact_and_mc", "trial_violins",
+def variance_parabola(scan: pd.DataFrame, lambda_star: float, ax=None, **axis):
+    r"""Notebook 08: exact :math:`\mathrm{Var}_q(k_\lambda)` over :math:`\lambda` with about a dozen Monte Carlo
+    points (:func:`klsym.report.compare.control_variate_scan`), :math:`\lambda^*` and :math:`k_3`."""
+    ax = _axes(ax)
+    every = scan.iloc[:: max(1, len(scan) // 12)]
+    ax.plot(scan["lambda"], scan["exact variance"], label="exact (closed form)")
+    if "MC variance" in scan:
+        ax.plot(every["lambda"], every["MC variance"], "o", label="Monte Carlo")
+    ax.axvline(lambda_star, color="black", linestyle=":", label=r"$\lambda^*$ (formula)")
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1, label=r"$k_3$ ($\lambda = 1$)")
+    ax.set(xlabel=r"$\lambda$", ylabel=r"Var$_q(k_\lambda)$", yscale="log", **axis)
+    ax.legend()
+    return ax
+
+
+def lambda_star_curves(sweep: pd.DataFrame, points: pd.DataFrame | None = None, x: str = "x"):
+    r"""Notebook 08: :math:`\lambda^*` along a path (exact layer, SymPy closed form if a column
+    ``lambda* SymPy`` is present, Monte Carlo parabola vertices) and what :math:`k_3` loses."""
+    figure, (lambda_axis, ratio_axis) = plt.subplots(1, 2, figsize=(13, 4.6))
+    lambda_axis.plot(sweep[x], sweep["lambda* exact"], label="exact layer")
+    if "lambda* SymPy" in sweep:
+        lambda_axis.plot(sweep[x], sweep["lambda* SymPy"], linestyle="--", label="SymPy closed form")
+    if points is not None:
+        lambda_axis.plot(points[x], points["lambda* Monte Carlo"], "o", label="Monte Carlo (parabola vertex)")
+    lambda_axis.set(xlabel=r"$\mu_p$", ylabel=r"$\lambda^*$", title=r"optimal $\lambda$")
+    lambda_axis.legend()
+    ratio_axis.plot(sweep[x], sweep["Var(k3) / Var(k_lambda*)"])
+    ratio_axis.set(xlabel=r"$\mu_p$", ylabel="Var(k3) / Var(k_lambda*)", yscale="log", title=r"what $k_3$ loses")
+    figure.tight_layout()
+    return lambda_axis, ratio_axis
+
+
+__all__ = ["variance_parabola", "lambda_star_curves", "ratio_to_kl", "setup", "estimator_curves", "value_vs_ratio", "bregman_gap", "exact_and_mc", "trial_violins",
            "sequence_spread", "batch_maxima"]
