@@ -316,7 +316,37 @@ def gradient_check_table(q, p, n: int = 200_000, seed: int = 0, settings=None):
     return pd.DataFrame(rows)
 
 
-__all__ = ["gradient_check_table", 
+def offpolicy_crosswalk(q, p, behaviours: dict, settings=None):
+    r"""Every setting's off-policy answer: the weighting its expression implements, and the exact bias of its
+    expected gradient when the tokens come from each behaviour ``{label: b}`` instead of q.
+
+    A ``reward`` row enters the advantage, which the policy loss multiplies by the ratio q/b: it is evaluated as
+    ``sg(exp(logq - logb)) * reward`` (PPO's ratio where the clip is inactive). Columns: relative bias against the same
+    expression on-policy (b = q; NaN where that gradient is zero, as for k1 in the loss: the absolute column
+    says it then) and relative error against :math:`
+abla KL(q\|p)`.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from klsym.rl.offpolicy import drift, relative_bias, exact_expression, true_gradient
+
+    truth = true_gradient(q, p)
+    rows = []
+    for setting in settings if settings is not None else load_settings():
+        expr = setting.expr if setting.enters == "loss" else ex.sg(sp.exp(ex.logq - ex.logb)) * setting.expr
+        on = exact_expression(expr, setting.enters, q, p, q)["gradient"]
+        for label, b in behaviours.items():
+            off = exact_expression(expr, setting.enters, q, p, b)["gradient"]
+            rows.append({"setting": setting.key, "enters": setting.enters, "mode": setting.mode,
+                         "weighting": setting.offpolicy_weighting, "behaviour": label, "drift KL(b||q)": drift(q, b),
+                         "bias vs on-policy": float(np.linalg.norm(off - on)),
+                         "relative bias vs on-policy": relative_bias(off, on),
+                         "relative error vs grad KL(q||p)": float(np.linalg.norm(off - truth) / np.linalg.norm(truth))})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["gradient_check_table", "offpolicy_crosswalk", 
     "FRAMEWORKS_FILE", "MODES", "FrameworkSetting", "UnknownFrameworkError", "load_settings",
     "framework_names", "get_setting", "clamp_effect", "crosswalk", "crosswalk_table",
 ]

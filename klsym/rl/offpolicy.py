@@ -215,7 +215,7 @@ def _estimators(estimators) -> list[Estimator]:
     return [get_estimator(e) for e in estimators]
 
 
-def _relative(a, b) -> float:
+def relative_bias(a, b) -> float:
     """|a - b| / |b|; NaN where b is zero (k1's loss-mode gradient): the absolute bias column says it then."""
     scale = float(np.linalg.norm(b))
     difference = float(np.linalg.norm(np.asarray(a) - np.asarray(b)))
@@ -242,8 +242,8 @@ def offpolicy_rows(q, p, b, estimators="k1,k2,k3", modes=MODES, weightings=WEIGH
                              f"value bias vs {KL_QP}": off["value"] - kl,
                              "gradient": off["gradient"], "on-policy gradient": on["gradient"],
                              "gradient bias vs on-policy": float(np.linalg.norm(off["gradient"] - on["gradient"])),
-                             "relative gradient bias vs on-policy": _relative(off["gradient"], on["gradient"]),
-                             f"relative error vs grad {KL_QP}": _relative(off["gradient"], truth),
+                             "relative gradient bias vs on-policy": relative_bias(off["gradient"], on["gradient"]),
+                             f"relative error vs grad {KL_QP}": relative_bias(off["gradient"], truth),
                              "gradient std (per sample)": off["gradient_std"],
                              "variance finite": off["variance_finite"], "method": off["method"]})
     return rows
@@ -276,18 +276,28 @@ def value_rows(q, p, b, estimators="k1,k2,k3", weightings=("none", "token-is", "
     return rows
 
 
-def drift_table(q, p, behaviours, estimators="k1,k2,k3", modes=("loss", "reward", "full"),
-                weightings=WEIGHTINGS, truncation: float = DEFAULT_TRUNCATION, clip: float = DEFAULT_CLIP,
-                labels=None) -> pd.DataFrame:
-    """Relative gradient bias (vs on-policy) of every weighting as b drifts away from q, long format."""
+def drift_table(q, p, behaviours: dict, estimators="k1,k2,k3", modes=("loss", "reward", "full"),
+                weightings=WEIGHTINGS, truncation: float = DEFAULT_TRUNCATION, clip: float = DEFAULT_CLIP) -> pd.DataFrame:
+    """Gradient bias (vs on-policy) of every weighting for each behaviour ``{label: b}``, long format."""
     rows = []
-    for index, b in enumerate(behaviours):
-        label = labels[index] if labels is not None else index
+    for label, b in behaviours.items():
         for row in offpolicy_rows(q, p, b, estimators, modes, weightings, truncation, clip):
             rows.append({"behaviour": label, "drift KL(b||q)": drift(q, b),
                          **{k: v for k, v in row.items() if not isinstance(v, np.ndarray)},
                          "max per-sample std": float(np.max(row["gradient std (per sample)"]))})
     return pd.DataFrame(rows)
+
+
+def behaviours(q: Categorical, epoch_scales=(0.05, 0.3), seed: int = 0, engine_dtype: str = "bfloat16") -> dict:
+    """Behaviour policies for q: before one update (``one PPO epoch``: q's logits minus N(0, s^2) noise), before
+    several, and an inference engine that holds the logits in ``engine_dtype`` (:mod:`klsym.exact.precision`)."""
+    from klsym.exact.precision import round_to
+
+    rng = np.random.default_rng(seed)
+    names = ("one PPO epoch", "several epochs") + tuple(f"epochs x{i}" for i in range(3, len(epoch_scales) + 1))
+    out = {name: Categorical(q.logits - scale * rng.standard_normal(q.size)) for name, scale in zip(names, epoch_scales)}
+    out[f"{engine_dtype} engine"] = Categorical(round_to(q.logits, engine_dtype))
+    return out
 
 
 def mc_check_table(q, p, b, estimators="k1,k2,k3", modes=MODES, weightings=WEIGHTINGS, n: int = 200_000,
@@ -520,6 +530,6 @@ def variance_vs_horizon(vocab_size: int, horizons, drift_scale: float, distance:
 
 __all__ = ["WEIGHTINGS", "UNBIASED_WEIGHTINGS", "DEFAULT_TRUNCATION", "DEFAULT_CLIP", "term_expression",
            "check_triple", "exact_expression", "offpolicy_gradient", "true_gradient", "drift", "monte_carlo",
-           "offpolicy_rows", "offpolicy_summary", "value_rows", "drift_table", "mc_check_table",
+           "relative_bias", "offpolicy_rows", "offpolicy_summary", "value_rows", "drift_table", "behaviours", "mc_check_table",
            "SEQUENCE_WEIGHTINGS", "SEQUENCE_PLACEMENTS", "sequence_offpolicy_gradients", "sample_sequences",
            "sequence_monte_carlo", "sequence_offpolicy_table", "recommend", "variance_vs_horizon"]
