@@ -41,8 +41,8 @@ class Finding:
     """One sentence of the report's "Key findings".
 
     ``template`` is a :meth:`str.format` string over ``value`` (``{value:.0%}``,
-    ``{value[matching]}`` for a recorded dict); ``notebook`` the ``NN`` prefix of the notebook
-    that records it; ``section`` the heading of the section expected to show it (documentation
+    ``{value[matching]}`` for a recorded dict); ``notebook`` the stem of the notebook that
+    records it (``"04-gradients"``); ``section`` the heading of the section expected to show it (documentation
     for the notebook's author; the link follows the recording cell).
     """
 
@@ -62,40 +62,44 @@ def _findings(*entries: Finding) -> dict[str, Finding]:
 
 #: The report's key findings, in the order they are shown. Values are recorded by the notebooks.
 FINDINGS: dict[str, Finding] = _findings(
-    Finding("estimators_unbiased", "01", "Three-way evidence for the value: SymPy, exact, Monte Carlo",
+    Finding("estimators_unbiased", "01-overview", "Three-way evidence for the value: SymPy, exact, Monte Carlo",
             "{value[unbiased]} of the {value[total]} built-in estimators are unbiased for a KL direction "
             "(derived by SymPy, confirmed by the exact layer and by Monte Carlo)."),
-    Finding("schulman_published_match", "02", "3. Schulman's two experiments: published vs exact vs Monte Carlo",
+    Finding("schulman_published_match", "02-value-estimators",
+            "3. Schulman's two experiments: published vs exact vs Monte Carlo",
             "{value[matching]} of the {value[total]} numbers in Schulman's (2020) tables equal the exact "
             "value to the digits printed."),
-    Finding("k2_bias_far", "02", "4. Bias and spread as p moves away from q",
+    Finding("k2_bias_far", "02-value-estimators", "4. Bias and spread as p moves away from q",
             "k2 is biased far from q: at mu_p = {value[mu_p]:g} its mean is off KL(q||p) by "
             "{value[relative_bias]:+.1%}, while k1 and k3 stay unbiased."),
-    Finding("k3_loss_gradient_error", "04", "5. Where published and exact differ, and why",
+    Finding("k3_loss_gradient_error", "04-gradients", "5. Where published and exact differ, and why",
             "k3 as a loss (`loss` mode, as in Yang's experiment) does not follow ∇KL(q||p): its exact expected "
             "gradient is {value:.0%} away from it (it follows ∇KL(p||q))."),
-    Finding("k3_reward_gradient_error", "04", "2. Exact expected gradients vs the true gradients vs Monte Carlo",
+    Finding("k3_reward_gradient_error", "04-gradients",
+            "2. Exact expected gradients vs the true gradients vs Monte Carlo",
             "k3 in the reward (`reward` mode) follows no KL: its expected gradient is {value:.0%} away "
             "from ∇KL(q||p)."),
-    Finding("k4_mean_over_kl_near", "06", "3. What E_q[k4] tracks, near and far",
+    Finding("k4_mean_over_kl_near", "06-k4-audit", "3. What E_q[k4] tracks, near and far",
             "k4 estimates twice the KL near p = q: E_q[k4]/KL(q||p) = {value:.3f} at the nearest pair of the "
             "sweep, and Zhang's \"true\" value is KL(p||q), not the RL penalty KL(q||p)."),
-    Finding("token_batch_spike", "07", "3. Spikes: the largest value in a batch of B tokens",
+    Finding("token_batch_spike", "07-token-level", "3. Spikes: the largest value in a batch of B tokens",
             "On an LLM-shaped vocabulary, the median largest k3 value in a batch is {value:.3g} times "
             "the per-token KL(q||p) (exact quantiles)."),
-    Finding("k2_shift_std_reduction", "08", "3. Seed 003: an optimal shift for k2 gradients",
+    Finding("k2_shift_std_reduction", "08-variance-reduction", "3. Seed 003: an optimal shift for k2 gradients",
             "The derived optimal shift of k2 cuts the per-sample standard deviation of its `loss` gradient "
             "w.r.t. mu by {value:.0%}."),
-    Finding("defaults_following_reverse_kl", "09", "Three-way check of each default's gradient",
+    Finding("defaults_following_reverse_kl", "09-framework-crosswalk", "Three-way check of each default's gradient",
             "{value[following]} of the {value[total]} framework defaults have an expected gradient equal "
             "to ∇KL(q||p), the gradient of the penalty they are meant to apply."),
-    Finding("sequence_token_loss_error", "10", "",
-            "At the sequence level, k3 summed as a per-token loss misses the future term: its expected "
-            "gradient is {value:.0%} away from ∇KL(q||p) of the sequences."),
-    Finding("off_policy_unbiased", "11", "",
+    Finding("sequence_paper_claims", "10-sequences", "5. The two papers' claims, checked by number",
+            "At the sequence level, {value[holds]} of the {value[total]} claims of Tang & Munos (2025) and "
+            "Liu et al. (2025) checked here hold by exact enumeration."),
+    Finding("off_policy_unbiased", "11-off-policy",
+            "5. Sequences: which weighting gives $\\nabla KL(q\\|p)$ of the sequences",
             "Off-policy, {value[unbiased]} of the {value[total]} weighting × placement × estimator combinations "
             "give an unbiased gradient of the sequence KL(q||p)."),
-    Finding("fixed_point_at_optimum", "12", "",
+    Finding("fixed_point_at_optimum", "12-where-training-ends-up",
+            "4. The end point against β for each framework's default setting",
             "{value[at_optimum]} of the {value[total]} framework defaults converge to the intended optimum "
             "q* ∝ p·exp(R/β)."),
 )
@@ -155,7 +159,7 @@ class Record:
     section: str
 
 
-class MissingRecord(RuntimeError):
+class MissingRecord(ValueError):
     """An executed notebook did not record a value that :data:`FINDINGS` expects from it."""
 
 
@@ -186,7 +190,7 @@ def read_records(notebook: Mapping | str | Path, notebook_key: str | None = None
     """
     if not isinstance(notebook, Mapping):
         path = Path(notebook)
-        notebook_key = notebook_key or path.name.split("-", 1)[0]
+        notebook_key = notebook_key or path.stem
         notebook = json.loads(path.read_text(encoding="utf-8"))
     records: dict[str, Record] = {}
     heading = ""
@@ -246,9 +250,9 @@ def resolve_findings(executed: Mapping[str, Path], pages: Mapping[str, str] | No
     Parameters
     ----------
     executed : mapping
-        ``NN`` notebook key -> executed ``.ipynb`` path, for the notebooks in this build.
+        Notebook stem -> executed ``.ipynb`` path, for the notebooks in this build.
     pages : mapping, optional
-        ``NN`` -> HTML page name (default: the executed file's name with ``.html``).
+        Notebook stem -> HTML page name (default: the executed file's name with ``.html``).
     findings : mapping, optional
         The registry (:data:`FINDINGS` by default).
 
