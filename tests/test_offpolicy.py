@@ -268,3 +268,23 @@ def test_sequence_monte_carlo_from_b_agrees_with_exact(weighting):
 def test_sequence_behaviour_of_another_shape_is_one_clear_error():
     with pytest.raises(ValueError, match="behaviour b must have the same shape"):
         sequence_offpolicy_gradients("k1", SEQ_Q, SEQ_P, Autoregressive.random(3, 2, seed=0))
+
+
+@pytest.mark.parametrize("weighting", ["none", "token-is", "token-is-differentiable"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k3+", "rev_k1"])
+def test_three_gaussian_closed_form_matches_quadrature(estimator, mode, weighting):
+    q, p, b = Gaussian(0.0, 1.0), Gaussian(0.7, 1.2), Gaussian(0.4, 1.1)
+    out = offpolicy_gradient(estimator, mode, weighting, q, p, b)
+    assert out["method"] == "closed_form"
+    assert np.allclose(out["gradient"], out["quadrature_gradient"], rtol=1e-10, atol=1e-13)
+
+
+def test_three_gaussian_closed_form_states_its_condition():
+    from klsym.rl.offpolicy import behaviour_condition_holds
+    q, p = Gaussian(0.0, 1.0), Gaussian(0.0, 2.0)
+    # E_b[r] for k3: a = 1, 1 - 1/4 < 1/sigma_b^2 holds for sigma_b = 1.1 and fails for sigma_b = 1.2
+    assert behaviour_condition_holds(1, q, p, Gaussian(0.0, 1.1))
+    assert not behaviour_condition_holds(1, q, p, Gaussian(0.0, 1.2))
+    out = offpolicy_gradient("k3", "reward", "none", q, p, Gaussian(0.0, 1.2))
+    assert out["method"] == "quadrature" and not np.all(np.isfinite(out["gradient"]))

@@ -21,7 +21,10 @@ One token's gradient is :math:`c(x)\, \nabla_\theta \log q_\theta(x)` with :math
           \mathbb{E}_b[\mathrm{sg}(w)\, c\, s_q] = \mathbb{E}_q[c\, s_q]
 
 (``token-is`` is the on-policy answer whenever :math:`b > 0` where :math:`q > 0`). Exact: categorical sums
-(:math:`\mathbb{E}_b[c\,s_j] = b_j c_j - q_j \sum_x b_x c_x`); Gaussian log-space quadrature over b
+(:math:`\mathbb{E}_b[c\,s_j] = b_j c_j - q_j \sum_x b_x c_x`); Gaussian: closed forms where k decomposes
+into :math:`r^a (\log r)^n` and the weighting is ``none``, ``token-is`` or ``token-is-differentiable``
+(:func:`gaussian_closed_form`; three Gaussians still give Gaussian integrals, finite iff
+:math:`a(1/\sigma_q^2 - 1/\sigma_p^2) < 1/\sigma_b^2` for every power a), log-space quadrature over b otherwise
 (:mod:`klsym.exact.quadrature`; a divergent integral comes back infinite). The second moment of
 :math:`w` under Gaussians is finite iff :math:`\sigma_b^2 > \sigma_q^2/2`; the per-sample gradient
 variance of ``token-is`` k3 needs in addition :math:`\sigma_b^2 > \sigma_p^2/2`-type conditions, which the
@@ -178,7 +181,99 @@ def offpolicy_gradient(estimator, mode: str, weighting: str, q, p, b, truncation
                        clip: float = DEFAULT_CLIP) -> dict:
     """:func:`exact_expression` of :func:`term_expression` (one estimator, mode, weighting)."""
     expr, enters, value = term_expression(get_estimator(estimator), mode, weighting, truncation, clip)
-    return exact_expression(expr, enters, q, p, b, value)
+    out = exact_expression(expr, enters, q, p, b, value)
+    if isinstance(q, Gaussian):
+        closed = gaussian_closed_form(estimator, mode, weighting, q, p, b)
+        if closed is not None and np.all(np.isfinite(closed["gradient"])):
+            out.update(closed, method="closed_form", quadrature_gradient=out["gradient"])
+    return out
+
+
+# --- Gaussian closed forms (three Gaussians) -------------------------------------------------------
+#
+# With sampler b = N(m, s^2) and t = log p - log q, M(a) = E_b[e^{a t}] is a Gaussian integral
+# (klsym.derive.gaussian_closed_form.log_mgf), finite iff a (1/sigma_q^2 - 1/sigma_p^2) < 1/s^2. Derivatives in
+# (a, m, s) give every moment needed: E_b[r^a t^n] = d^n M / da^n, E_b[r^a t^n (x - m)] = s^2 d/dm (.),
+# E_b[r^a t^n (x - m)^2] = s^3 d/ds (.) + s^2 (.), and the score of q is a polynomial in x - m.
+
+@lru_cache(maxsize=None)
+def _behaviour_term_function(a, n: int):
+    """Lambdified (m, s, mu, sigma, mu_p, sigma_p) -> [E r^a t^n, E r^a t^n s_mu, E r^a t^n s_sigma] under N(m, s)."""
+    from klsym.derive.gaussian_closed_form import log_mgf
+
+    log_m = log_mgf()
+    names = {str(symbol): symbol for symbol in log_m.free_symbols}
+    a_, m, s_, mu, sigma = (names[k] for k in ("a", "m", "s", "mu_q", "sigma_q"))
+    moment = sp.diff(sp.exp(log_m), a_, n)
+    first = s_**2 * sp.diff(moment, m)                       # E[f (x - m)]
+    second = s_**3 * sp.diff(moment, s_) + s_**2 * moment    # E[f (x - m)^2]
+    d = m - mu
+    score_mu = (first + d * moment) / sigma**2
+    score_sigma = ((second + 2 * d * first + d**2 * moment) / sigma**2 - moment) / sigma
+    exprs = [e.subs(a_, a) for e in (moment, score_mu, score_sigma)]
+    arguments = (m, s_, mu, sigma, names["mu_p"], names["sigma_p"])
+    return sp.lambdify(arguments, exprs, modules="mpmath", cse=True)
+
+
+def behaviour_condition_holds(a, q: Gaussian, p: Gaussian, b: Gaussian) -> bool:
+    r""":math:`\mathbb{E}_b[r^a]` finite: :math:`a\,(1/\sigma_q^2 - 1/\sigma_p^2) < 1/\sigma_b^2` (exact rationals)."""
+    from fractions import Fraction
+
+    a = Fraction(sp.Rational(sp.nsimplify(a)).p, sp.Rational(sp.nsimplify(a)).q)
+    return a * (1 / Fraction(q.sigma) ** 2 - 1 / Fraction(p.sigma) ** 2) < 1 / Fraction(b.sigma) ** 2
+
+
+def _behaviour_expectations(terms, q: Gaussian, p: Gaussian, b: Gaussian) -> np.ndarray:
+    """[E_b[h], E_b[h s_mu], E_b[h s_sigma]] for h = sum c r^a t^n (NaN where a term diverges)."""
+    import mpmath
+
+    from klsym.derive.gaussian_closed_form import precise
+
+    if not all(behaviour_condition_holds(a, q, p, b) for _, a, _ in terms):
+        return np.full(3, np.nan)
+
+    def compute():
+        mpf = mpmath.mpf
+        total = [mpf(0)] * 3
+        for c, a, n in terms:
+            values = _behaviour_term_function(a, n)(mpf(b.mu), mpf(b.sigma), mpf(q.mu), mpf(q.sigma), mpf(p.mu),
+                                                    mpf(p.sigma))
+            coefficient = mpmath.mpf(sp.Rational(c).p) / sp.Rational(c).q if sp.sympify(c).is_Rational \
+                else mpmath.mpf(float(c))
+            total = [x + coefficient * v for x, v in zip(total, values)]
+        return total
+    return np.array([float(v) for v in precise(compute)])
+
+
+def gaussian_closed_form(estimator, mode: str, weighting: str, q: Gaussian, p: Gaussian, b: Gaussian) -> dict | None:
+    r"""Closed-form value and gradient for ``none``, ``token-is`` and ``token-is-differentiable`` (None otherwise or
+    where k has no decomposition into :math:`r^a (\log r)^n`).
+
+    ``none``: :math:`\mathbb{E}_b[h(r)\,s_q]` with the mode coefficient h, three Gaussians. ``token-is``:
+    :math:`\mathbb{E}_b[w\,h\,s_q] = \mathbb{E}_q[h\,s_q]`; ``token-is-differentiable`` in the loss:
+    :math:`\mathbb{E}_b[w(k + h_{loss})s_q]`, the on-policy ``full`` mode (klsym.exact.expectations).
+    """
+    from klsym.derive.gaussian_closed_form import decompose
+    from klsym.derive.symbolic import mode_coefficient
+    from klsym.exact.expectations import estimator_gradient, estimator_stats
+
+    estimator = get_estimator(estimator)
+    if weighting not in ("none", "token-is", "token-is-differentiable"):
+        return None
+    value_terms = decompose(estimator.expr)
+    if value_terms is None or any(decompose(mode_coefficient(estimator, m)) is None for m in MODES):
+        return None
+    if weighting == "none":
+        value = _behaviour_expectations(value_terms, q, p, b)[0]
+        gradient = _behaviour_expectations(decompose(mode_coefficient(estimator, mode)), q, p, b)[1:]
+        return {"value": float(value), "gradient": gradient}
+    value = estimator_stats(estimator, q, p)["mean"]
+    if weighting == "token-is" or mode == "reward":
+        return {"value": value, "gradient": estimator_gradient(estimator, q, p, mode)}
+    gradient = estimator_gradient(estimator, q, p, "full")
+    if mode == "full":
+        gradient = gradient + estimator_gradient(estimator, q, p, "reward")
+    return {"value": value, "gradient": gradient}
 
 
 def true_gradient(q, p) -> np.ndarray:
@@ -529,7 +624,7 @@ def variance_vs_horizon(vocab_size: int, horizons, drift_scale: float, distance:
 
 
 __all__ = ["WEIGHTINGS", "UNBIASED_WEIGHTINGS", "DEFAULT_TRUNCATION", "DEFAULT_CLIP", "term_expression",
-           "check_triple", "exact_expression", "offpolicy_gradient", "true_gradient", "drift", "monte_carlo",
+           "check_triple", "exact_expression", "offpolicy_gradient", "gaussian_closed_form", "behaviour_condition_holds", "true_gradient", "drift", "monte_carlo",
            "relative_bias", "offpolicy_rows", "offpolicy_summary", "value_rows", "drift_table", "behaviours", "mc_check_table",
            "SEQUENCE_WEIGHTINGS", "SEQUENCE_PLACEMENTS", "sequence_offpolicy_gradients", "sample_sequences",
            "sequence_monte_carlo", "sequence_offpolicy_table", "recommend", "variance_vs_horizon"]
