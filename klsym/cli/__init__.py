@@ -37,18 +37,24 @@ def add_format_argument(parser: argparse.ArgumentParser, default: str = "table",
     parser.add_argument("--format", choices=choices, default=default, help="output format")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` (a subcommand's module name) only that module is imported, so
+    ``klsym exact ...`` does not pay for the imports of every other subcommand."""
     parser = argparse.ArgumentParser(
         prog="klsym", description="Monte Carlo estimators of KL divergence: derive, compute exactly, sample.")
     parser.add_argument("--version", action="version", version=f"klsym {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        importlib.import_module(f"{__name__}.{info.name}").register(sub)
+        if command is None or info.name == command:
+            importlib.import_module(f"{__name__}.{info.name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argv[0] if argv and not argv[0].startswith("-") else None
+    known = {info.name for info in pkgutil.iter_modules(__path__)}
+    parser = build_parser(first if first in known else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -144,12 +144,23 @@ def make_numeric(expr: sp.Expr, stable: sp.Expr | None = None, *, variable_is_t:
     if free:
         names = ", ".join(sorted(map(str, free)))
         raise ValueError(f"estimator has free parameters ({names}): give them numeric values first")
-    closed = stable if stable is not None else optimize(e_t, [expm1_opt, log1p_opt])
-    taylor = _taylor(e_t)
-    body = closed if taylor is None else sp.Piecewise(
-        (taylor, sp.Abs(t) < TAYLOR_RADIUS), (closed, True))
+    body = _numeric_body(e_t, stable)
     evaluate = compile_logratio_function(body, module)
     return evaluate
+
+
+def _numeric_body(e_t: sp.Expr, stable: sp.Expr | None) -> sp.Expr:
+    """The body of :func:`make_numeric`; kept on disk as ``srepr`` text (:mod:`klsym.derive.diskcache`,
+    keyed by the expressions, the versions and this module's source): the series is the slow part."""
+    from klsym.derive.diskcache import cache_key, cached_json
+
+    def derive() -> str:
+        closed = stable if stable is not None else optimize(e_t, [expm1_opt, log1p_opt])
+        taylor = _taylor(e_t)
+        return sp.srepr(closed if taylor is None else sp.Piecewise((taylor, sp.Abs(t) < TAYLOR_RADIUS), (closed, True)))
+
+    text = cached_json("numeric", cache_key([sp.srepr(e_t), sp.srepr(stable)], [__file__]), derive)
+    return sp.sympify(text, locals={"expm1": expm1, "log1p": log1p})  # text klsym wrote, not user input
 
 
 def compile_logratio_function(body: sp.Expr, module: str = "numpy", *, xp=None):

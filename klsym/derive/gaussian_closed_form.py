@@ -151,13 +151,35 @@ def _term_function(a, n: int):
 
     of :math:`\mathbb{E}[r^a t^n]_T`; derived once per ``(a, n)``. It runs on mpmath numbers at the
     working precision (:func:`precise` picks it), so neither cancellation near p = q nor the range
-    of float64 limits the result.
+    of float64 limits the result. The generated code is kept on disk (:mod:`klsym.derive.diskcache`,
+    keyed by ``(a, n)``, the klsym and SymPy versions and this module's source), so a new process
+    compiles it in milliseconds instead of differentiating again.
     """
+    from klsym.derive.diskcache import cache_key, cached_json
+
+    key = cache_key([sp.srepr(sp.sympify(a)), str(int(n))], [__file__])
+    return _compile_mpmath(cached_json("gaussian-term", key, lambda: _term_source(a, n)))
+
+
+def _term_source(a, n: int) -> str:
+    r"""Derive the five quantities of :math:`\mathbb{E}[r^a t^n]_T` and return their lambdified source."""
+    import inspect
+
     moment = sp.diff(sp.exp(_T * log_mgf()), _a, n)
     derivatives = [moment, sp.diff(moment, _m), sp.diff(moment, _s), sp.diff(moment, _mu), sp.diff(moment, _sig)]
     at_theta = {_a: a, _m: _mu, _s: _sig}
     exprs = [d.subs(at_theta) for d in derivatives]
-    return sp.lambdify((_mu, _sig, _mup, _sigp, _T), exprs, modules="mpmath", cse=True)
+    return inspect.getsource(sp.lambdify((_mu, _sig, _mup, _sigp, _T), exprs, modules="mpmath", cse=True))
+
+
+def _compile_mpmath(source: str):
+    """The function defined by lambdify's ``source``, in lambdify's own mpmath namespace."""
+    from sympy.utilities.lambdify import MODULES, _import
+
+    _import("mpmath")
+    namespace = dict(MODULES["mpmath"][0])
+    exec(compile(source, "<klsym.derive.gaussian_closed_form term>", "exec"), namespace)  # code klsym generated
+    return namespace["_lambdifygenerated"]
 
 
 def _term_values(a, n, q, p, positions) -> list:

@@ -1,0 +1,93 @@
+"""Derivations cached on disk across processes: the Gaussian closed-form terms (generated code) and the
+numeric bodies of estimators (srepr text); a changed formula or a changed deriving module derives afresh."""
+import subprocess
+import sys
+
+import mpmath
+import pytest
+import sympy as sp
+
+from klsym.derive import estimators as est
+from klsym.derive import gaussian_closed_form as gcf
+from klsym.derive.symbols import r
+
+TERM_ARGS = (mpmath.mpf(0.3), mpmath.mpf(1.2), mpmath.mpf(-0.4), mpmath.mpf(0.9), mpmath.mpf(2))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KLSYM_CACHE_DIR", str(tmp_path))
+    gcf._term_function.cache_clear()
+    yield tmp_path
+    gcf._term_function.cache_clear()
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def _forbid(monkeypatch, module, name):
+    def fail(*args):
+        raise AssertionError(f"{name} ran although its result was cached")
+
+    monkeypatch.setattr(module, name, fail)
+
+
+def test_gaussian_term_is_derived_once_then_read_from_disk(cache, monkeypatch):
+    calls = _count_calls(monkeypatch, gcf, "_term_source")
+    fresh = gcf._term_function(sp.Integer(1), 2)(*TERM_ARGS)
+    assert len(calls) == 1 and len(list(cache.glob("gaussian-term-*.json"))) == 1
+    gcf._term_function.cache_clear()  # as in a new process
+    _forbid(monkeypatch, gcf, "_term_source")
+    cached = gcf._term_function(sp.Integer(1), 2)(*TERM_ARGS)
+    assert [mpmath.almosteq(a, b, rel_eps=mpmath.mpf(10) ** -14) for a, b in zip(fresh, cached)] == [True] * 5
+    assert fresh == cached  # the same generated code: the same numbers
+
+
+def test_a_changed_formula_is_derived_afresh(cache, monkeypatch):
+    k3 = est.get_estimator("k3")
+    gcf.warm(gcf.decompose(k3.expr))
+    before = set(cache.glob("gaussian-term-*.json"))
+    calls = _count_calls(monkeypatch, gcf, "_term_source")
+    gcf.warm(gcf.decompose(k3.expr))
+    assert calls == []
+    changed = est.from_formula("r - 1 - log(r) + log(r)**3 / 6")  # a new term r^0 t^3
+    gcf.warm(gcf.decompose(changed.expr))
+    assert [(a, n) for a, n in calls] == [(0, 3)]
+    assert len(set(cache.glob("gaussian-term-*.json")) - before) == 1
+
+
+def test_a_changed_deriving_module_is_derived_afresh(cache, monkeypatch, tmp_path_factory):
+    gcf._term_function(sp.Integer(0), 1)
+    edited = tmp_path_factory.mktemp("src") / "gaussian_closed_form.py"
+    edited.write_text(open(gcf.__file__).read() + "\n# an edit\n")
+    gcf._term_function.cache_clear()
+    monkeypatch.setattr(gcf, "__file__", str(edited))
+    calls = _count_calls(monkeypatch, gcf, "_term_source")
+    gcf._term_function(sp.Integer(0), 1)
+    assert len(calls) == 1 and len(list(cache.glob("gaussian-term-*.json"))) == 2
+
+
+def test_numeric_body_is_cached_and_equal(cache, monkeypatch):
+    expr = sp.log((r - 1) ** 2 / 3 + 1)  # not a built-in: nothing cached in-process
+    fresh = est.make_numeric(expr).expression
+    assert len(list(cache.glob("numeric-*.json"))) == 1
+    _forbid(monkeypatch, est, "_taylor")
+    assert est.make_numeric(expr).expression == fresh
+    with pytest.raises(AssertionError, match="cached"):  # another formula: derived again
+        est.make_numeric(expr + r)
+
+
+def test_cli_imports_only_the_subcommand_it_runs():
+    code = ("import sys; from klsym.cli import build_parser; build_parser('derive'); "
+            "print(sorted(m for m in sys.modules if m.startswith('klsym.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['klsym.cli.derive']"
