@@ -69,6 +69,27 @@ def test_no_function_class_or_lambda_definitions(path):
     assert found == [], "notebooks stay thin: move logic into klsym"
 
 
+LOOPS = (ast.For, ast.AsyncFor, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_no_for_loops_or_comprehensions(path):
+    """Tables are built by library functions (klsym.report.compare), not by loops in code cells."""
+    notebook = nbformat.read(path, as_version=4)
+    found = [f"cell {index}: {type(node).__name__} at line {node.lineno}"
+             for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"
+             for node in ast.walk(ast.parse(code_without_magics(cell.source))) if isinstance(node, LOOPS)]
+    assert found == [], "no for-loops or comprehensions in notebooks: put the loop in klsym (e.g. klsym.report.compare)"
+
+
+def test_loop_rule_catches_loops_and_comprehensions_only():
+    caught = [source for source in ("for x in y: pass", "[x for x in y]", "{x for x in y}", "{x: 1 for x in y}",
+                                    "sum(x for x in y)", "async def f():\n    async for x in y: pass")
+              if any(isinstance(node, LOOPS) for node in ast.walk(ast.parse(source)))]
+    assert len(caught) == 6
+    assert not any(isinstance(node, LOOPS) for node in ast.walk(ast.parse("table = compare(names, q, p)\nf(x)[0]")))
+
+
 def test_small_parameters_name_existing_notebooks_and_parameters():
     small = json.loads((NOTEBOOKS_DIR / SMALL_PARAMETERS_FILE).read_text())
     by_stem = {path.stem: path for path in NOTEBOOKS}
