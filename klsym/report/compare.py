@@ -32,7 +32,7 @@ import sympy as sp
 from klsym.derive.divergences import REGISTRY
 from klsym.derive.estimators import Estimator, bregman, control_variate, from_formula, get_estimator, get_estimators
 from klsym.derive.symbolic import analyze, derivation_rows, derivatives_at_one, is_zero, mode_coefficient
-from klsym.derive.symbols import alpha, r, x
+from klsym.derive.symbols import alpha, lam, r, x
 from klsym.exact import clamps
 from klsym.exact.expectations import (KL_PQ, KL_QP, MODES, estimator_gradient, estimator_gradient_std,
                                       estimator_stats, kl_divergences, true_gradients)
@@ -755,8 +755,61 @@ def shift_comparison(candidates: Mapping, moments: dict, q, p, *, n: int, trials
                     "per-sample std, exact layer", "per-sample std, MC trials", "MC mean over trials", "z"]], per_trial
 
 
+# --- SymPy derivations the notebooks display (candidates for klsym.derive.symbolic) ----------
+
+def gaussian_fisher_information() -> tuple:
+    r"""Fisher information of N(mu, sigma), :math:`F = -\mathbb{E}[\nabla^2_{(\mu,\sigma)} \log q]`, by SymPy.
+
+    >>> fisher, mu, sigma = gaussian_fisher_information()
+    >>> fisher
+    Matrix([
+    [sigma**(-2),          0],
+    [          0, 2/sigma**2]])
+    """
+    mu, sigma = sp.Symbol("mu", real=True), sp.Symbol("sigma", positive=True)
+    log_density = -sp.log(sigma) - sp.log(2 * sp.pi) / 2 - (x - mu) ** 2 / (2 * sigma**2)
+    return sp.simplify(sp.integrate(-sp.hessian(log_density, (mu, sigma)) * sp.exp(log_density), (x, -sp.oo, sp.oo))), mu, sigma
+
+
+def control_variate_optimum() -> dict:
+    r"""SymPy minimises :math:`\mathrm{Var}(k_\lambda) = \mathrm{Var}(\log r) - 2\lambda\,\mathrm{Cov}(\log r, r - 1)
+    + \lambda^2\,\mathrm{Var}(r - 1)` over :math:`\lambda`: ``{"variance", "lambda_star"}`` (SymPy expressions)."""
+    variance_of_log = sp.Symbol(r"\mathrm{Var}(\log{r})")
+    covariance = sp.Symbol(r"\mathrm{Cov}(\log{r}, r - 1)")
+    variance_of_control = sp.Symbol(r"\mathrm{Var}(r - 1)")
+    variance = variance_of_log - 2 * lam * covariance + lam**2 * variance_of_control
+    return {"variance": variance, "lambda_star": sp.solve(sp.diff(variance, lam), lam)[0]}
+
+
+def mean_shift_lambda_star() -> dict:
+    r"""q = N(0, 1), p = N(mu_p, 1): :math:`\mathbb{E}_q[r^2]` integrated by SymPy, :math:`\lambda^*(\mu_p)
+    = \mu_p^2 / (\mathbb{E}_q[r^2] - 1)` (both KL directions are :math:`\mu_p^2/2`) and its limit at 0."""
+    shift = sp.Symbol(r"\mu_p", positive=True)
+    standard_normal = sp.exp(-x**2 / 2) / sp.sqrt(2 * sp.pi)
+    shifted_normal = sp.exp(-(x - shift) ** 2 / 2) / sp.sqrt(2 * sp.pi)
+    second_moment = sp.simplify(sp.integrate(shifted_normal**2 / standard_normal, (x, -sp.oo, sp.oo)))
+    best = sp.simplify(shift**2 / (second_moment - 1))
+    return {"symbol": shift, "second_moment": second_moment, "lambda_star": best, "limit": sp.limit(best, shift, 0)}
+
+
+def shift_optimum() -> dict:
+    r"""SymPy minimises :math:`\mathbb{E}_q[s_i^2 (L - \lambda)^2]` over :math:`\lambda`: ``{"objective", "lambda_star"}``."""
+    mean_s2L2, mean_s2L, mean_s2 = sp.symbols(r"E[s^2L^2] E[s^2L] E[s^2]")
+    objective = mean_s2L2 - 2 * lam * mean_s2L + lam**2 * mean_s2
+    return {"objective": objective, "lambda_star": sp.solve(sp.diff(objective, lam), lam)[0]}
+
+
+def shift_candidates(shifts: pd.DataFrame, pooled: float) -> dict:
+    """The shifts compared for k2 gradients: none, the derived optimum per parameter, pooled, and as printed."""
+    derived, printed = "lambda* derived  E[s^2 L]/E[s^2]", "lambda as printed  E[s^2 L^2]/E[s^2]"
+    return {"k2 (no shift)": 0.0, "derived lambda*_mu": shifts.loc[derived, "mu"],
+            "derived lambda*_sigma": shifts.loc[derived, "sigma"], "pooled (derived)": pooled,
+            "as printed, mu": shifts.loc[printed, "mu"], "as printed, sigma": shifts.loc[printed, "sigma"]}
+
+
 __all__ = ["compare", "compare_pairs", "gaussian_path", "with_reference", "relative", "ratios", "path_sweep", "support_table", "gradient_error", "z_score", "symbolic_table",
            "formulas_latex", "derivation_markdown", "registry_table", "registry_markdown",
            "local_expansion_table", "bias_series_table", "small_delta_slopes", "reproduce", "trial_gradients", "trial_summary",
            "zipf_policies", "policy_summary", "sequence_table", "spike_table", "saturation_table", "clamp_table",
-           "parabola_vertex", "lambda_star", "evaluate", "shift_moments", "shift_table", "shift_comparison", "control_variate_scan", "lambda_star_sweep", "WHAT", "PARAMS"]
+           "parabola_vertex", "lambda_star", "evaluate", "gaussian_fisher_information", "control_variate_optimum",
+           "mean_shift_lambda_star", "shift_optimum", "shift_candidates", "shift_moments", "shift_table", "shift_comparison", "control_variate_scan", "lambda_star_sweep", "WHAT", "PARAMS"]
