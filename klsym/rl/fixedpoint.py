@@ -362,12 +362,25 @@ def integrate_dynamics(problem: FixedPointProblem, estimator, mode: str | None =
     times = np.concatenate([[0.0], np.geomspace(1e-2, time, points - 1)])
     with np.errstate(all="ignore"):
         solution = solve_ivp(lambda _, z: _reduced_field(problem, term, z), (0.0, time), _reduced(start),
-                             method="LSODA", t_eval=times, rtol=1e-10, atol=1e-12)
+                             method="LSODA", t_eval=times, rtol=1e-8, atol=1e-10)
     reduced = solution.y.T
     finite = solution.success and np.isfinite(reduced).all()
     probs = softmax(np.column_stack([reduced, np.zeros(len(reduced))]), axis=1)
     return {"times": solution.t, "probs": probs, "logits": reduced, "finite": bool(finite),
             "message": solution.message}
+
+
+def _clamps_idle(problem, term, probs) -> bool:
+    """No clamp bites at this point: |t| inside the input clamp, |k| inside the output clamp, with margin."""
+    if not term.clamped:
+        return True
+    log_ratios = np.log(problem.p) - np.log(probs)
+    inside = True
+    if term.input_clamp is not None:
+        inside &= bool(np.all(np.abs(log_ratios) < 0.99 * term.input_clamp))
+    if term.output_clamp is not None:
+        inside &= bool(np.all(np.abs(term.estimator.numeric(log_ratios)) < 0.99 * term.output_clamp))
+    return inside
 
 
 def _polish(problem, term, logits):
@@ -405,9 +418,17 @@ def fixed_point(problem: FixedPointProblem, estimator, mode: str, *, input_clamp
     """
     term = kl_term(estimator, mode, input_clamp, output_clamp)
     condition = stationarity_condition(term.estimator, mode)
-    exact = None if term.clamped else stationary_point(problem, term.estimator, mode)
-    if exact is not None and exact["probs"] is not None:  # concave objective: the dynamics reach it
-        return _report(problem, exact["probs"], "interior", None, term, condition["divergence"], exact["method"])
+    exact = stationary_point(problem, term.estimator, mode)
+    if exact is not None and exact["probs"] is not None and _clamps_idle(problem, term, exact["probs"]):
+        # concave objective: the dynamics reach it (clamps change the field only where they bite)
+        method = exact["method"] + (" (clamps inactive there)" if term.clamped else "")
+        return _report(problem, exact["probs"], "interior", None, term, condition["divergence"], method)
+    best = problem.reward >= problem.reward.max()
+    if condition["constant"] and not term.clamped and best.sum() == 1:
+        # no restoring force: pure reward ascent, which ends on the unique maximiser
+        return _report(problem, best.astype(float), "collapse", True, term, condition["divergence"],
+                       "SymPy: the mode's implied divergence has no restoring force (phi constant); "
+                       "reward ascent ends on the unique reward maximiser")
     dynamics = integrate_dynamics(problem, term)
     end = dynamics["probs"][-1]
     if condition["constant"] and not term.clamped:
@@ -415,8 +436,8 @@ def fixed_point(problem: FixedPointProblem, estimator, mode: str, *, input_clamp
         status, probs = _boundary_status(problem, end) if dynamics["finite"] else ("diverges", end)
     else:
         method = ("numeric: stable fixed point of the exact expected dynamics from q = p"
-                  + (" (clamps)" if term.clamped else " (implied divergence not convex)" if exact is None
-                     else " (no interior stationary point)"))
+                  + (" (implied divergence not convex)" if exact is None
+                     else " (no interior stationary point)" if exact["probs"] is None else " (clamps bite)"))
         polished = _polish(problem, term, np.log(np.maximum(end, 1e-300))) if end.min() > DROPPED_MASS else None
         if not dynamics["finite"]:
             probs, status = end, "diverges"
@@ -718,9 +739,11 @@ def endpoint_table(problem: FixedPointProblem = REFERENCE_PROBLEM, estimators=No
     """Every estimator x mode end point at ``problem`` as a DataFrame (probs one column per token)."""
     summary = fixed_point_summary(problem, estimators, modes)
     frame = pd.DataFrame(summary_rows(summary)[1:])
-    return frame.drop(columns="probs").join(pd.DataFrame(
-        [point["probs"] for entry in summary["estimators"].values() for point in entry.values()],
-        columns=[f"q[{j}]" for j in range(problem.size)]))
+    probs = np.array([point["probs"] for entry in summary["estimators"].values() for point in entry.values()])
+    frame = frame.drop(columns="probs").join(pd.DataFrame(probs, columns=[f"q[{j}]" for j in range(problem.size)]))
+    if problem.size == 3:
+        frame[["x", "y"]] = simplex_xy(probs)
+    return frame
 
 
 def trajectory_frame(problem: FixedPointProblem = REFERENCE_PROBLEM, estimators=None, modes=MODES, *,
@@ -737,6 +760,19 @@ def trajectory_frame(problem: FixedPointProblem = REFERENCE_PROBLEM, estimators=
     return pd.concat(frames, ignore_index=True)
 
 
+#: Corners of the probability simplex of V = 3 in the plane (token 0, 1, 2, and back to 0 to close it).
+SIMPLEX_CORNERS = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2], [0.0, 0.0]])
+
+
+def simplex_xy(probs: np.ndarray) -> np.ndarray:
+    """Plane coordinates of V = 3 probability vectors (rows): the barycentric map onto :data:`SIMPLEX_CORNERS`.
+
+    >>> simplex_xy(np.array([[0.0, 0.0, 1.0]])).round(6).tolist()
+    [[0.5, 0.866025]]
+    """
+    return np.asarray(probs) @ SIMPLEX_CORNERS[:3]
+
+
 def _path_frame(problem, path, every, **labels) -> pd.DataFrame:
     log_q = np.log(np.maximum(path, 1e-300))
     log_p, log_star = log_softmax(problem.p_logits), np.log(optimum(problem))
@@ -747,6 +783,8 @@ def _path_frame(problem, path, every, **labels) -> pd.DataFrame:
     frame[KL_QP] = np.sum(path * (log_q - log_p), axis=1)
     frame["KL(q||q*)"] = np.sum(path * (log_q - log_star), axis=1)
     frame["reward"] = path @ problem.reward
+    if problem.size == 3:
+        frame[["x", "y"]] = simplex_xy(path)
     return frame
 
 
@@ -794,27 +832,101 @@ def simulation_table(problem: FixedPointProblem = REFERENCE_PROBLEM, runs=(("k3"
     return pd.DataFrame(rows)
 
 
-def beta_sweep(settings, betas, problem: FixedPointProblem = REFERENCE_PROBLEM) -> pd.DataFrame:
-    """End point vs β for framework settings (their estimator, mode and clamps), long format."""
-    rows = []
+def plot_simplex(trajectories: pd.DataFrame, problem: FixedPointProblem = REFERENCE_PROBLEM, **options):
+    """V = 3 trajectories of :func:`trajectory_frame` on the simplex, one panel per estimator, one line per mode.
+
+    The grey dot is p, the star q*; returns the seaborn FacetGrid.
+    """
+    import seaborn as sns
+
+    grid = sns.relplot(data=trajectories, x="x", y="y", hue="mode", col="estimator", kind="line", sort=False,
+                       **{"col_wrap": 3, "height": 3.2, **options})
+    start, star = simplex_xy(problem.p[None]), simplex_xy(optimum(problem)[None])
+    for axis in grid.axes.flat:
+        axis.plot(*SIMPLEX_CORNERS.T, color="grey", linewidth=1)
+        axis.scatter(*start.T, color="grey", zorder=3)
+        axis.scatter(*star.T, marker="*", s=160, color="black", zorder=3)
+        axis.set_aspect("equal")
+        axis.set(xticks=[], yticks=[], xlabel="", ylabel="")
+    return grid
+
+
+def plot_training(exact: pd.DataFrame, stochastic: pd.DataFrame, problem: FixedPointProblem = REFERENCE_PROBLEM):
+    """KL(q||p) and reward over steps: exact ascent (thick) and stochastic runs per seed (thin); q* dashed.
+
+    ``exact`` from :func:`trajectory_frame`, ``stochastic`` from :func:`stochastic_frame`; returns the figure.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    exact = exact.assign(term=exact.estimator + " " + exact["mode"])
+    stochastic = stochastic.assign(term=stochastic.estimator + " " + stochastic["mode"])
+    order = exact.term.unique()
+    star = optimum(problem)
+    targets = {KL_QP: float(np.sum(star * (np.log(star) - log_softmax(problem.p_logits)))),
+               "reward": float(star @ problem.reward)}
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for axis, (column, target) in zip(axes, targets.items()):
+        sns.lineplot(data=stochastic, x="step", y=column, hue="term", hue_order=order, units="seed", estimator=None,
+                     alpha=0.4, linewidth=0.8, ax=axis, legend=False)
+        sns.lineplot(data=exact, x="step", y=column, hue="term", hue_order=order, linewidth=2, ax=axis)
+        axis.axhline(target, color="black", linestyle="--", linewidth=1, label="q*")
+        axis.set_xscale("symlog", linthresh=10)
+        axis.set(xlim=(0, None), title=f"{column} over training steps")
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def framework_defaults() -> list:
+    """Each framework's default KL setting (:mod:`klsym.rl.frameworks`)."""
+    from klsym.rl.frameworks import load_settings
+
+    return [setting for setting in load_settings() if setting.default]
+
+
+def _setting_term(setting) -> KLTerm:
+    return kl_term(setting.get_estimator(), setting.mode, setting.input_clamp, setting.output_clamp)
+
+
+def beta_sweep(betas, settings=None, problem: FixedPointProblem = REFERENCE_PROBLEM) -> pd.DataFrame:
+    """End point vs β for framework settings (default: each framework's default), long format.
+
+    Each setting enters with its estimator, mode and clamps; settings sharing all three are computed once.
+    """
+    settings = framework_defaults() if settings is None else settings
+    points, rows = {}, []
     for setting in settings:
+        term = _setting_term(setting)
         for beta in betas:
-            scaled = problem.with_beta(beta)
-            point = fixed_point(scaled, setting.get_estimator(), setting.mode,
-                                input_clamp=setting.input_clamp, output_clamp=setting.output_clamp)
-            rows.append({"setting": setting.key, "estimator": setting.get_estimator().name, "mode": setting.mode,
-                         "beta": beta, "status": point["status"], KL_QP: point[KL_QP],
+            key = (term, float(beta))
+            if key not in points:
+                points[key] = fixed_point(problem.with_beta(beta), term.estimator, term.mode,
+                                          input_clamp=term.input_clamp, output_clamp=term.output_clamp)
+            point = points[key]
+            rows.append({"setting": setting.key, "estimator": term.estimator.name, "mode": term.mode,
+                         "beta": float(beta), "status": point["status"], KL_QP: point[KL_QP],
                          "reward": point["reward"], "distance_to_optimum": point["distance_to_optimum"],
                          **{f"q[{j}]": v for j, v in enumerate(point["probs"])}})
     return pd.DataFrame(rows)
 
 
-def converges_to_table(settings, problem: FixedPointProblem = REFERENCE_PROBLEM) -> pd.DataFrame:
-    """The crosswalk's "converges to" column for framework settings (clamps included)."""
-    return pd.DataFrame([{"setting": s.key, "estimator": s.get_estimator().name, "mode": s.mode,
-                          "converges to": converges_to(s.get_estimator(), s.mode, problem,
-                                                       input_clamp=s.input_clamp, output_clamp=s.output_clamp)}
-                         for s in settings])
+def converges_to_table(settings=None, problem: FixedPointProblem = REFERENCE_PROBLEM) -> pd.DataFrame:
+    """The crosswalk's "converges to" column (clamps included); default: every framework setting."""
+    if settings is None:
+        from klsym.rl.frameworks import load_settings
+
+        settings = load_settings()
+    phrases, rows = {}, []
+    for setting in settings:
+        term = _setting_term(setting)
+        if term not in phrases:  # settings sharing estimator, mode and clamps are computed once
+            phrases[term] = converges_to(term.estimator, term.mode, problem, input_clamp=term.input_clamp,
+                                         output_clamp=term.output_clamp)
+        rows.append({"setting": setting.key, "estimator": term.estimator.name, "mode": term.mode,
+                     "input_clamp": term.input_clamp, "output_clamp": term.output_clamp,
+                     "converges to": phrases[term]})
+    return pd.DataFrame(rows)
 
 
 __all__ = [
@@ -823,6 +935,7 @@ __all__ = [
     "stationary_point", "integrate_dynamics", "fixed_point", "fixed_point_summary", "summary_rows",
     "expected_ascent", "stochastic_training", "converges_to", "endpoint_table", "trajectory_frame",
     "stochastic_frame", "simulation_check", "simulation_table", "beta_sweep", "converges_to_table",
+    "framework_defaults", "SIMPLEX_CORNERS", "simplex_xy", "plot_simplex", "plot_training",
     "SequenceProblem", "REFERENCE_SEQUENCE_PROBLEM", "sequence_probs", "sequence_optimum", "sequence_update",
     "sequence_fixed_point", "sequence_table",
 ]
