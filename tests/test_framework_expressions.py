@@ -143,3 +143,12 @@ def test_data_corrections():
 def test_bad_expressions_get_one_clear_error(text, needle):
     with pytest.raises(ex.ExpressionError, match=needle):
         ex.parse_expression(text)
+
+
+def test_cli_framework_shows_the_expression_and_off_policy_weighting(capsys):
+    from klsym.cli import main
+    import json
+    assert main(["framework", "trl-grpo", "--setting", "bias_correction", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["expression"].startswith("exp(logq - logb)") and out["enters"] == "loss"
+    assert out["offpolicy_weighting"] == "token-is-differentiable" and out["mode"] == "full"

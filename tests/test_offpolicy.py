@@ -288,3 +288,16 @@ def test_three_gaussian_closed_form_states_its_condition():
     assert not behaviour_condition_holds(1, q, p, Gaussian(0.0, 1.2))
     out = offpolicy_gradient("k3", "reward", "none", q, p, Gaussian(0.0, 1.2))
     assert out["method"] == "quadrature" and not np.all(np.isfinite(out["gradient"]))
+
+
+def test_cli_sequence_behaviour_json(tmp_path):
+    for name, policy in (("q", SEQ_Q), ("p", SEQ_P), ("b", SEQ_B)):
+        policy.save(tmp_path / f"{name}.npy")
+    proc = subprocess.run([sys.executable, "-m", "klsym", "sequence", "--q-model", str(tmp_path / "q.npy"),
+                           "--p-model", str(tmp_path / "p.npy"), "--behaviour-model", str(tmp_path / "b.npy"),
+                           "--estimators", "k1", "--placements", "full,reward", "--weighting", "none,per-decision",
+                           "--format", "json"], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = json.loads(proc.stdout)
+    labels = {(r["placement"], r["weighting"]): r["follows"] for r in out["rows"]}
+    assert labels[("full", "per-decision")] == KL_QP and labels[("full", "none")] != KL_QP
+    assert out["recommended"]["weighting"] == "per-decision" and out["recommended"]["placement"] == "full"
