@@ -189,5 +189,29 @@ def lambda_star_curves(sweep: pd.DataFrame, points: pd.DataFrame | None = None, 
     return lambda_axis, ratio_axis
 
 
-__all__ = ["variance_parabola", "lambda_star_curves", "ratio_to_kl", "setup", "estimator_curves", "value_vs_ratio", "bregman_gap", "exact_and_mc", "trial_violins",
+def ratio_paths(curves: pd.DataFrame, points: pd.DataFrame, series=None, symbol=None):
+    r"""Notebook 06: one :func:`ratio_to_kl` panel per path of :func:`klsym.report.compare.path_sweep`; the first
+    path (a mean shift, log axis) also shows a SymPy series in ``symbol`` (the local expansion over KL), the
+    second marks s = 1."""
+    import sympy as sp
+
+    names = list(dict.fromkeys(curves["path"]))
+    figure, axes = plt.subplots(1, len(names), figsize=(13, 4.8))
+    for index, (ax, name) in enumerate(zip(np.atleast_1d(axes), names)):
+        curve = curves[curves["path"] == name]
+        ratio_to_kl(curve, points[points["path"] == name], ax=ax, title=name,
+                    xlabel=r"$\delta$" if index == 0 else r"$s$ (1 = Zhang's p)")
+        if index == 0:
+            if series is not None:
+                ax.plot(curve["x"], sp.lambdify(symbol, series)(curve["x"].to_numpy()), color="grey", linestyle="--",
+                        label="SymPy series / KL")
+            ax.set(xscale="log", ylim=(0, 2.3))
+        else:
+            ax.axvline(1.0, color="grey", linestyle=":")
+        ax.legend(fontsize="small")
+    figure.tight_layout()
+    return axes
+
+
+__all__ = ["ratio_paths", "variance_parabola", "lambda_star_curves", "ratio_to_kl", "setup", "estimator_curves", "value_vs_ratio", "bregman_gap", "exact_and_mc", "trial_violins",
            "sequence_spread", "batch_maxima"]
