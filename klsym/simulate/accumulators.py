@@ -39,7 +39,7 @@ class Accumulator:
         self._config = config
         self._partials: list = []
 
-    def empty(self) -> "Accumulator":
+    def empty(self) -> Accumulator:
         """A fresh accumulator with the same configuration."""
         return type(self)(*self._config)
 
@@ -49,12 +49,12 @@ class Accumulator:
     def fold(self, partial) -> None:
         raise NotImplementedError
 
-    def update(self, chunk) -> "Accumulator":
+    def update(self, chunk) -> Accumulator:
         """Add a chunk of RNG blocks (kept as per-block partials until merged)."""
         self._partials.extend(self.partials(chunk))
         return self
 
-    def merge(self, other: "Accumulator") -> "Accumulator":
+    def merge(self, other: Accumulator) -> Accumulator:
         """Fold ``other``'s blocks, which come after this accumulator's, into this one."""
         self._fold_pending()
         for partial in other._partials:
@@ -137,7 +137,7 @@ class Extremes(_PerChunk):
 
 
     def partials(self, chunk):
-        xp, host = chunk.stream.xp, chunk.stream.backend.host
+        xp = chunk.stream.xp
         out = np.zeros((self.width, 4))
         for i in range(self.width):
             values = chunk.values(i)
@@ -284,6 +284,16 @@ class LogRatioHistogram(Accumulator):
     def fold(self, partial) -> None:
         first, counts = partial
         self.counts[first:first + counts.size] += counts
+
+    def coalesce(self) -> LogRatioHistogram:
+        """Sum the pending partials into one (integer counts: exact), e.g. before shipping them elsewhere."""
+        if len(self._partials) > 1:
+            first = min(start for start, _ in self._partials)
+            counts = np.zeros(max(start + c.size for start, c in self._partials) - first, dtype=np.int64)
+            for start, c in self._partials:
+                counts[start - first:start - first + c.size] += c
+            self._partials = [(first, counts)]
+        return self
 
     def quantiles(self, function, levels, bracket: bool = False) -> dict:
         """Quantiles of the finite values of ``function(t)`` (see :func:`quantiles_of_function`)."""

@@ -15,9 +15,9 @@ ValueError: unknown backend 'torch'; choose one of: numpy, cupy
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable
 
 import numpy as np
 

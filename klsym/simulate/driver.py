@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from klsym.derive.estimators import MODES, Estimator, gradient_weights, get_estimators
+from klsym.derive.estimators import MODES, Estimator, get_estimators, gradient_weights
 from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
 from klsym.simulate.backend import Backend, get_backend
 
@@ -157,7 +157,7 @@ class Stream:
         for first in range(0, trials, group):
             yield [((TRIALS_STREAM, i), n) for i in range(first, min(trials, first + group))]
 
-    def draw(self, blocks) -> "Chunk":
+    def draw(self, blocks) -> Chunk:
         return Chunk(self, blocks)
 
 

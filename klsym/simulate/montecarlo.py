@@ -38,11 +38,9 @@ import numpy as np
 
 from klsym.derive.estimators import MODES
 from klsym.exact.families import Categorical, Gaussian  # noqa: F401  (doctests and users)
-from klsym.simulate.accumulators import (BatchSpread, Extremes, GradientSums, LogRatioHistogram, Moments,
-                                         TrialGradients)
+from klsym.simulate.accumulators import BatchSpread, Extremes, GradientSums, LogRatioHistogram, Moments, TrialGradients
 from klsym.simulate.backend import Backend
-from klsym.simulate.driver import (DEFAULT_CHUNK, DTYPES, TRIALS_STREAM, Stream, check_count, check_modes,
-                                   stream_through)
+from klsym.simulate.driver import DEFAULT_CHUNK, DTYPES, TRIALS_STREAM, Stream, check_count, check_modes, stream_through
 
 GRADIENT_MODES = MODES
 DEFAULT_QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
@@ -110,41 +108,62 @@ def run(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, chunk
     ['batch', 'frac_negative', 'max', 'mean', 'min', 'n_nonfinite', 'quantiles', 'se', 'std', 'target']
     """
     stream = Stream(q, p, estimators, seed, backend, dtype)
-    n, width = check_count(n, "n"), len(stream.estimators)
-    levels = tuple(float(level) for level in quantiles or ())
-    if any(not 0.0 <= level <= 1.0 for level in levels):
-        raise ValueError(f"quantile levels must lie in [0, 1], got {levels}")
-    if batch_size is not None:
-        batch_size = check_count(batch_size, "batch_size")
-        if batch_size > stream.backend.block_size:
-            raise ValueError(f"batch_size must be at most the RNG block size {stream.backend.block_size}")
-    moments, extremes = Moments(width), Extremes(width)
-    accumulators = [moments, extremes]
-    histogram = LogRatioHistogram() if levels else None  # one histogram of t serves every estimator
-    batches = BatchSpread(width, batch_size) if batch_size is not None else None
-    square = Moments(width, square=True) if square_moments else None
-    accumulators += [a for a in (histogram, batches, square) if a is not None]
-    seconds = _timed(stream, stream.streaming_plan(n, chunk), accumulators, threads, progress, n)
+    n = check_count(n, "n")
+    statistics = ValueStatistics(stream, quantiles, batch_size, square_moments)
+    seconds = _timed(stream, stream.streaming_plan(n, chunk), statistics.accumulators, threads, progress, n)
+    return {**_header(stream, n, seconds), "block_size": stream.backend.block_size,
+            "estimators": statistics.summary(n)}
 
-    std = moments.std()
-    results = {}
-    for i, estimator in enumerate(stream.estimators):
-        entry = {
-            "target": estimator.target,
-            "mean": float(moments.mean[i]), "std": float(std[i]), "se": float(std[i] / math.sqrt(n)),
-            "min": float(extremes.min[i]), "max": float(extremes.max[i]),
-            "frac_negative": float(extremes.negative[i] / n), "n_nonfinite": int(extremes.nonfinite[i]),
-            "quantiles": histogram.quantiles(estimator.numeric, levels) if levels else {},
-            "batch": None,
-        }
-        if batches is not None and batches.count:
-            entry["batch"] = {"size": batch_size, "count": int(batches.count),
-                              "mean_std": float(batches.moments.std()[i]),
-                              "frac_negative": float(batches.negative[i] / batches.count)}
-        if square is not None:
-            entry["square"] = {"mean": float(square.mean[i]), "se": float(square.std()[i] / math.sqrt(n))}
-        results[estimator.name] = entry
-    return {**_header(stream, n, seconds), "block_size": stream.backend.block_size, "estimators": results}
+
+class ValueStatistics:
+    """The accumulators :func:`run` streams the values through, and the summary it reports from them.
+
+    ``accumulators`` is the list handed to the driver (or, in a sweep, filled by remote tasks and
+    merged in block order); :meth:`summary` is the ``estimators`` entry of :func:`run`'s result.
+    """
+
+    def __init__(self, stream: Stream, quantiles=DEFAULT_QUANTILES, batch_size: int | None = DEFAULT_BATCH,
+                 square_moments: bool = False):
+        width = len(stream.estimators)
+        self.stream = stream
+        self.levels = tuple(float(level) for level in quantiles or ())
+        if any(not 0.0 <= level <= 1.0 for level in self.levels):
+            raise ValueError(f"quantile levels must lie in [0, 1], got {self.levels}")
+        if batch_size is not None:
+            batch_size = check_count(batch_size, "batch_size")
+            if batch_size > stream.backend.block_size:
+                raise ValueError(f"batch_size must be at most the RNG block size {stream.backend.block_size}")
+        self.batch_size = batch_size
+        self.moments, self.extremes = Moments(width), Extremes(width)
+        self.histogram = LogRatioHistogram() if self.levels else None  # one histogram of t serves every estimator
+        self.batches = BatchSpread(width, batch_size) if batch_size is not None else None
+        self.square = Moments(width, square=True) if square_moments else None
+        self.accumulators = [a for a in (self.moments, self.extremes, self.histogram, self.batches, self.square)
+                             if a is not None]
+
+    def summary(self, n: int) -> dict:
+        """``{name: {target, mean, std, se, min, max, frac_negative, n_nonfinite, quantiles, batch}}``."""
+        stream, moments, extremes, histogram = self.stream, self.moments, self.extremes, self.histogram
+        batches, square, levels, batch_size = self.batches, self.square, self.levels, self.batch_size
+        std = moments.std()
+        results = {}
+        for i, estimator in enumerate(stream.estimators):
+            entry = {
+                "target": estimator.target,
+                "mean": float(moments.mean[i]), "std": float(std[i]), "se": float(std[i] / math.sqrt(n)),
+                "min": float(extremes.min[i]), "max": float(extremes.max[i]),
+                "frac_negative": float(extremes.negative[i] / n), "n_nonfinite": int(extremes.nonfinite[i]),
+                "quantiles": histogram.quantiles(estimator.numeric, levels) if levels else {},
+                "batch": None,
+            }
+            if batches is not None and batches.count:
+                entry["batch"] = {"size": batch_size, "count": int(batches.count),
+                                  "mean_std": float(batches.moments.std()[i]),
+                                  "frac_negative": float(batches.negative[i] / batches.count)}
+            if square is not None:
+                entry["square"] = {"mean": float(square.mean[i]), "se": float(square.std()[i] / math.sqrt(n))}
+            results[estimator.name] = entry
+        return results
 
 
 # --- gradients ---------------------------------------------------------------------------------
@@ -182,11 +201,23 @@ def gradient(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, 
     """
     stream = Stream(q, p, estimators, seed, backend, dtype)
     n, modes, sampler = check_count(n, "n"), check_modes(modes), stream.sampler
-    sums = GradientSums(len(stream.estimators), modes, sampler.size, sampler.categorical)
+    sums = gradient_sums(stream, modes)
     seconds = _timed(stream, stream.streaming_plan(n, chunk), [sums], threads, progress, n)
-    means, se = sums.result(n, sampler.probs if sampler.categorical else None)
     return {**_header(stream, n, seconds), "params": sampler.param_names or sampler.size,
-            "gradients": _by_label(stream, modes, lambda k: {"mean": means[k], "se": se[k]})}
+            "gradients": gradient_summary(stream, sums, n)}
+
+
+def gradient_sums(stream: Stream, modes) -> GradientSums:
+    """The accumulator :func:`gradient` streams the samples through."""
+    sampler = stream.sampler
+    return GradientSums(len(stream.estimators), check_modes(modes), sampler.size, sampler.categorical)
+
+
+def gradient_summary(stream: Stream, sums: GradientSums, n: int) -> dict:
+    """``{name: {mode: {"mean", "se"}}}``: the ``gradients`` entry of :func:`gradient`'s result."""
+    sampler = stream.sampler
+    means, se = sums.result(n, sampler.probs if sampler.categorical else None)
+    return _by_label(stream, sums.modes, lambda k: {"mean": means[k], "se": se[k]})
 
 
 def gradient_trials(q, p, estimators="k1,k2,k3", n: int = 50_000, trials: int = 1000, seed: int = 0, *,
@@ -222,8 +253,9 @@ def gradient_trials(q, p, estimators="k1,k2,k3", n: int = 50_000, trials: int = 
             "gradients": _by_label(stream, modes, lambda k: per_trial.result[k])}
 
 
-__all__ = ["run", "gradient", "gradient_trials", "crosscheck", "DTYPES", "GRADIENT_MODES", "DEFAULT_QUANTILES",
-           "DEFAULT_BATCH", "DEFAULT_CHUNK", "TRIALS_STREAM", "MAX_TRIAL_ENTRIES"]
+__all__ = ["run", "gradient", "gradient_trials", "crosscheck", "ValueStatistics", "gradient_sums", "gradient_summary",
+           "DTYPES", "GRADIENT_MODES", "DEFAULT_QUANTILES", "DEFAULT_BATCH", "DEFAULT_CHUNK", "TRIALS_STREAM",
+           "MAX_TRIAL_ENTRIES"]
 
 
 # --- cross-check against the exact layer -------------------------------------------------------
