@@ -1,4 +1,5 @@
 """klsym.report.compare: the comparison tables the notebooks show, checked against independent computations."""
+
 from __future__ import annotations
 
 import math
@@ -8,20 +9,34 @@ import pytest
 
 from klsym.exact.expectations import KL_PQ, KL_QP, estimator_stats
 from klsym.exact.families import Gaussian
-from klsym.report.compare import (_published_columns, compare, compare_pairs, gaussian_path, lambda_star,
-                                  parabola_vertex, relative, reproduce, trial_gradients, trial_summary, z_score)
+from klsym.report.compare import (
+    _published_columns,
+    compare,
+    compare_pairs,
+    gaussian_path,
+    lambda_star,
+    parabola_vertex,
+    relative,
+    reproduce,
+    trial_gradients,
+    trial_summary,
+    z_score,
+)
 from klsym.report.published import exact_value, half_unit, load_rows, monte_carlo_se
 from klsym.simulate.montecarlo import crosscheck, run
 
 Q = Gaussian(0.0, 1.0)
 
 
-@pytest.mark.parametrize("estimate, exact, se, expected", [
-    (1.5, 1.0, 0.25, 2.0),
-    (-1.0, 1.0, 0.5, -4.0),
-    (2.0, 2.0, 0.0, 0.0),          # agreement with zero spread is z = 0, not nan
-    (2.0, 1.0, 0.0, math.inf),
-])
+@pytest.mark.parametrize(
+    "estimate, exact, se, expected",
+    [
+        (1.5, 1.0, 0.25, 2.0),
+        (-1.0, 1.0, 0.5, -4.0),
+        (2.0, 2.0, 0.0, 0.0),  # agreement with zero spread is z = 0, not nan
+        (2.0, 1.0, 0.0, math.inf),
+    ],
+)
 def test_z_score(estimate, exact, se, expected):
     assert float(z_score(estimate, exact, se)) == expected
 
@@ -34,7 +49,9 @@ def test_value_z_against_analytic_kl_and_the_engine(p_mu, estimator):
     assert row["direction"] == KL_QP
     assert row["exact"] == pytest.approx(p_mu**2 / 2, rel=1e-12)
     assert row["true"] == pytest.approx(p_mu**2 / 2, rel=1e-12)
-    engine = run(Q, Gaussian(p_mu, 1.0), estimator, n=n, seed=seed, quantiles=(), batch_size=None)["estimators"][estimator]
+    engine = run(Q, Gaussian(p_mu, 1.0), estimator, n=n, seed=seed, quantiles=(), batch_size=None)["estimators"][
+        estimator
+    ]
     assert (row["mc"], row["se"]) == (engine["mean"], engine["se"])
     assert row["z"] == pytest.approx((engine["mean"] - p_mu**2 / 2) / engine["se"], rel=1e-9, abs=1e-12)
     assert abs(row["z"]) < 5
@@ -55,14 +72,17 @@ def test_exact_se_z_and_gradient_z_match_crosscheck(p):
             np.testing.assert_allclose(rows["exact"], check["estimators"][name]["gradients"][mode]["exact"], rtol=1e-12)
 
 
-@pytest.mark.parametrize("estimator, mode, follows, equals", [
-    ("k1", "loss", "zero", "zero"),
-    ("k1", "full", KL_QP, f"grad {KL_QP}"),
-    ("k2", "loss", KL_QP, f"grad {KL_QP}"),
-    ("k3", "loss", KL_PQ, f"grad {KL_PQ}"),
-    ("k3", "full", KL_QP, f"grad {KL_QP}"),
-    ("rev_k2", "loss", KL_PQ, f"grad {KL_PQ}"),
-])
+@pytest.mark.parametrize(
+    "estimator, mode, follows, equals",
+    [
+        ("k1", "loss", "zero", "zero"),
+        ("k1", "full", KL_QP, f"grad {KL_QP}"),
+        ("k2", "loss", KL_QP, f"grad {KL_QP}"),
+        ("k3", "loss", KL_PQ, f"grad {KL_PQ}"),
+        ("k3", "full", KL_QP, f"grad {KL_QP}"),
+        ("rev_k2", "loss", KL_PQ, f"grad {KL_PQ}"),
+    ],
+)
 def test_gradient_rows_name_the_true_gradient(estimator, mode, follows, equals):
     rows = compare(estimator, Q, Gaussian(1.0, 1.1), what=("symbolic", "exact"), modes=(mode,))
     rows = rows[rows["quantity"] == "gradient"]
@@ -77,36 +97,45 @@ def test_relative_bias_of_k2_is_mu_squared_over_four():
     np.testing.assert_allclose(table["relative bias"], np.array([0.5, 1.0, 2.0]) ** 2 / 4, rtol=1e-12)
 
 
-@pytest.mark.parametrize("grid, direction, origin, expected", [
-    ([0.5, 2.0], (1.0, 0.0), None, [(0.5, 1.0), (2.0, 1.0)]),
-    ([1.0], (-0.8, -1.3), (1.3, 2.5), [(0.5, 1.2)]),
-])
+@pytest.mark.parametrize(
+    "grid, direction, origin, expected",
+    [
+        ([0.5, 2.0], (1.0, 0.0), None, [(0.5, 1.0), (2.0, 1.0)]),
+        ([1.0], (-0.8, -1.3), (1.3, 2.5), [(0.5, 1.2)]),
+    ],
+)
 def test_gaussian_path(grid, direction, origin, expected):
     path = gaussian_path(grid, q=origin or (0.0, 1.0), direction=direction)
     np.testing.assert_allclose([(p.mu, p.sigma) for _, p in path.values()], expected, rtol=1e-15)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: compare("k1", Q, Q, what=("published",)), "unknown layer"),
-    (lambda: compare("k1", Q, Q, what=("mc",)), "sample size n"),
-    (lambda: compare("k1", Q, Q, what=("exact",), z_se="bootstrap"), "z_se"),
-    (lambda: compare_pairs("k1", gaussian_path([0.1, 0.2]), seed=[1, 2, 3]), "3 seeds for 2 pairs"),
-    (lambda: reproduce("yang2025_gradients.csv", n=10), "give trials"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: compare("k1", Q, Q, what=("published",)), "unknown layer"),
+        (lambda: compare("k1", Q, Q, what=("mc",)), "sample size n"),
+        (lambda: compare("k1", Q, Q, what=("exact",), z_se="bootstrap"), "z_se"),
+        (lambda: compare_pairs("k1", gaussian_path([0.1, 0.2]), seed=[1, 2, 3]), "3 seeds for 2 pairs"),
+        (lambda: reproduce("yang2025_gradients.csv", n=10), "give trials"),
+    ],
+)
 def test_bad_input_gets_one_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
 
 
-@pytest.mark.parametrize("printed, exact, matches", [
-    ("0.25", 0.25, True),
-    ("0.002", 0.0025, True),        # on the rounding boundary
-    ("0.002", 0.00251, False),
-    ("1.42", 1.4177, True),
-    ("1.42", 1.4251, False),
-    ("20", 19.6, True),
-    ("20", 20.6, False),
-])
+@pytest.mark.parametrize(
+    "printed, exact, matches",
+    [
+        ("0.25", 0.25, True),
+        ("0.002", 0.0025, True),  # on the rounding boundary
+        ("0.002", 0.00251, False),
+        ("1.42", 1.4177, True),
+        ("1.42", 1.4251, False),
+        ("20", 19.6, True),
+        ("20", 20.6, False),
+    ],
+)
 def test_published_digits_check_can_fail(printed, exact, matches):
     columns = _published_columns({"published_value": printed}, exact, se=0.01)
     assert columns["published_matches_digits"] is matches
@@ -124,8 +153,9 @@ def test_reproduce_zhang_against_independent_published_z():
         assert entry["exact"] == exact
         expected = (float(row["published_value"]) - exact) / se if math.isfinite(se) else math.nan
         assert entry["z_published"] == pytest.approx(expected, nan_ok=True)
-        assert entry["published_matches_digits"] == (abs(float(row["published_value"]) - exact)
-                                                     <= half_unit(row["published_value"]) * (1 + 1e-9))
+        assert entry["published_matches_digits"] == (
+            abs(float(row["published_value"]) - exact) <= half_unit(row["published_value"]) * (1 + 1e-9)
+        )
     assert not table["published_matches_digits"].all(), "Zhang's biases are rounded Monte Carlo numbers"
 
 

@@ -20,6 +20,7 @@ Notebooks call these functions and narrate; they do not build tables themselves.
 >>> bool(table["z"].abs().max() < 5)
 True
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,16 @@ from klsym.derive.estimators import Estimator, bregman, control_variate, from_fo
 from klsym.derive.symbolic import analyze, derivation_rows, derivatives_at_one, is_zero, mode_coefficient
 from klsym.derive.symbols import alpha, lam, r, x
 from klsym.exact import clamps
-from klsym.exact.expectations import (KL_PQ, KL_QP, MODES, estimator_gradient, estimator_gradient_std,
-                                      estimator_stats, kl_divergences, true_gradients)
+from klsym.exact.expectations import (
+    KL_PQ,
+    KL_QP,
+    MODES,
+    estimator_gradient,
+    estimator_gradient_std,
+    estimator_stats,
+    kl_divergences,
+    true_gradients,
+)
 from klsym.exact.families import Categorical, Gaussian
 from klsym.report.published import exact_value, half_unit, load_rows, monte_carlo_se, pair
 from klsym.simulate import montecarlo
@@ -75,8 +84,12 @@ def _equals(vector, true: dict) -> str:
     vector = np.asarray(vector, dtype=np.float64)
     if np.allclose(vector, 0.0, atol=ATOL):
         return "zero"
-    for label, target in ((f"grad {KL_QP}", true[KL_QP]), (f"grad {KL_PQ}", true[KL_PQ]),
-                          (f"-grad {KL_PQ}", -true[KL_PQ]), (f"-grad {KL_QP}", -true[KL_QP])):
+    for label, target in (
+        (f"grad {KL_QP}", true[KL_QP]),
+        (f"grad {KL_PQ}", true[KL_PQ]),
+        (f"-grad {KL_PQ}", -true[KL_PQ]),
+        (f"-grad {KL_QP}", -true[KL_QP]),
+    ):
         if np.allclose(vector, target, rtol=RTOL, atol=ATOL):
             return label
     return "neither"
@@ -90,8 +103,19 @@ def _agrees(follows: str | None, equals: str) -> bool:
 
 # --- one pair: symbolic, exact and Monte Carlo --------------------------------------------------
 
-def compare(estimators, q, p, what=WHAT, *, n: int | None = None, seed: int = 0, modes=(),
-            z_se: str = "sample", dtype: str = "float64") -> pd.DataFrame:
+
+def compare(
+    estimators,
+    q,
+    p,
+    what=WHAT,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    modes=(),
+    z_se: str = "sample",
+    dtype: str = "float64",
+) -> pd.DataFrame:
     r"""Values (and gradients, for ``modes``) of each estimator on one pair, every layer side by side.
 
     Parameters
@@ -138,8 +162,9 @@ def compare(estimators, q, p, what=WHAT, *, n: int | None = None, seed: int = 0,
     true = true_gradients(q, p) if modes else {}
     sampled = grads = {}
     if "mc" in what:
-        sampled = montecarlo.run(q, p, estimators, n=n, seed=seed, dtype=dtype, quantiles=(),
-                                 batch_size=None)["estimators"]
+        sampled = montecarlo.run(q, p, estimators, n=n, seed=seed, dtype=dtype, quantiles=(), batch_size=None)[
+            "estimators"
+        ]
         if modes:
             grads = montecarlo.gradient(q, p, estimators, n=n, seed=seed, modes=modes, dtype=dtype)["gradients"]
     rows = []
@@ -147,18 +172,34 @@ def compare(estimators, q, p, what=WHAT, *, n: int | None = None, seed: int = 0,
         derived = analyze(estimator) if "symbolic" in what else None
         stats = estimator_stats(estimator, q, p)
         direction = derived["value"]["divergence"] if derived else estimator.target
-        row = {"estimator": estimator.name, "quantity": "value", "mode": "", "param": "", "direction": direction,
-               "symbolic": _label(derived["value"]) if derived else None, "true": kl.get(direction, np.nan),
-               "exact": stats["mean"], "exact_std": stats["std"], "exact_second_moment": stats["second_moment"],
-               "method": stats["method"],
-               "prob_negative": stats["prob_negative"], KL_QP: kl[KL_QP], KL_PQ: kl[KL_PQ],
-               "exact_equals_true": bool(np.isclose(stats["mean"], kl.get(direction, np.nan), rtol=RTOL, atol=ATOL))}
+        row = {
+            "estimator": estimator.name,
+            "quantity": "value",
+            "mode": "",
+            "param": "",
+            "direction": direction,
+            "symbolic": _label(derived["value"]) if derived else None,
+            "true": kl.get(direction, np.nan),
+            "exact": stats["mean"],
+            "exact_std": stats["std"],
+            "exact_second_moment": stats["second_moment"],
+            "method": stats["method"],
+            "prob_negative": stats["prob_negative"],
+            KL_QP: kl[KL_QP],
+            KL_PQ: kl[KL_PQ],
+            "exact_equals_true": bool(np.isclose(stats["mean"], kl.get(direction, np.nan), rtol=RTOL, atol=ATOL)),
+        }
         if "mc" in what:
             mc = sampled[estimator.name]
             infinite = not math.isfinite(stats["second_moment"])
             se = mc["se"] if z_se == "sample" or infinite else math.sqrt(max(stats["std"], 0.0) ** 2 / n)
-            row.update(mc=mc["mean"], mc_std=mc["std"], se=se, z=float(z_score(mc["mean"], stats["mean"], se)),
-                       infinite_variance=infinite)
+            row.update(
+                mc=mc["mean"],
+                mc_std=mc["std"],
+                se=se,
+                z=float(z_score(mc["mean"], stats["mean"], se)),
+                infinite_variance=infinite,
+            )
         rows.append(row)
         for mode in modes:
             exact = np.asarray(estimator_gradient(estimator, q, p, mode), dtype=np.float64)
@@ -167,21 +208,34 @@ def compare(estimators, q, p, what=WHAT, *, n: int | None = None, seed: int = 0,
             mc_grad = grads.get(estimator.name, {}).get(mode)
             z = z_score(mc_grad["mean"], exact, mc_grad["se"]) if mc_grad is not None else None
             for i, param in enumerate(_param_names(q)):
-                row = {"estimator": estimator.name, "quantity": "gradient", "mode": mode, "param": param,
-                       "direction": follows, "symbolic": _label(derived["gradient"][mode]) if derived else None,
-                       "true": target[i] if target is not None else (0.0 if follows == "zero" else np.nan),
-                       "exact": exact[i], "equals": _equals(exact, true),
-                       "symbolic_agrees": _agrees(follows, _equals(exact, true)) if derived else None,
-                       f"grad {KL_QP}": true[KL_QP][i], f"grad {KL_PQ}": true[KL_PQ][i]}
+                row = {
+                    "estimator": estimator.name,
+                    "quantity": "gradient",
+                    "mode": mode,
+                    "param": param,
+                    "direction": follows,
+                    "symbolic": _label(derived["gradient"][mode]) if derived else None,
+                    "true": target[i] if target is not None else (0.0 if follows == "zero" else np.nan),
+                    "exact": exact[i],
+                    "equals": _equals(exact, true),
+                    "symbolic_agrees": _agrees(follows, _equals(exact, true)) if derived else None,
+                    f"grad {KL_QP}": true[KL_QP][i],
+                    f"grad {KL_PQ}": true[KL_PQ][i],
+                }
                 if mc_grad is not None:
-                    row.update(mc=float(mc_grad["mean"][i]), se=float(mc_grad["se"][i]), z=float(z[i]),
-                               infinite_variance=not math.isfinite(stats["second_moment"]))
+                    row.update(
+                        mc=float(mc_grad["mean"][i]),
+                        se=float(mc_grad["se"][i]),
+                        z=float(z[i]),
+                        infinite_variance=not math.isfinite(stats["second_moment"]),
+                    )
                 rows.append(row)
     return pd.DataFrame(rows)
 
 
-def compare_pairs(estimators, pairs: Mapping, what=("exact",), *, n: int | None = None, seed=0,
-                  key: str = "pair", **options) -> pd.DataFrame:
+def compare_pairs(
+    estimators, pairs: Mapping, what=("exact",), *, n: int | None = None, seed=0, key: str = "pair", **options
+) -> pd.DataFrame:
     """:func:`compare` over several pairs, one after the other, with a column ``key`` naming the pair.
 
     Parameters
@@ -194,8 +248,10 @@ def compare_pairs(estimators, pairs: Mapping, what=("exact",), *, n: int | None 
     seeds = [int(seed)] * len(pairs) if np.ndim(seed) == 0 else [int(s) for s in seed]
     if len(seeds) != len(pairs):
         raise ValueError(f"{len(seeds)} seeds for {len(pairs)} pairs")
-    frames = [compare(estimators, q, p, what, n=n, seed=s, **options).assign(**{key: label})
-              for (label, (q, p)), s in zip(pairs.items(), seeds)]
+    frames = [
+        compare(estimators, q, p, what, n=n, seed=s, **options).assign(**{key: label})
+        for (label, (q, p)), s in zip(pairs.items(), seeds)
+    ]
     table = pd.concat(frames, ignore_index=True)
     return table[[key, *[c for c in table.columns if c != key]]]
 
@@ -210,8 +266,10 @@ def gaussian_path(grid, q=(0.0, 1.0), direction=(1.0, 0.0), origin=None) -> dict
     """
     sampler = q if isinstance(q, Gaussian) else Gaussian(*q)
     origin = sampler if origin is None else (origin if isinstance(origin, Gaussian) else Gaussian(*origin))
-    return {float(x): (sampler, Gaussian(float(origin.mu + x * direction[0]), float(origin.sigma + x * direction[1])))
-            for x in np.asarray(grid, dtype=np.float64)}
+    return {
+        float(x): (sampler, Gaussian(float(origin.mu + x * direction[0]), float(origin.sigma + x * direction[1])))
+        for x in np.asarray(grid, dtype=np.float64)
+    }
 
 
 def with_reference(policies: Mapping, p) -> dict:
@@ -253,8 +311,9 @@ def ratios(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def path_sweep(estimators, paths: Mapping, picks, *, n: int, seed, seed_step: int = 1000,
-               key: str = "x") -> tuple[pd.DataFrame, pd.DataFrame]:
+def path_sweep(
+    estimators, paths: Mapping, picks, *, n: int, seed, seed_step: int = 1000, key: str = "x"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     r"""Exact values along each path (``label -> {x: (q, p)}``, e.g. :func:`gaussian_path`) and Monte Carlo at the
     points ``picks`` (indices into each path) with seeds ``seed + seed_step * index_of_path``; both with
     :func:`ratios`. Returns ``(curves, points)``, a column ``path`` naming the path."""
@@ -263,8 +322,11 @@ def path_sweep(estimators, paths: Mapping, picks, *, n: int, seed, seed_step: in
         items = list(path.items())
         curves.append(compare_pairs(estimators, path, ("exact",), key=key).assign(path=label))
         picked = dict(items[i] for i in np.asarray(picks, dtype=int))
-        points.append(compare_pairs(estimators, picked, ("exact", "mc"), n=n, seed=np.asarray(seed) + seed_step * index,
-                                    key=key).assign(path=label))
+        points.append(
+            compare_pairs(
+                estimators, picked, ("exact", "mc"), n=n, seed=np.asarray(seed) + seed_step * index, key=key
+            ).assign(path=label)
+        )
     return ratios(pd.concat(curves, ignore_index=True)), ratios(pd.concat(points, ignore_index=True))
 
 
@@ -272,11 +334,16 @@ def support_table(estimators, q, p) -> pd.DataFrame:
     """Exact infimum and supremum of each estimator over the ratios a Gaussian pair can produce."""
     from klsym.report.published import support_bounds
 
-    return pd.DataFrame([dict(zip(("inf k (exact)", "sup k (exact)"), support_bounds(e.name, q, p)), estimator=e.name)
-                         for e in _names(estimators)]).set_index("estimator")
+    return pd.DataFrame(
+        [
+            dict(zip(("inf k (exact)", "sup k (exact)"), support_bounds(e.name, q, p)), estimator=e.name)
+            for e in _names(estimators)
+        ]
+    ).set_index("estimator")
 
 
 # --- SymPy tables ------------------------------------------------------------------------------
+
 
 def symbolic_table(estimators, modes=MODES) -> pd.DataFrame:
     r"""What SymPy derives, one row per estimator and gradient mode.
@@ -293,13 +360,25 @@ def symbolic_table(estimators, modes=MODES) -> pd.DataFrame:
             h = mode_coefficient(estimator, mode)
             gradient = derived["gradient"][mode]
             g = sp.sympify(gradient["generator"], locals={"r": r})
-            rows.append({"estimator": estimator.name, "k(r)": derived["expr"], "k(1)": derived["f1"],
-                         "k'(1)": derived["df1"], "k''(1)": derived["d2f1"], "k'''(1)": derived["d3f1"],
-                         "k >= 0": derived["nonnegative"], "convex": derived["convex"],
-                         "E_q[k] is": derived["value"]["divergence"] or "(unnamed)", "mode": mode,
-                         "h(r)": sp.sstr(h), "g(r)": gradient["generator"],
-                         "follows": gradient["divergence"] or "(unnamed)", "g''(1)": gradient["d2g1"],
-                         "g - r g' = h + c": is_zero(sp.diff(g - r * sp.diff(g, r) - h, r))})
+            rows.append(
+                {
+                    "estimator": estimator.name,
+                    "k(r)": derived["expr"],
+                    "k(1)": derived["f1"],
+                    "k'(1)": derived["df1"],
+                    "k''(1)": derived["d2f1"],
+                    "k'''(1)": derived["d3f1"],
+                    "k >= 0": derived["nonnegative"],
+                    "convex": derived["convex"],
+                    "E_q[k] is": derived["value"]["divergence"] or "(unnamed)",
+                    "mode": mode,
+                    "h(r)": sp.sstr(h),
+                    "g(r)": gradient["generator"],
+                    "follows": gradient["divergence"] or "(unnamed)",
+                    "g''(1)": gradient["d2g1"],
+                    "g - r g' = h + c": is_zero(sp.diff(g - r * sp.diff(g, r) - h, r)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -309,30 +388,40 @@ def formulas_latex(estimators) -> str:
     >>> formulas_latex("k3")
     '\\begin{aligned}\\mathrm{k3}:\\quad k(r) &= r - \\log{\\left(r \\right)} - 1\\end{aligned}'
     """
-    lines = [rf"\mathrm{{{e.name.replace('_', chr(92) + '_')}}}:\quad k(r) &= {sp.latex(e.expr)}"
-             for e in _names(estimators)]
+    lines = [
+        rf"\mathrm{{{e.name.replace('_', chr(92) + '_')}}}:\quad k(r) &= {sp.latex(e.expr)}" for e in _names(estimators)
+    ]
     return r"\begin{aligned}" + r"\\".join(lines) + r"\end{aligned}"
 
 
 def derivation_markdown(estimators=None) -> str:
     """The derivation table (value and gradient-mode divergences) as Markdown with LaTeX cells."""
+
     def cell(text):
         return text.replace("|", r"\|")
 
-    lines = [r"| estimator | $k(r)$ | $k(1)$ | $k'(1)$ | $k''(1)$ | $k'''(1)$ | $k \ge 0$ | convex "
-             r"| $\mathbb{E}_q[k]$ equals | `loss` follows | `reward` follows | `full` follows |",
-             "|" + "---|" * 12]
+    lines = [
+        r"| estimator | $k(r)$ | $k(1)$ | $k'(1)$ | $k''(1)$ | $k'''(1)$ | $k \ge 0$ | convex "
+        r"| $\mathbb{E}_q[k]$ equals | `loss` follows | `reward` follows | `full` follows |",
+        "|" + "---|" * 12,
+    ]
     for row in derivation_rows(estimators):
         entries = [row["value"]] + [row["gradient"][mode] for mode in MODES]
-        lines.append("| " + " | ".join(
-            [row["name"], f"${row['latex']}$"]
-            + [f"${sp.latex(sp.sympify(row[key]))}$" for key in ("f1", "df1", "d2f1", "d3f1")]
-            + [str(row["nonnegative"]), str(row["convex"])]
-            + [cell(e["divergence"] or f"$g(r) = {sp.latex(sp.sympify(e['generator']))}$") for e in entries]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [row["name"], f"${row['latex']}$"]
+                + [f"${sp.latex(sp.sympify(row[key]))}$" for key in ("f1", "df1", "d2f1", "d3f1")]
+                + [str(row["nonnegative"]), str(row["convex"])]
+                + [cell(e["divergence"] or f"$g(r) = {sp.latex(sp.sympify(e['generator']))}$") for e in entries]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 # --- f-divergences (notebook 03) --------------------------------------------------------------
+
 
 def registry_table(amari_alpha: float = 0.5) -> pd.DataFrame:
     r"""klsym's registry of generators (:data:`klsym.derive.divergences.REGISTRY`), the Amari alpha evaluated
@@ -345,9 +434,15 @@ def registry_table(amari_alpha: float = 0.5) -> pd.DataFrame:
     for name, divergence in REGISTRY.items():
         generator = divergence.generator.subs(alpha, sp.nsimplify(amari_alpha))
         derivatives = derivatives_at_one(generator, 3)
-        rows.append({"name": name, "label": divergence.label, "generator": generator,
-                     **dict(zip(("f(1)", "f'(1)", "f''(1)", "f'''(1)"), derivatives)),
-                     "smooth": derivatives[2] is not None and derivatives[2] != 0})
+        rows.append(
+            {
+                "name": name,
+                "label": divergence.label,
+                "generator": generator,
+                **dict(zip(("f(1)", "f'(1)", "f''(1)", "f'''(1)"), derivatives)),
+                "smooth": derivatives[2] is not None and derivatives[2] != 0,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -356,13 +451,17 @@ def registry_markdown(registry: pd.DataFrame) -> str:
     lines = ["| name | label | $f(r)$ | $f(1)$ | $f'(1)$ | $f''(1)$ | $f'''(1)$ |", "|---|---|---|---|---|---|---|"]
     for row in registry.to_dict("records"):
         values = [row[key] for key in ("f(1)", "f'(1)", "f''(1)", "f'''(1)")]
-        lines.append(f"| `{row['name']}` | {row['label'].replace('|', chr(92) + '|')} | ${sp.latex(row['generator'])}$ | "
-                     + " | ".join("—" if value is None else f"${sp.latex(value)}$" for value in values) + " |")
+        lines.append(
+            f"| `{row['name']}` | {row['label'].replace('|', chr(92) + '|')} | ${sp.latex(row['generator'])}$ | "
+            + " | ".join("—" if value is None else f"${sp.latex(value)}$" for value in values)
+            + " |"
+        )
     return "\n".join(lines)
 
 
-def local_expansion_table(registry: pd.DataFrame, fisher_form, deltas, direction, *, n: int | None = None,
-                          seed: int = 0) -> pd.DataFrame:
+def local_expansion_table(
+    registry: pd.DataFrame, fisher_form, deltas, direction, *, n: int | None = None, seed: int = 0
+) -> pd.DataFrame:
     r"""Exact :math:`D_f` (the mean of each smooth generator's Bregman estimator) against the quadratic form
     :math:`\frac{f''(1)}{2}\,\delta^2\, d^\top F d`, q = N(0, 1), p = N(δ d_mu, 1 + δ d_sigma); with ``n``,
     Monte Carlo at each δ too (seed + index): ``mc, se, z`` against the exact :math:`D_f`."""
@@ -374,8 +473,10 @@ def local_expansion_table(registry: pd.DataFrame, fisher_form, deltas, direction
     table = compare_pairs(estimators, gaussian_path(deltas, direction=direction), what, n=n, seed=seeds, key="delta")
     table = table.rename(columns={"estimator": "generator", "exact": "exact D_f"})
     table.insert(2, "SymPy f''(1)", table["generator"].map(curvature).astype(str))
-    table["quadratic form"] = [float(curvature[name]) / 2 * step**2 * float(fisher_form)
-                               for name, step in zip(table["generator"], table["delta"])]
+    table["quadratic form"] = [
+        float(curvature[name]) / 2 * step**2 * float(fisher_form)
+        for name, step in zip(table["generator"], table["delta"])
+    ]
     table["ratio"] = table["exact D_f"] / table["quadratic form"]
     table["|ratio - 1|"] = (table["ratio"] - 1).abs()
     return table
@@ -389,29 +490,44 @@ def bias_series_table(deltas, directions: Mapping, cubic, quartic, estimator="k2
     rows = []
     for label, direction in directions.items():
         for step, (q, p) in gaussian_path(deltas, direction=direction).items():
-            rows.append({"direction": label, "delta": step,
-                         "exact bias": estimator_stats(estimator, q, p)["mean"] - kl_divergences(q, p)[KL_QP],
-                         # rev_k2 is k = r: its second moment is E_q[r^2]
-                         "m2": estimator_stats("rev_k2", q, p)["second_moment"],
-                         "m3": estimator_stats(third, q, p)["mean"], "m4": estimator_stats(fourth, q, p)["mean"]})
+            rows.append(
+                {
+                    "direction": label,
+                    "delta": step,
+                    "exact bias": estimator_stats(estimator, q, p)["mean"] - kl_divergences(q, p)[KL_QP],
+                    # rev_k2 is k = r: its second moment is E_q[r^2]
+                    "m2": estimator_stats("rev_k2", q, p)["second_moment"],
+                    "m3": estimator_stats(third, q, p)["mean"],
+                    "m4": estimator_stats(fourth, q, p)["mean"],
+                }
+            )
     table = pd.DataFrame(rows)
-    table["series terms"] = (float(cubic) * (table.m3 - 3 * table.m2 + 2)
-                             + float(quartic) * (table.m4 - 4 * table.m3 + 6 * table.m2 - 3))
+    table["series terms"] = float(cubic) * (table.m3 - 3 * table.m2 + 2) + float(quartic) * (
+        table.m4 - 4 * table.m3 + 6 * table.m2 - 3
+    )
     return table
 
 
-def small_delta_slopes(table: pd.DataFrame, x: str = "delta", y: str = "exact bias", by: str = "direction",
-                       reference: str = "series terms") -> pd.DataFrame:
+def small_delta_slopes(
+    table: pd.DataFrame, x: str = "delta", y: str = "exact bias", by: str = "direction", reference: str = "series terms"
+) -> pd.DataFrame:
     """Per group: the log-log slope of |y| between the two smallest x, and y / reference at the smallest x."""
     rows = []
     for label, curve in table.groupby(by, sort=False):
         first, second = curve.iloc[0], curve.iloc[1]
-        rows.append({by: label, "log-log slope at small delta": np.log(abs(second[y] / first[y])) / np.log(second[x] / first[x]),
-                     x: first[x], f"{y} / {reference}": first[y] / first[reference]})
+        rows.append(
+            {
+                by: label,
+                "log-log slope at small delta": np.log(abs(second[y] / first[y])) / np.log(second[x] / first[x]),
+                x: first[x],
+                f"{y} / {reference}": first[y] / first[reference],
+            }
+        )
     return pd.DataFrame(rows).set_index(by)
 
 
 # --- published tables --------------------------------------------------------------------------
+
 
 def _published_columns(row, exact: float, se: float) -> dict:
     printed = row["published_value"]
@@ -419,12 +535,16 @@ def _published_columns(row, exact: float, se: float) -> dict:
     finite = math.isfinite(se)
     # only the distance beyond half a unit of the last printed digit is evidence against the number
     beyond = np.sign(published - exact) * max(abs(published - exact) - half_unit(printed), 0.0)
-    return {"published": printed, "exact": exact,
-            "exact, published digits": f"{exact:.{len(printed.partition('.')[2])}f}",
-            # relative slack 1e-9: an exact value on the rounding boundary (0.0025 printed as 0.002) agrees
-            "published_matches_digits": abs(published - exact) <= half_unit(printed) * (1 + 1e-9),
-            "published_se": se, "z_published": (published - exact) / se if finite else np.nan,
-            "z_beyond_rounding": beyond / se if finite else np.nan}
+    return {
+        "published": printed,
+        "exact": exact,
+        "exact, published digits": f"{exact:.{len(printed.partition('.')[2])}f}",
+        # relative slack 1e-9: an exact value on the rounding boundary (0.0025 printed as 0.002) agrees
+        "published_matches_digits": abs(published - exact) <= half_unit(printed) * (1 + 1e-9),
+        "published_se": se,
+        "z_published": (published - exact) / se if finite else np.nan,
+        "z_beyond_rounding": beyond / se if finite else np.nan,
+    }
 
 
 def _value_statistic(row, stats: dict, true: float) -> float:
@@ -437,12 +557,22 @@ def _value_statistic(row, stats: dict, true: float) -> float:
 
 
 def _trial_statistic(row, per_trial: np.ndarray, true: float) -> float:
-    return {"average_gradient": per_trial.mean(), "bias/true": abs(per_trial.mean() - true) / abs(true),
-            "stdev/true": per_trial.std(ddof=1) / abs(true)}[row["quantity"]]
+    return {
+        "average_gradient": per_trial.mean(),
+        "bias/true": abs(per_trial.mean() - true) / abs(true),
+        "stdev/true": per_trial.std(ddof=1) / abs(true),
+    }[row["quantity"]]
 
 
-def reproduce(table: str, *, n: int, seed: int = 0, trials: int | None = None, direction: str | None = None,
-              dtype: str = "float64") -> pd.DataFrame:
+def reproduce(
+    table: str,
+    *,
+    n: int,
+    seed: int = 0,
+    trials: int | None = None,
+    direction: str | None = None,
+    dtype: str = "float64",
+) -> pd.DataFrame:
     r"""A published table next to its exact values and our own Monte Carlo reproduction.
 
     Parameters
@@ -470,34 +600,47 @@ def reproduce(table: str, *, n: int, seed: int = 0, trials: int | None = None, d
         ``z_published``, ``z_beyond_rounding`` (only the distance beyond the rounding counts), ``mc``
         (ours), ``exact_at_n`` (the exact value at our n and trials), ``mc_se`` and ``z_mc``.
     """
-    rows = [row for row in load_rows((table,))
-            if direction is None or row["published_true_direction"].split(" ")[0] == direction]
+    rows = [
+        row
+        for row in load_rows((table,))
+        if direction is None or row["published_true_direction"].split(" ")[0] == direction
+    ]
     if not rows:
         raise ValueError(f"no published rows in {table!r}" + (f" with true direction {direction}" if direction else ""))
     gradients = rows[0]["file"] == "yang2025_gradients.csv"
     if gradients and trials is None:
         raise ValueError(f"{table} is a table of per-trial gradients: give trials")
-    settings = sorted({(row["q_mu"], row["q_sigma"], row["p_mu"], row["p_sigma"]) for row in rows},
-                      key=lambda s: tuple(float(v) for v in s))
+    settings = sorted(
+        {(row["q_mu"], row["q_sigma"], row["p_mu"], row["p_sigma"]) for row in rows},
+        key=lambda s: tuple(float(v) for v in s),
+    )
     sampled = {}
     for index, setting in enumerate(settings):
         members = [row for row in rows if (row["q_mu"], row["q_sigma"], row["p_mu"], row["p_sigma"]) == setting]
         names = list(dict.fromkeys(row["estimator"] for row in members if row["estimator"] != "true"))
         q, p = pair(members[0])
         if gradients:
-            sampled[setting] = montecarlo.gradient_trials(q, p, names, n=n, trials=trials, seed=seed + index,
-                                                          modes="loss", dtype=dtype)["gradients"]
+            sampled[setting] = montecarlo.gradient_trials(
+                q, p, names, n=n, trials=trials, seed=seed + index, modes="loss", dtype=dtype
+            )["gradients"]
         else:
-            sampled[setting] = montecarlo.run(q, p, names, n=n, seed=seed + index, dtype=dtype, quantiles=(),
-                                              batch_size=None)["estimators"]
+            sampled[setting] = montecarlo.run(
+                q, p, names, n=n, seed=seed + index, dtype=dtype, quantiles=(), batch_size=None
+            )["estimators"]
     out = []
     for row in rows:
         q, p = pair(row)
         setting = (row["q_mu"], row["q_sigma"], row["p_mu"], row["p_sigma"])
         true_direction = row["published_true_direction"].split(" ")[0]
         exact, se = exact_value(row), monte_carlo_se(row)
-        entry = {"table": row["table"], "p": f"N({p.mu:g}, {p.sigma:g})", "estimator": row["estimator"],
-                 "param": row["parameter"], "quantity": row["quantity"], **_published_columns(row, exact, se)}
+        entry = {
+            "table": row["table"],
+            "p": f"N({p.mu:g}, {p.sigma:g})",
+            "estimator": row["estimator"],
+            "param": row["parameter"],
+            "quantity": row["quantity"],
+            **_published_columns(row, exact, se),
+        }
         if gradients:
             ours = dict(row, sample_size=str(n), trials=str(trials))
             exact_ours, mc_se = exact_value(ours), monte_carlo_se(ours)
@@ -505,8 +648,9 @@ def reproduce(table: str, *, n: int, seed: int = 0, trials: int | None = None, d
                 mc, mc_se = np.nan, np.nan
             else:
                 i = PARAMS.index(row["parameter"])
-                mc = _trial_statistic(row, sampled[setting][row["estimator"]]["loss"][:, i],
-                                      true_gradients(q, p)[true_direction][i])
+                mc = _trial_statistic(
+                    row, sampled[setting][row["estimator"]]["loss"][:, i], true_gradients(q, p)[true_direction][i]
+                )
         else:
             exact_ours = exact
             mc = _value_statistic(row, sampled[setting][row["estimator"]], kl_divergences(q, p)[true_direction])
@@ -518,6 +662,7 @@ def reproduce(table: str, *, n: int, seed: int = 0, trials: int | None = None, d
 
 
 # --- per-trial gradients -----------------------------------------------------------------------
+
 
 def trial_gradients(estimators, q, p, *, n: int, trials: int, seed: int = 0, mode: str = "loss") -> pd.DataFrame:
     r"""Per-trial gradient estimates (one row per estimator, parameter and trial) with the exact mean.
@@ -532,9 +677,18 @@ def trial_gradients(estimators, q, p, *, n: int, trials: int, seed: int = 0, mod
         exact = estimator_gradient(estimator, q, p, mode)
         std = estimator_gradient_std(estimator, q, p, mode)
         for i, param in enumerate(_param_names(q)):
-            frames.append(pd.DataFrame({"estimator": estimator.name, "param": param, "trial": np.arange(trials),
-                                        "gradient": sampled[estimator.name][mode][:, i], "exact": exact[i],
-                                        "exact per-sample std": std[i]}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "estimator": estimator.name,
+                        "param": param,
+                        "trial": np.arange(trials),
+                        "gradient": sampled[estimator.name][mode][:, i],
+                        "exact": exact[i],
+                        "exact per-sample std": std[i],
+                    }
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -543,14 +697,20 @@ def trial_summary(trials_table: pd.DataFrame, n: int) -> pd.DataFrame:
     z against the exact mean (se: sd over trials / sqrt(trials)) and the per-sample std (sd over trials
     times sqrt(n)) next to the exact one."""
     grouped = trials_table.groupby(["estimator", "param"], sort=False)
-    out = grouped.agg(exact=("exact", "first"), mc=("gradient", "mean"), trial_sd=("gradient", lambda g: g.std(ddof=1)),
-                      trials=("gradient", "size"), exact_std=("exact per-sample std", "first")).reset_index()
+    out = grouped.agg(
+        exact=("exact", "first"),
+        mc=("gradient", "mean"),
+        trial_sd=("gradient", lambda g: g.std(ddof=1)),
+        trials=("gradient", "size"),
+        exact_std=("exact per-sample std", "first"),
+    ).reset_index()
     out["z"] = (out["mc"] - out["exact"]) / (out["trial_sd"] / np.sqrt(out["trials"]))
     out["MC per-sample std"] = out["trial_sd"] * np.sqrt(n)
     return out
 
 
 # --- token level (categorical) -----------------------------------------------------------------
+
 
 def zipf_policies(vocab_size: int, exponent: float, perturbation: float, temperatures, rng) -> tuple:
     r"""A Zipf-like reference p (logits :math:`-s \log \mathrm{rank}`) and policies q: p's logits plus Gaussian
@@ -559,15 +719,21 @@ def zipf_policies(vocab_size: int, exponent: float, perturbation: float, tempera
     Returns ``(p, {label: q})``.
     """
     base = -exponent * np.log(np.arange(1, vocab_size + 1))
-    policies = {f"perturbed (noise sd {perturbation:g})": Categorical(base + perturbation * rng.standard_normal(vocab_size))}
+    policies = {
+        f"perturbed (noise sd {perturbation:g})": Categorical(base + perturbation * rng.standard_normal(vocab_size))
+    }
     policies.update({f"temperature {tau:g}": Categorical(base / tau) for tau in temperatures})
     return Categorical(base), policies
 
 
 def policy_summary(policies: Mapping, p) -> pd.DataFrame:
     """Both KL directions and the largest |t| on q's support, per policy."""
-    return pd.DataFrame({label: {**kl_divergences(q, p), "max |t| on q's support": float(np.abs(p.log_probs - q.log_probs).max())}
-                         for label, q in policies.items()}).T
+    return pd.DataFrame(
+        {
+            label: {**kl_divergences(q, p), "max |t| on q's support": float(np.abs(p.log_probs - q.log_probs).max())}
+            for label, q in policies.items()
+        }
+    ).T
 
 
 def sequence_table(estimators, q, p, positions, *, n: int, seed: int = 0) -> pd.DataFrame:
@@ -586,17 +752,28 @@ def sequence_table(estimators, q, p, positions, *, n: int, seed: int = 0) -> pd.
             sequence, token = estimator_stats(estimator, q, p, positions=T), estimator_stats(estimator, q, p)
             mc_sequence = estimator.numeric(token_t[tokens].sum(axis=1))
             mc_sum = estimator.numeric(token_t[tokens]).sum(axis=1)
-            rows.append({"T": T, "estimator": estimator.name, "KL(q||p), T positions": kl,
-                         "k(seq ratio): exact mean / KL": sequence["mean"] / kl, "MC": mc_sequence.mean() / kl,
-                         "z": (mc_sequence.mean() - sequence["mean"]) / (sequence["std"] / np.sqrt(n)),
-                         "exact sd / KL": sequence["std"] / kl, "MC sd / KL": mc_sequence.std() / kl,
-                         "sum of per-token k: exact mean / KL": T * token["mean"] / kl, "MC (sum)": mc_sum.mean() / kl,
-                         "exact sd / KL (sum)": np.sqrt(T) * token["std"] / kl, "MC sd / KL (sum)": mc_sum.std() / kl})
+            rows.append(
+                {
+                    "T": T,
+                    "estimator": estimator.name,
+                    "KL(q||p), T positions": kl,
+                    "k(seq ratio): exact mean / KL": sequence["mean"] / kl,
+                    "MC": mc_sequence.mean() / kl,
+                    "z": (mc_sequence.mean() - sequence["mean"]) / (sequence["std"] / np.sqrt(n)),
+                    "exact sd / KL": sequence["std"] / kl,
+                    "MC sd / KL": mc_sequence.std() / kl,
+                    "sum of per-token k: exact mean / KL": T * token["mean"] / kl,
+                    "MC (sum)": mc_sum.mean() / kl,
+                    "exact sd / KL (sum)": np.sqrt(T) * token["std"] / kl,
+                    "MC sd / KL (sum)": mc_sum.std() / kl,
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def spike_table(estimators, policies: Mapping, p, *, batch_tokens: int, batches: int, clamp: float,
-                seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def spike_table(
+    estimators, policies: Mapping, p, *, batch_tokens: int, batches: int, clamp: float, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     r"""The largest value in a batch of B tokens: exact quantiles of the batch maximum
     (:math:`P(\max \le c) = F(c)^B`, F exact over the vocabulary) vs Monte Carlo batches
     (``default_rng(seed + index)`` per policy), and the exact probability that a batch holds a token with
@@ -610,24 +787,40 @@ def spike_table(estimators, policies: Mapping, p, *, batch_tokens: int, batches:
             values = np.asarray(estimator.numeric(t))
             order = np.argsort(values)
             cdf = np.cumsum(q.probs[order])
-            exact_quantiles = {level: values[order][min(np.searchsorted(cdf, level ** (1 / batch_tokens)), len(cdf) - 1)]
-                               for level in (0.5, 0.99)}
+            exact_quantiles = {
+                level: values[order][min(np.searchsorted(cdf, level ** (1 / batch_tokens)), len(cdf) - 1)]
+                for level in (0.5, 0.99)
+            }
             maxima = values[drawn].max(axis=1)
             beyond = float(np.sum(q.probs[np.abs(values) > clamp]))
-            rows.append({"policy q": label, "estimator": estimator.name, "max over vocabulary": values.max(),
-                         "median batch max: exact": exact_quantiles[0.5], "median batch max: MC": np.median(maxima),
-                         "99% batch max: exact": exact_quantiles[0.99], "99% batch max: MC": np.quantile(maxima, 0.99),
-                         f"P(|k| > {clamp:g}) per token": beyond,
-                         f"P(batch has |k| > {clamp:g})": -np.expm1(batch_tokens * np.log1p(-beyond))})
+            rows.append(
+                {
+                    "policy q": label,
+                    "estimator": estimator.name,
+                    "max over vocabulary": values.max(),
+                    "median batch max: exact": exact_quantiles[0.5],
+                    "median batch max: MC": np.median(maxima),
+                    "99% batch max: exact": exact_quantiles[0.99],
+                    "99% batch max: MC": np.quantile(maxima, 0.99),
+                    f"P(|k| > {clamp:g}) per token": beyond,
+                    f"P(batch has |k| > {clamp:g})": -np.expm1(batch_tokens * np.log1p(-beyond)),
+                }
+            )
             maxima_frames.append(pd.DataFrame({"policy q": label, "estimator": estimator.name, "batch max": maxima}))
     return pd.DataFrame(rows), pd.concat(maxima_frames, ignore_index=True)
 
 
 def saturation_table(estimators, clamp: float) -> pd.DataFrame:
     """Where an input clamp |t| <= a and an output clamp |k| <= c (a = c = ``clamp``) freeze each estimator."""
-    return pd.DataFrame({e.name: {"input clamp |t| <= a": clamps.format_region(clamps.saturation_region(e.name, input_clamp=clamp)),
-                                  "output clamp |k| <= c": clamps.format_region(clamps.saturation_region(e.name, output_clamp=clamp))}
-                         for e in _names(estimators)}).T
+    return pd.DataFrame(
+        {
+            e.name: {
+                "input clamp |t| <= a": clamps.format_region(clamps.saturation_region(e.name, input_clamp=clamp)),
+                "output clamp |k| <= c": clamps.format_region(clamps.saturation_region(e.name, output_clamp=clamp)),
+            }
+            for e in _names(estimators)
+        }
+    ).T
 
 
 def clamp_table(estimators, policies: Mapping, p, clamp: float, *, n: int, seed: int = 0) -> pd.DataFrame:
@@ -642,16 +835,24 @@ def clamp_table(estimators, policies: Mapping, p, clamp: float, *, n: int, seed:
                 out = clamps.clamp_bias(estimator.name, q, p, **options)
                 clamped = np.asarray(clamps.clamped_numeric(estimator.name, **options)(t))
                 spread = clamped.std()
-                rows.append({"policy q": label, "estimator": estimator.name, "clamp": f"{kind} ±{clamp:g}",
-                             "value: unclamped": out["value"]["unclamped"], "value: clamped (exact)": out["value"]["clamped"],
-                             "value: clamped (MC)": clamped.mean(),
-                             "z": (clamped.mean() - out["value"]["clamped"]) / (spread / np.sqrt(n)) if spread > 0 else 0.0,
-                             "value rel. bias": out["value"]["relative"],
-                             **{f"{mode} grad rel. bias": out["gradient"][mode]["relative"] for mode in MODES}})
+                rows.append(
+                    {
+                        "policy q": label,
+                        "estimator": estimator.name,
+                        "clamp": f"{kind} ±{clamp:g}",
+                        "value: unclamped": out["value"]["unclamped"],
+                        "value: clamped (exact)": out["value"]["clamped"],
+                        "value: clamped (MC)": clamped.mean(),
+                        "z": (clamped.mean() - out["value"]["clamped"]) / (spread / np.sqrt(n)) if spread > 0 else 0.0,
+                        "value rel. bias": out["value"]["relative"],
+                        **{f"{mode} grad rel. bias": out["gradient"][mode]["relative"] for mode in MODES},
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 # --- control variates (notebook 08) ------------------------------------------------------------
+
 
 def parabola_vertex(x, y) -> float:
     """The vertex of the least-squares parabola through (x, y)."""
@@ -671,8 +872,9 @@ def control_variate_scan(q, p, lambdas, *, n: int | None = None, seed: int = 0) 
     variances of every member on one shared sample."""
     lambdas = np.asarray(lambdas, dtype=np.float64)
     family = [control_variate(float(value)) for value in lambdas]
-    out = pd.DataFrame({"lambda": lambdas,
-                        "exact variance": [estimator_stats(member, q, p)["std"] ** 2 for member in family]})
+    out = pd.DataFrame(
+        {"lambda": lambdas, "exact variance": [estimator_stats(member, q, p)["std"] ** 2 for member in family]}
+    )
     if n is not None:
         sampled = montecarlo.run(q, p, family, n=n, seed=seed, quantiles=(), batch_size=None)["estimators"]
         out["MC variance"] = [sampled[member.name]["std"] ** 2 for member in family]
@@ -684,11 +886,14 @@ def lambda_star_sweep(path: Mapping, *, probe=None, n: int | None = None, seed=0
     the Monte Carlo vertex of sample variances on the probe grid (seed per pair as in :func:`compare_pairs`)."""
     seeds = [int(seed)] * len(path) if np.ndim(seed) == 0 else [int(s) for s in seed]
     rows = []
-    for (x, (q, p)), s in zip(path.items(), seeds):
+    for (point, (q, p)), s in zip(path.items(), seeds):
         best = lambda_star(q, p)
-        row = {"x": x, "lambda* exact": best,
-               "Var(k3) / Var(k_lambda*)": estimator_stats("k3", q, p)["std"] ** 2
-               / estimator_stats(control_variate(float(best)), q, p)["std"] ** 2}
+        row = {
+            "x": point,
+            "lambda* exact": best,
+            "Var(k3) / Var(k_lambda*)": estimator_stats("k3", q, p)["std"] ** 2
+            / estimator_stats(control_variate(float(best)), q, p)["std"] ** 2,
+        }
         if n is not None:
             scan = control_variate_scan(q, p, probe, n=n, seed=s)
             row["lambda* Monte Carlo"] = parabola_vertex(scan["lambda"], scan["MC variance"])
@@ -703,8 +908,9 @@ def evaluate(expr, symbol, values) -> np.ndarray:
 
 def shift_moments(q_mu: float, q_sigma: float, p_mu: float, p_sigma: float) -> dict:
     r"""Exact Gaussian integrals (SymPy) for the shifted :math:`k_2` gradient, per parameter i of q = N(mu, sigma):
-    :math:`\mathbb{E}_q[s_i^2 L^2]`, :math:`\mathbb{E}_q[s_i^2 L]`, :math:`\mathbb{E}_q[s_i^2]`, :math:`\mathbb{E}_q[s_i L]`
-    with :math:`L = \log(q/p)` and :math:`s_i` the score, at the given parameters (rationalised)."""
+    :math:`\mathbb{E}_q[s_i^2 L^2]`, :math:`\mathbb{E}_q[s_i^2 L]`, :math:`\mathbb{E}_q[s_i^2]`,
+    :math:`\mathbb{E}_q[s_i L]` with :math:`L = \log(q/p)` and :math:`s_i` the score, at the given parameters
+    (rationalised)."""
     mu, sigma = sp.Symbol("mu", real=True), sp.Symbol("sigma", positive=True)
     log_q = -sp.log(sigma) - sp.log(2 * sp.pi) / 2 - (x - mu) ** 2 / (2 * sigma**2)
     log_p = log_q.subs({mu: sp.nsimplify(p_mu), sigma: sp.nsimplify(p_sigma)})
@@ -714,10 +920,16 @@ def shift_moments(q_mu: float, q_sigma: float, p_mu: float, p_sigma: float) -> d
     scores = {"mu": sp.diff(log_q, mu).subs(at_q), "sigma": sp.diff(log_q, sigma).subs(at_q)}
     moments = {}
     for name, score in scores.items():
-        integrands = {"E[s^2 L^2]": score**2 * log_q_over_p**2, "E[s^2 L]": score**2 * log_q_over_p,
-                      "E[s^2]": score**2, "E[s L]": score * log_q_over_p}
-        moments[name] = {key: sp.simplify(sp.integrate(sp.expand(value) * density, (x, -sp.oo, sp.oo)))
-                         for key, value in integrands.items()}
+        integrands = {
+            "E[s^2 L^2]": score**2 * log_q_over_p**2,
+            "E[s^2 L]": score**2 * log_q_over_p,
+            "E[s^2]": score**2,
+            "E[s L]": score * log_q_over_p,
+        }
+        moments[name] = {
+            key: sp.simplify(sp.integrate(sp.expand(value) * density, (x, -sp.oo, sp.oo)))
+            for key, value in integrands.items()
+        }
     return moments
 
 
@@ -725,37 +937,69 @@ def shift_table(moments: dict) -> tuple[pd.DataFrame, float]:
     r"""Per parameter: the derived minimiser :math:`\mathbb{E}[s^2 L]/\mathbb{E}[s^2]`, the shift as printed in the
     seed :math:`\mathbb{E}[s^2 L^2]/\mathbb{E}[s^2]`, the exact mean gradient; and the pooled single shift
     :math:`\sum_i \mathbb{E}[s_i^2 L] / \sum_i \mathbb{E}[s_i^2]`."""
-    shifts = pd.DataFrame({
-        name: {"lambda* derived  E[s^2 L]/E[s^2]": float(m["E[s^2 L]"] / m["E[s^2]"]),
-               "lambda as printed  E[s^2 L^2]/E[s^2]": float(m["E[s^2 L^2]"] / m["E[s^2]"]),
-               "exact mean gradient E[L s]": float(m["E[s L]"])}
-        for name, m in moments.items()})
+    shifts = pd.DataFrame(
+        {
+            name: {
+                "lambda* derived  E[s^2 L]/E[s^2]": float(m["E[s^2 L]"] / m["E[s^2]"]),
+                "lambda as printed  E[s^2 L^2]/E[s^2]": float(m["E[s^2 L^2]"] / m["E[s^2]"]),
+                "exact mean gradient E[L s]": float(m["E[s L]"]),
+            }
+            for name, m in moments.items()
+        }
+    )
     pooled = float(sum(m["E[s^2 L]"] for m in moments.values()) / sum(m["E[s^2]"] for m in moments.values()))
     return shifts, pooled
 
 
-def shift_comparison(candidates: Mapping, moments: dict, q, p, *, n: int, trials: int,
-                     seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def shift_comparison(
+    candidates: Mapping, moments: dict, q, p, *, n: int, trials: int, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     r"""Each shift :math:`\lambda` of :math:`k_2 \to \frac12(\log r + \lambda)^2` (``label -> lambda``): the exact
     mean loss gradient, the per-sample std by SymPy's closed form
     :math:`\sqrt{\mathbb{E}[s^2L^2] - 2\lambda\mathbb{E}[s^2L] + \lambda^2\mathbb{E}[s^2] - \mathbb{E}[sL]^2}`, by the
     exact layer and by Monte Carlo trials. Returns ``(comparison, per-trial table)``."""
-    shifted = [Estimator(label, (sp.log(r) + sp.Float(value)) ** 2 / 2, None, "k2 shifted by lambda (seed 003)")
-               for label, value in candidates.items()]
+    shifted = [
+        Estimator(label, (sp.log(r) + sp.Float(value)) ** 2 / 2, None, "k2 shifted by lambda (seed 003)")
+        for label, value in candidates.items()
+    ]
     per_trial = trial_gradients(shifted, q, p, n=n, trials=trials, seed=seed)
     summary = trial_summary(per_trial, n).rename(columns={"estimator": "shift", "param": "parameter"})
     summary["lambda"] = summary["shift"].map(dict(candidates))
     summary["per-sample std, SymPy"] = [
-        float(moments[parameter]["E[s^2 L^2]"] - 2 * candidates[label] * moments[parameter]["E[s^2 L]"]
-              + candidates[label] ** 2 * moments[parameter]["E[s^2]"] - moments[parameter]["E[s L]"] ** 2) ** 0.5
-        for label, parameter in zip(summary["shift"], summary["parameter"])]
-    summary = summary.rename(columns={"exact": "exact mean gradient", "exact_std": "per-sample std, exact layer",
-                                      "MC per-sample std": "per-sample std, MC trials", "mc": "MC mean over trials"})
-    return summary[["shift", "parameter", "lambda", "exact mean gradient", "per-sample std, SymPy",
-                    "per-sample std, exact layer", "per-sample std, MC trials", "MC mean over trials", "z"]], per_trial
+        float(
+            moments[parameter]["E[s^2 L^2]"]
+            - 2 * candidates[label] * moments[parameter]["E[s^2 L]"]
+            + candidates[label] ** 2 * moments[parameter]["E[s^2]"]
+            - moments[parameter]["E[s L]"] ** 2
+        )
+        ** 0.5
+        for label, parameter in zip(summary["shift"], summary["parameter"])
+    ]
+    summary = summary.rename(
+        columns={
+            "exact": "exact mean gradient",
+            "exact_std": "per-sample std, exact layer",
+            "MC per-sample std": "per-sample std, MC trials",
+            "mc": "MC mean over trials",
+        }
+    )
+    return summary[
+        [
+            "shift",
+            "parameter",
+            "lambda",
+            "exact mean gradient",
+            "per-sample std, SymPy",
+            "per-sample std, exact layer",
+            "per-sample std, MC trials",
+            "MC mean over trials",
+            "z",
+        ]
+    ], per_trial
 
 
 # --- SymPy derivations the notebooks display (candidates for klsym.derive.symbolic) ----------
+
 
 def gaussian_fisher_information() -> tuple:
     r"""Fisher information of N(mu, sigma), :math:`F = -\mathbb{E}[\nabla^2_{(\mu,\sigma)} \log q]`, by SymPy.
@@ -768,7 +1012,11 @@ def gaussian_fisher_information() -> tuple:
     """
     mu, sigma = sp.Symbol("mu", real=True), sp.Symbol("sigma", positive=True)
     log_density = -sp.log(sigma) - sp.log(2 * sp.pi) / 2 - (x - mu) ** 2 / (2 * sigma**2)
-    return sp.simplify(sp.integrate(-sp.hessian(log_density, (mu, sigma)) * sp.exp(log_density), (x, -sp.oo, sp.oo))), mu, sigma
+    return (
+        sp.simplify(sp.integrate(-sp.hessian(log_density, (mu, sigma)) * sp.exp(log_density), (x, -sp.oo, sp.oo))),
+        mu,
+        sigma,
+    )
 
 
 def control_variate_optimum() -> dict:
@@ -785,15 +1033,17 @@ def mean_shift_lambda_star() -> dict:
     r"""q = N(0, 1), p = N(mu_p, 1): :math:`\mathbb{E}_q[r^2]` integrated by SymPy, :math:`\lambda^*(\mu_p)
     = \mu_p^2 / (\mathbb{E}_q[r^2] - 1)` (both KL directions are :math:`\mu_p^2/2`) and its limit at 0."""
     shift = sp.Symbol(r"\mu_p", positive=True)
-    standard_normal = sp.exp(-x**2 / 2) / sp.sqrt(2 * sp.pi)
-    shifted_normal = sp.exp(-(x - shift) ** 2 / 2) / sp.sqrt(2 * sp.pi)
+    standard_normal = sp.exp(-(x**2) / 2) / sp.sqrt(2 * sp.pi)
+    shifted_normal = sp.exp(-((x - shift) ** 2) / 2) / sp.sqrt(2 * sp.pi)
     second_moment = sp.simplify(sp.integrate(shifted_normal**2 / standard_normal, (x, -sp.oo, sp.oo)))
     best = sp.simplify(shift**2 / (second_moment - 1))
     return {"symbol": shift, "second_moment": second_moment, "lambda_star": best, "limit": sp.limit(best, shift, 0)}
 
 
 def shift_optimum() -> dict:
-    r"""SymPy minimises :math:`\mathbb{E}_q[s_i^2 (L - \lambda)^2]` over :math:`\lambda`: ``{"objective", "lambda_star"}``."""
+    r"""SymPy minimises :math:`\mathbb{E}_q[s_i^2 (L - \lambda)^2]` over :math:`\lambda`.
+
+    Returns ``{"objective", "lambda_star"}`` (SymPy expressions)."""
     mean_s2L2, mean_s2L, mean_s2 = sp.symbols(r"E[s^2L^2] E[s^2L] E[s^2]")
     objective = mean_s2L2 - 2 * lam * mean_s2L + lam**2 * mean_s2
     return {"objective": objective, "lambda_star": sp.solve(sp.diff(objective, lam), lam)[0]}
@@ -802,14 +1052,57 @@ def shift_optimum() -> dict:
 def shift_candidates(shifts: pd.DataFrame, pooled: float) -> dict:
     """The shifts compared for k2 gradients: none, the derived optimum per parameter, pooled, and as printed."""
     derived, printed = "lambda* derived  E[s^2 L]/E[s^2]", "lambda as printed  E[s^2 L^2]/E[s^2]"
-    return {"k2 (no shift)": 0.0, "derived lambda*_mu": shifts.loc[derived, "mu"],
-            "derived lambda*_sigma": shifts.loc[derived, "sigma"], "pooled (derived)": pooled,
-            "as printed, mu": shifts.loc[printed, "mu"], "as printed, sigma": shifts.loc[printed, "sigma"]}
+    return {
+        "k2 (no shift)": 0.0,
+        "derived lambda*_mu": shifts.loc[derived, "mu"],
+        "derived lambda*_sigma": shifts.loc[derived, "sigma"],
+        "pooled (derived)": pooled,
+        "as printed, mu": shifts.loc[printed, "mu"],
+        "as printed, sigma": shifts.loc[printed, "sigma"],
+    }
 
 
-__all__ = ["compare", "compare_pairs", "gaussian_path", "with_reference", "relative", "ratios", "path_sweep", "support_table", "gradient_error", "z_score", "symbolic_table",
-           "formulas_latex", "derivation_markdown", "registry_table", "registry_markdown",
-           "local_expansion_table", "bias_series_table", "small_delta_slopes", "reproduce", "trial_gradients", "trial_summary",
-           "zipf_policies", "policy_summary", "sequence_table", "spike_table", "saturation_table", "clamp_table",
-           "parabola_vertex", "lambda_star", "evaluate", "gaussian_fisher_information", "control_variate_optimum",
-           "mean_shift_lambda_star", "shift_optimum", "shift_candidates", "shift_moments", "shift_table", "shift_comparison", "control_variate_scan", "lambda_star_sweep", "WHAT", "PARAMS"]
+__all__ = [
+    "compare",
+    "compare_pairs",
+    "gaussian_path",
+    "with_reference",
+    "relative",
+    "ratios",
+    "path_sweep",
+    "support_table",
+    "gradient_error",
+    "z_score",
+    "symbolic_table",
+    "formulas_latex",
+    "derivation_markdown",
+    "registry_table",
+    "registry_markdown",
+    "local_expansion_table",
+    "bias_series_table",
+    "small_delta_slopes",
+    "reproduce",
+    "trial_gradients",
+    "trial_summary",
+    "zipf_policies",
+    "policy_summary",
+    "sequence_table",
+    "spike_table",
+    "saturation_table",
+    "clamp_table",
+    "parabola_vertex",
+    "lambda_star",
+    "evaluate",
+    "gaussian_fisher_information",
+    "control_variate_optimum",
+    "mean_shift_lambda_star",
+    "shift_optimum",
+    "shift_candidates",
+    "shift_moments",
+    "shift_table",
+    "shift_comparison",
+    "control_variate_scan",
+    "lambda_star_sweep",
+    "WHAT",
+    "PARAMS",
+]

@@ -1,6 +1,7 @@
 """The standard figures of the notebooks (matplotlib/seaborn), drawn from the tidy tables of
 :mod:`klsym.report.compare`. Each function draws on ``ax`` (or a new figure) and returns the axes.
 """
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -61,16 +62,34 @@ def bregman_gap(estimator="k3", ax=None):
     ax.plot(ratio, curve, label=r"$f(r) = -\log r$")
     ax.plot(ratio, line, label=r"tangent at $r = 1$: $1 - r$")
     ax.fill_between(ratio, line, curve, alpha=0.25, label=r"gap $= r - 1 - \log r$")
-    ax.plot(ratio, get_estimator(estimator).numeric(np.log(ratio)), color="black", linestyle="--", linewidth=1,
-            label=f"{get_estimator(estimator).name} (registry)")
+    ax.plot(
+        ratio,
+        get_estimator(estimator).numeric(np.log(ratio)),
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"{get_estimator(estimator).name} (registry)",
+    )
     ax.set(xlabel=r"$r$", ylabel="value", ylim=(-2.5, 2.5), title=r"Bregman gap of $-\log r$")
     ax.legend()
     return ax
 
 
-def exact_and_mc(curves: pd.DataFrame, x: str, y: str, hue: str | None = "estimator", points=None,
-                 point_y: str | None = None, yerr: str | None = None, ax=None, absolute: bool = False,
-                 linestyle: str = "-", label: str = "{group} exact", colour=None, **axis):
+def exact_and_mc(
+    curves: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str | None = "estimator",
+    points=None,
+    point_y: str | None = None,
+    yerr: str | None = None,
+    ax=None,
+    absolute: bool = False,
+    linestyle: str = "-",
+    label: str = "{group} exact",
+    colour=None,
+    **axis,
+):
     r"""Exact curves (lines, one per ``hue``, labelled ``label.format(group=...)``) and Monte Carlo points
     (``points``, with :math:`\pm 2` ``yerr`` bars) of the same quantity; ``absolute`` plots :math:`|y|`;
     ``colour`` fixes one colour for every group; ``axis`` goes to ``ax.set``."""
@@ -81,12 +100,24 @@ def exact_and_mc(curves: pd.DataFrame, x: str, y: str, hue: str | None = "estima
     colours = {group: colour for group in colours} if colour is not None else colours
     for group, curve in groups:
         values = curve[y].abs() if absolute else curve[y]
-        ax.plot(curve[x], values, color=colours[group], linestyle=linestyle,
-                label=label.format(group=group) if group is not None else y)
+        ax.plot(
+            curve[x],
+            values,
+            color=colours[group],
+            linestyle=linestyle,
+            label=label.format(group=group) if group is not None else y,
+        )
         if points is not None:
             dots = points[points[hue] == group] if hue else points
-            ax.errorbar(dots[x], dots[point_y], yerr=2 * dots[yerr] if yerr else None, fmt="o", markersize=4,
-                        color=colours[group], label=f"{group} Monte Carlo" if group is not None else "Monte Carlo")
+            ax.errorbar(
+                dots[x],
+                dots[point_y],
+                yerr=2 * dots[yerr] if yerr else None,
+                fmt="o",
+                markersize=4,
+                color=colours[group],
+                label=f"{group} Monte Carlo" if group is not None else point_y,
+            )
     ax.set(**axis)
     ax.legend(ncol=2, fontsize="small")
     return ax
@@ -100,12 +131,19 @@ def trial_violins(trials: pd.DataFrame, true: dict, title: str = "", color=None)
     figure, axes = plt.subplots(1, len(params), figsize=(13, 4.8))
     for i, (ax, param) in enumerate(zip(np.atleast_1d(axes), params)):
         part = trials[trials["param"] == param]
-        sns.violinplot(data=part, x="estimator", y="gradient", ax=ax, inner="quartile", cut=0, density_norm="width",
-                       color=color)
+        sns.violinplot(
+            data=part, x="estimator", y="gradient", ax=ax, inner="quartile", cut=0, density_norm="width", color=color
+        )
         exact = part.groupby("estimator", sort=False)["exact"].first()
         for position, value in enumerate(exact):
-            ax.hlines(value, position - 0.4, position + 0.4, color="black", linewidth=1.5,
-                      label="exact expected gradient" if position == 0 else None)
+            ax.hlines(
+                value,
+                position - 0.4,
+                position + 0.4,
+                color="black",
+                linewidth=1.5,
+                label="exact expected gradient" if position == 0 else None,
+            )
         if true:
             ax.axhline(true[KL_QP][i], color="tab:red", linestyle="--", label="grad KL(q||p)")
             ax.axhline(true[KL_PQ][i], color="tab:purple", linestyle=":", label="grad KL(p||q)")
@@ -122,11 +160,13 @@ def sequence_spread(sequences: pd.DataFrame):
     for name, part in sequences.groupby("estimator", sort=False):
         axes[0].plot(part["T"], part["k(seq ratio): exact mean / KL"], "o-", label=name)
         axes[1].plot(part["T"], part["exact sd / KL"], "o-", label=f"{name}: k(seq ratio)")
-        axes[1].plot(part["T"], part["exact sd / KL (sum)"], "x--", color=axes[1].lines[-1].get_color(),
-                     label=f"{name}: sum")
+        axes[1].plot(
+            part["T"], part["exact sd / KL (sum)"], "x--", color=axes[1].lines[-1].get_color(), label=f"{name}: sum"
+        )
     axes[0].set(xlabel="T positions", ylabel="E_q[k] / KL(q||p)", title="k of the sequence ratio: mean / KL (exact)")
-    axes[1].set(xlabel="T positions", ylabel="sd / KL(q||p)", yscale="log",
-                title="spread: sequence ratio vs per-token sum")
+    axes[1].set(
+        xlabel="T positions", ylabel="sd / KL(q||p)", yscale="log", title="spread: sequence ratio vs per-token sum"
+    )
     axes[0].legend()
     axes[1].legend(fontsize="small", ncol=2)
     figure.tight_layout()
@@ -148,8 +188,17 @@ def ratio_to_kl(curves: pd.DataFrame, points: pd.DataFrame, x: str = "x", ax=Non
     (:math:`\pm 2` se), from :func:`klsym.report.compare.path_sweep`; reference lines at 2 and 1."""
     ax = _axes(ax)
     for direction, colour in ((KL_QP, "tab:blue"), (KL_PQ, "tab:orange")):
-        exact_and_mc(curves, x, f"E[k]/{direction}", hue=None, points=points, point_y=f"MC E[k]/{direction}",
-                     yerr=f"se/{direction}", ax=ax, colour=colour)
+        exact_and_mc(
+            curves,
+            x,
+            f"E[k]/{direction}",
+            hue=None,
+            points=points,
+            point_y=f"MC E[k]/{direction}",
+            yerr=f"se/{direction}",
+            ax=ax,
+            colour=colour,
+        )
     ax.axhline(2.0, color="black", linewidth=0.8, linestyle=":", label="k''(1) = 2")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set(ylabel="E_q[k] / KL", **axis)
@@ -199,12 +248,22 @@ def ratio_paths(curves: pd.DataFrame, points: pd.DataFrame, series=None, symbol=
     figure, axes = plt.subplots(1, len(names), figsize=(13, 4.8))
     for index, (ax, name) in enumerate(zip(np.atleast_1d(axes), names)):
         curve = curves[curves["path"] == name]
-        ratio_to_kl(curve, points[points["path"] == name], ax=ax, title=name,
-                    xlabel=r"$\delta$" if index == 0 else r"$s$ (1 = Zhang's p)")
+        ratio_to_kl(
+            curve,
+            points[points["path"] == name],
+            ax=ax,
+            title=name,
+            xlabel=r"$\delta$" if index == 0 else r"$s$ (1 = Zhang's p)",
+        )
         if index == 0:
             if series is not None:
-                ax.plot(curve["x"], sp.lambdify(symbol, series)(curve["x"].to_numpy()), color="grey", linestyle="--",
-                        label="SymPy series / KL")
+                ax.plot(
+                    curve["x"],
+                    sp.lambdify(symbol, series)(curve["x"].to_numpy()),
+                    color="grey",
+                    linestyle="--",
+                    label="SymPy series / KL",
+                )
             ax.set(xscale="log", ylim=(0, 2.3))
         else:
             ax.axvline(1.0, color="grey", linestyle=":")
@@ -213,5 +272,17 @@ def ratio_paths(curves: pd.DataFrame, points: pd.DataFrame, series=None, symbol=
     return axes
 
 
-__all__ = ["ratio_paths", "variance_parabola", "lambda_star_curves", "ratio_to_kl", "setup", "estimator_curves", "value_vs_ratio", "bregman_gap", "exact_and_mc", "trial_violins",
-           "sequence_spread", "batch_maxima"]
+__all__ = [
+    "ratio_paths",
+    "variance_parabola",
+    "lambda_star_curves",
+    "ratio_to_kl",
+    "setup",
+    "estimator_curves",
+    "value_vs_ratio",
+    "bregman_gap",
+    "exact_and_mc",
+    "trial_violins",
+    "sequence_spread",
+    "batch_maxima",
+]
