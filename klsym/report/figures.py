@@ -272,7 +272,69 @@ def ratio_paths(curves: pd.DataFrame, points: pd.DataFrame, series=None, symbol=
     return axes
 
 
+def clamped_values(settings, log_ratio=None):
+    """Notebook 09: each setting's estimator and its clamped version against t, the frozen region shaded."""
+    from klsym.exact.clamps import clamped_numeric, saturation_region
+
+    t = np.linspace(-14, 12, 2600) if log_ratio is None else np.asarray(log_ratio)
+    figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4))
+    for ax, setting in zip(np.atleast_1d(axes), settings):
+        name, bounds = setting.estimator, (setting.input_clamp, setting.output_clamp)
+        ax.plot(t, get_estimator(name).numeric(t), color="grey", linestyle=":", label=name)
+        ax.plot(t, clamped_numeric(name, *bounds)(t), label=f"clamped {name} (input {bounds[0]}, output {bounds[1]})")
+        for lo, hi in saturation_region(name, *bounds):
+            if lo < t[-1] and hi > t[0]:
+                ax.axvspan(max(lo, t[0]), min(hi, t[-1]), color="tab:red", alpha=0.15)
+        ax.set(xlabel=r"$t = \log r$", ylabel="value", ylim=(-15, 20), title=f"{name}: frozen where shaded")
+        ax.legend()
+    figure.tight_layout()
+    return axes
+
+
+def clamp_bias_curves(sweep: pd.DataFrame, threshold: float):
+    """Notebook 09: relative clamp bias (value and each gradient mode) against δ, one panel per setting."""
+    settings = list(dict.fromkeys(sweep["setting"]))
+    figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), sharey=True)
+    for ax, label in zip(np.atleast_1d(axes), settings):
+        frame = sweep[sweep["setting"] == label]
+        for quantity in ("value", "loss", "reward", "full"):
+            ax.plot(frame["delta"], frame[quantity].clip(lower=1e-300), label=quantity)
+        ax.axhline(threshold, color="black", linewidth=0.8, linestyle=":")
+        ax.set(xscale="log", yscale="log", ylim=(1e-16, 10), xlabel=r"$\delta$ ($p = N(\delta, 1)$)", title=label)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    np.atleast_1d(axes)[0].set_ylabel("relative bias from the clamp")
+    np.atleast_1d(axes)[0].legend()
+    return axes
+
+
+def precision_bars(precision: pd.DataFrame, estimator: str = "k3", pipeline: str = "stored"):
+    """Notebook 09: |relative bias| of one estimator per dtype and pipeline; spread / KL per dtype and estimator."""
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4))
+    sns.barplot(
+        data=precision[precision["estimator"] == estimator], x="dtype", y="|relative bias|", hue="pipeline", ax=axes[0]
+    )
+    sns.barplot(
+        data=precision[precision["pipeline"] == pipeline], x="dtype", y="spread / KL", hue="estimator", ax=axes[1]
+    )
+    axes[0].set(yscale="log", title=f"{estimator}: |q-weighted bias of the per-token estimate| / KL")
+    axes[1].set(yscale="log", title="token-level spread added by rounding / KL")
+    return axes
+
+
+def identical_logits_histogram(case: dict, ax=None):
+    """Notebook 09: the q-mass of the non-zero log-ratios between bit-identical logits (two kernels)."""
+    ax = _axes(ax, (7, 3.5))
+    nonzero = case["t"] != 0
+    ax.hist(case["t"][nonzero], bins=61, weights=case["q"][nonzero])
+    ax.set(xlabel=r"$t = \log p - \log q$ (bit-identical logits)", ylabel="q-mass", title="two log-softmax kernels")
+    return ax
+
+
 __all__ = [
+    "clamped_values",
+    "clamp_bias_curves",
+    "precision_bars",
+    "identical_logits_histogram",
     "ratio_paths",
     "variance_parabola",
     "lambda_star_curves",
