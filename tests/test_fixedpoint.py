@@ -271,3 +271,36 @@ def test_sequence_problem_checks_its_input():
         fp.SequenceProblem(Autoregressive.random(2, 3), [0.0, 1.0, 2.0], 1.0)
     with pytest.raises(ValueError, match="beta must be a finite number > 0"):
         fp.SequenceProblem(Autoregressive.random(2, 3), np.zeros(8), 0.0)
+
+
+# --- framework settings: clamps ------------------------------------------------------------------
+
+def test_an_output_clamp_that_bites_at_q_star_removes_the_restoring_force():
+    # k3 in full mode follows grad KL(q||p): unclamped it lands on q*. At beta = 0.25 q* needs k3 = 10.02 > 10 on
+    # token 0, where NeMo-RL's output clamp freezes the value: its weight stops growing and token 0 dies out.
+    problem = fp.REFERENCE_PROBLEM.with_beta(0.25)
+    star = closed_form_optimum(problem)
+    r0 = problem.p[0] / star[0]
+    assert r0 - 1 - np.log(r0) > 10
+    free = fp.fixed_point(problem, "k3", "full", input_clamp=20.0)  # input clamp idle: |log r| < 20
+    assert free["equals_optimum"] and "clamps inactive" in free["method"]
+    clamped = fp.fixed_point(problem, "k3", "full", input_clamp=20.0, output_clamp=10.0)
+    assert clamped["status"] == "collapse" and clamped["probs"][0] == 0
+    assert clamped["distance_to_optimum"] > 1e-3
+
+
+def test_converges_to_table_and_cli_setting(capsys):
+    from klsym.rl.frameworks import get_setting
+
+    grpo, ppo = get_setting("trl-grpo"), get_setting("trl-ppo")
+    assert (grpo.get_estimator().name, grpo.mode, ppo.get_estimator().name, ppo.mode) == ("k3", "loss", "k1", "reward")
+    table = fp.converges_to_table([grpo, ppo]).set_index("setting")
+    assert table.loc[ppo.key, "converges to"] == "q* = p e^{R/beta}/Z"
+    assert table.loc[grpo.key, "converges to"].startswith("interior")
+    assert main(["fixedpoint", "--p-logits", "0,0,0", "--reward", "0,0.5,1", "--beta", "0.5", "--setting",
+                 "trl-grpo", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setting"] == grpo.key and list(out["estimators"]) == ["k3"] and list(out["estimators"]["k3"]) == ["loss"]
+    q = np.array(out["estimators"]["k3"]["loss"]["probs"])
+    R, p = np.array([0.0, 0.5, 1.0]), np.full(3, 1 / 3)
+    np.testing.assert_allclose(q * (R - q @ R - 0.5), -0.5 * p, atol=1e-12)
