@@ -181,3 +181,54 @@ def test_lambda_star_equal_sigmas(mu_p):
     """KL(q||p) + KL(p||q) = mu_p^2 and E_q[r^2] = exp(mu_p^2) for q = N(0, 1), p = N(mu_p, 1)."""
     assert lambda_star(Q, Gaussian(mu_p, 1.0)) == pytest.approx(mu_p**2 / math.expm1(mu_p**2), rel=1e-10)
     assert estimator_stats("rev_k2", Q, Gaussian(mu_p, 1.0))["second_moment"] == pytest.approx(math.exp(mu_p**2))
+
+
+def _setting(estimator, input_clamp=None, output_clamp=None):
+    """A framework setting as the clamp tables read it (key, estimator, clamps)."""
+    from types import SimpleNamespace
+
+    from klsym.derive.estimators import get_estimator
+
+    return SimpleNamespace(
+        key=f"test {estimator}",
+        estimator=estimator,
+        input_clamp=input_clamp,
+        output_clamp=output_clamp,
+        get_estimator=lambda: get_estimator(estimator),
+    )
+
+
+@pytest.mark.parametrize("delta, output_clamp", [(2.0, 10.0), (1.0, 10.0), (2.0, 3.0)])
+def test_clamp_value_check_against_numpy(delta, output_clamp):
+    """k3 = e^t - 1 - t clipped to [-c, c], on t = delta x - delta^2/2 with x ~ N(0, 1)."""
+    from klsym.report.compare import clamp_value_check
+
+    x = np.random.default_rng(11).standard_normal(200_000)
+    t = delta * x - delta**2 / 2
+    samples = np.clip(np.expm1(t) - t, -output_clamp, output_clamp)
+    row = clamp_value_check(_setting("k3", None, output_clamp), Q, Gaussian(delta, 1.0), t).iloc[0]
+    assert row["MC clamped"] == pytest.approx(samples.mean(), rel=1e-12)
+    assert row["MC se"] == pytest.approx(samples.std(ddof=1) / np.sqrt(t.size), rel=1e-9)
+    assert row["exact unclamped"] == pytest.approx(delta**2 / 2, rel=1e-9)
+    assert abs(row["z (MC vs exact clamped)"]) < 5
+
+
+def test_identical_logits_same_kernel_is_exactly_zero():
+    from klsym.report.compare import identical_logits_table
+
+    logits = np.random.default_rng(2).standard_normal(500) * 3
+    table = identical_logits_table(logits, dtypes=("bfloat16",), reference_kernels=("fused", "unfused"))
+    same, other = table.iloc[0], table.iloc[1]
+    assert same["P_q(t != 0)"] == 0 and same["E_q[k1]"] == 0 and same["E_q[k3]"] == 0
+    assert other["P_q(t != 0)"] > 0, "two roundings differ from one on some token"
+
+
+def test_precision_mc_check_draws_from_the_given_generator():
+    from klsym.exact.precision import policy_pair
+    from klsym.report.compare import precision_mc_check
+
+    logits_q, logits_p = policy_pair(2_000, np.random.default_rng(0), 0.1)
+    first = precision_mc_check(logits_q, logits_p, np.random.default_rng(4), 50_000)
+    again = precision_mc_check(logits_q, logits_p, np.random.default_rng(4), 50_000)
+    assert first.equals(again)
+    assert (first["z"].abs() < 5).all()
