@@ -16,9 +16,16 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from klsym import __version__
 from klsym.paths import ROOT
-from klsym.report.build import (NotebookFailure, build_report, default_parameters, discover_notebooks,
-                          find_external_references, notebook_title, select_notebooks,
-                          strip_external_references)
+from klsym.report.build import (
+    NotebookFailure,
+    build_report,
+    default_parameters,
+    discover_notebooks,
+    find_external_references,
+    notebook_title,
+    select_notebooks,
+    strip_external_references,
+)
 
 
 def write_notebook(path, body: str, parameters: str = "seed = 3\nscale = 2.0", title: str = "A tiny notebook"):
@@ -218,3 +225,139 @@ def test_cli_reports_a_failing_notebook_on_first_build(tmp_path):
     assert "Traceback" not in result.stderr
     assert (tmp_path / "out" / "failed" / "01-broken.ipynb").exists()
     assert not (tmp_path / "out" / "index.html").exists()
+
+
+# ----------------------------------------------------------------------------- key findings
+def test_record_payload_validates_and_round_trips_non_finite_values():
+    from klsym.report.findings import RECORD_MIME, read_records, record_payload
+
+    with pytest.raises(ValueError, match="identifier"):
+        record_payload("not a name", 1.0)
+    with pytest.raises(ValueError, match="cannot be written as JSON"):
+        record_payload("x", object())
+    payload = record_payload("spike", {"ratio": float("inf"), "n": 3})
+    assert payload[RECORD_MIME]["value"] == {"ratio": "inf", "n": 3}
+    notebook = {"cells": [
+        {"cell_type": "markdown", "source": "# Title\n## 1. First"},
+        {"cell_type": "code", "outputs": [{"output_type": "display_data", "data": payload, "metadata": {}}]},
+        {"cell_type": "markdown", "source": "## 2. Second"},
+        {"cell_type": "code", "outputs": [{"output_type": "display_data", "metadata": {},
+                                           "data": record_payload("other", 0.5, section="Elsewhere")}]},
+    ]}
+    records = read_records(notebook, "01-x")
+    assert records["spike"].value == {"ratio": float("inf"), "n": 3}
+    assert records["spike"].section == "1. First"  # the nearest heading above the recording cell
+    assert records["other"].section == "Elsewhere"  # an explicit section wins
+
+
+def test_every_registered_finding_names_a_notebook_and_formats():
+    from klsym.report.findings import FINDINGS
+
+    assert 8 <= len(FINDINGS) <= 12
+    for finding in FINDINGS.values():
+        assert NOTEBOOK_NAME.match(finding.notebook + ".ipynb"), finding.name
+        assert "{value" in finding.template, finding.name
+
+
+NOTEBOOK_NAME = re.compile(r"^\d{2}-[a-z0-9][a-z0-9-]*\.ipynb$")
+
+
+def write_sectioned_notebook(path, body: str, title: str):
+    notebook = new_notebook(cells=[new_markdown_cell(f"# {title}\nWhat it shows."), new_code_cell("seed = 1"),
+                                   new_markdown_cell("## 2. The $k_3$ section"), new_code_cell(body)])
+    notebook.cells[1].metadata["tags"] = ["parameters"]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)
+
+
+@pytest.fixture(scope="module")
+def with_findings(tmp_path_factory):
+    from klsym.report.findings import Finding
+
+    root = tmp_path_factory.mktemp("findings")
+    notebooks, output = root / "notebooks", root / "reports"
+    notebooks.mkdir()
+    write_sectioned_notebook(notebooks / "01-alpha.ipynb",
+                             "from klsym.report.findings import record\nrecord('alpha_share', seed / 4)\n"
+                             "print('shown result')", "Alpha")
+    write_sectioned_notebook(notebooks / "02-beta.ipynb", "print('beta records nothing')", "Beta")
+    registry = {"alpha_share": Finding("alpha_share", "01-alpha", "2. The $k_3$ section",
+                                       "Alpha's share is {value:.0%} of `k3`."),
+                "absent": Finding("absent", "07-not-written", "", "Never shown: {value}.")}
+    result = build_report(output, notebooks_dir=notebooks, jobs=2, log=lambda *_: None, findings=registry)
+    return result, notebooks, output, registry
+
+
+def test_findings_open_the_index_with_computed_values_and_section_links(with_findings):
+    result, _, output, _ = with_findings
+    assert [f.name for f in result.findings] == ["alpha_share"]
+    assert result.skipped_findings == ["absent"]  # its notebook does not exist: skipped, not an error
+    index = (output / "index.html").read_text()
+    assert index.index('id="key-findings"') < index.index('id="notebooks"') < index.index('id="cite"')
+    item = re.search(r'<li class="finding" id="finding-alpha_share">(.*?)</li>', index, re.S).group(1)
+    assert "Alpha's share is 25% of <code>k3</code>." in item
+    href = re.search(r'href="([^"]+)"', item).group(1)
+    page, anchor = href.split("#")
+    assert page == "01-alpha.html"
+    assert f'id="{anchor}"' in (output / page).read_text(), "the link must land on the section heading"
+    assert "vnd.klsym.record" not in (output / page).read_text()  # recorded values are not shown as outputs
+
+
+def test_registered_finding_missing_from_an_executed_notebook_fails_the_build(with_findings):
+    from klsym.report.findings import Finding, MissingRecord
+
+    _, notebooks, output, registry = with_findings
+    index_before = (output / "index.html").read_bytes()
+    strict = {**registry, "beta_value": Finding("beta_value", "02-beta", "", "Beta is {value}.")}
+    with pytest.raises(MissingRecord, match=r"beta_value \(notebook 02-beta.ipynb\)"):
+        build_report(output, notebooks_dir=notebooks, log=lambda *_: None, findings=strict)
+    assert (output / "index.html").read_bytes() == index_before
+
+
+def test_index_has_closed_forms_and_cite_sections(with_findings):
+    _, _, output, _ = with_findings
+    index = (output / "index.html").read_text()
+    assert 'href="closed_forms.tex"' in index and (output / "closed_forms.tex").exists()
+    assert r"\begin{align*}" in (output / "closed_forms.tex").read_text()
+    cite = index.split('id="cite"', 1)[1]
+    assert "@software{klsym," in cite and "A Comedy of Estimators" in cite and "Rémi" in cite
+    assert (output / "references.bib").exists() and (output / "CITATION.cff").exists()
+
+
+def test_notebook_pages_fold_code_behind_a_toggle(with_findings):
+    _, _, output, _ = with_findings
+    page = (output / "01-alpha.html").read_text()
+    assert 'classList.add("klsym-hide-code")' in page
+    assert "html.klsym-hide-code .jp-CodeCell > .jp-Cell-inputWrapper { display: none; }" in page
+    assert 'id="klsym-code-toggle"' in page and ">show code</button>" in page
+
+
+def test_check_report(with_findings):
+    from klsym.report.build import check_report
+
+    _, notebooks, output, _ = with_findings
+    assert check_report(output, notebooks, min_findings=1) == []
+    assert check_report(output, notebooks, min_findings=2) == ["index.html shows 1 key findings; at least 2 expected"]
+    assert "does not exist" in check_report(output / "nowhere", notebooks)[0]
+    write_sectioned_notebook(notebooks / "03-gamma.ipynb", "print(1)", "Gamma")  # never built
+    try:
+        problems = check_report(output, notebooks, min_findings=1)
+        assert problems == [f"03-gamma.ipynb: no page or executed copy in {output}"]
+    finally:
+        (notebooks / "03-gamma.ipynb").unlink()
+
+
+def test_cli_prints_only_its_own_progress(tmp_path):
+    """No kernel chatter (TCP-without-encryption warnings, KeyboardInterrupt at shutdown) on either stream."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(notebooks / "01-one.ipynb", "print('one')")
+    write_notebook(notebooks / "02-two.ipynb", "print('two')")
+    result = subprocess.run([sys.executable, "-m", "klsym", "report", "--notebooks", str(notebooks),
+                             "--output", str(tmp_path / "out"), "--jobs", "2"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    own = re.compile(r"^(klsym report: |  \d{2}-[a-z-]+\.ipynb: [\d.]+ s$|notebook |-+ |"
+                     r"\d{2}-[a-z-]+\.ipynb |report: )")
+    assert [line for line in result.stdout.splitlines() if not own.match(line)] == []

@@ -61,6 +61,24 @@ def parse_bibtex(text: str) -> list[BibEntry]:
     return entries
 
 
+_ACCENTS = {"'": "\u0301", "`": "\u0300", '"': "\u0308", "^": "\u0302", "~": "\u0303"}
+
+
+def plain_text(value: str) -> str:
+    r"""A BibTeX field as plain text: accents composed, braces dropped.
+
+    >>> plain_text(r"Munos, R{\'e}mi and {KL} {RL}")
+    'Munos, Rémi and KL RL'
+    """
+    import unicodedata
+
+    def accent(match: re.Match) -> str:
+        return unicodedata.normalize("NFC", match.group(2) + _ACCENTS[match.group(1)])
+
+    value = re.sub(r"\\(['`\"^~])\{?([A-Za-z])\}?", accent, value)
+    return unicodedata.normalize("NFC", value.replace("{", "").replace("}", ""))
+
+
 def load_references() -> list[BibEntry]:
     return parse_bibtex(REFERENCES_FILE.read_text(encoding="utf-8"))
 
@@ -82,7 +100,7 @@ def run(args) -> int:
     if args.list:
         width = max(len(key) for key in by_key)
         for entry in entries:
-            print(f"{entry.key.ljust(width)}  {entry.fields.get('title', '').replace('{', '').replace('}', '')}")
+            print(f"{entry.key.ljust(width)}  {plain_text(entry.fields.get('title', ''))}")
         return 0
     unknown = [key for key in args.keys if key not in by_key]
     if unknown:

@@ -28,14 +28,17 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from klsym import __version__
 from klsym.paths import DATA_DIR, NOTEBOOKS_DIR, PACKAGE_DIR, REPORTS_DIR, ROOT
+from klsym.report.findings import resolve_findings
 
 #: Notebook file names the report picks up: two digits, a dash, kebab-case.
 NOTEBOOK_PATTERN = re.compile(r"^(\d{2})-[a-z0-9][a-z0-9-]*\.ipynb$")
@@ -47,6 +50,7 @@ MATHJAX_DIR = Path("static") / "mathjax"
 #: Subfolders of a previous report that a new build keeps (artifacts written by tests).
 PRESERVED_DIRS = ("screenshots", "failed")
 KERNEL_NAME = "python3"
+CITATION_FILE = "CITATION.cff"
 WEB_FONT = "STIX-Web"
 
 _EXTERNAL_URL = r"(?:https?:)?//[^\"'\s>)]+"
@@ -123,6 +127,8 @@ class BuildResult:
     output: Path
     pages: list[PageRecord] = field(default_factory=list)
     derivation_rows: list | None = None
+    findings: list = field(default_factory=list)
+    skipped_findings: list[str] = field(default_factory=list)
 
     @property
     def executed(self) -> list[str]:
@@ -237,7 +243,7 @@ def git_commit(root: Path = ROOT) -> tuple[str, bool | None]:
     return commit or "unknown", bool(status.strip())
 
 
-def _hash_files(digest: "hashlib._Hash", paths: Iterable[Path]) -> None:
+def _hash_files(digest: hashlib._Hash, paths: Iterable[Path]) -> None:
     for path in sorted(Path(p).resolve() for p in paths):
         label = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         digest.update(label.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
@@ -321,7 +327,12 @@ def notebook_to_html(executed_path: Path, html_path: Path, provenance: dict[str,
     """Convert an executed notebook to an offline HTML page with a provenance table."""
     import nbformat
 
+    from klsym.report.findings import RECORD_MIME
+
     notebook = nbformat.read(executed_path, as_version=4)
+    for cell in notebook.cells:  # recorded values feed the findings; the page shows the notebook's own output
+        if cell.get("cell_type") == "code":
+            cell.outputs = [o for o in cell.get("outputs", []) if RECORD_MIME not in o.get("data", {})]
     resources = {"klsym": {"mathjax_root": MATHJAX_DIR.as_posix(), "provenance": provenance}}
     html, _ = _exporter().from_notebook_node(notebook, resources=resources)
     Path(html_path).write_text(strip_external_references(html), encoding="utf-8")
@@ -368,7 +379,8 @@ def execute_notebook(source: Path, executed: Path, overrides: dict[str, Any], cw
     start = time.perf_counter()
     try:
         papermill.execute_notebook(str(source), str(executed), parameters=overrides, kernel_name=KERNEL_NAME,
-                                   cwd=str(cwd), progress_bar=False, log_output=False)
+                                   cwd=str(cwd), progress_bar=False, log_output=False,
+                                   kernel_manager_class=_ipc_kernel_manager())
     except PapermillExecutionError as err:
         kept = _keep_failed(executed, failed_dir, source.name)
         # papermill counts cells of the executed copy (with its injected-parameters cell): map back
@@ -382,6 +394,42 @@ def execute_notebook(source: Path, executed: Path, overrides: dict[str, Any], cw
     return time.perf_counter() - start
 
 
+def _ipc_kernel_manager():
+    """A kernel manager on the IPC transport (Unix sockets in the Jupyter runtime folder).
+
+    Over TCP, ipykernel warns on stderr that traffic is unencrypted ("Kernel is running over TCP
+    without encryption"), once per kernel; the report's kernels are local, so IPC is the right
+    transport and the build prints only its own progress. Kernels are shut down without the
+    SIGINT that jupyter_client sends first (it makes an idle kernel log a KeyboardInterrupt).
+    """
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+        @default("ip")
+        def _ip_default(self) -> str:
+            # socket files <ip>-<port>: a prefix of its own per kernel, or parallel kernels share sockets
+            runtime = Path(jupyter_runtime_dir())
+            runtime.mkdir(parents=True, exist_ok=True)
+            return str(runtime / f"klsym-{uuid.uuid4().hex[:12]}-ipc")
+
+        async def _async_interrupt_kernel(self) -> None:
+            # jupyter_client interrupts (SIGINT) before a graceful shutdown; a kernel that is between
+            # messages then logs "KeyboardInterrupt caught in kernel" on stderr. Notebooks here have
+            # finished when we shut down, so the shutdown request alone is enough.
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
+
+    return IPCKernelManager
+
+
 def _keep_failed(executed: Path, failed_dir: Path, name: str) -> Path | None:
     if not Path(executed).exists():
         return None
@@ -390,7 +438,7 @@ def _keep_failed(executed: Path, failed_dir: Path, name: str) -> Path | None:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _read_state(output: Path) -> dict[str, Any]:
@@ -415,7 +463,7 @@ def _swap_in(build_dir: Path, output: Path) -> None:
 
 def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int = 2,
                  only: Iterable[str] | None = None, notebooks_dir: Path = NOTEBOOKS_DIR,
-                 log=print) -> BuildResult:
+                 log=print, findings: dict | None = None) -> BuildResult:
     """Execute the notebooks (only those whose inputs changed), convert them, write ``index.html``.
 
     Parameters
@@ -433,11 +481,16 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
         Where the ``NN-*.ipynb`` notebooks are.
     log : callable
         Progress messages (``print`` by default).
+    findings : dict, optional
+        The key-findings registry (:data:`klsym.report.findings.FINDINGS` by default).
 
     Raises
     ------
     NotebookFailure
         A notebook raised; the previous report is left as it was.
+    klsym.report.findings.MissingRecord
+        An executed notebook did not record a value the registry expects from it; the previous
+        report is left as it was.
     ValueError
         Bad ``jobs`` or an ``only`` name that matches nothing.
     """
@@ -485,6 +538,8 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
         log(f"klsym report: {len(to_run)} notebook(s) to execute, {len(pages) - len(to_run)} unchanged "
             f"({'small' if small else 'default'} parameters, {jobs} worker(s))")
 
+        log_lock = threading.Lock()
+
         def run_one(path: Path, record: PageRecord) -> PageRecord:
             executed = build_dir / "executed" / path.name
             record.seconds = execute_notebook(path, executed, record.overrides, notebooks_dir, output / "failed")
@@ -493,7 +548,8 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
                           "parameters_text": record.parameters_text, "seed": record.seed, "small": small,
                           "executed_at": record.executed_at}
             notebook_to_html(executed, build_dir / record.html, provenance)
-            log(f"  {path.name}: {record.seconds:.1f} s")
+            with log_lock:  # print() from two workers at once interleaves text and newlines
+                log(f"  {path.name}: {record.seconds:.1f} s")
             return record
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -505,12 +561,18 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
             if future.done() and not future.cancelled() and future.exception() is not None:
                 raise future.exception()
 
+        ordered = [pages[name] for name in sorted(pages)]
+        findings, skipped = resolve_findings({Path(page.name).stem: build_dir / "executed" / page.name
+                                              for page in ordered},
+                                             {Path(page.name).stem: page.html for page in ordered}, findings)
         copy_mathjax(build_dir / MATHJAX_DIR)
         rows, derivations_html, derivations_error = write_derivation_tables(build_dir)
         if derivations_error:
             log(f"klsym report: warning: {derivations_error}")
-        ordered = [pages[name] for name in sorted(pages)]
-        _write_index(build_dir, ordered, derivations_html, derivations_error, commit, dirty, small)
+        write_closed_forms(build_dir)
+        references = copy_citation_files(build_dir)
+        _write_index(build_dir, ordered, derivations_html, derivations_error, commit, dirty, small,
+                     findings=findings, references=references)
         (build_dir / STATE_FILE).write_text(json.dumps(
             {"klsym_version": __version__, "commit": commit, "small": small,
              "pages": {page.name: page.state() for page in ordered}}, indent=2, sort_keys=True))
@@ -522,24 +584,126 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
             (output / "failed" / page.name).unlink(missing_ok=True)
     if (output / "failed").is_dir() and not any((output / "failed").iterdir()):
         (output / "failed").rmdir()
-    return BuildResult(output, ordered, rows)
+    return BuildResult(output, ordered, rows, findings, skipped)
+
+
+def write_closed_forms(outdir: Path) -> list[dict]:
+    """Write ``closed_forms.{json,md,tex}``: the built-ins' Gaussian closed forms (klsym.derive.closed_forms)."""
+    from klsym.derive.closed_forms import write_closed_forms as write
+
+    return write(Path(outdir))
+
+
+def copy_citation_files(outdir: Path) -> list:
+    """Copy ``data/references.bib`` and ``CITATION.cff`` into the report; return the BibTeX entries."""
+    from klsym.cli.cite import REFERENCES_FILE, load_references
+
+    shutil.copy2(REFERENCES_FILE, Path(outdir) / REFERENCES_FILE.name)
+    if (ROOT / CITATION_FILE).exists():
+        shutil.copy2(ROOT / CITATION_FILE, Path(outdir) / CITATION_FILE)
+    return load_references()
 
 
 def _write_index(build_dir: Path, pages: list[PageRecord], derivations_html: str, derivations_error: str,
-                 commit: str, dirty: bool | None, small: bool) -> None:
+                 commit: str, dirty: bool | None, small: bool, *, findings: list, references: list) -> None:
     from markupsafe import Markup
+
+    from klsym.cli.cite import plain_text
 
     provenance = {"version": __version__, "commit": commit, "dirty": dirty, "executed_at": _now(),
                   "small": small}
     derivation_files = sorted(p.name for p in build_dir.glob("derivations.*"))
+    closed_form_files = sorted(p.name for p in build_dir.glob("closed_forms.*"))
+    citation_files = [name for name in ("references.bib", CITATION_FILE) if (build_dir / name).exists()]
+    klsym_entry = next((entry.text for entry in references if entry.key == "klsym"), "")
     html = _template_environment().get_template("report_index.html.j2").render(
         pages=pages, provenance=provenance, mathjax_root=MATHJAX_DIR.as_posix(),
         derivations_html=Markup(derivations_html), derivations_error=derivations_error,
-        derivation_files=derivation_files)
+        derivation_files=derivation_files, closed_form_files=closed_form_files,
+        findings=[Markup(finding.html()) for finding in findings], finding_names=[f.name for f in findings],
+        references=[{"key": entry.key, **{name: plain_text(entry.fields.get(name, ""))
+                                          for name in ("author", "title", "year")}}
+                    for entry in references if entry.key != "klsym"],
+        klsym_entry=klsym_entry, citation_files=citation_files)
     (build_dir / "index.html").write_text(strip_external_references(html), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- checking a built report
+def check_report(output: Path = REPORTS_DIR, notebooks_dir: Path = NOTEBOOKS_DIR, *,
+                 min_findings: int = 8) -> list[str]:
+    """Problems of a built report (an empty list when it is complete); what CI checks after ``make report``.
+
+    Every ``NN-*.ipynb`` of ``notebooks_dir`` has a page and an executed copy with every code cell
+    run and no error output; no page fetches anything from the network; ``index.html`` opens with
+    at least ``min_findings`` key findings and every registered finding of an executed notebook
+    was recorded; the derivation tables and closed forms are there.
+    """
+    import nbformat
+
+    from klsym.report.findings import MissingRecord
+
+    output, problems = Path(output), []
+    if not (output / "index.html").exists():
+        return [f"{output / 'index.html'} does not exist: build the report first (make report)"]
+    notebooks = discover_notebooks(notebooks_dir)
+    for path in notebooks:
+        page, executed = output / path.with_suffix(".html").name, output / "executed" / path.name
+        if not page.exists() or not executed.exists():
+            problems.append(f"{path.name}: no page or executed copy in {output}")
+            continue
+        notebook = nbformat.read(executed, as_version=4)
+        code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        if "papermill" not in notebook.metadata or any(cell.get("execution_count") is None for cell in code):
+            problems.append(f"{path.name}: the executed copy has cells that did not run")
+        if any(o.get("output_type") == "error" for cell in code for o in cell.get("outputs", [])):
+            problems.append(f"{path.name}: the executed copy has an error output")
+    for page in sorted(output.glob("*.html")):
+        external = find_external_references(page.read_text(encoding="utf-8"))
+        if external:
+            problems.append(f"{page.name} fetches external URLs: {', '.join(external)}")
+    index = (output / "index.html").read_text(encoding="utf-8")
+    shown = len(re.findall(r'<li class="finding"', index))
+    if 'id="key-findings"' not in index or shown < min_findings:
+        problems.append(f"index.html shows {shown} key findings; at least {min_findings} expected")
+    if index.find('id="key-findings"') > index.find('id="notebooks"') >= 0:
+        problems.append("index.html does not open with its key findings")
+    try:
+        resolve_findings({path.stem: output / "executed" / path.name for path in notebooks
+                          if (output / "executed" / path.name).exists()})
+    except MissingRecord as err:
+        problems.append(str(err))
+    for name in ("derivations.tex", "closed_forms.tex", "references.bib"):
+        if not (output / name).exists():
+            problems.append(f"{name} is missing from the report")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m klsym.report.build --check [DIR]``: exit 1 and list the problems of a built report."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m klsym.report.build",
+                                     description="Check a built klsym report (CI runs this after make report).")
+    parser.add_argument("--check", action="store_true", required=True, help="check the report")
+    parser.add_argument("output", nargs="?", type=Path, default=REPORTS_DIR, help="report folder (default reports/)")
+    parser.add_argument("--min-findings", type=int, default=8, help="key findings the index must show (default 8)")
+    args = parser.parse_args(argv)
+    problems = check_report(args.output, min_findings=args.min_findings)
+    for problem in problems:
+        print(f"klsym report check: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"klsym report check: {args.output / 'index.html'} is complete "
+              f"({len(discover_notebooks())} notebooks executed, key findings present, offline)")
+    return 1 if problems else 0
 
 
 __all__ = ["NotebookFailure", "PageRecord", "BuildResult", "discover_notebooks", "select_notebooks",
            "notebook_key", "load_small_parameters", "parameters_cell", "default_parameters", "notebook_title",
            "git_commit", "input_hash", "find_external_references", "strip_external_references", "copy_mathjax",
-           "notebook_to_html", "write_derivation_tables", "execute_notebook", "build_report"]
+           "notebook_to_html", "write_derivation_tables", "write_closed_forms", "copy_citation_files",
+           "execute_notebook", "build_report", "check_report"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
