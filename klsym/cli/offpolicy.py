@@ -68,10 +68,12 @@ def _header(summary: dict) -> None:
           f"KL(q||p) = {summary['kl']['KL(q||p)']:.6g}")
 
 
-def run_gradient(args, q, p, b, estimators) -> int:
+def run_gradient(args, q, p, b, estimators=None) -> int:
     """``klsym gradient --behaviour``: exact expected gradients under b for every weighting."""
+    from klsym.cli.exact import estimators_from_args
     from klsym.rl.offpolicy import offpolicy_summary
 
+    estimators = estimators_from_args(args) if estimators is None else estimators
     summary = offpolicy_summary(q, p, b, estimators, weightings_from_args(args), args.truncation, args.clip)
     if args.format == "json":
         print(dumps(summary))
