@@ -330,7 +330,70 @@ def identical_logits_histogram(case: dict, ax=None):
     return ax
 
 
+def relative_bias_and_spread(curves: pd.DataFrame, points: pd.DataFrame, x: str = "mu_p"):
+    r"""Notebook 02: exact relative bias and relative sd against ``x`` (lines), Monte Carlo points (bias
+    :math:`\pm 2` se), from :func:`klsym.report.compare.relative` tables."""
+    figure, (bias_axis, std_axis) = plt.subplots(1, 2, figsize=(13, 4.8))
+    exact_and_mc(
+        curves,
+        x,
+        "relative bias",
+        points=points,
+        point_y="MC relative bias",
+        yerr="relative se",
+        ax=bias_axis,
+        xlabel=r"$\mu_p$",
+        ylabel="(E[k] - KL) / KL",
+        title="relative bias",
+    )
+    exact_and_mc(
+        curves,
+        x,
+        "relative std",
+        points=points,
+        point_y="MC relative std",
+        ax=std_axis,
+        xlabel=r"$\mu_p$",
+        ylabel="sd(k) / KL",
+        yscale="log",
+        title="relative standard deviation",
+    )
+    figure.tight_layout()
+    return bias_axis, std_axis
+
+
+def bias_against_series(table: pd.DataFrame):
+    r"""Notebook 03: |exact bias| and |series terms| against δ per direction
+    (:func:`klsym.report.compare.bias_series_table`)."""
+    ax = exact_and_mc(
+        table,
+        "delta",
+        "exact bias",
+        hue="direction",
+        absolute=True,
+        label="{group}: |exact bias|",
+        xscale="log",
+        yscale="log",
+        xlabel=r"$\delta$",
+        ylabel=r"$|\mathbb{E}_q[k_2] - \mathrm{KL}(q\|p)|$",
+        title=r"bias of $k_2$",
+    )
+    exact_and_mc(
+        table,
+        "delta",
+        "series terms",
+        hue="direction",
+        absolute=True,
+        ax=ax,
+        linestyle="--",
+        label="{group}: |c3 E[(r-1)^3] + c4 E[(r-1)^4]|",
+    )
+    return ax
+
+
 __all__ = [
+    "relative_bias_and_spread",
+    "bias_against_series",
     "clamped_values",
     "clamp_bias_curves",
     "precision_bars",
