@@ -216,7 +216,8 @@ def test_analyze_contract_and_cache(tmp_path, monkeypatch):
     first = analyze("k3")
     assert set(first) >= {"name", "expr", "latex", "f1", "df1", "d2f1", "d3f1", "nonnegative", "convex",
                           "value", "gradient"}
-    assert set(first["value"]) == {"generator", "divergence"}
+    assert set(first["value"]) == {"generator", "divergence", "expectation"}
+    assert first["value"]["expectation"] == "KL(q||p)" and first["undecided"] == []
     assert set(first["gradient"]) == set(MODES)
     assert all(set(g) == {"generator", "divergence", "d2g1"} for g in first["gradient"].values())
     assert list(tmp_path.glob("derive-*.json"))  # written to the disk cache

@@ -48,7 +48,7 @@ def run(args) -> int:
         print(format_table([{
             "name": row["name"], "k(r)": row["expr"], "f(1)": row["f1"], "f'(1)": row["df1"],
             "f''(1)": row["d2f1"], ">=0": row["nonnegative"], "convex": row["convex"],
-            "E_q[k]": row["value"]["divergence"],
+            "E_q[k]": row["value"].get("expectation", row["value"]["divergence"]),
             **{m: row["gradient"][m]["divergence"] for m in ("loss", "reward", "full")},
         } for row in rows]))
     return 0

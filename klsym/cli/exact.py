@@ -13,6 +13,7 @@ Categorical pair (logits from ``.npy`` or whitespace text files)::
 from __future__ import annotations
 
 import numpy as np
+import sympy as sp
 
 from klsym.cli import UserError, add_format_argument, parse_pair
 from klsym.derive.estimators import BUILTINS, from_formula, get_estimators
@@ -33,7 +34,26 @@ def add_pair_arguments(parser) -> None:
                         help="a custom estimator as a formula in r, e.g. '(r-1)**2/2' (repeatable)")
     parser.add_argument("--positions", type=int, default=1, metavar="T",
                         help="number of i.i.d. positions (sequence ratio = product of T ratios)")
+    add_time_budget_argument(parser)
     add_format_argument(parser)
+
+
+def add_time_budget_argument(parser) -> None:
+    parser.add_argument("--time-budget", metavar="SECONDS", default=None,
+                        help="seconds the command may spend (default $KLSYM_TIME_BUDGET, else 30)")
+
+
+def within_budget(args, compute, what):
+    """``compute()`` within the command's time budget; past it, one clear error naming ``what()``."""
+    from klsym.derive.symbolic import BudgetExceeded, time_budget, time_budget_seconds
+
+    seconds = time_budget_seconds(args.time_budget)
+    try:
+        with time_budget(seconds):
+            return compute()
+    except BudgetExceeded:
+        raise UserError(f"the time budget of {seconds:g} s ran out while {what()}; give more with "
+                        "--time-budget SECONDS or $KLSYM_TIME_BUDGET") from None
 
 
 def pair_from_args(args):
@@ -86,7 +106,7 @@ def run(args) -> int:
     behaviour = behaviour_from_args(args, q)
     if behaviour is not None:
         return run_exact(args, q, p, behaviour, estimators_from_args(args))
-    summary = exact_summary(q, p, estimators_from_args(args), args.positions)
+    summary = summarise(args, exact_summary, q, p, "computing the exact moments of")
     if args.format == "json":
         print(dumps(summary))
         return 0
@@ -102,6 +122,36 @@ def run(args) -> int:
     return 0
 
 
+def summarise(args, summary_of, q, p, doing: str) -> dict:
+    """``summary_of(q, p, estimators, positions)`` one estimator at a time within the time budget."""
+    estimators = estimators_from_args(args)
+    current = [estimators[0].name]
+
+    def compute():
+        summary = None
+        for estimator in estimators:
+            current[0] = estimator.name
+            check_evaluable(estimator)
+            part = summary_of(q, p, [estimator], args.positions)
+            if summary is None:
+                summary = part
+            else:
+                summary["estimators"].update(part["estimators"])
+        return summary
+
+    return within_budget(args, compute, lambda: f"{doing} {current[0]!r}")
+
+
+def check_evaluable(estimator) -> None:
+    """Compile the estimator's numeric forms now, so a formula SymPy cannot compile is one clear error."""
+    try:
+        estimator.numeric, estimator.numeric_dt
+    except (ValueError, TypeError, ArithmeticError, NotImplementedError, AttributeError, RecursionError,
+            sp.SympifyError, sp.PolynomialError) as err:
+        raise UserError(f"estimator {estimator.name!r} cannot be compiled for numeric evaluation "
+                        f"({type(err).__name__}: {err})") from None
+
+
 def print_pair_header(summary: dict) -> None:
     """The first line of the table output of ``exact`` and ``gradient``: which pair was used."""
     print(f"family {summary['family']}  q {_short(summary['q'])}  p {_short(summary['p'])}  "
@@ -110,6 +160,6 @@ def print_pair_header(summary: dict) -> None:
 
 def _short(params) -> str:
     params = np.asarray(params, dtype=float)
-    if params.size <= 4:
-        return "(" + ", ".join(f"{v:g}" for v in params) + ")"
+    if params.size <= 4:  # shortest repr: 1.000001 must not print as 1
+        return "(" + ", ".join(repr(float(v)) for v in params) + ")"
     return f"logits[{params.size}]"

@@ -12,7 +12,7 @@ import numpy as np
 from klsym.exact.expectations import MODES, gradient_summary
 from klsym.jsonio import dumps, format_table
 from klsym.cli.offpolicy import add_behaviour_arguments, behaviour_from_args, run_gradient
-from klsym.cli.exact import add_pair_arguments, estimators_from_args, pair_from_args, print_pair_header
+from klsym.cli.exact import add_pair_arguments, estimators_from_args, pair_from_args, print_pair_header, summarise
 
 _FIRST = 3  # entries of a per-logit gradient shown in the table
 
@@ -30,8 +30,8 @@ def run(args) -> int:
     q, p = pair_from_args(args)
     behaviour = behaviour_from_args(args, q)
     if behaviour is not None:
-        return run_gradient(args, q, p, behaviour, estimators_from_args(args))
-    summary = gradient_summary(q, p, estimators_from_args(args), args.positions)
+        return run_gradient(args, q, p, behaviour)
+    summary = summarise(args, gradient_summary, q, p, "computing the expected gradients of")
     if args.format == "json":
         print(dumps(summary))
         return 0

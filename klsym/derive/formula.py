@@ -9,6 +9,10 @@ numbers, ``+ - * / **`` (``^`` is read as a power) and parentheses. Anything els
 r - log(r) - 1
 >>> parse_formula("0.5*t^2")
 log(r)**2/2
+>>> parse_formula("sqrt(r - 1)")
+Traceback (most recent call last):
+...
+klsym.derive.formula.FormulaError: malformed formula 'sqrt(r - 1)': sqrt(r - 1) is not real for r < 1
 >>> parse_formula("__import__('os')")
 Traceback (most recent call last):
 ...
@@ -57,6 +61,12 @@ def parse_formula(text: str) -> sp.Expr:
         raise FormulaError(f"formula is longer than {MAX_LENGTH} characters")
     if not text.strip():
         raise FormulaError("formula is empty")
+    foreign = next((ch for ch in text if not ch.isascii() or (not ch.isprintable() and not ch.isspace())), None)
+    if foreign is not None:
+        # Python folds full-width and other compatibility letters into ASCII names (NFKC): 'ｒ' would
+        # silently become r. Refuse instead of guessing.
+        raise FormulaError(f"malformed formula {text!r}: character {foreign!r} (U+{ord(foreign):04X}) is not "
+                           "ASCII; write the formula with ASCII letters, digits and + - * / ** ( )")
     try:
         tree = ast.parse(text.replace("^", "**").strip(), mode="eval")
     except SyntaxError as err:
@@ -87,6 +97,8 @@ def _build(node: ast.AST, depth: int) -> sp.Expr:
         left, right = _build(node.left, depth + 1), _build(node.right, depth + 1)
         if isinstance(node.op, ast.Pow) and right.is_number and abs(right) > 100:
             raise FormulaError("exponents larger than 100 are not allowed")
+        if isinstance(node.op, ast.Pow) and not right.is_integer:
+            _require_real(sp.Pow(left, right, evaluate=False), left)
         return _BINOPS[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         operand = _build(node.operand, depth + 1)
@@ -99,12 +111,61 @@ def _build(node: ast.AST, depth: int) -> sp.Expr:
             raise FormulaError(f"function {node.func.id!r} is not allowed (allowed: {allowed})")
         if node.keywords or len(node.args) != 1:
             raise FormulaError(f"{node.func.id} takes exactly one argument")
-        return _FUNCTIONS[node.func.id](_build(node.args[0], depth + 1))
+        argument = _build(node.args[0], depth + 1)
+        if node.func.id in ("log", "sqrt"):
+            _require_real(sp.Function(node.func.id)(argument), argument)
+        return _FUNCTIONS[node.func.id](argument)
     if isinstance(node, ast.Attribute):
         raise FormulaError("attribute access is not allowed")
     if isinstance(node, ast.Lambda):
         raise FormulaError("lambda expressions are not allowed")
     raise FormulaError(f"{type(node).__name__} is not allowed")
+
+
+#: Seconds allowed to SymPy for deciding where an argument of log, sqrt or a fractional power is negative.
+REALITY_SECONDS = 2.0
+_PROBES = [sp.Rational(1, 10**6), sp.Rational(1, 100), sp.Rational(1, 2), sp.Rational(9, 10), sp.Integer(1),
+           sp.Rational(11, 10), sp.Integer(2), sp.Integer(10), sp.Integer(10**6)]
+
+
+def _require_real(shown: sp.Expr, argument: sp.Expr) -> None:
+    """Refuse ``log(a)``, ``sqrt(a)``, ``a**c`` (c not an integer) where a < 0 for some r > 0.
+
+    An estimator is a real function of r on the whole of r > 0: ``log(-r)`` (= log r + i pi) and
+    ``sqrt(r - 1)`` (imaginary for r < 1) are refused with the region where they are not real.
+    """
+    if argument.is_nonnegative or not argument.has(r) and argument.is_number and argument >= 0:
+        return
+    if argument.is_number:
+        raise FormulaError(f"{sp.sstr(shown)} is not real")
+    region = None
+    try:
+        from klsym.derive.symbolic import time_limit  # the symbolic layer imports this module: import late
+        with time_limit(REALITY_SECONDS):
+            region = sp.solveset(argument < 0, r, sp.Interval.open(0, sp.oo))
+    except Exception:  # undecidable or too slow for SymPy: decide at probe points below
+        region = None
+    if region is not None and region is not sp.S.EmptySet and not isinstance(region, sp.ConditionSet):
+        raise FormulaError(f"{sp.sstr(shown)} is not real for {_describe(region)}")
+    if region is None or isinstance(region, sp.ConditionSet):
+        for point in _PROBES:
+            value = argument.subs(r, point)
+            if value.is_number and value.is_extended_real and bool(value < 0):
+                raise FormulaError(f"{sp.sstr(shown)} is not real at r = {sp.sstr(point)}")
+
+
+def _describe(region: sp.Set) -> str:
+    """``r < 1``, ``2 < r < 3``, ``r > 5``: a subset of r > 0 in words."""
+    parts = region.args if isinstance(region, sp.Union) else (region,)
+    words = []
+    for part in parts:
+        if isinstance(part, sp.Interval):
+            low = "" if part.start == 0 else f"{sp.sstr(part.start)} {'<=' if not part.left_open else '<'} "
+            high = "" if part.end == sp.oo else f" {'<=' if not part.right_open else '<'} {sp.sstr(part.end)}"
+            words.append(f"{low}r{high}" if low or high else "any r > 0")
+        else:
+            words.append(f"r in {sp.sstr(part)}")
+    return " or ".join(words)
 
 
 __all__ = ["FormulaError", "parse_formula"]

@@ -110,6 +110,10 @@ def _fraction(number) -> Fraction:
     return Fraction(int(number.p), int(number.q)) if isinstance(number, sp.Rational) else Fraction(number)
 
 
+#: Largest number of terms c r^a t^n given a closed form; beyond it quadrature is used.
+MAX_TERMS = 24
+
+
 def decompose(expr: sp.Expr) -> list[tuple] | None:
     r"""Write :math:`k(r)` as :math:`\sum c\, r^a (\log r)^n`; ``None`` if it has another form.
 
@@ -129,8 +133,8 @@ def decompose(expr: sp.Expr) -> list[tuple] | None:
                 n += 1
             elif factor.is_Pow and factor.base == t and factor.exp.is_Integer and factor.exp > 0:
                 n += int(factor.exp)
-            elif isinstance(factor, sp.exp) and sp.degree(factor.args[0], t) == 1 \
-                    and factor.args[0].is_polynomial(t):
+            elif isinstance(factor, sp.exp) and factor.args[0].is_polynomial(t) \
+                    and sp.degree(factor.args[0], t) == 1:
                 slope = factor.args[0].coeff(t, 1)
                 if not slope.is_number:
                     return None
@@ -142,6 +146,8 @@ def decompose(expr: sp.Expr) -> list[tuple] | None:
                 return None
         collected[(a, n)] = collected.get((a, n), 0) + c
     terms = [(sp.nsimplify(c) if c.is_Float else c, a, n) for (a, n), c in collected.items() if c != 0]
+    if len(terms) > MAX_TERMS:  # e.g. (r - 1)**100: quadrature is faster than 101 derivations
+        return None
     return sorted(terms, key=lambda term: (float(term[1]), term[2]))
 
 
@@ -189,31 +195,85 @@ def _term_values(a, n, q, p, positions) -> list:
 
 
 #: Working precisions tried in turn (decimal digits) by :func:`precise`.
-PRECISIONS = (30, 60, 120, 240, 480)
+PRECISIONS = (30, 60, 120, 240, 480, 960)
 #: Relative agreement between two precisions at which a value is accepted.
 AGREEMENT = 1e-17
+#: Digits kept in reserve: a value smaller than its terms' scale times 10**(GUARD - digits) is noise.
+GUARD = 8
+
+
+class Tracked:
+    r"""An mpmath number with the scale of the terms that were summed into it.
+
+    ``value`` is resolved at ``digits`` working digits only if it exceeds
+    ``scale * 10**(GUARD - digits)``: below that it may be pure cancellation noise
+    (e.g. :math:`\mathbb{E}[k^2] - \mathbb{E}[k]^2` with both terms near :math:`10^{800}`).
+    """
+
+    __slots__ = ("value", "scale")
+
+    def __init__(self, value, scale=None):
+        self.value = mpmath.mpf(value)
+        self.scale = abs(self.value) if scale is None else scale
+
+    @staticmethod
+    def of(other) -> "Tracked":
+        return other if isinstance(other, Tracked) else Tracked(other)
+
+    def __add__(self, other):
+        other = Tracked.of(other)
+        return Tracked(self.value + other.value, self.scale + other.scale)
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return Tracked(-self.value, self.scale)
+
+    def __sub__(self, other):
+        return self + (-Tracked.of(other))
+
+    def __rsub__(self, other):
+        return Tracked.of(other) - self
+
+    def __mul__(self, other):
+        other = Tracked.of(other)
+        return Tracked(self.value * other.value, self.scale * other.scale)
+
+    __rmul__ = __mul__
+
+    def __pow__(self, power: int):
+        return Tracked(self.value**power, self.scale**power)
+
+    def resolved(self) -> bool:
+        if not mpmath.isfinite(self.value) or not mpmath.isfinite(self.scale):
+            return True
+        return abs(self.value) > self.scale * mpmath.mpf(10) ** (GUARD - mpmath.mp.dps)
 
 
 def precise(compute):
     r"""Evaluate ``compute()`` (mpmath arithmetic on exact float inputs) at rising precision.
 
-    ``compute`` returns a list of mpmath numbers. The precision is doubled until every value agrees
-    with the previous run to :data:`AGREEMENT` relative: the cancellation of terms of size 1 in
-    moments of size :math:`\delta^4` (p = q shifted by :math:`\delta`) costs digits, not accuracy.
-    A value that keeps shrinking with the precision is zero; it comes out below ``10**-400``.
+    ``compute`` returns a list of :class:`Tracked` (or plain mpmath) numbers. The precision is
+    doubled until every value is resolved and agrees with the previous run to :data:`AGREEMENT`
+    relative: the cancellation of terms of size 1 in moments of size :math:`\delta^4` (p = q shifted
+    by :math:`\delta`) costs digits, not accuracy. A value still below its terms' noise at the highest
+    precision is 0 (exact cancellation, as at p = q); one that resolves but does not settle is NaN.
 
-    >>> v = precise(lambda: [mpmath.exp(mpmath.mpf(1e-20)) - 1])[0]
+    >>> v = precise(lambda: [Tracked(mpmath.exp(mpmath.mpf(1e-20))) - 1])[0]
     >>> float(v)
     1e-20
     """
     previous = None
     for digits in PRECISIONS:
         with mpmath.workdps(digits):
-            values = list(compute())
-            if previous is not None and all(map(_agree, values, previous)):
-                break
+            tracked = [Tracked.of(v) for v in compute()]
+            values = [v.value for v in tracked]
+            resolved = [v.resolved() for v in tracked]
+            if previous is not None and all(resolved) and all(map(_agree, values, previous)):
+                return values
         previous = values
-    return values
+    return [(new if _agree(new, old) else mpmath.nan) if ok else mpmath.mpf(0)
+            for new, old, ok in zip(values, previous, resolved)]
 
 
 def _agree(new, old) -> bool:
@@ -245,23 +305,23 @@ def gradient(terms, q, p, moving: str, positions: int = 1) -> np.ndarray:
 
 
 def gradient_parts(terms, q, p, moving: str, positions: int = 1) -> list:
-    """:func:`gradient` as two mpmath numbers at the working precision (for use inside :func:`precise`)."""
+    """:func:`gradient` as two :class:`Tracked` numbers at the working precision (inside :func:`precise`)."""
     values = combine(terms, q, p, positions)
-    if not mpmath.isfinite(values[0]):
-        return [mpmath.nan, mpmath.nan]
+    if not mpmath.isfinite(values[0].value):
+        return [Tracked(mpmath.nan), Tracked(mpmath.nan)]
     parts = {"sampler": values[1:3], "ratio": values[3:5],
              "both": [values[1] + values[3], values[2] + values[4]]}
     return parts[moving]
 
 
 def combine(terms, q, p, positions: int = 1) -> list:
-    r"""The five :data:`QUANTITIES` of :math:`\sum c\, r^a t^n` as mpmath numbers (working precision)."""
-    total = [mpmath.mpf(0)] * len(QUANTITIES)
+    r"""The five :data:`QUANTITIES` of :math:`\sum c\, r^a t^n` as :class:`Tracked` numbers (working precision)."""
+    total = [Tracked(0)] * len(QUANTITIES)
     divergent = []
     for c, a, n in terms:
         if condition_holds(a, q, p):
             coefficient = mpmath.mpf(sp.sympify(c).evalf(mpmath.mp.dps + 5)._to_mpmath(mpmath.mp.prec + 20))
-            total = [s + coefficient * v for s, v in zip(total, _term_values(a, n, q, p, positions))]
+            total = [s + Tracked(coefficient * v) for s, v in zip(total, _term_values(a, n, q, p, positions))]
         else:
             divergent.append((c, a, n))
     if divergent:
@@ -271,9 +331,9 @@ def combine(terms, q, p, positions: int = 1) -> list:
         key = [(_fraction(a) * growth, n) for _, a, n in divergent]
         top = max(key)
         signs = {np.sign(float(c)) * np.sign(float(a)) ** n for (c, a, n), k in zip(divergent, key) if k == top}
-        total = [mpmath.nan] * len(QUANTITIES)
+        total = [Tracked(mpmath.nan)] * len(QUANTITIES)
         if len(signs) == 1:
-            total[0] = signs.pop() * mpmath.inf
+            total[0] = Tracked(signs.pop() * mpmath.inf)
     return total
 
 
@@ -284,4 +344,4 @@ def warm(terms) -> None:
 
 
 __all__ = ["decompose", "moment_condition", "condition_holds", "log_mgf", "expectation", "gradient",
-           "gradient_parts", "combine", "precise", "QUANTITIES", "warm"]
+           "gradient_parts", "combine", "precise", "Tracked", "QUANTITIES", "warm"]

@@ -27,8 +27,10 @@ r - log(r) - 1
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -52,23 +54,119 @@ _PROBES = [sp.Rational(1, 10**k) for k in (6, 3, 2, 1)] + [sp.Rational(1, 2), sp
 
 # --- helpers ---------------------------------------------------------------------------------
 
+#: Seconds a whole command may spend deriving (``--time-budget``, ``$KLSYM_TIME_BUDGET``).
+DEFAULT_TIME_BUDGET = 30.0
+_deadlines: list[float] = []   # stack of absolute deadlines (time.monotonic), innermost last
+_budget: list[float] = []      # the command's deadline, if one is running
+
+
+class BudgetExceeded(BaseException):
+    """The command's time budget ran out. A BaseException, so SymPy's and our ``except Exception``
+    fallbacks cannot swallow it: it reaches the step that reports it."""
+
+
+def time_budget_seconds(value=None) -> float:
+    """The budget in seconds: ``value`` if given, else ``$KLSYM_TIME_BUDGET``, else 30.
+
+    >>> time_budget_seconds("2.5")
+    2.5
+    """
+    raw = value if value is not None else os.environ.get("KLSYM_TIME_BUDGET", DEFAULT_TIME_BUDGET)
+    try:
+        seconds = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"time budget must be a number of seconds, got {raw!r}") from None
+    if not (seconds > 0 and seconds < 1e6):
+        raise ValueError(f"time budget must be positive and below 1e6 seconds, got {raw!r}")
+    return seconds
+
+
+def _signals_usable() -> bool:
+    return threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM")
+
+
+def _arm() -> None:
+    """Point the interval timer at the nearest deadline (or switch it off)."""
+    if not _deadlines:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        return
+    signal.setitimer(signal.ITIMER_REAL, max(min(_deadlines) - time.monotonic(), 1e-4))
+
+
+def _on_alarm(signum, frame):
+    now = time.monotonic()
+    if _budget and now >= _budget[-1]:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)  # keep firing until a step handler stops it
+        raise BudgetExceeded
+    raise TimeoutError
+
+
 @contextmanager
-def _time_limit(seconds: float):
-    """Abort a SymPy call that runs too long (main thread only; elsewhere no limit)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+def time_limit(seconds: float):
+    """Abort the enclosed SymPy call with ``TimeoutError`` after ``seconds`` (main thread only;
+    elsewhere no limit). Nests: an inner limit never extends or cancels an outer one."""
+    if not _signals_usable():
         yield
         return
-
-    def _raise(signum, frame):
-        raise TimeoutError
-
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    _deadlines.append(time.monotonic() + seconds)
+    _arm()
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        _deadlines.pop()
+        _arm()
+        if not _deadlines:
+            signal.signal(signal.SIGALRM, previous)
+
+
+_time_limit = time_limit
+
+
+@contextmanager
+def time_budget(seconds: float | None = None):
+    """Run a command within a time budget: past it, :class:`BudgetExceeded` is raised in the main
+    thread (see :func:`guarded` to turn it into an "undecided" verdict or a clear error)."""
+    if not _signals_usable() or _budget:
+        yield
+        return
+    deadline = time.monotonic() + time_budget_seconds(seconds)
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    depth = len(_deadlines)
+    _budget.append(deadline)
+    _deadlines.append(deadline)
+    _arm()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # first: nothing may fire during the cleanup
+        del _deadlines[depth:]
+        _budget.pop()
+        _arm()
         signal.signal(signal.SIGALRM, previous)
+
+
+def budget_spent() -> bool:
+    return bool(_budget) and time.monotonic() >= _budget[-1]
+
+
+def guarded(step: str, compute, undecided):
+    """``compute()``, or ``undecided(reason)`` when the command's time budget runs out in it.
+
+    The reason names the step: ``"undecided: convexity did not finish within the time budget"``.
+    """
+    if budget_spent():
+        return undecided(f"undecided: {step} skipped, the time budget was spent")
+    try:
+        return compute()
+    except BudgetExceeded:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # stop the repeating alarm; later steps are skipped
+        return undecided(f"undecided: {step} did not finish within the time budget")
+
+
+def budget_left() -> float | None:
+    """Seconds left in the running budget (None when none runs)."""
+    return _budget[-1] - time.monotonic() if _budget else None
 
 
 def _simplify(expr: sp.Expr) -> sp.Expr:
@@ -391,7 +489,21 @@ def value_divergence(estimator: Estimator) -> dict:
     offset = derivatives_at_one(estimator.expr, 0)[0]
     generator = estimator.expr - (offset if offset is not None else 0)
     label = identify(generator) if offset is not None else None
-    return {"generator": generator, "divergence": label}
+    return {"generator": generator, "divergence": label, "expectation": _expectation_label(offset, label)}
+
+
+def _expectation_label(offset, label: str | None) -> str | None:
+    r"""What :math:`\mathbb{E}_q[k] = k(1) + D` is, in words: ``"1"`` for rev_k2 (D = 0), ``"KL(q||p)"``
+    for k3, ``"2 + KL(q||p)"`` for k3 + 2 (for p << q, where :math:`\mathbb{E}_q[r - 1] = 0`).
+
+    >>> _expectation_label(sp.Integer(1), "zero"), _expectation_label(sp.Integer(0), "KL(q||p)")
+    ('1', 'KL(q||p)')
+    """
+    if label is None or offset is None:
+        return None
+    if label == "zero":
+        return sp.sstr(offset)
+    return label if offset == 0 else f"{sp.sstr(offset)} + {label}"
 
 
 def local_expansion(estimator: Estimator, order: int = 4) -> dict | None:
@@ -466,19 +578,49 @@ def nonnegativity(estimator: Estimator) -> dict:
     return sign_verdict(estimator.expr)
 
 
-@lru_cache(maxsize=None)
-def analyze_symbolic(estimator: Estimator) -> dict:
-    """All derived properties as SymPy objects (cached in-process)."""
-    f1, df1, d2f1, d3f1 = derivatives_at_one(estimator.expr, 3)
-    convex, nonnegative = convexity(estimator), nonnegativity(estimator)
-    return {
+_COMPLETE: dict = {}
+
+
+def analyze_symbolic(estimator: Estimator, budget: float | None = None) -> dict:
+    """All derived properties as SymPy objects (complete results cached in-process).
+
+    Runs within a time budget (``budget`` seconds, else ``$KLSYM_TIME_BUDGET``, else 30): a step
+    that does not finish in it is reported undecided, naming the step (``result["undecided"]``).
+    """
+    if estimator in _COMPLETE:
+        return _COMPLETE[estimator]
+    undecided = []
+
+    def verdict(reason):
+        undecided.append(reason)
+        return {"holds": None, "argument": reason, "counterexample": None}
+
+    def nothing(value):
+        def fallback(reason):
+            undecided.append(reason)
+            return value
+        return fallback
+
+    with time_budget(budget):
+        f1, df1, d2f1, d3f1 = guarded("derivatives at r = 1", lambda: derivatives_at_one(estimator.expr, 3),
+                                      nothing([None] * 4))
+        convex = guarded("convexity", lambda: convexity(estimator), verdict)
+        nonnegative = guarded("non-negativity", lambda: nonnegativity(estimator), verdict)
+        value = guarded("E_q[k]", lambda: value_divergence(estimator),
+                        nothing({"generator": None, "divergence": None, "expectation": None}))
+        gradient = {mode: guarded(f"{mode}-mode gradient", lambda m=mode: implied_gradient_divergence(estimator, m),
+                                  nothing({"generator": None, "divergence": None, "d2g1": None}))
+                    for mode in MODES}
+        expansion = guarded("local expansion", lambda: local_expansion(estimator), nothing(None))
+    result = {
         "name": estimator.name, "expr": estimator.expr, "surrogate": estimator.surrogate_expr,
         "f1": f1, "df1": df1, "d2f1": d2f1, "d3f1": d3f1,
         "nonnegative": nonnegative, "convex": convex,
-        "value": value_divergence(estimator),
-        "gradient": {mode: implied_gradient_divergence(estimator, mode) for mode in MODES},
-        "local_expansion": local_expansion(estimator),
+        "value": value, "gradient": gradient, "local_expansion": expansion, "undecided": undecided,
     }
+    if not undecided:
+        _COMPLETE[estimator] = result
+    return result
 
 
 def _jsonable(result: dict) -> dict:
@@ -498,21 +640,33 @@ def _jsonable(result: dict) -> dict:
         "nonnegative": result["nonnegative"]["holds"],
         "convex": result["convex"]["holds"],
         "value": {"generator": text(result["value"]["generator"]),
-                  "divergence": result["value"]["divergence"]},
+                  "divergence": result["value"]["divergence"],
+                  "expectation": result["value"].get("expectation")},
         "gradient": {mode: {"generator": text(g["generator"]), "divergence": g["divergence"],
                             "d2g1": text(g["d2g1"])} for mode, g in result["gradient"].items()},
         "surrogate": text(result["surrogate"]),
         "arguments": {"nonnegative": verdict(result["nonnegative"]), "convex": verdict(result["convex"])},
         "local_expansion": None if expansion is None else {
             "series": text(expansion["series"]), "bias_leading": text(expansion["bias_leading"])},
+        "undecided": list(result.get("undecided", [])),
     }
 
 
-def analyze(estimator: Estimator | str) -> dict:
+class _Unfinished(Exception):
+    """A derivation cut short by the time budget: returned, never cached."""
+
+    def __init__(self, result):
+        super().__init__("unfinished derivation")
+        self.result = result
+
+
+def analyze(estimator: Estimator | str, budget: float | None = None) -> dict:
     """Derived properties of one estimator as JSON-ready values (the ``derive`` contract).
 
     Cached in-process and on disk (``$KLSYM_CACHE_DIR``, default ``~/.cache/klsym``), keyed by the
-    expression, the klsym and SymPy versions and this module's source.
+    expression, the klsym and SymPy versions and this module's source. Runs within a time budget
+    (``budget`` seconds, else ``$KLSYM_TIME_BUDGET``, else 30): steps it cuts short are "undecided"
+    and listed in ``"undecided"``, naming the step; such a result is not cached.
 
     >>> a = analyze("k3")
     >>> a["d2f1"], a["nonnegative"], a["value"]["divergence"], a["gradient"]["loss"]["divergence"]
@@ -520,7 +674,17 @@ def analyze(estimator: Estimator | str) -> dict:
     """
     estimator = get_estimator(estimator)
     key = cache_key([sp.srepr(estimator.expr), sp.srepr(estimator.surrogate_expr), estimator.name], [__file__])
-    return cached_json("derive", key, lambda: _jsonable(analyze_symbolic(estimator)))
+
+    def compute():
+        result = _jsonable(analyze_symbolic(estimator, budget))
+        if result["undecided"]:
+            raise _Unfinished(result)
+        return result
+
+    try:
+        return cached_json("derive", key, compute)
+    except _Unfinished as unfinished:
+        return unfinished.result
 
 
 def derivation_rows(estimators=None) -> list[dict]:

@@ -75,7 +75,11 @@ def _pair(q, p):
         raise ValueError(f"unsupported family {type(q).__name__}")
 
 
-def _method(estimator: Estimator, q, method: str | None, need: str) -> str:
+def _method(estimator: Estimator, q, method: str | None, need) -> str:
+    """The method for the closed-form decompositions ``need`` (one name or several) of the estimator."""
+    if not isinstance(need, str):
+        chosen = {_method(estimator, q, method, one) for one in need}
+        return "quadrature" if "quadrature" in chosen else chosen.pop()
     if isinstance(q, Categorical):
         if method not in (None, "exact_sum"):
             raise ValueError(f"method {method!r} is not available for categorical pairs (use 'exact_sum')")
@@ -241,7 +245,7 @@ def estimator_stats(estimator, q, p, positions: int = 1, method: str | None = No
     estimator = get_estimator(estimator)
     _pair(q, p)
     positions = _check_positions(positions)
-    chosen = _method(estimator, q, method, "square")
+    chosen = _method(estimator, q, method, ("value", "square"))
     if chosen == "exact_sum":
         return _categorical_stats(estimator, q, p, positions)
     if chosen == "closed_form":
@@ -257,8 +261,8 @@ def _closed_form_stats(estimator, q, p, positions) -> dict:
     def moments():  # E[k], E[k^2] and Var k at the working precision: no cancellation near p = q
         mean = gcf.combine(terms["value"], q.params, p.params, positions)[0]
         second = gcf.combine(terms["square"], q.params, p.params, positions)[0]
-        variance = second - mean**2 if mpmath.isfinite(second) and mpmath.isfinite(mean) else second
-        return [mean, second, variance]
+        finite = mpmath.isfinite(second.value) and mpmath.isfinite(mean.value)
+        return [mean, second, second - mean**2 if finite else second]
 
     mean, second, variance = gcf.precise(moments)
     powers = {"mean": terms["value"], "second_moment": terms["square"]}
