@@ -1,9 +1,11 @@
-"""Open the built report in headless Chromium with the network off.
+"""Open the built report in headless Chromium with the network off (window 1400 px wide).
 
 Checks, on index.html and one notebook page: MathJax typeset the math (output elements present, no raw
 ``$$`` or ``\\(`` left in rendered text, no TeX errors), every image decoded (naturalWidth > 0), and no
 request left the machine (every URL in Chrome's network log is file: or data:, or about:blank, which
-MathJax uses as a blank font). Screenshots go to reports/screenshots/.
+MathJax uses as a blank font). Also: no horizontal overflow, the index opens with its key findings whose
+links land on notebook sections, and code inputs stay folded until "show code". Screenshots go to
+reports/screenshots/.
 
 Skipped only when chromium/chromedriver are not installed; .ci/run installs them, so CI runs it.
 """
@@ -23,7 +25,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="chromium and chromium-driver are not installed "
                                        "(apt-get install chromium chromium-driver; .ci/run does this)")
-LOCAL_SCHEMES = ("file:", "data:", "about:blank")
+# chrome:// and chrome-untrusted:// are the browser's own pages (its new-tab page loads them): not the network.
+LOCAL_SCHEMES = ("file:", "data:", "about:blank", "chrome://", "chrome-untrusted://")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=1400,2400"]
@@ -39,7 +42,8 @@ const prose = Array.from(document.querySelectorAll(
     ".jp-RenderedMarkdown, .jp-RenderedLatex, .jp-RenderedHTMLCommon, body > p, body > div, body > table, h1, h2"))
   .map(function (node) {
     const copy = node.cloneNode(true);
-    copy.querySelectorAll("pre, code, script, .MathJax_Preview, .MJX_Assistive_MathML").forEach(function (n) { n.remove(); });
+    copy.querySelectorAll("pre, code, script, .MathJax_Preview, .MJX_Assistive_MathML")
+      .forEach(function (n) { n.remove(); });
     return copy.textContent;
   }).join("\\n");
 return {
@@ -114,3 +118,60 @@ def test_page_renders_offline(report, browser, page):
     assert urls, "Chrome's network log recorded nothing: the check would be vacuous"
     assert path.as_uri() in urls
     assert [url for url in urls if not url.startswith(LOCAL_SCHEMES)] == []
+
+
+OVERFLOW = """
+const root = document.documentElement;
+const wide = Array.from(document.querySelectorAll("body *")).filter(function (node) {
+  const box = node.getBoundingClientRect();
+  return box.width > 0 && box.right > root.clientWidth + 1;
+}).slice(0, 5).map(function (node) { return node.tagName + "." + node.className; });
+return {scrollWidth: root.scrollWidth, clientWidth: root.clientWidth, innerWidth: window.innerWidth, wide: wide};
+"""
+CODE_INPUTS = """
+const inputs = Array.from(document.querySelectorAll(".jp-CodeCell > .jp-Cell-inputWrapper"));
+return {total: inputs.length, visible: inputs.filter(function (n) { return n.offsetParent !== null; }).length};
+"""
+
+
+@pytest.mark.parametrize("page", ["index", "notebook"])
+def test_no_horizontal_overflow_at_1400px(report, browser, page):
+    result, first = report
+    path = result.output / ("index.html" if page == "index" else f"{first.stem}.html")
+    open_page(browser, path, f"{path.stem}-width.png")
+    facts = browser.execute_script(OVERFLOW)
+    assert 1300 <= facts["innerWidth"] <= 1400, facts  # the window the check is about
+    assert facts["scrollWidth"] <= facts["clientWidth"], f"horizontal overflow: {facts}"
+
+
+def test_index_opens_with_key_findings_that_link_to_their_sections(report, browser):
+    from klsym.report.findings import FINDINGS
+
+    result, first = report
+    open_page(browser, result.output / "index.html", "index-findings.png")
+    headings = browser.execute_script("return Array.from(document.querySelectorAll('h2')).map(h => h.id);")
+    assert headings[0] == "key-findings", headings
+    links = browser.execute_script(
+        "return Array.from(document.querySelectorAll('li.finding a.finding-link')).map(a => a.href);")
+    expected = [f for f in FINDINGS.values() if f.notebook == first.stem]
+    assert len(links) == len(expected) and len(result.findings) == len(expected)
+    for href in links:
+        browser.get(href)
+        target = browser.execute_script("return document.getElementById(decodeURIComponent(location.hash.slice(1)))"
+                                        " !== null;")
+        assert target, f"{href} does not land on a section"
+
+
+def test_code_is_folded_until_show_code(report, browser):
+    result, first = report
+    open_page(browser, result.output / f"{first.stem}.html", "notebook-folded.png")
+    folded = browser.execute_script(CODE_INPUTS)
+    assert folded["total"] > 0 and folded["visible"] == 0, folded
+    toggle = browser.find_element("id", "klsym-code-toggle")
+    assert toggle.text == "show code"
+    toggle.click()
+    shown = browser.execute_script(CODE_INPUTS)
+    assert shown["visible"] == shown["total"], shown
+    assert toggle.text == "hide code"
+    toggle.click()
+    assert browser.execute_script(CODE_INPUTS)["visible"] == 0

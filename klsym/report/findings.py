@@ -130,22 +130,22 @@ def record_payload(name: str, value: Any, *, section: str | None = None) -> dict
     return {RECORD_MIME: {"name": name, "value": plain, "section": section}}
 
 
-def record(name: str, value: Any, *, section: str | None = None) -> Any:
+def record(name: str, value: Any, *, section: str | None = None) -> None:
     """Record ``value`` under ``name`` in the running notebook's output (for the report's findings).
 
     ``section`` is the heading of the section that shows the value; by default the report links
-    to the nearest Markdown heading above the recording cell. Returns ``value`` unchanged.
-    Outside IPython this does nothing but validate.
+    to the nearest Markdown heading above the recording cell. Nothing is shown in the notebook
+    (returns None, so a ``record(...)`` ending a cell does not echo). Outside IPython this only
+    validates.
     """
     payload = record_payload(name, value, section=section)
     try:
         from IPython import get_ipython
         from IPython.display import display
     except ImportError:  # pragma: no cover - IPython is a dependency of the notebooks
-        return value
+        return
     if get_ipython() is not None:
         display(payload, raw=True)
-    return value
 
 
 # ----------------------------------------------------------------------------- reading
