@@ -32,6 +32,10 @@ from klsym.rl import expressions as ex
 
 FRAMEWORKS_FILE = DATA_DIR / "frameworks.json"
 MODES = ("reward", "loss", "full")
+#: How a per-token term is aggregated, by where it enters (the keys of
+#: :data:`klsym.rl.sequences.FRAMEWORK_PLACEMENTS`): a loss is averaged over the batch's tokens, over each
+#: sequence's tokens, or summed; a reward is kept per token (returns), summed or averaged into one sequence reward.
+AGGREGATIONS = {"loss": ("token-mean", "sequence-mean", "sum"), "reward": ("per-token", "sequence", "sequence-mean")}
 
 
 class UnknownFrameworkError(ValueError):
@@ -58,6 +62,7 @@ class FrameworkSetting:
     placement: str
     offpolicy: str
     reduction: str
+    aggregation: str
     coefficient_name: str
     coefficient: float
     default_flags: str
@@ -153,6 +158,9 @@ def _validate(row: dict, path: Path) -> FrameworkSetting:
         raise ValueError(f"{where}: missing columns {missing}, unknown columns {extra}")
     if row["enters"] not in ex.ENTERS:
         raise ValueError(f"{where}: enters {row['enters']!r} is not one of {', '.join(ex.ENTERS)}")
+    if row["aggregation"] not in AGGREGATIONS[row["enters"]]:
+        raise ValueError(f"{where}: aggregation {row['aggregation']!r} of a {row['enters']} term is not one of "
+                         f"{', '.join(AGGREGATIONS[row['enters']])}")
     try:
         ex.parse_expression(row["expression"])
     except ex.ExpressionError as err:
