@@ -1,10 +1,13 @@
 """One benchmark measurement of klsym in a fresh process; prints one JSON line.
 
 Usage: .venv/bin/python benchmarks/klsym_worker.py values N SEED
+       .venv/bin/python benchmarks/klsym_worker.py defaults N SEED
        .venv/bin/python benchmarks/klsym_worker.py trials N TRIALS SEED
 
 ``values``: Schulman's setting q = N(0, 1), p = N(1, 1), k1..k4 in float64, mean/std/min/max
 (quantile histogram and batch statistics off: the baseline computes neither).
+``defaults``: the same with ``klsym mc``'s default statistics on (quantiles 1/5/50/95/99 %, spread of
+batch means of 1024), as a user running ``python -m klsym mc ... --estimators k1,k2,k3,k4`` gets them.
 ``trials``: Yang's gradient experiment, q = N(0, 1), p = N(1, 1.1), k1 k2 k3 rev_k1 rev_k2, modes
 loss/reward/full, one gradient estimate per trial.
 """
@@ -20,12 +23,13 @@ from klsym.simulate.montecarlo import gradient_trials, run
 def main() -> None:
     kind = sys.argv[1]
     import_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if kind == "values":
+    if kind in ("values", "defaults"):
         n, seed = int(float(sys.argv[2])), int(sys.argv[3])
         q, p = Gaussian(0.0, 1.0), Gaussian(1.0, 1.0)
-        run(q, p, "k1,k2,k3,k4", n=1000, seed=seed, quantiles=(), batch_size=None)  # warm-up (lambdify)
+        options = {"quantiles": (), "batch_size": None} if kind == "values" else {}  # else run()'s defaults
+        run(q, p, "k1,k2,k3,k4", n=1000, seed=seed, **options)  # warm-up (lambdify)
         started = time.perf_counter()
-        result = run(q, p, "k1,k2,k3,k4", n=n, seed=seed, quantiles=(), batch_size=None)
+        result = run(q, p, "k1,k2,k3,k4", n=n, seed=seed, **options)
         seconds = time.perf_counter() - started
         summary = {name: {key: e[key] for key in ("mean", "std", "min", "max")}
                    for name, e in result["estimators"].items()}

@@ -8,7 +8,13 @@ child's own rusage); timings exclude interpreter start and imports (both sides t
 experiment in-process after a warm-up); the table shows the best of ``--repeats`` alternating runs,
 the speed-up line both best-of and median ratios, and every timing is printed.
 
-Usage: .venv/bin/python benchmarks/run.py [--n 1e7] [--big-n 1e8] [--repeats 3] [--json]
+``klsym numpy, float64, defaults`` is the same run with ``klsym mc``'s default statistics (quantiles and
+batch spread) on, as users run it. Latencies are whole processes (interpreter start included): ``import
+klsym``, ``klsym exact`` / ``klsym gradient`` for one Gaussian pair and every built-in, cold (an empty
+derivation cache, ``$KLSYM_CACHE_DIR``) and warm, ``klsym derive`` of every built-in cold and warm, and
+``klsym sweep`` of a small grid on a 2-process LocalCluster.
+
+Usage: .venv/bin/python benchmarks/run.py [--n 1e7] [--big-n 1e8] [--repeats 3] [--no-sweep] [--json]
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,31 +65,65 @@ def best(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["seconds"])
 
 
+def wall(argv: list[str], env: dict | None = None) -> float:
+    """Wall-clock seconds of one whole process (output discarded)."""
+    started = time.perf_counter()
+    subprocess.run(argv, cwd=ROOT, env={**os.environ, **(env or {})}, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def latencies(repeats: int, sweep: bool) -> dict:
+    """Whole-process latencies: cold with an empty derivation cache, warm as the best of ``repeats``."""
+    klsym = [str(KLSYM_PYTHON), "-m", "klsym"]
+    pair = ["--q", "0,1", "--p", "1,1"]
+    commands = {"exact": klsym + ["exact"] + pair, "gradient": klsym + ["gradient"] + pair,
+                "derive": klsym + ["derive"]}
+    out = {"import klsym": min(wall([str(KLSYM_PYTHON), "-c", "import klsym"]) for _ in range(repeats))}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {"KLSYM_CACHE_DIR": cache}
+        for name, argv in commands.items():  # cold: the first run in an empty cache derives and stores
+            out[f"{name} cold"] = wall(argv, env)
+            out[f"{name} warm"] = min(wall(argv, env) for _ in range(repeats))
+        if sweep:
+            spec = Path(cache) / "spec.json"
+            spec.write_text(json.dumps({"pairs": [{"q": [0, 1], "p": [gap, ratio]} for gap in (0.5, 1.0)
+                                                  for ratio in (1.0, 1.2)],
+                                        "estimators": ["k1", "k2", "k3", "k4"], "n": 2_000_000, "seed": 0}))
+            out["sweep 4 pairs x 2e6, 2 workers"] = wall(klsym + ["sweep", "--spec", str(spec), "--workers", "2",
+                                                                  "--quiet", "--out", str(Path(cache) / "o.json")], env)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default="1e7")
     parser.add_argument("--big-n", default="1e8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", default="0")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the Dask sweep timing")
     parser.add_argument("--json", action="store_true", help="print the raw measurements as JSON")
     args = parser.parse_args()
 
     torch_python = ensure_torch_venv()
     worker = str(BENCHMARKS_DIR / "klsym_worker.py")
     baseline = str(BENCHMARKS_DIR / "torch_baseline.py")
-    runs: dict[str, list[dict]] = {"torch_float32": [], "torch_float64": [], "klsym": []}
+    runs: dict[str, list[dict]] = {"torch_float32": [], "torch_float64": [], "klsym": [], "klsym_defaults": []}
     for _ in range(args.repeats):  # alternate so that load from elsewhere hits every side alike
         runs["torch_float32"].append(measure([str(torch_python), baseline, args.n, args.seed, "float32"]))
         runs["torch_float64"].append(measure([str(torch_python), baseline, args.n, args.seed, "float64"]))
         runs["klsym"].append(measure([str(KLSYM_PYTHON), worker, "values", args.n, args.seed]))
+        runs["klsym_defaults"].append(measure([str(KLSYM_PYTHON), worker, "defaults", args.n, args.seed]))
     big = measure([str(KLSYM_PYTHON), worker, "values", args.big_n, args.seed])
     trials = measure([str(KLSYM_PYTHON), worker, "trials", "50000", "1000", args.seed])
 
     k, t32, t64 = best(runs["klsym"]), best(runs["torch_float32"]), best(runs["torch_float64"])
+    kd = best(runs["klsym_defaults"])
     rows = [
         ("torch 2.13 CPU, float32 (the seed's default)", t32),
         ("torch 2.13 CPU, float64", t64),
-        ("klsym numpy, float64", k),
+        ("klsym numpy, float64, values only", k),
+        ("klsym numpy, float64, defaults (+ quantiles, batch spread)", kd),
         (f"klsym numpy, float64, n = {big['n']:.0e}", big),
     ]
     print(f"Schulman setting q = N(0,1), p = N(1,1), k1..k4 mean/std/min/max, n = {k['n']:.0e}, "
@@ -96,6 +138,10 @@ def main() -> int:
           f"{median['torch_float32'] / median['klsym']:.2f}x median; vs torch float64: "
           f"{t64['seconds'] / k['seconds']:.2f}x best-of, {median['torch_float64'] / median['klsym']:.2f}x median "
           f"(target >= 3x)")
+    print(f"klsym mc defaults vs torch float32: {t32['seconds'] / kd['seconds']:.2f}x best-of, "
+          f"{median['torch_float32'] / median['klsym_defaults']:.2f}x median (target >= 3x); values only vs torch "
+          f"float32: {t32['seconds'] / k['seconds']:.2f}x best-of, {median['torch_float32'] / median['klsym']:.2f}x "
+          f"median (target >= 5x)")
     print(f"klsym peak RSS at n = {big['n']:.0e}: {big['child_peak_rss_mib']:.0f} MiB (target < 150 MB; "
           f"{big['import_rss_mib']:.0f} MiB of it is the interpreter with numpy, scipy, sympy imported)")
     print(f"Yang's gradient experiment (5 estimators x 3 modes, 50k samples x 1000 trials): "
@@ -104,8 +150,11 @@ def main() -> int:
     sequences = measure([str(KLSYM_PYTHON), str(BENCHMARKS_DIR / "sequences.py"), "--repeats", "1"])
     print(f"exact sequence analysis V = 16, T = 5 ({sequences['sequences']:,} sequences, k1..k3 x 9 placements): "
           f"{sequences['seconds']:.2f} s (target well under 60 s), peak RSS {sequences['child_peak_rss_mib']:.0f} MiB")
+    latency = latencies(args.repeats, not args.no_sweep)
+    print("whole-process latencies (s; targets: import < 0.5, exact/gradient warm < 0.5, derive cold < 5): "
+          + ", ".join(f"{name} {seconds:.2f}" for name, seconds in latency.items()))
     if args.json:
-        print(json.dumps({"runs": runs, "big": big, "trials": trials}, indent=2))
+        print(json.dumps({"runs": runs, "big": big, "trials": trials, "latency": latency}, indent=2))
     return 0
 
 
