@@ -62,8 +62,8 @@ def test_categorical_files(tmp_path, capsys):
     code, out, _ = _run(capsys, "gradient", "--q-logits", str(tmp_path / "q.npy"), "--p-logits",
                         str(tmp_path / "p.txt"), "--format", "json", "--estimators", "k3")
     grads = json.loads(out)
-    assert len(grads["estimators"]["k3"]["loss"]) == 3
-    assert sum(grads["true"]["KL(q||p)"]) == pytest.approx(0.0, abs=1e-15)  # softmax gradients sum to 0
+    assert len(grads["estimators"]["k3"]["loss"]["logits"]) == 3  # labelled, as in `mc`
+    assert sum(grads["true"]["KL(q||p)"]["logits"]) == pytest.approx(0.0, abs=1e-15)  # softmax gradients sum to 0
     code, out, _ = _run(capsys, "gradient", "--q-logits", str(tmp_path / "q.npy"), "--p-logits",
                         str(tmp_path / "p.txt"), "--estimators", "k3")
     assert code == 0 and "norm" in out

@@ -42,7 +42,7 @@ def test_categorical_with_gradient_and_crosscheck(capsys, tmp_path):
     out = _json(capsys, ["mc", "--q-logits", str(q_file), "--p-logits", str(tmp_path / "p.npy"), "--n", "50000",
                          "--estimators", "k1,k3", "--gradient", "loss,full", "--crosscheck", "--quiet",
                          "--format", "json"])
-    assert len(out["gradients"]["k3"]["full"]["mean"]) == 12
+    assert len(out["gradients"]["k3"]["full"]["mean"]["logits"]) == 12  # labelled, as in `gradient`
     assert out["crosscheck"]["passed"] is True
     assert Categorical.from_file(q_file).size == 12
 

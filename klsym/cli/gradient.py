@@ -44,9 +44,9 @@ def run(args) -> int:
 
 
 def _cells(gradient) -> dict:
-    if isinstance(gradient, dict):
+    if isinstance(gradient, dict) and "logits" not in gradient:
         return gradient
-    vector = np.asarray(gradient, dtype=float)
+    vector = np.asarray(gradient["logits"] if isinstance(gradient, dict) else gradient, dtype=float)
     cells = {"norm": float(np.linalg.norm(vector))}
     cells.update({f"[{i}]": float(v) for i, v in enumerate(vector[:_FIRST])})
     return cells

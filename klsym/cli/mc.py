@@ -15,11 +15,20 @@ Results depend only on ``--seed`` and ``--n`` (and the backend), never on ``--ch
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+
+import sys
 
 from klsym.cli import UserError
 from klsym.jsonio import dumps, format_table
 from klsym.simulate.montecarlo import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_QUANTILES, DTYPES, crosscheck, gradient, run
 from klsym.cli.exact import add_pair_arguments, estimators_from_args, pair_from_args
+from klsym.exact.expectations import label_gradient
 from klsym.cli.offpolicy import add_behaviour_arguments, behaviour_from_args, run_mc
 
 
@@ -29,7 +38,7 @@ def _count(text: str) -> int:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not (value >= 1 and value == int(value)):
+    if not (math.isfinite(value) and value >= 1 and value == int(value)):
         raise argparse.ArgumentTypeError(f"expected a positive integer (e.g. 1000000 or 1e6), got {text!r}")
     return int(value)
 
@@ -67,10 +76,53 @@ def register(subparsers) -> None:
     parser.add_argument("--crosscheck", action="store_true",
                         help="add z-scores of the MC means (and gradients) against the exact layer")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true",
+                        help=f"run even when the estimated run time exceeds {RUN_TIME_LIMIT / 3600:g} h")
     parser.set_defaults(func=run_command)
 
 
+#: Seconds beyond which ``mc`` refuses to start without ``--force`` (estimated from a pilot block).
+RUN_TIME_LIMIT = 3600.0
+#: Below this many samples no pilot is timed: the run is short whatever the pair.
+PILOT_ABOVE = 10_000_000
+
+
 def run_command(args) -> int:
+    """The ``mc`` command: RuntimeWarnings stay inside, Ctrl-C prints what was merged so far."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # inf/nan are reported as values, with counts
+        try:
+            return _run_command(args)
+        except KeyboardInterrupt:
+            print("klsym: interrupted before the first block was merged; nothing to report", file=sys.stderr)
+            return 130
+
+
+def _estimate_seconds(q, p, estimators, args, options) -> float:
+    """Run time of the whole command, from one timed RNG block (a pilot run)."""
+    from klsym.simulate.driver import Stream
+
+    block = Stream(q, p, estimators[:1], args.seed, args.backend, args.dtype).backend.block_size
+    timings = []
+    for _ in range(2):  # the first run compiles; the second is the one timed
+        started = time.perf_counter()
+        run(q, p, estimators, block, args.seed, quantiles=args.quantiles, batch_size=None,
+            **{**options, "progress": False, "threads": 1})
+        timings.append(time.perf_counter() - started)
+    per_sample = timings[-1] / block
+    workers = max(1, args.threads or min(os.cpu_count() or 1, 8))
+    passes = 1 + bool(args.gradient) + (1 + bool(args.gradient)) * bool(args.crosscheck)
+    return per_sample * args.n * passes / workers
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:,.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def _run_command(args) -> int:
     if args.positions != 1:
         raise UserError("mc samples single positions only: --positions must be 1")
     q, p = pair_from_args(args)
@@ -80,6 +132,11 @@ def run_command(args) -> int:
         return run_mc(args, q, p, behaviour, estimators)
     options = {"chunk": args.chunk, "backend": args.backend, "dtype": args.dtype, "threads": args.threads,
                "progress": not args.quiet}
+    if args.n > PILOT_ABOVE and not args.force:
+        estimate = _estimate_seconds(q, p, estimators, args, options)
+        if estimate > RUN_TIME_LIMIT:
+            raise UserError(f"--n {args.n:.3g} would take about {_duration(estimate)} (estimated from one "
+                            f"block); the limit is {_duration(RUN_TIME_LIMIT)}: use a smaller --n, or --force")
     result = run(q, p, estimators, args.n, args.seed, quantiles=args.quantiles, batch_size=args.batch_size,
                  **options)
     if args.gradient:
@@ -88,6 +145,12 @@ def run_command(args) -> int:
     if args.crosscheck:
         result["crosscheck"] = crosscheck(q, p, estimators, args.n, args.seed,
                                           modes=args.gradient or (), **options)
+    if "gradients" in result:  # one labelled shape across commands: {"mu", "sigma"} or {"logits"}
+        result["gradients"] = {name: {mode: {key: label_gradient(q, value) for key, value in entry.items()}
+                                      for mode, entry in modes.items()}
+                               for name, modes in result["gradients"].items()}
+    if "interrupted" in result:
+        print(f"klsym: interrupted: results from the first {result['n']} of {args.n} samples", file=sys.stderr)
     if args.format == "json":
         print(dumps(result))
         return 0
@@ -97,6 +160,7 @@ def run_command(args) -> int:
     for name, entry in result["estimators"].items():
         row = {"estimator": name, "target": entry["target"]}
         row.update({key: entry[key] for key in ("mean", "std", "se", "min", "max", "frac_negative")})
+        row["n_nonfinite"] = entry["n_nonfinite"]
         row.update({f"q{level}": value for level, value in entry["quantiles"].items()})
         if entry["batch"]:
             row[f"std(mean of {entry['batch']['size']})"] = entry["batch"]["mean_std"]
@@ -107,8 +171,12 @@ def run_command(args) -> int:
     for name, modes in result.get("gradients", {}).items():
         for mode, grad in modes.items():
             mean = grad["mean"]
-            shown = ", ".join(f"{v:.6g}" for v in mean[:4]) + (", ..." if mean.size > 4 else "")
-            print(f"gradient {name} {mode}: [{shown}]")
+            if "logits" in mean:
+                values = np.asarray(mean["logits"])
+                shown = "logits [" + ", ".join(f"{v:.6g}" for v in values[:4]) + (", ...]" if values.size > 4 else "]")
+            else:
+                shown = ", ".join(f"{key} {value:.6g}" for key, value in mean.items())
+            print(f"gradient {name} {mode}: {shown}")
     if args.crosscheck:
         check = result["crosscheck"]
         print(f"crosscheck: max |z| = {check['max_abs_z']:.3g} ({'passed' if check['passed'] else 'FAILED'})")

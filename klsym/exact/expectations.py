@@ -532,13 +532,23 @@ def exact_summary(q, p, estimators, positions: int = 1) -> dict:
     return out
 
 
+def label_gradient(q, vector) -> dict:
+    """A gradient wrt q's parameters, labelled: ``{"mu", "sigma"}`` (Gaussian) or ``{"logits": [...]}``.
+
+    >>> label_gradient(Gaussian(0, 1), [0.5, -1.0])
+    {'mu': 0.5, 'sigma': -1.0}
+    """
+    if isinstance(q, Gaussian):
+        return dict(zip(q.param_names, map(float, np.asarray(vector, dtype=np.float64))))
+    return {"logits": np.asarray(vector, dtype=np.float64)}
+
+
 def gradient_summary(q, p, estimators, positions: int = 1) -> dict:
     """The ``klsym gradient`` JSON object: true gradients and every estimator's three modes."""
     estimators = [get_estimator(e) for e in estimators]
-    names = q.param_names if isinstance(q, Gaussian) else None
 
     def label(vector):
-        return dict(zip(names, map(float, vector))) if names else np.asarray(vector)
+        return label_gradient(q, vector)
 
     out = {"family": q.name, "q": _params(q), "p": _params(p), "positions": positions,
            "true": {k: label(v) for k, v in true_gradients(q, p, positions).items()}, "estimators": {}}
@@ -556,6 +566,6 @@ def _params(family):
     return list(family.params) if isinstance(family, Gaussian) else family.logits
 
 
-__all__ = ["KL_QP", "KL_PQ", "MODES", "kl_divergences", "estimator_stats", "estimator_gradient",
+__all__ = ["KL_QP", "KL_PQ", "MODES", "label_gradient", "kl_divergences", "estimator_stats", "estimator_gradient",
            "estimator_gradient_std",
            "true_gradients", "exact_summary", "gradient_summary", "MAX_ENUMERATED_SEQUENCES"]

@@ -153,7 +153,7 @@ class Categorical:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Categorical":
-        """Read logits from a ``.npy`` file or a whitespace-separated text file."""
+        """Read logits from a ``.npy`` file (1-D) or a text file of whitespace-separated numbers."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"logits file not found: {path}")
@@ -161,7 +161,11 @@ class Categorical:
             data = np.load(path) if path.suffix == ".npy" else np.array(path.read_text().split(), dtype=np.float64)
         except ValueError as err:
             raise ValueError(f"cannot read logits from {path}: {err}") from None
-        return cls(np.ravel(data))
+        data = np.asarray(data)
+        if data.ndim != 1:  # a (batch, vocab) array is many distributions, not one: never flatten it
+            raise ValueError(f"logits file {path} holds an array of shape {data.shape}; one distribution "
+                             "needs a 1-D array of logits (one per token)")
+        return cls(data)
 
     @property
     def size(self) -> int:

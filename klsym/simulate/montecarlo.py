@@ -36,7 +36,10 @@ import time
 
 import numpy as np
 
-from klsym.derive.estimators import MODES
+import sympy as sp
+
+from klsym.derive.estimators import MODES, in_logratio
+from klsym.derive.symbols import t as t_symbol
 from klsym.exact.families import Categorical, Gaussian  # noqa: F401  (doctests and users)
 from klsym.simulate.accumulators import BatchSpread, Extremes, GradientSums, LogRatioHistogram, Moments, TrialGradients
 from klsym.simulate.backend import Backend
@@ -107,12 +110,53 @@ def run(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, chunk
     >>> sorted(out["estimators"]["k1"])
     ['batch', 'frac_negative', 'max', 'mean', 'min', 'n_nonfinite', 'quantiles', 'se', 'std', 'target']
     """
-    stream = Stream(q, p, estimators, seed, backend, dtype)
+    stream = limits_at_zero_probability(Stream(q, p, estimators, seed, backend, dtype))
     n = check_count(n, "n")
     statistics = ValueStatistics(stream, quantiles, batch_size, square_moments)
-    seconds = _timed(stream, stream.streaming_plan(n, chunk), statistics.accumulators, threads, progress, n)
-    return {**_header(stream, n, seconds), "block_size": stream.backend.block_size,
-            "estimators": statistics.summary(n)}
+    seconds, done = _interruptible(stream, stream.streaming_plan(n, chunk), statistics, threads, progress, n)
+    out = {**_header(stream, done, seconds), "block_size": stream.backend.block_size,
+           "estimators": statistics.summary(done)}
+    if done < n:
+        out["interrupted"] = {"requested": n, "done": done}
+    return out
+
+
+def _interruptible(stream: Stream, plan, statistics, threads, progress, n):
+    """Stream, and on Ctrl-C keep the blocks merged so far: ``(seconds, samples merged)``."""
+    started = time.perf_counter()
+    try:
+        stream_through(stream, plan, statistics.accumulators, threads, progress, n)
+    except KeyboardInterrupt:
+        done = int(statistics.moments.count)
+        if done == 0:
+            raise
+        return time.perf_counter() - started, done
+    return time.perf_counter() - started, n
+
+
+def limits_at_zero_probability(stream: Stream) -> Stream:
+    r"""Make values and slopes at :math:`t = -\infty` (p(x) = 0 < q(x)) the limits of the formulas.
+
+    :math:`0 \log 0 = 0`: rev_k1 = :math:`r \log r` is 0 there, not ``0 * -inf = nan``; k1 is
+    ``+inf`` (counted in ``n_nonfinite``), as in the exact layer. Only a categorical p with a -inf
+    logit on q's support has such samples, so only then are the functions wrapped.
+    """
+    from klsym.exact.expectations import _limit_at_minus_inf  # the exact layer's limit, one definition
+
+    q, p = stream.q, stream.p
+    if not isinstance(p, Categorical) or not (np.isneginf(p.log_probs) & np.isfinite(q.log_probs)).any():
+        return stream
+    xp = stream.xp
+
+    def wrap(function, expr):
+        limit = _limit_at_minus_inf(expr)
+        return lambda t: xp.where(xp.isneginf(t), limit, function(t))
+
+    for i, estimator in enumerate(stream.estimators):
+        value = in_logratio(estimator.expr)
+        stream.values[i] = wrap(stream.values[i], value)
+        stream.slopes[i] = wrap(stream.slopes[i], sp.diff(in_logratio(estimator.surrogate), t_symbol))
+    return stream
 
 
 class ValueStatistics:
@@ -145,15 +189,24 @@ class ValueStatistics:
         """``{name: {target, mean, std, se, min, max, frac_negative, n_nonfinite, quantiles, batch}}``."""
         stream, moments, extremes, histogram = self.stream, self.moments, self.extremes, self.histogram
         batches, square, levels, batch_size = self.batches, self.square, self.levels, self.batch_size
-        std = moments.std()
+        with np.errstate(invalid="ignore", over="ignore"):
+            std = np.asarray(moments.std(), dtype=np.float64)
         results = {}
         for i, estimator in enumerate(stream.estimators):
+            low, high = float(extremes.min[i]), float(extremes.max[i])
+            mean = float(moments.mean[i])
+            spread = float(std[i]) if n >= 2 else math.nan  # one sample has no spread
+            if math.isinf(high) != math.isinf(low):  # samples at +inf (or -inf) only: the mean is that infinity
+                mean = math.inf if math.isinf(high) else -math.inf
+                spread = math.inf if n >= 2 else math.nan
+            quantiles = histogram.quantiles(estimator.numeric, levels) if levels else {}
             entry = {
                 "target": estimator.target,
-                "mean": float(moments.mean[i]), "std": float(std[i]), "se": float(std[i] / math.sqrt(n)),
-                "min": float(extremes.min[i]), "max": float(extremes.max[i]),
+                "mean": mean, "std": spread, "se": spread / math.sqrt(n),
+                "min": low, "max": high,
                 "frac_negative": float(extremes.negative[i] / n), "n_nonfinite": int(extremes.nonfinite[i]),
-                "quantiles": histogram.quantiles(estimator.numeric, levels) if levels else {},
+                "quantiles": {level: min(max(value, low), high) if math.isfinite(value) else value
+                              for level, value in quantiles.items()},
                 "batch": None,
             }
             if batches is not None and batches.count:
@@ -199,7 +252,7 @@ def gradient(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, 
     >>> g["gradients"]["k1"]["loss"]["mean"].shape       # E[-(-1) s] = E[s] = 0 for k1
     (2,)
     """
-    stream = Stream(q, p, estimators, seed, backend, dtype)
+    stream = limits_at_zero_probability(Stream(q, p, estimators, seed, backend, dtype))
     n, modes, sampler = check_count(n, "n"), check_modes(modes), stream.sampler
     sums = gradient_sums(stream, modes)
     seconds = _timed(stream, stream.streaming_plan(n, chunk), [sums], threads, progress, n)
@@ -241,7 +294,7 @@ def gradient_trials(q, p, estimators="k1,k2,k3", n: int = 50_000, trials: int = 
     >>> out["gradients"]["k3"]["full"].shape
     (4, 2)
     """
-    stream = Stream(q, p, estimators, seed, backend, dtype)
+    stream = limits_at_zero_probability(Stream(q, p, estimators, seed, backend, dtype))
     n, trials, modes, sampler = check_count(n, "n"), check_count(trials, "trials"), check_modes(modes), stream.sampler
     if sampler.categorical and trials * sampler.size > MAX_TRIAL_ENTRIES:
         raise ValueError(f"trials x V = {trials * sampler.size} exceeds {MAX_TRIAL_ENTRIES}; use fewer trials "
@@ -260,12 +313,19 @@ __all__ = ["run", "gradient", "gradient_trials", "crosscheck", "ValueStatistics"
 
 # --- cross-check against the exact layer -------------------------------------------------------
 
+#: Units in the last place a float64 mean may be off by rounding alone (the floor of the z-scores' se).
+ROUNDING_ULPS = 64
+
+
 def _z(estimate, exact, se):
-    """z-score; 0 where estimate and exact agree exactly with zero spread, inf where they do not."""
+    """z-score, with ``se`` floored at the rounding of float64 means (``ROUNDING_ULPS`` ulps of the
+    larger of the two): a 1-ulp difference is not a failed check when the spread is below rounding."""
     estimate, exact, se = (np.asarray(a, dtype=np.float64) for a in (estimate, exact, se))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        floor = ROUNDING_ULPS * np.finfo(np.float64).eps * np.maximum(np.abs(estimate), np.abs(exact))
+        se = np.maximum(se, np.where(np.isfinite(floor), floor, 0.0))
         z = (estimate - exact) / se
-    return np.where((se == 0) & (estimate == exact), 0.0, z)
+    return np.where(estimate == exact, 0.0, z)  # equal, infinities included: no deviation
 
 
 def crosscheck(q, p, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0, *, modes=(),
@@ -305,14 +365,16 @@ def crosscheck(q, p, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0, *, 
     for estimator in estimators:
         mc = values["estimators"][estimator.name]
         reference = exact.estimator_stats(estimator, q, p)
-        infinite = not math.isfinite(reference["second_moment"])
-        se = mc["se"] if infinite else math.sqrt(max(reference["std"], 0.0) ** 2 / n)
+        # E[k^2] = inf by its existence condition; a finite E[k^2] beyond float64 has a finite log
+        infinite = not math.isfinite(reference.get("log_second_moment", reference["second_moment"]))
+        se = mc["se"] if infinite else max(reference["std"], 0.0) / math.sqrt(n)
         entry = {"target": estimator.target, "infinite_variance": infinite,
                  "mean": {"mc": mc["mean"], "exact": reference["mean"], "se": se,
                           "z": float(_z(mc["mean"], reference["mean"], se))},
                  "second_moment": None, "gradients": {}}
         if not infinite:
             counted.append(entry["mean"]["z"])
+        if math.isfinite(reference["second_moment"]):
             square = mc["square"]
             entry["second_moment"] = {"mc": square["mean"], "exact": reference["second_moment"],
                                       "se": square["se"],
