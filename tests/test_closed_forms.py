@@ -126,6 +126,7 @@ def test_cli_markdown_and_latex(capsys):
     assert main(["derive", "k3", "--family", "gaussian", "--format", "latex"]) == 0
     tex = capsys.readouterr().out
     assert r"\begin{align*}" in tex and r"\mathrm{Var}_q[k]" in tex
+    assert tex.count(r"\text{if }") == 1 and r"\text{True}" not in tex  # only the variance has a condition
 
 
 def test_bad_input_is_one_clear_error(capsys):

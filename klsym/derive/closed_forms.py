@@ -314,26 +314,10 @@ def render_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-_TEX_PREAMBLE = r"""% klsym Gaussian closed forms (generated; do not edit by hand).
-% Compile on its own, or \input{closed_forms} inside a document that loads amsmath.
-\expandafter\ifx\csname @twoclasseserror\endcsname\documentclass
-  \expandafter\def\csname klsyminput\endcsname{}%
-\else
-  \documentclass{article}
-  \usepackage{amsmath,amssymb}
-  \usepackage[margin=1.5cm]{geometry}
-  \begin{document}
-\fi
-"""
-_TEX_CLOSING = r"""\expandafter\ifx\csname klsyminput\endcsname\relax
-  \end{document}
-\fi
-"""
-
-
 def render_latex(rows: list[dict]) -> str:
     r"""LaTeX: one ``align*`` per estimator (``dmath``-free, compiles with amsmath alone)."""
     from klsym import __version__
+    from klsym.derive.symbolic import tex_standalone
 
     body = [r"\section*{Gaussian closed forms (klsym " + __version__ + ")}",
             r"$q = \mathcal{N}(\mu_q, \sigma_q^2)$ samples, $p = \mathcal{N}(\mu_p, \sigma_p^2)$, "
@@ -346,12 +330,13 @@ def render_latex(rows: list[dict]) -> str:
             body.append("No closed form (computed by quadrature).")
             continue
         lines = []
-        for label, expr, condition in _entries(row, "latex"):
+        for (label, expr, condition), (_, _, plain) in zip(_entries(row, "latex"), _entries(row, "plain")):
             shown = expr if expr is not None else r"\text{no closed form}"
-            where = "" if condition in ("True", NO_CLOSED_FORM) else rf" \quad \text{{if }} {condition}"
+            where = "" if plain in ("True", NO_CLOSED_FORM) else rf" \quad \text{{if }} {condition}"
             lines.append(rf"{label} &= {shown}{where}")
         body += [r"\begin{align*}", " \\\\\n".join(lines), r"\end{align*}"]
-    return _TEX_PREAMBLE + "\n".join(body) + "\n" + _TEX_CLOSING
+    return tex_standalone("\n".join(body), "klsym Gaussian closed forms (generated; do not edit by hand).",
+                          "closed_forms", needs="amsmath", packages="amsmath,amssymb", geometry="margin=1.5cm")
 
 
 def write_closed_forms(outdir, estimators=None) -> list[dict]:
