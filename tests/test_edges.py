@@ -36,10 +36,15 @@ def _hermite():
 
 @lru_cache(maxsize=None)
 def _functions_of_t(name):
+    """k(e^t) and d k_sur / dt in mpmath; at t = -inf (p(x) = 0) their limits (0 log 0 = 0)."""
     estimator = BUILTINS[name]
-    value = sp.lambdify(t, in_logratio(estimator.expr), "mpmath")
-    slope = sp.lambdify(t, sp.diff(in_logratio(estimator.surrogate), t), "mpmath")
-    return value, slope
+
+    def function(expr):
+        evaluate = sp.lambdify(t, expr, "mpmath")
+        at_minus_inf = mpmath.mpf(float(sp.limit(expr, t, -sp.oo)))
+        return lambda v: at_minus_inf if v == -mpmath.inf else evaluate(v)
+
+    return function(in_logratio(estimator.expr)), function(sp.diff(in_logratio(estimator.surrogate), t))
 
 
 def _reference(name, points, log_ratios, scores):
@@ -121,3 +126,199 @@ def test_categorical_near_equal_matches_mpmath(shift, name):
     errors = _worst_errors(name, Categorical(CATEGORICAL_Q), Categorical(p_logits),
                            categorical_reference(name, CATEGORICAL_Q, p_logits))
     assert max(errors.values()) < RTOL, errors
+
+
+# --- regression cases of issue 11, through the command line ----------------------------------------
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Warning" not in err, err
+    return code, out, err
+
+
+def _json(capsys, *argv):
+    code, out, err = _cli(capsys, *argv, "--format", "json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def _gaussian_kl(a, b):
+    """KL(N(a) || N(b)) in mpmath at 50 digits from float parameters."""
+    with mpmath.workdps(DIGITS):
+        (m1, s1), (m2, s2) = [tuple(map(mpmath.mpf, pair)) for pair in (a, b)]
+        return mpmath.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - mpmath.mpf(1) / 2
+
+
+def test_kl_of_nearly_equal_scales(capsys):
+    kl = _json(capsys, "exact", "--q", "0,1", "--p", "0,1.000001", "--estimators", "k1")["kl"]
+    assert _error(kl["KL(q||p)"], _gaussian_kl((0, 1), (0, 1.000001)), 1) < RTOL
+    assert _error(kl["KL(p||q)"], _gaussian_kl((0, 1.000001), (0, 1)), 1) < RTOL
+
+
+def test_crosscheck_near_equal_has_a_meaningful_se(capsys):
+    check = _json(capsys, "mc", "--q", "0,1", "--p", "1e-4,1", "--n", "20000", "--estimators", "k3,rev_k3",
+                  "--crosscheck", "--quiet")["crosscheck"]
+    for entry in check["estimators"].values():
+        assert entry["mean"]["se"] > 0 and math.isfinite(entry["mean"]["z"])
+    assert check["passed"]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_zero_probability_tokens_exact_and_mc_agree(tmp_path, capsys):
+    q = _write(tmp_path / "q.txt", "0 0 0\n")
+    p = _write(tmp_path / "p.txt", "0 -inf 0\n")
+    exact = _json(capsys, "exact", "--q-logits", q, "--p-logits", p, "--estimators", "k1,rev_k1,rev_k3")
+    reference = categorical_reference("rev_k1", [0.0, 0.0, 0.0], [0.0, -math.inf, 0.0])
+    assert _error(exact["estimators"]["rev_k1"]["mean"], reference["mean"], 1) < RTOL  # 0 log 0 = 0
+    assert exact["estimators"]["k1"]["mean"] == "inf" and exact["kl"]["KL(q||p)"] == "inf"
+    mc = _json(capsys, "mc", "--q-logits", q, "--p-logits", p, "--n", "30000", "--estimators", "k1,rev_k1,rev_k3",
+               "--crosscheck", "--quiet")
+    k1 = mc["estimators"]["k1"]
+    assert k1["mean"] == "inf" and 0 < k1["n_nonfinite"] < 30000  # the samples that hit p(x) = 0, counted
+    for name in ("rev_k1", "rev_k3"):
+        assert math.isfinite(mc["estimators"][name]["mean"])
+        assert abs(mc["crosscheck"]["estimators"][name]["mean"]["z"]) < 5
+
+
+@pytest.mark.parametrize("q, p", [("0,1e-300", "0,1"), ("0,1e300", "0,1"), ("1e200,1", "0,1"), ("0,1", "0,1e-300"),
+                                  ("0,1", "30,1")])
+def test_extreme_gaussian_parameters_give_numbers_not_tracebacks(q, p, capsys):
+    out = _json(capsys, "exact", "--q", q, "--p", p, "--estimators", "k1,k3,rev_k1")
+    pair = [tuple(map(float, text.split(","))) for text in (q, p)]
+    with mpmath.workdps(DIGITS):
+        for label, (a, b) in (("KL(q||p)", pair), ("KL(p||q)", pair[::-1])):
+            true = _gaussian_kl(a, b)
+            if true < mpmath.mpf("1e300"):
+                assert _error(out["kl"][label], true, 1) < RTOL, label
+            else:  # beyond float64: "inf" (never NaN)
+                assert out["kl"][label] == "inf"
+    for stats in out["estimators"].values():
+        assert stats["mean"] != "nan" and stats["std"] != "nan"
+    _json(capsys, "gradient", "--q", q, "--p", p, "--estimators", "k1,k3")
+
+
+def test_spread_of_k1_at_a_huge_mean_shift(capsys):
+    k1 = _json(capsys, "exact", "--q", "1e200,1", "--p", "0,1", "--estimators", "k1")["estimators"]["k1"]
+    assert k1["std"] == pytest.approx(1e200, rel=1e-12)  # k1 = -t is linear in x with slope 1e200
+    # E[k1^2] = (mean shift^2 / 2)^2 + shift^2 = 0.25e800 + 1e400
+    assert k1["log_second_moment"] == pytest.approx(800 * math.log(10) + math.log(0.25), rel=1e-12)
+
+
+def test_second_moment_beyond_float_range_is_given_in_log_space(capsys):
+    out = _json(capsys, "exact", "--q", "0,1", "--p", "30,1", "--estimators", "k3,rev_k3")["estimators"]
+    # E_q[r^2] = exp(900) dominates E[k3^2]; the other terms are below exp(13)
+    assert out["k3"]["second_moment"] == "inf" and out["k3"]["log_second_moment"] == pytest.approx(900, rel=1e-14)
+    assert out["rev_k3"]["mean"] == pytest.approx(450, rel=1e-14)  # KL(p||q) = 30^2 / 2
+    assert math.isfinite(out["k3"]["std"])
+
+
+def test_extreme_categorical_logits(tmp_path, capsys):
+    q_logits, p_logits = [0.0, 800.0, 2.0], [0.3, 0.0, -0.5]
+    q = _write(tmp_path / "q.txt", " ".join(map(str, q_logits)))
+    p = _write(tmp_path / "p.txt", " ".join(map(str, p_logits)))
+    out = _json(capsys, "exact", "--q-logits", q, "--p-logits", p, "--estimators", "k1,k3,rev_k1")["estimators"]
+    for name in ("k1", "k3", "rev_k1"):
+        reference = categorical_reference(name, q_logits, p_logits)
+        assert _error(out[name]["mean"], reference["mean"], 1) < RTOL, name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["mc", "--q", "0,1", "--p", "1,1", "--n", "inf"], "positive integer"),
+    (["mc", "--q", "0,1", "--p", "1,1", "--n", "1e15", "--estimators", "k1"], "--force"),
+    (["exact", "--q", "0,1", "--p", "1,1", "--expr", "sqrt(r - 1)"], "sqrt(r - 1) is not real for r < 1"),
+    (["gradient", "--q", "0,1", "--p", "1,1", "--expr", "log(log(r))"], "log(log(r)) is not real for r < 1"),
+    (["mc", "--q", "0,1", "--p", "1,1", "--n", "100", "--expr", "log(-r)"], "log(-r) is not real"),
+    (["derive", "--expr", "\uff52 - 1"], "U+FF52"),
+])
+def test_one_clear_error(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # argparse prints its usage first; the error is one line
+    assert code == 2 and message in last and "error:" in last and "Traceback" not in err, err
+
+
+def test_derive_stays_within_its_time_budget(monkeypatch, tmp_path, capsys):
+    import time
+
+    monkeypatch.setenv("KLSYM_TIME_BUDGET", "3")
+    monkeypatch.setenv("KLSYM_CACHE_DIR", str(tmp_path))
+    started = time.monotonic()
+    rows = _json(capsys, "derive", "--expr", "exp(exp(exp(exp(r))))")
+    assert time.monotonic() - started < 3 + 5  # the budget, plus steps outside SymPy
+    assert rows[0]["undecided"] and all(reason.startswith("undecided: ") for reason in rows[0]["undecided"])
+
+
+def test_exact_time_budget_is_one_clear_error(capsys):
+    code, _, err = _cli(capsys, "exact", "--q", "0,1", "--p", "0.5,1", "--estimators", "k1",
+                        "--expr", "exp(exp(exp(exp(r))))", "--time-budget", "2")
+    assert code == 2 and "time budget of 2 s ran out" in err and "exp(exp(exp(exp(r))))" in err
+
+
+def test_piecewise_formula_end_to_end(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("KLSYM_CACHE_DIR", str(tmp_path))
+    (row,) = _json(capsys, "derive", "--expr", "Abs(r - 1)")
+    assert row["nonnegative"] is True and row["value"]["expectation"] == "2*total variation"
+    out = _json(capsys, "exact", "--q", "0,1", "--p", "0.5,1", "--expr", "Abs(r - 1)", "--estimators", "k1")
+    stats = out["estimators"]["Abs(r - 1)"]
+    true_tv = math.erf(0.25 / math.sqrt(2))  # TV(N(0,1), N(0.5,1)) = 2 Phi(1/4) - 1; E|r - 1| = 2 TV
+    assert stats["mean"] == pytest.approx(2 * true_tv, rel=1e-10)
+    grad = _json(capsys, "gradient", "--q", "0,1", "--p", "0.5,1", "--expr", "Abs(r - 1)", "--estimators", "k1")
+    assert set(grad["estimators"]["Abs(r - 1)"]["full"]) == {"mu", "sigma"}
+    mc = _json(capsys, "mc", "--q", "0,1", "--p", "0.5,1", "--n", "20000", "--expr", "Abs(r - 1)",
+               "--estimators", "k1", "--crosscheck", "--quiet")
+    assert abs(mc["crosscheck"]["estimators"]["Abs(r - 1)"]["mean"]["z"]) < 5
+
+
+@pytest.mark.parametrize("formula", ["exp(exp(r))", "exp(100*r)", "r**r", "(r-1)**100", "Abs(log(r))"])
+def test_allowed_formulas_give_a_result_or_one_error(formula, capsys):
+    code, out, err = _cli(capsys, "exact", "--q", "0,1", "--p", "0.5,1", "--estimators", "k1", "--expr", formula,
+                          "--time-budget", "20", "--format", "json")
+    assert (code == 0 and json.loads(out)["estimators"][formula]["mean"] != "nan") or \
+        (code == 2 and len(err.strip().splitlines()) == 1), (code, err)
+
+
+def test_crosscheck_tolerates_rounding_and_flags_variance_by_condition(capsys):
+    check = _json(capsys, "mc", "--q", "0,1", "--p", "30,1", "--n", "20000", "--estimators", "k3,k4",
+                  "--crosscheck", "--quiet")["crosscheck"]
+    assert abs(check["estimators"]["k4"]["mean"]["z"]) < 5  # k4 = log 2 to the last bit; se below rounding
+    assert check["estimators"]["k3"]["infinite_variance"] is False  # E[k3^2] ~ e^900 is finite
+
+
+def test_one_sample_has_no_spread_and_quantiles_stay_in_range(capsys):
+    one = _json(capsys, "mc", "--q", "0,1", "--p", "1,1", "--n", "1", "--estimators", "k1,k3", "--quiet")
+    assert one["estimators"]["k1"]["std"] == "nan" and one["estimators"]["k1"]["se"] == "nan"
+    few = _json(capsys, "mc", "--q", "0,1", "--p", "1,1", "--n", "7", "--estimators", "k1,k2,k3,k4", "--quiet")
+    for entry in few["estimators"].values():
+        assert all(entry["min"] <= v <= entry["max"] for v in entry["quantiles"].values())
+
+
+def test_two_dimensional_logits_file_is_refused(tmp_path, capsys):
+    np.save(tmp_path / "q.npy", np.zeros((2, 3)))
+    _write(tmp_path / "p.txt", "0 0 0")
+    code, _, err = _cli(capsys, "exact", "--q-logits", tmp_path / "q.npy", "--p-logits", tmp_path / "p.txt")
+    assert code == 2 and "shape (2, 3)" in err
+
+
+def test_derive_expectation_column_is_true(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("KLSYM_CACHE_DIR", str(tmp_path))
+    rows = {row["name"]: row for row in _json(capsys, "derive", "rev_k2", "k3")}
+    assert rows["rev_k2"]["value"]["expectation"] == "1"  # E_q[r] = 1, not "zero"
+    assert rows["k3"]["value"]["expectation"] == "KL(q||p)"
+    _, table, _ = _cli(capsys, "derive", "rev_k2")
+    header, _, line = table.splitlines()[:3]
+    assert line.split()[header.split().index("E_q[k]")] == "1"
+
+
+def test_gradients_are_labelled_alike_in_gradient_and_mc(capsys):
+    grad = _json(capsys, "gradient", "--q", "0,1", "--p", "1,1", "--estimators", "k3")
+    mc = _json(capsys, "mc", "--q", "0,1", "--p", "1,1", "--n", "2000", "--estimators", "k3", "--gradient", "loss",
+               "--quiet")
+    assert set(grad["estimators"]["k3"]["loss"]) == set(mc["gradients"]["k3"]["loss"]["mean"]) == {"mu", "sigma"}
