@@ -112,7 +112,7 @@ def test_gaussian_path(grid, direction, origin, expected):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: compare("k1", Q, Q, what=("published",)), "unknown layer"),
+        (lambda: compare("k1", Q, Q, what=("bootstrap",)), "unknown layer"),
         (lambda: compare("k1", Q, Q, what=("mc",)), "sample size n"),
         (lambda: compare("k1", Q, Q, what=("exact",), z_se="bootstrap"), "z_se"),
         (lambda: compare_pairs("k1", gaussian_path([0.1, 0.2]), seed=[1, 2, 3]), "3 seeds for 2 pairs"),
@@ -232,3 +232,29 @@ def test_precision_mc_check_draws_from_the_given_generator():
     again = precision_mc_check(logits_q, logits_p, np.random.default_rng(4), 50_000)
     assert first.equals(again)
     assert (first["z"].abs() < 5).all()
+
+
+@pytest.mark.parametrize(
+    "p, estimators, count, all_match",
+    [
+        (Gaussian(1.0, 1.0), "k1,k2,k3", 6, True),  # Schulman's second table
+        (Gaussian(0.1, 1.0), "k2", 2, True),  # Schulman's first table, one estimator
+        (Gaussian(1.0, 1.1), "k3", 6, False),  # Yang's loss-mode gradients of k3: rounded MC numbers
+    ],
+)
+def test_compare_published_layer(p, estimators, count, all_match):
+    table = compare(estimators, Q, p, what=("exact", "published"))
+    published = table[table["quantity"] != "value"]
+    assert len(published) == count
+    rows = [
+        row
+        for row in load_rows()
+        if row["estimator"] in estimators.split(",")
+        and (float(row["p_mu"]), float(row["p_sigma"]), float(row["q_mu"])) == (p.mu, p.sigma, 0.0)
+    ]
+    assert len(rows) == count
+    for row, (_, entry) in zip(rows, published.iterrows()):
+        exact = exact_value(row)
+        assert entry["exact"] == exact and entry["published"] == row["published_value"]
+        assert entry["z_published"] == pytest.approx((float(row["published_value"]) - exact) / monte_carlo_se(row))
+    assert bool(published["published_matches_digits"].all()) is all_match

@@ -50,6 +50,7 @@ from klsym.report.published import exact_value, half_unit, load_rows, monte_carl
 from klsym.simulate import montecarlo
 
 WHAT = ("symbolic", "exact", "mc")
+LAYERS = (*WHAT, "published")
 PARAMS = ("mu", "sigma")
 # an exact gradient "equals" a true gradient when the whole vector agrees to these tolerances
 RTOL, ATOL = 1e-7, 1e-9
@@ -124,8 +125,12 @@ def compare(
         ``"k1,k3"``, names or :class:`~klsym.derive.estimators.Estimator` objects.
     q, p : Gaussian or Categorical
         Sampler and reference.
-    what : sequence of {"symbolic", "exact", "mc"}
-        Layers to show; ``"mc"`` needs ``n``.
+    what : sequence of {"symbolic", "exact", "mc", "published"}
+        Layers to show; ``"mc"`` needs ``n``. ``"published"`` adds one row per published number for this pair
+        and these estimators (Schulman, Zhang, Yang's loss-mode gradients): ``quantity`` as published,
+        ``direction`` the document's "true" KL, ``published, exact`` (under the document's definition),
+        ``published_matches_digits``, ``published_se, z_published, z_beyond_rounding``; our own Monte Carlo
+        reproduction of a whole table is :func:`reproduce`.
     n, seed : int
         Monte Carlo sample size and seed (:func:`klsym.simulate.montecarlo.run`, and
         :func:`~klsym.simulate.montecarlo.gradient` with the same seed for ``modes``).
@@ -147,12 +152,13 @@ def compare(
         ``KL(q||p)`` and ``KL(p||q)``, ``mc, mc_std, se, z, infinite_variance``. Gradient rows:
         ``direction`` (the divergence the mode follows), ``exact``, ``equals`` (which true gradient
         the exact vector is), ``symbolic_agrees`` (that and SymPy's label agree), ``true`` (that direction's
-        true gradient, or NaN), ``mc, se, z`` and the estimator's ``infinite_variance``.
+        true gradient, or NaN), ``mc, se, z`` and the estimator's ``infinite_variance``. Published rows:
+        see ``what``.
     """
     what = tuple(what)
-    unknown = sorted(set(what) - set(WHAT))
+    unknown = sorted(set(what) - set(LAYERS))
     if unknown:
-        raise ValueError(f"what: unknown layer(s) {unknown}; choose from {list(WHAT)} (published: use reproduce)")
+        raise ValueError(f"what: unknown layer(s) {unknown}; choose from {list(LAYERS)}")
     if "mc" in what and n is None:
         raise ValueError("what includes 'mc': give the sample size n")
     if z_se not in ("sample", "exact"):
@@ -230,7 +236,31 @@ def compare(
                         infinite_variance=not math.isfinite(stats["second_moment"]),
                     )
                 rows.append(row)
+    if "published" in what:
+        rows += _published_rows(estimators, q, p)
     return pd.DataFrame(rows)
+
+
+def _published_rows(estimators, q, p) -> list[dict]:
+    """Rows of every published table for this pair and these estimators, with the digits check and z."""
+    names = {estimator.name for estimator in estimators}
+    rows = []
+    for row in load_rows():
+        if row["estimator"] not in names or pair(row) != (q, p):
+            continue
+        exact = exact_value(row)
+        rows.append(
+            {
+                "estimator": row["estimator"],
+                "quantity": row["quantity"],
+                "mode": "loss" if row["parameter"] else "",
+                "param": row["parameter"],
+                "direction": row["published_true_direction"].split(" ")[0],
+                "table": row["table"],
+                **_published_columns(row, exact, monte_carlo_se(row)),
+            }
+        )
+    return rows
 
 
 def compare_pairs(
@@ -1282,5 +1312,6 @@ __all__ = [
     "control_variate_scan",
     "lambda_star_sweep",
     "WHAT",
+    "LAYERS",
     "PARAMS",
 ]
