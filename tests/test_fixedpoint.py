@@ -23,6 +23,8 @@ import sympy as sp
 from klsym.cli import main
 from klsym.derive.symbols import r
 from klsym.exact.autoregressive import Autoregressive
+from klsym.exact.expectations import estimator_gradient
+from klsym.exact.families import Categorical
 from klsym.rl import fixedpoint as fp
 from klsym.rl.sequences import true_gradients
 
@@ -125,6 +127,16 @@ def test_numeric_fixed_points_are_zeros_of_the_expected_update():
         update = fp.expected_update(fp.REFERENCE_PROBLEM, np.log(point["probs"]), estimator, mode)
         assert np.abs(update).max() < 1e-10
         assert point["stable"] == bool(np.all(np.real(point["eigenvalues"]) < 0))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k4", "rev_k1", "rev_k2", "rev_k3", "k1+", "k3+"])
+@pytest.mark.parametrize("mode", ["loss", "reward", "full"])
+def test_kl_gradient_is_the_exact_layer_estimator_gradient(estimator, mode):
+    problem = PROBLEMS[2]
+    for logits in (problem.p_logits, np.random.default_rng(1).normal(size=5), np.array([9.0, -8.0, 0.0, 3.0, -2.0])):
+        expected = estimator_gradient(estimator, Categorical(logits), problem.reference, mode)
+        np.testing.assert_allclose(fp.kl_gradient(problem, logits, fp.kl_term(estimator, mode)), expected,
+                                   rtol=1e-12, atol=1e-15)
 
 
 def test_expected_update_is_the_exact_layer_gradient_with_clamps_off():

@@ -46,7 +46,7 @@ from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, in_logra
 from klsym.derive.symbolic import analyze, is_zero, mode_coefficient, sign_verdict
 from klsym.derive.symbols import r, t
 from klsym.exact.clamps import clamped_numeric, clamped_numeric_dt
-from klsym.exact.expectations import KL_PQ, KL_QP, MODES, estimator_gradient, kl_divergences
+from klsym.exact.expectations import KL_PQ, KL_QP, MODES, kl_divergences
 from klsym.exact.autoregressive import Autoregressive, prefix_mass, score_gradient, sequence_kls, to_go
 from klsym.exact.families import Categorical
 from klsym.rl.sequences import PLACEMENTS as SEQUENCE_PLACEMENTS
@@ -184,11 +184,15 @@ def score_expectation(probs: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def kl_gradient(problem: FixedPointProblem, logits: np.ndarray, term: KLTerm) -> np.ndarray:
-    """Expected gradient of the KL term wrt q's logits (exact layer; clamps through their weights)."""
-    q = Categorical(logits)
-    if not term.clamped:
-        return estimator_gradient(term.estimator, q, problem.reference, term.mode)
-    return score_expectation(q.probs, term.weight(problem.reference.log_probs - q.log_probs))
+    r"""Expected gradient of the KL term wrt q's logits: :math:`q_j (w_j - \mathbb{E}_q[w])`, w the mode's weight.
+
+    The weights are the estimator's own lambdified expression (``numeric``/``numeric_dt``, through the clamps of
+    :mod:`klsym.exact.clamps`); unclamped it equals :func:`klsym.exact.expectations.estimator_gradient` (a test
+    checks every estimator and mode), evaluated here without its per-call checks because the dynamics call it
+    thousands of times.
+    """
+    log_q = log_softmax(np.asarray(logits, dtype=np.float64))
+    return score_expectation(np.exp(log_q), term.weight(problem.reference.log_probs - log_q))
 
 
 def expected_update(problem: FixedPointProblem, logits, estimator, mode: str | None = None) -> np.ndarray:
