@@ -1,4 +1,5 @@
-"""The framework crosswalk: data integrity, clamp regions, derived divergences, CLI contract."""
+"""The framework crosswalk: data integrity, clamp regions, derived divergences, sequence-level placement and what it
+follows, where training converges, CLI contract."""
 import json
 import math
 import subprocess
@@ -9,10 +10,24 @@ import pytest
 from scipy.special import lambertw
 
 from klsym.cli import main
-from klsym.rl import expressions as ex
-from klsym.rl.frameworks import (FRAMEWORKS_FILE, MODES, crosswalk, framework_names, get_setting,
-                                 load_settings)
+from klsym.exact.autoregressive import prefix_sums, score_gradient, to_go
 from klsym.paths import ROOT
+from klsym.rl import expressions as ex
+from klsym.rl import fixedpoint as fp
+from klsym.rl import sequences as seq
+from klsym.rl.frameworks import (
+    AGGREGATIONS,
+    FRAMEWORKS_FILE,
+    MODES,
+    converges_to,
+    crosswalk,
+    framework_names,
+    get_setting,
+    load_settings,
+    sequence_answer,
+    sequence_placement,
+    sequence_reference,
+)
 
 SETTINGS = load_settings()
 REQUIRED_FRAMEWORKS = {"verl", "openrlhf", "trl-grpo", "trl-ppo", "trl-rloo", "nemo-rl", "slime",
@@ -133,3 +148,136 @@ def test_data_file_has_one_default_per_framework():
     rows = json.loads(FRAMEWORKS_FILE.read_text())["rows"]
     for name in framework_names():
         assert sum(r["default"] for r in rows if r["framework"] == name) == 1
+
+
+# --- sequence level (issue 12) and training end point (issue 14) ----------------------------------------------
+
+PQP, PPQ = "partial KL(q||p)", "partial KL(p||q)"
+# The sequence-level math (klsym.rl.sequences): k1 as a per-token reward with reward-to-go, or summed into one
+# sequence reward, follows grad KL(q||p) of the sequence; a per-token loss at best the partial gradient (states
+# held fixed): k3 in the loss of KL(p||q), k2 (or k3 with a per-token weight exp(logq - sg logq)) of KL(q||p);
+# k1 in the loss has zero expected gradient; |k1| (NeMo-Aligner) follows no KL.
+EXPECTED_DEFAULT_SEQUENCE = {
+    "verl": ("loss", PPQ), "openrlhf": ("reward-to-go", "KL(q||p)"), "trl-grpo": ("loss", PPQ),
+    "trl-ppo": ("reward-to-go", "KL(q||p)"), "trl-rloo": ("sequence-reward", "KL(q||p)"),
+    "nemo-rl": ("loss+reward", PQP), "nemo-aligner": ("reward-to-go", None), "slime": ("loss", "zero"),
+    "roll": ("reward-to-go", "KL(q||p)"), "open-instruct": ("loss", PPQ), "areal": ("reward-to-go", "KL(q||p)"),
+}
+
+
+def test_expected_sequence_table_covers_every_framework():
+    assert set(EXPECTED_DEFAULT_SEQUENCE) == set(framework_names())
+
+
+@pytest.mark.parametrize("framework", sorted(EXPECTED_DEFAULT_SEQUENCE))
+def test_default_sequence_answer(framework):
+    answer = sequence_answer(get_setting(framework))
+    assert (answer["placement"], answer["follows"]) == EXPECTED_DEFAULT_SEQUENCE[framework]
+
+
+def _expression_sequence_gradient(setting, q, p):
+    """Exact expected sequence gradient from the row's own expression (clamps and weights included, b = q)."""
+    t = p.log_probs - q.log_probs
+    zeros = np.zeros_like(t)
+    if setting.enters == "loss":  # each token's coefficient dL/dlogq on its own score
+        return score_gradient(q, q.prefix_probs, ex.numeric(ex.coefficient(setting.expr, "loss"))(zeros, t, zeros))
+    k = ex.numeric(setting.expr)(zeros, t, zeros)
+    weights = to_go(q, k)
+    if setting.aggregation != "per-token":  # one sequence reward also weights by the penalty collected before
+        weights = weights + prefix_sums(q, k)[:, None]
+    return score_gradient(q, q.prefix_probs, weights)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.key)
+def test_sequence_follows_is_the_expressions_own_gradient(setting):
+    """The label (from the identified estimator in the derived placement) against the expression itself."""
+    q, p, references = sequence_reference()
+    gradient = _expression_sequence_gradient(setting, q, p)
+    label = sequence_answer(setting)["follows"]
+    scale = max(np.linalg.norm(r) for r in references.values())
+    if label == "zero":
+        assert np.linalg.norm(gradient) < 1e-10 * scale
+    elif label is None:
+        assert all(np.linalg.norm(gradient - r) > 1e-3 * scale for r in references.values())
+    else:
+        assert np.linalg.norm(gradient - references[label]) < 1e-10 * np.linalg.norm(references[label])
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.key)
+def test_sequence_placement_agrees_with_the_sequences_module(setting):
+    where = sequence_placement(setting)
+    assert setting.aggregation in AGGREGATIONS[setting.enters]
+    mode = "reward" if setting.enters == "reward" else setting.mode
+    assert where["placement"] == seq.placement_of_setting(mode, setting.aggregation, weight="per-token")
+    assert (where["weight"] == "per-token") == (setting.mode == "full")
+    q, p, _ = sequence_reference()
+    answer = seq.sequence_answer(setting.get_estimator(), mode, setting.aggregation, q, p)
+    assert answer["follows"] == sequence_answer(setting)["follows"]
+
+
+def test_nemo_aligner_signed_k1_split_by_trainer():
+    ppo, reinforce = get_setting("nemo-aligner", "ppo_signed"), get_setting("nemo-aligner", "reinforce_signed")
+    assert ppo.expr == reinforce.expr and (ppo.aggregation, reinforce.aggregation) == ("per-token", "sequence-mean")
+    assert [sequence_answer(s)["placement"] for s in (ppo, reinforce)] == ["reward-to-go", "sequence-reward"]
+    assert sequence_placement(reinforce)["scale"] == "1/T"
+    assert all(sequence_answer(s)["follows"] == "KL(q||p)" for s in (ppo, reinforce))
+
+
+# Settings whose single-token expected gradient is grad KL(q||p): k1 as a reward, k2 or k3+ in the loss, k3 (or k1)
+# with a differentiable weight (full); training must land on q* = p e^{R/beta}/Z.
+FOLLOWS_KL_QP = ["verl/kl_loss_k3+", "verl/kl_in_reward", "openrlhf/reward", "openrlhf/loss_k2",
+                 "trl-grpo/bias_correction", "trl-ppo/default", "trl-rloo/default", "nemo-rl/loss",
+                 "nemo-rl/loss_on_policy_kl_approximation", "nemo-aligner/ppo_signed", "slime/k3_unbiased",
+                 "slime/low_var_kl_unbiased", "slime/reward", "roll/reward", "open-instruct/kl2",
+                 "open-instruct/kl4", "areal/reward"]
+
+
+def _setting(key):
+    return get_setting(*key.split("/"))
+
+
+def _expression_update(setting, probs):
+    """Expected logit update E_q[R s] - beta E_q[c s] of the REFERENCE_PROBLEM with the expression's coefficient."""
+    problem = fp.REFERENCE_PROBLEM
+    t = np.log(problem.p) - np.log(probs)
+    zeros = np.zeros_like(t)
+    a = problem.reward - problem.beta * ex.numeric(ex.coefficient(setting.expr, setting.enters))(zeros, t, zeros)
+    return probs * (a - probs @ a)
+
+
+@pytest.mark.parametrize("key", FOLLOWS_KL_QP)
+def test_settings_following_reverse_kl_converge_to_q_star(key):
+    setting = _setting(key)
+    assert crosswalk(setting, answers=False)["gradient_divergence"] == "KL(q||p)"
+    problem = fp.REFERENCE_PROBLEM
+    star = np.exp(np.log(problem.p) + problem.reward / problem.beta)
+    star /= star.sum()
+    assert np.abs(_expression_update(setting, star)).max() < 1e-12  # q* is a fixed point of the expression
+    assert converges_to(setting) == "q* = p e^{R/beta}/Z"
+
+
+@pytest.mark.parametrize("key", ["slime/kl_loss", "open-instruct/kl1"])
+def test_k1_in_the_loss_collapses(key):
+    setting = _setting(key)
+    # k1 in the loss: dL/dlogq = 1 for every token, whose expected score is zero: no KL force at any q
+    probs = np.array([0.2, 0.5, 0.3])
+    assert np.abs(_expression_update(setting, probs) - probs * (fp.REFERENCE_PROBLEM.reward
+                                                                - probs @ fp.REFERENCE_PROBLEM.reward)).max() < 1e-15
+    assert converges_to(setting) == "collapse onto the reward maximiser(s)"
+
+
+def test_k3_in_the_loss_ends_elsewhere():
+    """k3 in the loss follows grad KL(p||q): an interior end point that is not q*."""
+    phrase = converges_to(get_setting("verl"))
+    assert phrase.startswith("interior") and not phrase.startswith("q*")
+
+
+def test_cli_shows_the_sequence_and_converges_to_fields(capsys):
+    assert main(["framework", "trl-rloo", "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["aggregation"], row["sequence_placement"], row["sequence_follows"]) == (
+        "sequence", "sequence-reward", "KL(q||p)")
+    assert row["converges_to"] == "q* = p e^{R/beta}/Z"
+    assert main(["framework", "slime", "--format", "table"]) == 0
+    out = capsys.readouterr().out
+    assert "sequence_follows" in out and "collapse onto the reward maximiser(s)" in out

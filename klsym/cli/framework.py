@@ -1,5 +1,6 @@
 """``python -m klsym framework NAME [--setting S] | --list``: one framework's KL setting,
-translated into r = p/q with its value divergence, gradient divergence and clamp region."""
+translated into r = p/q with its value divergence, gradient divergence, clamp region, sequence-level placement
+(and what it follows) and where training with it converges (klsym.rl.frameworks.crosswalk)."""
 from __future__ import annotations
 
 from klsym.cli import UserError, add_format_argument
@@ -8,11 +9,12 @@ from klsym.jsonio import dumps, format_table
 _TABLE_ROWS = ["framework", "setting", "estimator", "expr", "surrogate", "formula_framework", "expression",
                "enters", "formula_r", "mode", "placement", "offpolicy_weighting", "offpolicy", "checked",
                "value_divergence", "gradient_divergence",
-               "gradient_generator", "input_clamp", "output_clamp", "clamp_region", "clamp_effect",
+               "gradient_generator", "aggregation", "importance_weight_kind", "sequence_placement", "sequence_scale",
+               "sequence_follows", "converges_to", "input_clamp", "output_clamp", "clamp_region", "clamp_effect",
                "importance_weight", "reduction", "coefficient", "default_flags", "enabled_by_default",
                "citation", "notes"]
-_LIST_COLUMNS = ["framework", "setting", "default", "estimator", "mode", "input_clamp",
-                 "output_clamp", "coefficient", "verified"]
+_LIST_COLUMNS = ["framework", "setting", "default", "estimator", "mode", "aggregation", "sequence_placement",
+                 "input_clamp", "output_clamp", "coefficient", "verified"]
 
 
 def register(subparsers) -> None:
@@ -20,7 +22,9 @@ def register(subparsers) -> None:
         "framework", help="an RL framework's KL setting: estimator, divergences, clamp region",
         description="Translate an RL framework's KL setting (data/frameworks.json) into r = p/q: "
                     "the estimator, where it enters (mode), the divergence its value estimates, "
-                    "the divergence its expected gradient follows, and where clamps freeze it.")
+                    "the divergence its expected gradient follows, where clamps freeze it, the sequence-level "
+                    "placement its loss aggregation gives and what that follows, and where training with it "
+                    "converges (at documented reference problems).")
     parser.add_argument("name", nargs="?",
                         help="framework name (see --list); a prefix such as 'trl' lists the settings of every match")
     parser.add_argument("--setting", help="setting within the framework (default: its default)")

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
-from functools import cached_property, lru_cache
+from functools import cache, cached_property, lru_cache
 from pathlib import Path
 
+import numpy as np
 import sympy as sp
 
 from klsym.derive.estimators import Estimator
@@ -227,13 +228,22 @@ def clamp_effect(setting: FrameworkSetting) -> str:
     return ex.clamp_effect(setting.expr, setting.enters)
 
 
-def crosswalk(setting: FrameworkSetting, derive: bool = True) -> dict:
+def crosswalk(setting: FrameworkSetting, derive: bool = True, answers: bool | None = None) -> dict:
     r"""One setting translated: estimator, placement, divergences, clamp region, citation.
 
     ``value_divergence`` is the divergence :math:`\mathbb{E}_q[k]` equals (on-policy, without
     clamps), ``gradient_divergence`` the one whose gradient the mode's expected gradient is
     (``None`` where it is no divergence; then ``gradient_generator`` shows the implied g(r)).
-    ``derive=False`` skips SymPy (fast listing).
+    ``derive=False`` skips SymPy and the reference problems (fast listing); ``answers`` (default: ``derive``)
+    says whether the reference-problem answers ``sequence_follows`` and ``converges_to`` are computed.
+
+    Sequence level (issue 12): ``aggregation`` (data), ``importance_weight_kind`` (``per-token`` or ``none``, from
+    the expression), ``sequence_placement`` (:func:`sequence_placement`: derived from where the expression enters,
+    its weight and the aggregation), ``sequence_scale``, ``sequence_note`` and, with ``derive``,
+    ``sequence_follows``: the gradient the placement's exact expected gradient equals on
+    :data:`SEQUENCE_REFERENCE` (``KL(q||p)``, ``KL(p||q)``, ``partial KL(q||p)``, ``partial KL(p||q)``, ``zero``;
+    None: none of them). Training end point (issue 14), with ``derive``: ``converges_to``
+    (:func:`converges_to`, on :data:`klsym.rl.fixedpoint.REFERENCE_PROBLEM`).
 
     >>> row = crosswalk(get_setting("verl"), derive=False)
     >>> row["estimator"], row["clamp_region"]
@@ -271,9 +281,147 @@ def crosswalk(setting: FrameworkSetting, derive: bool = True) -> dict:
         "checked": setting.checked,
         "notes": setting.notes,
     }
+    where = sequence_placement(setting)
+    row.update({"aggregation": setting.aggregation, "importance_weight_kind": where["weight"],
+                "sequence_placement": where["placement"], "sequence_scale": where["scale"],
+                "sequence_note": where["note"]})
     if derive:
         row.update(_derived(estimator, setting.mode))
+    if derive if answers is None else answers:
+        row["sequence_follows"] = sequence_answer(setting)["follows"]
+        row["converges_to"] = converges_to(setting)
     return row
+
+
+# --- sequence level and training end point: the answers of issues 12 and 14 ------------------------
+
+#: The documented sequence-level reference problem of ``sequence_follows``: a fixed-length (T = 3) policy over
+#: V = 3 tokens, p with i.i.d. N(0, 1) logits (seed 0) and q = p with N(0, 0.5^2) noise on every logit
+#: (:func:`klsym.rl.sequences.pair` ``("random", 3, 3, 0.5, seed=0)``). No framework clamp bites on it.
+SEQUENCE_REFERENCE = {"kind": "random", "vocab_size": 3, "horizon": 3, "distance": 0.5, "seed": 0}
+# a loss term's mode read per token: each token's coefficient multiplies that token's own score
+_LOSS_PLACEMENTS = {"loss": "loss", "full": "loss+reward", "reward": "reward"}
+
+
+def importance_weight_kind(setting: FrameworkSetting) -> str:
+    r"""``per-token`` where the expression carries a differentiable weight :math:`e^{\log q - \cdot}`, else ``none``.
+
+    An expression is one token's term, so any weight it holds is that token's; a whole-sequence weight (TRL's
+    ``importance_sampling_level='sequence'``) is not a per-token expression and no default uses one.
+    """
+    return "per-token" if any(w["differentiable"] for w in ex.weights(setting.expr)) else "none"
+
+
+def sequence_placement(setting: FrameworkSetting) -> dict:
+    r"""The sequence-level placement (:mod:`klsym.rl.sequences`) a setting implements, derived from its expression.
+
+    A term that enters the **loss** puts each token's gradient coefficient on that token's own score, so the
+    placement is the expression's mode read per token: ``loss`` (no differentiable weight); ``loss+reward`` (mode
+    ``full`` through a differentiable per-token weight such as :math:`e^{\log q - \mathrm{sg}\log q}`: the weight
+    adds each token's own score term, not the reward-to-go, so it is not the sequence-level ``full``). A term that
+    enters the **reward** becomes returns: aggregation ``per-token`` gives ``reward-to-go`` (undiscounted returns;
+    a critic or baseline changes the variance, not the expectation), ``sequence`` and ``sequence-mean`` give
+    ``sequence-reward``. The aggregation sets ``scale``, a positive constant at fixed length T that the KL
+    coefficient absorbs (:data:`klsym.rl.sequences.FRAMEWORK_PLACEMENTS`; with variable lengths a per-sequence
+    mean weights each sequence by 1/L, no constant).
+
+    >>> [sequence_placement(get_setting(name))["placement"] for name in ("verl", "trl-ppo", "trl-rloo", "nemo-rl")]
+    ['loss', 'reward-to-go', 'sequence-reward', 'loss+reward']
+    """
+    from klsym.rl.sequences import FRAMEWORK_PLACEMENTS  # the numeric sequence layer only when asked
+
+    weight = importance_weight_kind(setting)
+    if setting.enters == "reward":
+        placement, scale, note = FRAMEWORK_PLACEMENTS[("reward", setting.aggregation)]
+    else:
+        _, scale, note = FRAMEWORK_PLACEMENTS[("loss", setting.aggregation)]
+        placement = _LOSS_PLACEMENTS.get(setting.mode)
+        if placement == "loss+reward":
+            note = FRAMEWORK_PLACEMENTS[("full", weight)][2]
+    return {"placement": placement, "scale": scale, "weight": weight, "note": note}
+
+
+@lru_cache(maxsize=1)
+def sequence_reference():
+    """The (q, p) pair of :data:`SEQUENCE_REFERENCE` and its four reference gradients (computed once)."""
+    from klsym.rl.sequences import pair, reference_gradients
+
+    q, p = pair(**SEQUENCE_REFERENCE)
+    return q, p, reference_gradients(q, p)
+
+
+@cache
+def _sequence_follows(estimator: Estimator, placement: str) -> str | None:
+    from klsym.rl.sequences import follows, placement_gradient
+
+    q, p, references = sequence_reference()
+    return follows(placement_gradient(estimator, q, p, placement), references)
+
+
+def sequence_answer(setting: FrameworkSetting) -> dict:
+    r"""Issue 12's answer for one setting: :func:`sequence_placement` and what its exact expected gradient
+    follows on :data:`SEQUENCE_REFERENCE` (``follows``: one of :data:`klsym.rl.sequences.FOLLOWS_ORDER`,
+    ``zero``, or None when it is none of them).
+
+    >>> sequence_answer(get_setting("verl"))["follows"], sequence_answer(get_setting("trl-ppo"))["follows"]
+    ('partial KL(p||q)', 'KL(q||p)')
+    """
+    where = sequence_placement(setting)
+    follows = None if where["placement"] is None else _sequence_follows(setting.get_estimator(), where["placement"])
+    return where | {"follows": follows}
+
+
+def expression_term(setting: FrameworkSetting):
+    r"""The setting's KL term for :mod:`klsym.rl.fixedpoint`, evaluated through its expression: a
+    :class:`klsym.rl.fixedpoint.KLTerm` whose per-sample score coefficient is the expression's on-policy
+    coefficient :math:`\partial L / \partial \log q` (clamps and weights as the framework computes them).
+    """
+    return _expression_term_class()(setting.get_estimator(), setting.mode, setting.input_clamp,
+                                    setting.output_clamp, setting.expr, setting.enters)
+
+
+@lru_cache(maxsize=1)
+def _expression_term_class():
+    from klsym.rl.fixedpoint import KLTerm  # the fixed-point layer only when asked
+
+    @dataclass(frozen=True)
+    class ExpressionTerm(KLTerm):
+        """A KLTerm whose score coefficient is a framework expression's (fields: the parsed ``expression``, ``enters``).
+
+        Unclamped, fixedpoint takes the estimator's exact gradient in ``mode``, which equals the expression's
+        (:func:`klsym.rl.expressions.identify` matched the coefficients exactly); clamped, it uses :meth:`weight`.
+        """
+
+        expression: sp.Expr = sp.S.Zero
+        enters: str = "loss"
+
+        @cached_property
+        def _coefficient(self):
+            return ex.numeric(ex.coefficient(self.expression, self.enters))
+
+        def weight(self, log_ratios):
+            zeros = np.zeros(np.shape(log_ratios))  # on-policy: logq = logb, logp - logq = t
+            return self._coefficient(zeros, log_ratios, zeros)
+
+    return ExpressionTerm
+
+
+@cache
+def _converges_to(term) -> str:
+    from klsym.rl.fixedpoint import REFERENCE_PROBLEM, converges_to
+
+    return converges_to(term, term.mode, REFERENCE_PROBLEM)
+
+
+def converges_to(setting: FrameworkSetting) -> str:
+    r"""Issue 14's answer for one setting: where exact expected-gradient training with it ends up on
+    :data:`klsym.rl.fixedpoint.REFERENCE_PROBLEM` (V = 3, p = (0.5, 0.3, 0.2), reward R = (0, 0.5, 1), β = 0.5;
+    the intended optimum :math:`q^* = p\,e^{R/\beta}/Z`), the term taken from the expression
+    (:func:`expression_term`); settings with the same term are computed once.
+    """
+    if setting.mode not in MODES:
+        return "not computed: the expression matches no gradient mode"
+    return _converges_to(expression_term(setting))
 
 
 def _derived(estimator: Estimator, mode: str) -> dict:
@@ -295,9 +443,26 @@ def _derived(estimator: Estimator, mode: str) -> dict:
     }
 
 
-def crosswalk_table(defaults_only: bool = False, derive: bool = True) -> list[dict]:
+def crosswalk_table(defaults_only: bool = False, derive: bool = True, answers: bool | None = None) -> list[dict]:
     """:func:`crosswalk` for every setting (or each framework's default)."""
-    return [crosswalk(s, derive) for s in load_settings() if s.default or not defaults_only]
+    return [crosswalk(s, derive, answers) for s in load_settings() if s.default or not defaults_only]
+
+
+#: Columns of :func:`answers_table`.
+ANSWER_COLUMNS = ("setting", "estimator", "enters", "mode", "aggregation", "importance_weight_kind",
+                  "sequence_placement", "sequence_scale", "sequence_follows", "converges_to")
+
+
+def answers_table(defaults_only: bool = True):
+    r"""Issues 12 and 14 per setting, a DataFrame: the sequence-level placement and what it follows on
+    :data:`SEQUENCE_REFERENCE`, and where training ends up on :data:`klsym.rl.fixedpoint.REFERENCE_PROBLEM`
+    (columns :data:`ANSWER_COLUMNS`; ``sequence_follows`` "-" where it follows none of the four references).
+    """
+    import pandas as pd
+
+    rows = [crosswalk(s, derive=False, answers=True) | {"setting": s.key}
+            for s in load_settings() if s.default or not defaults_only]
+    return pd.DataFrame([{c: row[c] for c in ANSWER_COLUMNS} for row in rows]).fillna({"sequence_follows": "-"})
 
 
 def gradient_check_table(q, p, n: int = 200_000, seed: int = 0, settings=None):
@@ -306,7 +471,6 @@ def gradient_check_table(q, p, n: int = 200_000, seed: int = 0, settings=None):
     Exact: :func:`klsym.rl.offpolicy.exact_expression` (categorical sums, Gaussian quadrature); MC: x ~ q.
     ``settings`` defaults to each framework's default setting.
     """
-    import numpy as np
     import pandas as pd
 
     from klsym.exact.expectations import KL_PQ, KL_QP, true_gradients
@@ -331,13 +495,11 @@ def offpolicy_crosswalk(q, p, behaviours: dict, settings=None):
     A ``reward`` row enters the advantage, which the policy loss multiplies by the ratio q/b: it is evaluated as
     ``sg(exp(logq - logb)) * reward`` (PPO's ratio where the clip is inactive). Columns: relative bias against the same
     expression on-policy (b = q; NaN where that gradient is zero, as for k1 in the loss: the absolute column
-    says it then) and relative error against :math:`
-abla KL(q\|p)`.
+    says it then) and relative error against :math:`\nabla KL(q\|p)`.
     """
-    import numpy as np
     import pandas as pd
 
-    from klsym.rl.offpolicy import drift, relative_bias, exact_expression, true_gradient
+    from klsym.rl.offpolicy import drift, exact_expression, relative_bias, true_gradient
 
     truth = true_gradient(q, p)
     rows = []
@@ -354,7 +516,9 @@ abla KL(q\|p)`.
     return pd.DataFrame(rows)
 
 
-__all__ = ["gradient_check_table", "offpolicy_crosswalk", 
-    "FRAMEWORKS_FILE", "MODES", "FrameworkSetting", "UnknownFrameworkError", "load_settings",
-    "framework_names", "get_setting", "clamp_effect", "crosswalk", "crosswalk_table",
+__all__ = [
+    "gradient_check_table", "offpolicy_crosswalk", "FRAMEWORKS_FILE", "MODES", "AGGREGATIONS", "FrameworkSetting",
+    "UnknownFrameworkError", "load_settings", "framework_names", "get_setting", "clamp_effect", "crosswalk",
+    "crosswalk_table", "SEQUENCE_REFERENCE", "importance_weight_kind", "sequence_placement", "sequence_reference",
+    "sequence_answer", "expression_term", "converges_to", "ANSWER_COLUMNS", "answers_table",
 ]
