@@ -501,6 +501,18 @@ def test_cli_table(capsys):
     assert "reward-to-go" in text and "partial KL(q||p)" in text
 
 
+def test_cli_mc_accepts_scientific_notation(capsys):
+    assert main(["sequence", "--random", "2,2,0", "--estimators", "k1", "--placements", "full", "--mc", "2e3",
+                 "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mc"]["n"] == 2000
+
+
+def test_check_pair_names_the_other_policy():
+    q = Autoregressive.random(3, 2, 0)
+    with pytest.raises(ValueError, match=r"q and b must have the same shape .* b has V=2, T=2"):
+        q.check_pair(Autoregressive.random(2, 2, 0), "b")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--random", "2,3"], "V,T,SEED"),
     (["--random", "1,3,0"], "V >= 2"),
@@ -511,6 +523,11 @@ def test_cli_table(capsys):
     (["--random", "2,2,0", "--expr", "__import__('os')"], ""),
     (["--random", "2,2,0", "--mc", "0"], "positive integer"),
     (["--random", "2,2,0", "--eos", "2"], "eos must be a token id"),
+    (["--random", "2,2,0", "--mc", "inf"], "positive integer"),
+    (["--random", "2,2,0", "--mc", "2.5"], "positive integer"),
+    (["--random", "2,2,0", "--distance", "nan"], "--distance"),
+    (["--random", "2,2,0", "--distance", "-1"], "--distance"),
+    (["--random", "2,2,0", "--weighting", "token-is"], "needs --behaviour-model"),
 ])
 def test_cli_bad_input_one_line_error(argv, message, capsys):
     assert main(["sequence", *argv]) == 2

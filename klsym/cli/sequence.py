@@ -16,6 +16,9 @@ the row-major order of the logits); ``estimators`` -> name -> placement -> {``gr
 """
 from __future__ import annotations
 
+import argparse
+import math
+
 import numpy as np
 
 from klsym.cli import UserError, add_format_argument
@@ -44,11 +47,30 @@ def register(subparsers) -> None:
                         help="a custom estimator as a formula in r (repeatable)")
     parser.add_argument("--placements", default=",".join(ALL_PLACEMENTS),
                         help="comma-separated placements (default: all)")
-    parser.add_argument("--mc", type=int, default=None, metavar="N", help="also run N Monte Carlo sequences")
+    parser.add_argument("--mc", default=None, metavar="N",
+                        help="also run N Monte Carlo sequences (e.g. 100000 or 1e5)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="Monte Carlo seed (default 0)")
     add_format_argument(parser)
     add_sequence_behaviour_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def _check_options(args) -> None:
+    """Check the options (one clear line, not argparse's usage block) and parse ``--mc`` as ``klsym mc --n``."""
+    if args.mc is not None:
+        from klsym.cli.mc import _count  # the Monte Carlo CLI's own parser of N, imported only when asked
+
+        try:
+            args.mc = _count(args.mc)
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"--mc: {err}") from None
+    if not (math.isfinite(args.distance) and args.distance >= 0):
+        raise UserError(f"--distance must be a finite number >= 0, got {args.distance!r}")
+    if args.behaviour_model is None:
+        from klsym.rl.offpolicy import SEQUENCE_WEIGHTINGS
+
+        if args.weighting != ",".join(SEQUENCE_WEIGHTINGS):
+            raise UserError("--weighting needs --behaviour-model B.npy (the policy that drew the sequences)")
 
 
 def pair_from_args(args):
@@ -74,6 +96,7 @@ def pair_from_args(args):
 
 
 def run(args) -> int:
+    _check_options(args)
     q, p = pair_from_args(args)
     if args.behaviour_model is not None:
         return run_sequence(args, q, p)

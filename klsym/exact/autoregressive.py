@@ -196,15 +196,17 @@ class Autoregressive:
                              + ("" if self.eos is None else f", or fewer ending at the first eos {self.eos}") + ")")
         return float(sum(self.log_probs[self.row_of(sequence[:i]), a] for i, a in enumerate(sequence)))
 
-    def check_pair(self, other) -> None:
-        """Raise one clear error when ``other`` cannot be paired with this policy."""
+    def check_pair(self, other, other_name: str = "p") -> None:
+        """Raise one clear error when ``other`` (named ``other_name`` in it) cannot be paired with this policy."""
+        name = other_name
         if not isinstance(other, Autoregressive):
-            raise ValueError(f"q and p must both be Autoregressive, got {type(other).__name__}")
+            raise ValueError(f"q and {name} must both be Autoregressive, got {type(other).__name__}")
         if other.logits.shape != self.logits.shape:
-            raise ValueError(f"q and p must have the same shape (V, T): q has V={self.vocab_size}, "
-                             f"T={self.horizon}; p has V={other.vocab_size}, T={other.horizon}")
+            raise ValueError(f"q and {name} must have the same shape (V, T): q has V={self.vocab_size}, "
+                             f"T={self.horizon}; {name} has V={other.vocab_size}, T={other.horizon}")
         if other.eos != self.eos:
-            raise ValueError(f"q and p must have the same end-of-sequence token, got {self.eos} and {other.eos}")
+            raise ValueError(f"q and {name} must have the same end-of-sequence token, got {self.eos} and "
+                             f"{other.eos}")
 
     # --- constructors --------------------------------------------------------------------------
 
