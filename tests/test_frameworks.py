@@ -21,6 +21,7 @@ from klsym.rl.frameworks import (
     MODES,
     converges_to,
     crosswalk,
+    expression_term,
     framework_names,
     get_setting,
     load_settings,
@@ -281,3 +282,21 @@ def test_cli_shows_the_sequence_and_converges_to_fields(capsys):
     assert main(["framework", "slime", "--format", "table"]) == 0
     out = capsys.readouterr().out
     assert "sequence_follows" in out and "collapse onto the reward maximiser(s)" in out
+
+
+# Settings whose single-token expected gradient is grad KL(p||q) (k3 in the loss, clamps idle at the end point):
+# stationarity of E_q[R] - beta KL(p||q) on the simplex is q_j (R_j - E_q[R] - beta) = -beta p_j (issue 14).
+FOLLOWS_KL_PQ = ["verl/kl_loss", "openrlhf/loss_k3", "trl-grpo/default", "slime/low_var_kl", "roll/kl_loss",
+                 "open-instruct/kl3"]
+
+
+@pytest.mark.parametrize("key", FOLLOWS_KL_PQ)
+def test_settings_following_forward_kl_end_on_its_closed_form(key):
+    setting = _setting(key)
+    assert crosswalk(setting, answers=False)["gradient_divergence"] == "KL(p||q)"
+    problem = fp.REFERENCE_PROBLEM
+    point = fp.fixed_point(problem, expression_term(setting), setting.mode)
+    q, R, p, beta = point["probs"], problem.reward, problem.p, problem.beta
+    np.testing.assert_allclose(q * (R - q @ R - beta), -beta * p, atol=1e-10)
+    assert np.abs(_expression_update(setting, q)).max() < 1e-10  # and it is the expression's own fixed point
+    assert converges_to(setting).startswith("interior") and point["distance_to_optimum"] > 1e-3
