@@ -28,6 +28,7 @@ sigma_p**2 < 2*sigma_q**2
 """
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from functools import lru_cache
 
@@ -250,10 +251,28 @@ class Tracked:
         return abs(self.value) > self.scale * mpmath.mpf(10) ** (GUARD - mpmath.mp.dps)
 
 
-def precise(compute):
+def digits_lost(q, p) -> int:
+    r"""Decimal digits the terms' own arithmetic can cancel for these parameters.
+
+    The lambdified terms hold powers of :math:`1/\sigma` (up to the fourth) and of
+    :math:`\mu / \sigma`; with :math:`\sigma_q = 10^{-300}` they reach :math:`10^{1200}` and cancel
+    down to numbers of size 1. Two working precisions that both lose every digit would agree on the
+    same wrong value, so :func:`precise` starts above this.
+
+    >>> digits_lost((0.0, 1.0), (1.0, 1.0)), digits_lost((1.0, 1e-300), (0.0, 1e-8))
+    (1, 1232)
+    """
+    smallest = min(q[1], p[1])
+    scales = sum(abs(math.log10(sigma)) for sigma in (q[1], p[1]))
+    shifts = sum(math.log10(1.0 + abs(mu) / smallest) for mu in (q[0], p[0]))
+    return int(math.ceil(4 * (scales + shifts)))
+
+
+def precise(compute, extra_digits: int = 0):
     r"""Evaluate ``compute()`` (mpmath arithmetic on exact float inputs) at rising precision.
 
-    ``compute`` returns a list of :class:`Tracked` (or plain mpmath) numbers. The precision is
+    ``compute`` returns a list of :class:`Tracked` (or plain mpmath) numbers; ``extra_digits``
+    (:func:`digits_lost`) is added to every working precision. The precision is
     doubled until every value is resolved and agrees with the previous run to :data:`AGREEMENT`
     relative: the cancellation of terms of size 1 in moments of size :math:`\delta^4` (p = q shifted
     by :math:`\delta`) costs digits, not accuracy. A value still below its terms' noise at the highest
@@ -265,6 +284,7 @@ def precise(compute):
     """
     previous = None
     for digits in PRECISIONS:
+        digits += extra_digits
         with mpmath.workdps(digits):
             tracked = [Tracked.of(v) for v in compute()]
             values = [v.value for v in tracked]
@@ -289,7 +309,7 @@ def expectation(terms, q, p, positions: int = 1) -> float:
     tail, or NaN where divergent tails of both signs compete. A finite value beyond the float range
     is ``±inf`` here; :func:`combine` gives it exactly (``log`` of it for a log-space field).
     """
-    return float(precise(lambda: combine(terms, q, p, positions)[:1])[0])
+    return float(precise(lambda: combine(terms, q, p, positions)[:1], digits_lost(q, p))[0])
 
 
 def gradient(terms, q, p, moving: str, positions: int = 1) -> np.ndarray:
@@ -301,7 +321,8 @@ def gradient(terms, q, p, moving: str, positions: int = 1) -> np.ndarray:
     """
     if moving not in ("sampler", "ratio", "both"):
         raise ValueError(f"moving must be one of sampler, ratio, both, got {moving!r}")
-    return np.array([float(v) for v in precise(lambda: gradient_parts(terms, q, p, moving, positions))])
+    return np.array([float(v) for v in precise(lambda: gradient_parts(terms, q, p, moving, positions),
+                                               digits_lost(q, p))])
 
 
 def gradient_parts(terms, q, p, moving: str, positions: int = 1) -> list:

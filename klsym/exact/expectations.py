@@ -264,7 +264,7 @@ def _closed_form_stats(estimator, q, p, positions) -> dict:
         finite = mpmath.isfinite(second.value) and mpmath.isfinite(mean.value)
         return [mean, second, second - mean**2 if finite else second]
 
-    mean, second, variance = gcf.precise(moments)
+    mean, second, variance = gcf.precise(moments, gcf.digits_lost(q.params, p.params))
     powers = {"mean": terms["value"], "second_moment": terms["square"]}
     condition = {}
     for key, term_list in powers.items():
@@ -429,7 +429,7 @@ def _closed_form_full_gradient(estimator, q, p, positions) -> np.ndarray:
         reward = gcf.gradient_parts(terms["value"], q.params, p.params, "sampler", positions)
         return [a + b for a, b in zip(loss, reward)]
 
-    return np.array([float(v) for v in gcf.precise(full)])
+    return np.array([float(v) for v in gcf.precise(full, gcf.digits_lost(q.params, p.params))])
 
 
 def _gradient_weight(estimator: Estimator, mode: str):
