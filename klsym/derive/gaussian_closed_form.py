@@ -260,7 +260,7 @@ def digits_lost(q, p) -> int:
     same wrong value, so :func:`precise` starts above this.
 
     >>> digits_lost((0.0, 1.0), (1.0, 1.0)), digits_lost((1.0, 1e-300), (0.0, 1e-8))
-    (1, 1232)
+    (2, 2432)
     """
     smallest = min(q[1], p[1])
     scales = sum(abs(math.log10(sigma)) for sigma in (q[1], p[1]))
