@@ -300,3 +300,15 @@ def test_settings_following_forward_kl_end_on_its_closed_form(key):
     np.testing.assert_allclose(q * (R - q @ R - beta), -beta * p, atol=1e-10)
     assert np.abs(_expression_update(setting, q)).max() < 1e-10  # and it is the expression's own fixed point
     assert converges_to(setting).startswith("interior") and point["distance_to_optimum"] > 1e-3
+
+
+def test_sequence_reference_is_the_documented_pair():
+    from klsym.exact.autoregressive import Autoregressive
+
+    q, p, references = sequence_reference()
+    expected_p = Autoregressive.random(3, 3, seed=0)
+    np.testing.assert_array_equal(p.logits, expected_p.logits)
+    np.testing.assert_array_equal(q.logits, expected_p.perturbed(0.5, seed=1).logits)
+    assert set(references) == set(seq.FOLLOWS_ORDER)
+    row = crosswalk(get_setting("verl"), derive=False, answers=True)
+    assert "T = 3 over V = 3" in row["sequence_reference"] and "beta = 0.5" in row["converges_to_reference"]

@@ -8,9 +8,10 @@ from klsym.jsonio import dumps, format_table
 
 _TABLE_ROWS = ["framework", "setting", "estimator", "expr", "surrogate", "formula_framework", "expression",
                "enters", "formula_r", "mode", "placement", "offpolicy_weighting", "offpolicy", "checked",
-               "value_divergence", "gradient_divergence",
-               "gradient_generator", "aggregation", "importance_weight_kind", "sequence_placement", "sequence_scale",
-               "sequence_follows", "converges_to", "input_clamp", "output_clamp", "clamp_region", "clamp_effect",
+               "value_divergence", "gradient_divergence", "gradient_generator",
+               "aggregation", "importance_weight_kind", "sequence_placement", "sequence_scale", "sequence_follows",
+               "sequence_reference", "converges_to", "converges_to_reference",
+               "input_clamp", "output_clamp", "clamp_region", "clamp_effect",
                "importance_weight", "reduction", "coefficient", "default_flags", "enabled_by_default",
                "citation", "notes"]
 _LIST_COLUMNS = ["framework", "setting", "default", "estimator", "mode", "aggregation", "sequence_placement",

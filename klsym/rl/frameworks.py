@@ -242,8 +242,9 @@ def crosswalk(setting: FrameworkSetting, derive: bool = True, answers: bool | No
     its weight and the aggregation), ``sequence_scale``, ``sequence_note`` and, with ``derive``,
     ``sequence_follows``: the gradient the placement's exact expected gradient equals on
     :data:`SEQUENCE_REFERENCE` (``KL(q||p)``, ``KL(p||q)``, ``partial KL(q||p)``, ``partial KL(p||q)``, ``zero``;
-    None: none of them). Training end point (issue 14), with ``derive``: ``converges_to``
-    (:func:`converges_to`, on :data:`klsym.rl.fixedpoint.REFERENCE_PROBLEM`).
+    None: none of them), with ``sequence_reference`` saying which pair. Training end point (issue 14), with
+    ``derive``: ``converges_to`` (:func:`converges_to`) and ``converges_to_reference``, the one-token problem
+    :data:`klsym.rl.fixedpoint.REFERENCE_PROBLEM` (a single token: the placement does not enter there).
 
     >>> row = crosswalk(get_setting("verl"), derive=False)
     >>> row["estimator"], row["clamp_region"]
@@ -289,7 +290,9 @@ def crosswalk(setting: FrameworkSetting, derive: bool = True, answers: bool | No
         row.update(_derived(estimator, setting.mode))
     if derive if answers is None else answers:
         row["sequence_follows"] = sequence_answer(setting)["follows"]
+        row["sequence_reference"] = describe_sequence_reference()
         row["converges_to"] = converges_to(setting)
+        row["converges_to_reference"] = describe_fixed_point_reference()
     return row
 
 
@@ -369,6 +372,24 @@ def sequence_answer(setting: FrameworkSetting) -> dict:
     where = sequence_placement(setting)
     follows = None if where["placement"] is None else _sequence_follows(setting.get_estimator(), where["placement"])
     return where | {"follows": follows}
+
+
+def describe_sequence_reference() -> str:
+    """:data:`SEQUENCE_REFERENCE` in words (the crosswalk's ``sequence_reference``)."""
+    ref = SEQUENCE_REFERENCE  # klsym.rl.sequences.pair draws q's noise with seed + 1
+    return (f"sequences of T = {ref['horizon']} over V = {ref['vocab_size']} tokens: p with N(0, 1) logits per "
+            f"prefix (seed {ref['seed']}), q = p + N(0, {ref['distance']}^2) logit noise (seed {ref['seed'] + 1}); "
+            "klsym.rl.frameworks.SEQUENCE_REFERENCE")
+
+
+def describe_fixed_point_reference() -> str:
+    """:data:`klsym.rl.fixedpoint.REFERENCE_PROBLEM` in words (the crosswalk's ``converges_to_reference``)."""
+    from klsym.rl.fixedpoint import REFERENCE_PROBLEM as ref
+
+    def numbers(values):
+        return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+    return (f"one token, V = {ref.size}: p = {numbers(ref.p)}, reward R = {numbers(ref.reward)}, "
+            f"beta = {ref.beta:g}; q* = p e^(R/beta)/Z; klsym.rl.fixedpoint.REFERENCE_PROBLEM")
 
 
 def expression_term(setting: FrameworkSetting):
@@ -520,5 +541,6 @@ __all__ = [
     "gradient_check_table", "offpolicy_crosswalk", "FRAMEWORKS_FILE", "MODES", "AGGREGATIONS", "FrameworkSetting",
     "UnknownFrameworkError", "load_settings", "framework_names", "get_setting", "clamp_effect", "crosswalk",
     "crosswalk_table", "SEQUENCE_REFERENCE", "importance_weight_kind", "sequence_placement", "sequence_reference",
-    "sequence_answer", "expression_term", "converges_to", "ANSWER_COLUMNS", "answers_table",
+    "sequence_answer", "describe_sequence_reference", "describe_fixed_point_reference", "expression_term",
+    "converges_to", "ANSWER_COLUMNS", "answers_table",
 ]
