@@ -22,7 +22,8 @@ from klsym.exact.families import Categorical, Gaussian, check_same_family
 from klsym.jsonio import dumps, format_table
 
 
-def add_pair_arguments(parser) -> None:
+def add_pair_arguments(parser, positions_help: str = "number of i.i.d. positions (sequence ratio = product of "
+                                                      "T ratios)") -> None:
     """Options shared by ``exact`` and ``gradient``: the pair, estimators, positions, format."""
     parser.add_argument("--q", metavar="MU,SIGMA", help="sampler q = N(MU, SIGMA^2) (the policy)")
     parser.add_argument("--p", metavar="MU,SIGMA", help="reference p = N(MU, SIGMA^2)")
@@ -32,8 +33,7 @@ def add_pair_arguments(parser) -> None:
                         help="comma-separated estimator names (default: all built-ins)")
     parser.add_argument("--expr", action="append", default=[], metavar="FORMULA",
                         help="a custom estimator as a formula in r, e.g. '(r-1)**2/2' (repeatable)")
-    parser.add_argument("--positions", type=int, default=1, metavar="T",
-                        help="number of i.i.d. positions (sequence ratio = product of T ratios)")
+    parser.add_argument("--positions", type=int, default=1, metavar="T", help=positions_help)
     add_time_budget_argument(parser)
     add_format_argument(parser)
 

@@ -28,6 +28,7 @@ from klsym.cli import UserError
 from klsym.jsonio import dumps, format_table
 from klsym.simulate.montecarlo import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_QUANTILES, DTYPES, crosscheck, gradient, run
 from klsym.cli.exact import add_pair_arguments, estimators_from_args, pair_from_args
+from klsym.derive.symbolic import time_budget_seconds
 from klsym.exact.expectations import label_gradient
 from klsym.cli.offpolicy import add_behaviour_arguments, behaviour_from_args, run_mc
 
@@ -56,7 +57,8 @@ def register(subparsers) -> None:
         description="Draw n samples x ~ q in fixed RNG blocks and report, per estimator, the mean, std, "
                     "standard error, min, max, fraction negative, approximate quantiles and the spread of "
                     "batch means; optionally gradients (loss/reward/full) and z-scores against the exact layer.")
-    add_pair_arguments(parser)
+    add_pair_arguments(parser, positions_help="must be 1: mc samples single positions (exact and gradient "
+                                              "take T > 1; see also the sequence command)")
     add_behaviour_arguments(parser)
     parser.add_argument("--n", type=_count, default=1_000_000, help="number of samples (e.g. 1e8)")
     parser.add_argument("--seed", type=int, default=0, help="seed; results depend only on (seed, n)")
@@ -77,7 +79,8 @@ def register(subparsers) -> None:
                         help="add z-scores of the MC means (and gradients) against the exact layer")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--force", action="store_true",
-                        help=f"run even when the estimated run time exceeds {RUN_TIME_LIMIT / 3600:g} h")
+                        help=f"run even when the estimated run time exceeds --time-budget "
+                             f"(default {RUN_TIME_LIMIT / 3600:g} h for mc)")
     parser.set_defaults(func=run_command)
 
 
@@ -132,11 +135,13 @@ def _run_command(args) -> int:
         return run_mc(args, q, p, behaviour, estimators)
     options = {"chunk": args.chunk, "backend": args.backend, "dtype": args.dtype, "threads": args.threads,
                "progress": not args.quiet}
+    limit = RUN_TIME_LIMIT if args.time_budget is None else time_budget_seconds(args.time_budget)
     if args.n > PILOT_ABOVE and not args.force:
         estimate = _estimate_seconds(q, p, estimators, args, options)
-        if estimate > RUN_TIME_LIMIT:
+        if estimate > limit:
             raise UserError(f"--n {args.n:.3g} would take about {_duration(estimate)} (estimated from one "
-                            f"block); the limit is {_duration(RUN_TIME_LIMIT)}: use a smaller --n, or --force")
+                            f"block); the limit is {_duration(limit)} (--time-budget): use a smaller --n, "
+                            "or --force")
     result = run(q, p, estimators, args.n, args.seed, quantiles=args.quantiles, batch_size=args.batch_size,
                  **options)
     if args.gradient:
