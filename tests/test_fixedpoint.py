@@ -316,3 +316,11 @@ def test_converges_to_table_and_cli_setting(capsys):
     q = np.array(out["estimators"]["k3"]["loss"]["probs"])
     R, p = np.array([0.0, 0.5, 1.0]), np.full(3, 1 / 3)
     np.testing.assert_allclose(q * (R - q @ R - 0.5), -0.5 * p, atol=1e-12)
+
+
+def test_simulated_collapse_keeps_losing_mass_off_the_limit():
+    short, long = (fp.simulation_check(fp.REFERENCE_PROBLEM, "k1", "loss", steps=steps, seeds=(0, 1, 2),
+                                       ascent_steps=steps) for steps in (300, 3000))
+    assert np.isnan(long["max_abs_z"])  # no z for a limit reached only as steps -> infinity
+    assert long["off_limit"]["ascent"] < short["off_limit"]["ascent"] / 5  # ~1/steps for zero restoring force
+    assert long["off_limit"]["stochastic"] < short["off_limit"]["stochastic"]

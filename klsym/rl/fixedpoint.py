@@ -811,16 +811,22 @@ def simulation_check(problem: FixedPointProblem, estimator, mode: str, *, batch:
 
     ``z`` = (seed mean of the Polyak averages - predicted) / (their standard error, floored at 1e-12:
     some terms, e.g. k1 in the reward, make every per-sample update vanish at q*, so runs agree to
-    rounding); ``max_abs_z``.
+    rounding); ``max_abs_z``. For a boundary end point (collapse, diverges) the limit is only reached as the
+    steps go to infinity, so there is no z (NaN): ``off_limit`` gives the mass still outside the limit's
+    support, after the exact ascent and in the stochastic runs.
     """
     predicted = fixed_point(problem, estimator, mode)
     ascent = expected_ascent(problem, estimator, mode, lr=ascent_lr, steps=ascent_steps)[-1]
     runs = stochastic_training(problem, estimator, mode, batch=batch, lr=lr, steps=steps, seeds=seeds)["probs"]
     mean, se = runs.mean(axis=0), runs.std(axis=0, ddof=1) / math.sqrt(len(seeds))
     z = (mean - predicted["probs"]) / np.maximum(se, 1e-12)
+    if predicted["status"] != "interior":
+        z = np.full_like(z, np.nan)
+    support = predicted["probs"] > 0
     return {"predicted": predicted["probs"], "status": predicted["status"], "ascent": ascent,
             "ascent_error": float(np.max(np.abs(ascent - predicted["probs"]))),
-            "stochastic": mean, "stochastic_se": se, "z": z, "max_abs_z": float(np.max(np.abs(z)))}
+            "stochastic": mean, "stochastic_se": se, "z": z, "max_abs_z": float(np.max(np.abs(z))),
+            "off_limit": {"ascent": float(ascent[~support].sum()), "stochastic": float(mean[~support].sum())}}
 
 
 def simulation_table(problem: FixedPointProblem = REFERENCE_PROBLEM, runs=(("k3", "full"), ("k3", "loss")),
@@ -832,7 +838,9 @@ def simulation_table(problem: FixedPointProblem = REFERENCE_PROBLEM, runs=(("k3"
         rows.append({"estimator": get_estimator(estimator).name, "mode": mode, "status": check["status"],
                      "predicted": _fmt(check["predicted"]), "expected ascent": _fmt(check["ascent"]),
                      "max |ascent - predicted|": check["ascent_error"],
-                     "stochastic (mean of seeds)": _fmt(check["stochastic"]), "max |z|": check["max_abs_z"]})
+                     "stochastic (mean of seeds)": _fmt(check["stochastic"]), "max |z|": check["max_abs_z"],
+                     "mass off the limit (ascent)": check["off_limit"]["ascent"],
+                     "mass off the limit (stochastic)": check["off_limit"]["stochastic"]})
     return pd.DataFrame(rows)
 
 
