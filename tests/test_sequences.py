@@ -501,6 +501,20 @@ def test_cli_table(capsys):
     assert "reward-to-go" in text and "partial KL(q||p)" in text
 
 
+def test_equal_policies_every_placement_follows_kl_qp_with_zero_error():
+    # q = p: every expected gradient vanishes; rounding (~1e-17) must not turn "equal" into "-" or an inf error
+    p = Autoregressive.random(3, 3, 4)
+    table = seq.placement_table(p, p, "k1,k2,k3,rev_k2", seq.ALL_PLACEMENTS)
+    assert set(table["follows"]) == {seq.KL_QP}
+    assert (table["relative_error"] == 0).all()
+
+
+def test_follows_ignores_a_non_finite_reference():
+    references = {label: np.zeros(4) for label in seq.FOLLOWS_ORDER}
+    references[seq.KL_QP] = np.full(4, np.nan)
+    assert seq.follows(np.zeros(4), references) == seq.KL_PQ
+
+
 def test_cli_mc_accepts_scientific_notation(capsys):
     assert main(["sequence", "--random", "2,2,0", "--estimators", "k1", "--placements", "full", "--mc", "2e3",
                  "--format", "json"]) == 0

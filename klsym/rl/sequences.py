@@ -72,6 +72,9 @@ RATIO_PLACEMENTS = ("sequence-ratio-loss", "sequence-ratio-reward", "sequence-ra
 ALL_PLACEMENTS = PLACEMENTS + RATIO_PLACEMENTS
 #: Relative difference below which two exact gradients are called equal.
 FOLLOWS_TOLERANCE = 1e-10
+#: Norm below which an exact gradient is float64 rounding of zero (its coordinates are sums of probabilities times
+#: log-ratios, O(1) each; at q = p every gradient vanishes and what is left is ~1e-17 of rounding).
+ROUNDING_NORM = 1e-13
 FOLLOWS_ORDER = (KL_QP, KL_PQ, PARTIAL_QP, PARTIAL_PQ)
 
 
@@ -210,7 +213,9 @@ def relative_error(gradient, target) -> float:
     r""":math:`\|g - g^*\| / \|g^*\|` (inf when the target vanishes and g does not)."""
     gradient, target = _vector(gradient), _vector(target)
     error, scale = _norm(gradient - target), _norm(target)
-    return (0.0 if error == 0 else math.inf) if scale == 0 else error / scale
+    if scale <= ROUNDING_NORM:  # the target vanishes (q = p): only rounding-level errors count as none
+        return 0.0 if error <= ROUNDING_NORM else math.inf
+    return error / scale
 
 
 def cosine(a, b) -> float:
@@ -237,7 +242,8 @@ def follows(gradient, references: dict, tolerance: float = FOLLOWS_TOLERANCE) ->
         reference = _vector(references[label])
         norms[label] = _norm(reference) if np.isfinite(reference).all() else math.nan
         scale = max(size, norms[label])
-        if scale == 0 or (math.isfinite(scale) and _norm(gradient - reference) < tolerance * scale):
+        difference = _norm(gradient - reference)
+        if math.isfinite(norms[label]) and (scale <= ROUNDING_NORM or difference < tolerance * scale):
             return label
     scale = max((n for n in norms.values() if math.isfinite(n)), default=0.0)
     return ZERO if size <= tolerance * scale else None
