@@ -26,13 +26,20 @@ SPEC = {
 }
 
 
-@pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       silence_logs=50)
-    with distributed.Client(cluster) as client:
-        yield client
-    cluster.close()
+def _two_workers(processes: bool):
+    """A module-scoped client of a 2-worker LocalCluster (worker processes, or threads in this process)."""
+    @pytest.fixture(scope="module")
+    def fixture():
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=processes,
+                                      dashboard_address=None, silence_logs=50) as cluster:
+            with distributed.Client(cluster) as client:
+                yield client
+
+    return fixture
+
+
+client = _two_workers(processes=True)  # a worker process can be killed
+threaded_client = _two_workers(processes=False)  # monkeypatched task functions reach in-process workers
 
 
 def _assert_equals_single_process(spec, rows, gradients=True):
@@ -110,15 +117,6 @@ def broken_run_blocks(point, chunks):
 
 
 ORIGINAL = sweep_module.run_blocks
-
-
-@pytest.fixture(scope="module")
-def threaded_client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None,
-                                       silence_logs=50)
-    with distributed.Client(cluster) as client:
-        yield client
-    cluster.close()
 
 
 def test_a_failed_task_is_retried_and_reported(threaded_client, monkeypatch):

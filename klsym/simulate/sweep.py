@@ -36,7 +36,7 @@ import numpy as np
 
 from klsym.derive.estimators import get_estimators
 from klsym.exact.families import Categorical, Gaussian, check_same_family
-from klsym.simulate.driver import DEFAULT_CHUNK, Stream, check_count, check_modes, check_seed
+from klsym.simulate.driver import DEFAULT_CHUNK, Stream, check_count, check_modes, check_seed, keep_freed_blocks
 from klsym.simulate.montecarlo import DEFAULT_BATCH, DEFAULT_QUANTILES, ValueStatistics, gradient_summary, gradient_sums
 
 #: Samples per task (rounded to whole RNG blocks): big enough to amortise scheduling, small enough to balance.
@@ -150,6 +150,7 @@ def plan_tasks(point: Point, task_size: int) -> list[list]:
 
 def run_blocks(point: Point, chunks) -> list:
     """Draw the task's chunks and return the accumulators, holding their per-block partials unmerged."""
+    keep_freed_blocks()
     stream = point.stream()
     values, sums = point.accumulators(stream)
     accumulators = values.accumulators + ([sums] if sums is not None else [])
