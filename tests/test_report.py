@@ -309,9 +309,13 @@ def test_registered_finding_missing_from_an_executed_notebook_fails_the_build(wi
     _, notebooks, output, registry = with_findings
     index_before = (output / "index.html").read_bytes()
     strict = {**registry, "beta_value": Finding("beta_value", "02-beta", "", "Beta is {value}.")}
-    with pytest.raises(MissingRecord, match=r"beta_value \(notebook 02-beta.ipynb\)"):
+    with pytest.raises(MissingRecord, match=r"beta_value \(notebook 02-beta.ipynb\)") as caught:
         build_report(output, notebooks_dir=notebooks, log=lambda *_: None, findings=strict)
     assert (output / "index.html").read_bytes() == index_before
+    assert caught.value.notebooks == ("02-beta.ipynb",)
+    assert (output / "failed" / "02-beta.ipynb").exists()  # kept for inspection, as for a failing notebook
+    (output / "failed" / "02-beta.ipynb").unlink()
+    (output / "failed").rmdir()
 
 
 def test_index_has_closed_forms_and_cite_sections(with_findings):

@@ -38,7 +38,7 @@ from typing import Any
 
 from klsym import __version__
 from klsym.paths import DATA_DIR, NOTEBOOKS_DIR, PACKAGE_DIR, REPORTS_DIR, ROOT
-from klsym.report.findings import resolve_findings
+from klsym.report.findings import MissingRecord, resolve_findings
 
 #: Notebook file names the report picks up: two digits, a dash, kebab-case.
 NOTEBOOK_PATTERN = re.compile(r"^(\d{2})-[a-z0-9][a-z0-9-]*\.ipynb$")
@@ -562,9 +562,14 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
                 raise future.exception()
 
         ordered = [pages[name] for name in sorted(pages)]
-        findings, skipped = resolve_findings({Path(page.name).stem: build_dir / "executed" / page.name
-                                              for page in ordered},
-                                             {Path(page.name).stem: page.html for page in ordered}, findings)
+        try:
+            findings, skipped = resolve_findings({Path(page.name).stem: build_dir / "executed" / page.name
+                                                  for page in ordered},
+                                                 {Path(page.name).stem: page.html for page in ordered}, findings)
+        except MissingRecord as err:  # keep what ran, as for a failing notebook
+            for name in err.notebooks:
+                _keep_failed(build_dir / "executed" / name, output / "failed", name)
+            raise MissingRecord(f"{err}; executed copies kept in {output / 'failed'}", err.notebooks) from None
         copy_mathjax(build_dir / MATHJAX_DIR)
         rows, derivations_html, derivations_error = write_derivation_tables(build_dir)
         if derivations_error:

@@ -160,7 +160,14 @@ class Record:
 
 
 class MissingRecord(ValueError):
-    """An executed notebook did not record a value that :data:`FINDINGS` expects from it."""
+    """An executed notebook did not record a value that :data:`FINDINGS` expects from it.
+
+    ``notebooks`` names the executed ``.ipynb`` files at fault.
+    """
+
+    def __init__(self, message: str, notebooks: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.notebooks = tuple(notebooks)
 
 
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
@@ -268,7 +275,7 @@ def resolve_findings(executed: Mapping[str, Path], pages: Mapping[str, str] | No
     """
     findings = FINDINGS if findings is None else findings
     records = {key: read_records(path, key) for key, path in executed.items()}
-    resolved, skipped, missing = [], [], []
+    resolved, skipped, missing, at_fault = [], [], [], []
     for finding in findings.values():
         if finding.notebook not in records:
             skipped.append(finding.name)
@@ -276,18 +283,21 @@ def resolve_findings(executed: Mapping[str, Path], pages: Mapping[str, str] | No
         entry = records[finding.notebook].get(finding.name)
         if entry is None:
             missing.append(f"{finding.name} (notebook {Path(executed[finding.notebook]).name})")
+            at_fault.append(Path(executed[finding.notebook]).name)
             continue
         try:
             sentence = finding.sentence(entry.value)
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise MissingRecord(f"finding {finding.name!r}: recorded value {entry.value!r} does not fit its "
-                                f"sentence template ({type(err).__name__}: {err})") from None
+                                f"sentence template ({type(err).__name__}: {err})",
+                                (Path(executed[finding.notebook]).name,)) from None
         page = (pages or {}).get(finding.notebook) or Path(executed[finding.notebook]).with_suffix(".html").name
         resolved.append(ResolvedFinding(finding.name, sentence, entry.value, finding.notebook, page,
                                         entry.section, section_anchor(entry.section)))
     if missing:
         raise MissingRecord("executed notebooks did not record these key findings: " + ", ".join(missing)
-                            + " (call klsym.report.findings.record(name, value) in the notebook)")
+                            + " (call klsym.report.findings.record(name, value) in the notebook)",
+                            tuple(dict.fromkeys(at_fault)))
     return resolved, skipped
 
 
