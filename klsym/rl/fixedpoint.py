@@ -858,9 +858,10 @@ def plot_simplex(trajectories: pd.DataFrame, problem: FixedPointProblem = REFERE
         axis.plot(*SIMPLEX_CORNERS.T, color="grey", linewidth=1)
         axis.scatter(*start.T, color="grey", zorder=3)
         axis.scatter(*star.T, marker="*", s=160, color="black", zorder=3)
-        for token, (x, y) in enumerate(SIMPLEX_CORNERS[:3]):
-            axis.annotate(f"token {token}\nR = {problem.reward[token]:g}", (x, y), ha="center", fontsize="x-small",
-                          va="top" if y == 0 else "bottom")
+        for token, (x, y), align, offset in zip(range(3), SIMPLEX_CORNERS[:3], ("left", "right", "left"),
+                                                ((0, -10), (0, -10), (8, -6))):
+            axis.annotate(f"token {token}, R = {problem.reward[token]:g}", (x, y), xytext=offset,
+                          textcoords="offset points", ha=align, fontsize="x-small")
         axis.set_aspect("equal")
         axis.set_axis_off()
     return grid
