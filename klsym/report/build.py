@@ -6,6 +6,13 @@ The report works offline: MathJax 2 is copied from the ``jupyter-server-mathjax`
 CDN scripts: require.js, widgets, mermaid); any external ``<script src>``/``<link href>`` left is
 stripped. Figures are PNG data URIs.
 
+``index.html`` opens with the key findings: values the notebooks recorded with
+:func:`klsym.report.findings.record`, filled into the sentences of :data:`klsym.report.findings.FINDINGS`
+(a registered value missing from an executed notebook stops the build). It also carries the derivation
+tables, ``closed_forms.tex`` and a Cite section. Notebook pages show results first: code is folded
+behind a "show code" button. Kernels talk over IPC, so the build prints only its own progress.
+:func:`check_report` (``python -m klsym.report.build --check``) is what CI runs on the result.
+
 A build is incremental: a notebook is re-executed only when the hash of its inputs changed
 (notebook JSON, parameters, klsym's source files, ``data/``), see :func:`input_hash`. It builds
 into a temporary directory next to the output and swaps it in with renames, so a failing
@@ -693,13 +700,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", required=True, help="check the report")
     parser.add_argument("output", nargs="?", type=Path, default=REPORTS_DIR, help="report folder (default reports/)")
     parser.add_argument("--min-findings", type=int, default=8, help="key findings the index must show (default 8)")
+    parser.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, metavar="DIR",
+                        help="folder of the NN-name.ipynb notebooks (default notebooks/)")
     args = parser.parse_args(argv)
-    problems = check_report(args.output, min_findings=args.min_findings)
+    problems = check_report(args.output, args.notebooks, min_findings=args.min_findings)
     for problem in problems:
         print(f"klsym report check: {problem}", file=sys.stderr)
     if not problems:
         print(f"klsym report check: {args.output / 'index.html'} is complete "
-              f"({len(discover_notebooks())} notebooks executed, key findings present, offline)")
+              f"({len(discover_notebooks(args.notebooks))} notebooks executed, key findings present, offline)")
     return 1 if problems else 0
 
 
