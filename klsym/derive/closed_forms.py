@@ -341,17 +341,9 @@ def render_latex(rows: list[dict]) -> str:
 
 def write_closed_forms(outdir, estimators=None) -> list[dict]:
     """Write ``closed_forms.json``, ``.md`` and ``.tex`` into ``outdir``; return the rows."""
-    from pathlib import Path
+    from klsym.derive.symbolic import write_renderings
 
-    from klsym.jsonio import dumps
-
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    rows = closed_form_rows(estimators)
-    (outdir / "closed_forms.json").write_text(dumps(rows) + "\n")
-    (outdir / "closed_forms.md").write_text(render_markdown(rows))
-    (outdir / "closed_forms.tex").write_text(render_latex(rows))
-    return rows
+    return write_renderings(outdir, "closed_forms", closed_form_rows(estimators), render_markdown, render_latex)
 
 
 __all__ = ["SYMBOLS", "MU_Q", "SIGMA_Q", "MU_P", "SIGMA_P", "NO_CLOSED_FORM", "derive", "closed_forms",

@@ -778,17 +778,21 @@ def render_latex(rows: list[dict]) -> str:
                           "derivations")
 
 
-def write_derivations(outdir, estimators=None) -> list[dict]:
-    """Write ``derivations.json``, ``.md`` and ``.tex`` for the estimators into ``outdir``."""
+def write_renderings(outdir, stem: str, rows: list[dict], markdown, latex) -> list[dict]:
+    """Write ``STEM.json``, ``STEM.md`` (``markdown(rows)``) and ``STEM.tex`` (``latex(rows)``) into ``outdir``."""
     from klsym.jsonio import dumps  # local: jsonio imports numpy, not needed for derivations alone
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    rows = derivation_rows(estimators)
-    (outdir / "derivations.json").write_text(dumps(rows) + "\n")
-    (outdir / "derivations.md").write_text(render_markdown(rows))
-    (outdir / "derivations.tex").write_text(render_latex(rows))
+    (outdir / f"{stem}.json").write_text(dumps(rows) + "\n")
+    (outdir / f"{stem}.md").write_text(markdown(rows))
+    (outdir / f"{stem}.tex").write_text(latex(rows))
     return rows
 
 
-__all__ += ["render_markdown", "render_latex", "tex_standalone", "write_derivations"]
+def write_derivations(outdir, estimators=None) -> list[dict]:
+    """Write ``derivations.json``, ``.md`` and ``.tex`` for the estimators into ``outdir``."""
+    return write_renderings(outdir, "derivations", derivation_rows(estimators), render_markdown, render_latex)
+
+
+__all__ += ["render_markdown", "render_latex", "tex_standalone", "write_renderings", "write_derivations"]
