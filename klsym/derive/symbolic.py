@@ -41,7 +41,7 @@ from sympy.calculus.util import continuous_domain
 from klsym import __version__
 from klsym.derive.diskcache import cache_key, cached_json
 from klsym.derive.divergences import REGISTRY
-from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, in_logratio
+from klsym.derive.estimators import BUILTINS, Estimator, from_formula, get_estimator, in_logratio
 from klsym.derive.symbols import delta, r, t, u, x
 
 MODES = ("loss", "reward", "full")
@@ -385,15 +385,53 @@ def derivatives_at_one(expr: sp.Expr, order: int = 3) -> list[sp.Expr | None]:
     return values
 
 
-def _branch_near_one(expr: sp.Expr, side: int) -> sp.Expr:
-    """The smooth branch of a Piecewise that is active just left (-1) or right (+1) of r = 1."""
+def _branch_near_one(expr: sp.Expr, side: int, point: sp.Expr = sp.Integer(1)) -> sp.Expr:
+    """The smooth branch of a Piecewise that is active just left (-1) or right (+1) of ``point`` (r = 1)."""
     if not isinstance(expr, sp.Piecewise):
         return expr
-    probe = 1 + side * sp.Rational(1, 10**9)
+    probe = point + side * sp.Rational(1, 10**9)
     for branch, condition in expr.args:
         if condition.subs(r, probe) is sp.true:
-            return _branch_near_one(branch, side)
+            return _branch_near_one(branch, side, point)
     return sp.nan
+
+
+def _kinks(pieces: sp.Piecewise) -> list | None:
+    """Points of r > 0 where the pieces of a Piecewise meet (None if SymPy cannot list them)."""
+    points = set()
+    try:
+        with _time_limit(SOLVE_SECONDS):
+            for _, condition in pieces.args:
+                if condition in (sp.true, sp.false):
+                    continue
+                boundary = condition.as_set().boundary.intersect(POSITIVE_REALS)
+                if not isinstance(boundary, sp.FiniteSet):
+                    return None
+                points |= set(boundary)
+    except Exception:  # SymPy may fail anywhere inside on exotic input; treat as undecided
+        return None
+    return sorted(points, key=lambda z: sp.N(z))
+
+
+def _kinks_convex(pieces: sp.Piecewise) -> dict | None:
+    r"""A function convex on each piece is convex iff it is continuous at each kink c and its slope
+    does not drop there: :math:`f'(c^-) \le f'(c^+)`. Verdict on the kinks, or None if undecidable."""
+    kinks = _kinks(pieces)
+    if kinks is None:
+        return None
+    for c in kinks:
+        left, right = (_branch_near_one(pieces, side, c) for side in (-1, 1))
+        if left.has(sp.nan) or right.has(sp.nan) or not is_zero(left.subs(r, c) - right.subs(r, c)):
+            return None  # a jump (or an unidentified branch): not decided here
+        jump = _sign_at(sp.diff(right, r) - sp.diff(left, r), c)
+        if jump is None:
+            return None
+        if jump < 0:
+            return {"holds": False, "argument": f"the slope drops at the kink r = {sp.sstr(c)}",
+                    "counterexample": c}
+    where = ", ".join(sp.sstr(c) for c in kinks) or "none"
+    return {"holds": True, "argument": (f"convex on each piece, continuous with a non-decreasing slope at the "
+                                        f"kinks r = {where}"), "counterexample": None}
 
 
 def identify(generator: sp.Expr) -> str | None:
@@ -549,7 +587,11 @@ def convexity(estimator: Estimator) -> dict:
     1 + 2*E
 
     A kinked k (Abs, Piecewise) is differentiated piece by piece: a negative k'' on a piece
-    disproves convexity; non-negative pieces leave the kinks unchecked, so the verdict is None.
+    disproves convexity; with convex pieces, k is convex iff it is continuous at every kink and its
+    slope does not drop there (None where SymPy cannot decide that).
+
+    >>> convexity(from_formula("Abs(r - 1)"))["holds"], convexity(from_formula("-Abs(r - 1)"))["holds"]
+    (True, False)
     """
     expr = estimator.expr
     if not expr.has(sp.Abs, sp.Piecewise, sp.sign, sp.Min, sp.Max):
@@ -557,8 +599,9 @@ def convexity(estimator: Estimator) -> dict:
     pieces = sp.piecewise_fold(expr.rewrite(sp.Piecewise))
     verdict = sign_verdict(sp.diff(pieces, r, 2))
     if verdict["holds"] is True:
-        return {"holds": None, "argument": "convex on each piece; the kinks are not checked",
-                "counterexample": None}
+        kinks = _kinks_convex(pieces) if isinstance(pieces, sp.Piecewise) else None
+        return kinks or {"holds": None, "argument": "convex on each piece; the kinks are undecided",
+                         "counterexample": None}
     return verdict
 
 

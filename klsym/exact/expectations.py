@@ -305,8 +305,11 @@ def _quadrature_stats(estimator, q, p) -> dict:
     else:
         variance, variance_error = second, second_error
     prob_negative = _gaussian_prob_negative(estimator, q, p) if isinstance(q, Gaussian) else math.nan
-    return {"mean": mean, "second_moment": second, "std": math.sqrt(max(variance, 0.0)),
-            "prob_negative": prob_negative, "method": "quadrature",
+    log_second = second if second == 0 or not math.isinf(second) else None
+    log_second = math.log(second) if log_second is not None and second > 0 else \
+        (-math.inf if second == 0 else quadrature.log_expect(q, lambda x: k_of_x(x) ** 2)[0])
+    return {"mean": mean, "second_moment": second, "log_second_moment": log_second,
+            "std": math.sqrt(max(variance, 0.0)), "prob_negative": prob_negative, "method": "quadrature",
             "error_estimate": {"mean": mean_error, "second_moment": second_error, "variance": variance_error}}
 
 
