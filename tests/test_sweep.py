@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from klsym.simulate import sweep as sweep_module
@@ -20,7 +21,8 @@ distributed = pytest.importorskip("distributed")
 BLOCK = 65536
 VALUE_KEYS = ("mean", "se", "std", "min", "max", "frac_negative", "n_nonfinite")
 SPEC = {
-    "pairs": gaussian_pairs([0.3], [1.0, 1.4]) + llm_pairs([1.0], [0.7], vocab=12),
+    "pairs": gaussian_pairs([0.3], [1.0, 1.4]) + llm_pairs([1.0], [0.7], vocab=12)
+    + [{"q_logits": [0.0, 0.0, 0.0], "p_logits": [0.0, 1.0, float("-inf")]}],  # p(x) = 0 < q(x): t = -inf
     "estimators": ["k1", "k3", "k4"], "n": 3 * BLOCK + 77, "seed": 11, "gradient": "loss,full",
     "task_size": BLOCK,  # one RNG block per task: many tasks, merged in block order
 }
@@ -54,13 +56,15 @@ def _assert_equals_single_process(spec, rows, gradients=True):
         for row in mine:
             expected = reference[row["estimator"]]
             assert row["seed"] == spec["seed"] + point.index
-            assert {k: row[k] for k in VALUE_KEYS} == {k: expected[k] for k in VALUE_KEYS}
-            assert {level: row[f"q{level}"] for level in expected["quantiles"]} == expected["quantiles"]
-            assert row["batch_mean_std"] == expected["batch"]["mean_std"]
+            # bit for bit (assert_equal: NaN equals NaN, as where k1 = +inf makes a batch mean undefined)
+            np.testing.assert_equal({k: row[k] for k in VALUE_KEYS}, {k: expected[k] for k in VALUE_KEYS})
+            np.testing.assert_equal({level: row[f"q{level}"] for level in expected["quantiles"]},
+                                    expected["quantiles"])
+            np.testing.assert_equal(row["batch_mean_std"], expected["batch"]["mean_std"])
             if gradients:
                 for mode in point.modes:
-                    assert row[f"grad_{mode}"] == grads[row["estimator"]][mode]["mean"].tolist()
-                    assert row[f"grad_{mode}_se"] == grads[row["estimator"]][mode]["se"].tolist()
+                    np.testing.assert_equal(row[f"grad_{mode}"], grads[row["estimator"]][mode]["mean"].tolist())
+                    np.testing.assert_equal(row[f"grad_{mode}_se"], grads[row["estimator"]][mode]["se"].tolist())
 
 
 def test_every_point_equals_the_single_process_engine(client):
@@ -71,7 +75,9 @@ def test_every_point_equals_the_single_process_engine(client):
     assert all(row["exact_mean"] is not None and abs(row["z"]) < 5 for row in gaussian if row["estimator"] != "k4")
     assert {row["scale_ratio"] for row in gaussian} == {1.0, 1.4}
     categorical = [row for row in result.rows if row["family"] == "categorical"]
-    assert categorical and all(row["temperature"] == 1.0 for row in categorical)
+    assert [row.get("temperature") for row in categorical] == [1.0] * 3 + [None] * 3  # tags of llm_pairs only
+    zero_mass = [row for row in categorical if row["point"] == 3]
+    assert [row["n_nonfinite"] > 0 for row in zero_mass] == [True, True, False]  # k1, k3 = +inf; k4 finite
 
 
 def test_a_killed_worker_mid_sweep_still_gives_the_full_identical_result(client):

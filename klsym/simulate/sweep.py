@@ -37,7 +37,14 @@ import numpy as np
 from klsym.derive.estimators import get_estimators
 from klsym.exact.families import Categorical, Gaussian, check_same_family
 from klsym.simulate.driver import DEFAULT_CHUNK, Stream, check_count, check_modes, check_seed, keep_freed_blocks
-from klsym.simulate.montecarlo import DEFAULT_BATCH, DEFAULT_QUANTILES, ValueStatistics, gradient_summary, gradient_sums
+from klsym.simulate.montecarlo import (
+    DEFAULT_BATCH,
+    DEFAULT_QUANTILES,
+    ValueStatistics,
+    gradient_summary,
+    gradient_sums,
+    limits_at_zero_probability,
+)
 
 #: Samples per task (rounded to whole RNG blocks): big enough to amortise scheduling, small enough to balance.
 DEFAULT_TASK = 1 << 20
@@ -63,7 +70,8 @@ class Point:
     tags: dict = field(default_factory=dict)
 
     def stream(self) -> Stream:
-        return Stream(self.q, self.p, list(self.estimators), self.seed)
+        """The engine's stream for this point, as :func:`~klsym.simulate.montecarlo.run` builds it."""
+        return limits_at_zero_probability(Stream(self.q, self.p, list(self.estimators), self.seed))
 
     def accumulators(self, stream: Stream):
         """Fresh accumulators: those of ``klsym mc`` (values; gradient sums when modes are given)."""
