@@ -322,3 +322,40 @@ def test_gradients_are_labelled_alike_in_gradient_and_mc(capsys):
     mc = _json(capsys, "mc", "--q", "0,1", "--p", "1,1", "--n", "2000", "--estimators", "k3", "--gradient", "loss",
                "--quiet")
     assert set(grad["estimators"]["k3"]["loss"]) == set(mc["gradients"]["k3"]["loss"]["mean"]) == {"mu", "sigma"}
+
+
+def _klsym_process(*argv):
+    """The command in its own interpreter, with every warning shown: what a user's terminal gets."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-W", "default", "-m", "klsym", *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_no_runtime_warning_reaches_the_user(tmp_path):
+    q = _write(tmp_path / "q.txt", "0 0 0\n")
+    p = _write(tmp_path / "p.txt", "0 -inf 0\n")
+    proc = _klsym_process("mc", "--q-logits", q, "--p-logits", p, "--n", "5000", "--gradient", "loss,reward,full",
+                          "--crosscheck", "--quiet")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Warning" not in err and "Traceback" not in err, err
+    assert "rev_k1" in out
+
+
+def test_ctrl_c_stops_with_what_was_merged():
+    import signal
+    import time
+
+    proc = _klsym_process("mc", "--q", "0,1", "--p", "1,1", "--n", "1e11", "--force", "--quiet", "--estimators", "k1",
+                          "--crosscheck", "--format", "json")
+    time.sleep(10)  # start-up, then a few blocks
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    if proc.returncode == 130 and out:
+        result = json.loads(out)
+        assert 0 < result["n"] < 1e11 and result["interrupted"]["requested"] == int(1e11)
+        assert abs(result["estimators"]["k1"]["mean"] - 0.5) < 5 * result["estimators"]["k1"]["se"]
+    else:  # interrupted before the first block was merged (a slow machine): a clean message, no result
+        assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)

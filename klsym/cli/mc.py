@@ -144,10 +144,10 @@ def _run_command(args) -> int:
                             "or --force")
     result = run(q, p, estimators, args.n, args.seed, quantiles=args.quantiles, batch_size=args.batch_size,
                  **options)
-    if args.gradient:
+    if args.gradient and "interrupted" not in result:
         result["gradients"] = gradient(q, p, estimators, args.n, args.seed, modes=args.gradient,
                                        **options)["gradients"]
-    if args.crosscheck:
+    if args.crosscheck and "interrupted" not in result:
         result["crosscheck"] = crosscheck(q, p, estimators, args.n, args.seed,
                                           modes=args.gradient or (), **options)
     if "gradients" in result:  # one labelled shape across commands: {"mu", "sigma"} or {"logits"}
@@ -158,7 +158,7 @@ def _run_command(args) -> int:
         print(f"klsym: interrupted: results from the first {result['n']} of {args.n} samples", file=sys.stderr)
     if args.format == "json":
         print(dumps(result))
-        return 0
+        return _exit_code(result)
     print(f"n {result['n']}  seed {result['seed']}  backend {result['backend']}  dtype {result['dtype']}  "
           f"{result['seconds']:.3f} s")
     rows = []
@@ -169,7 +169,7 @@ def _run_command(args) -> int:
         row.update({f"q{level}": value for level, value in entry["quantiles"].items()})
         if entry["batch"]:
             row[f"std(mean of {entry['batch']['size']})"] = entry["batch"]["mean_std"]
-        if args.crosscheck:
+        if "crosscheck" in result:
             row["z(mean)"] = result["crosscheck"]["estimators"][name]["mean"]["z"]
         rows.append(row)
     print(format_table(rows))
@@ -182,7 +182,11 @@ def _run_command(args) -> int:
             else:
                 shown = ", ".join(f"{key} {value:.6g}" for key, value in mean.items())
             print(f"gradient {name} {mode}: {shown}")
-    if args.crosscheck:
+    if "crosscheck" in result:
         check = result["crosscheck"]
         print(f"crosscheck: max |z| = {check['max_abs_z']:.3g} ({'passed' if check['passed'] else 'FAILED'})")
-    return 0
+    return _exit_code(result)
+
+
+def _exit_code(result) -> int:
+    return 130 if "interrupted" in result else 0  # 128 + SIGINT, as a shell reports Ctrl-C
