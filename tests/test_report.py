@@ -343,6 +343,13 @@ def test_check_report(with_findings):
     assert check_report(output, notebooks, min_findings=1) == []
     assert check_report(output, notebooks, min_findings=2) == ["index.html shows 1 key findings; at least 2 expected"]
     assert "does not exist" in check_report(output / "nowhere", notebooks)[0]
+    stray = output / "stray.html"
+    stray.write_text('<script src="https://cdn.example.org/x.js"></script>')
+    try:
+        assert check_report(output, notebooks, min_findings=1) == [
+            "stray.html fetches external URLs: https://cdn.example.org/x.js"]
+    finally:
+        stray.unlink()
     write_sectioned_notebook(notebooks / "03-gamma.ipynb", "print(1)", "Gamma")  # never built
     try:
         problems = check_report(output, notebooks, min_findings=1)
