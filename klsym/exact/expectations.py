@@ -112,7 +112,34 @@ def _values_on_support(estimator: Estimator, log_ratios: np.ndarray, derivative:
 
 def _categorical_support(q: Categorical, p: Categorical):
     support = np.isfinite(q.log_probs)
-    return support, q.probs[support], p.log_probs[support] - q.log_probs[support]
+    return support, q.probs[support], categorical_log_ratio(q, p)[support]
+
+
+def categorical_log_ratio(q: Categorical, p: Categorical) -> np.ndarray:
+    r""":math:`t_i = \log p_i - \log q_i` without cancellation when p is close to q.
+
+    With :math:`d_i` the difference of logits, :math:`t_i = d_i - c` and the difference of the
+    log-normalisers is :math:`c = \operatorname{log1p}(\sum_{q_i > 0} q_i \operatorname{expm1}(d_i)
+    + \sum_{q_j = 0} p_j / q\text{-normaliser})`: each term is as small as the logit shifts, so
+    :math:`t \approx 10^{-8}` keeps its relative accuracy (the plain difference of two log-softmaxes
+    keeps only its absolute accuracy, 1e-16).
+
+    >>> q, p = Categorical([0.0, 1.0]), Categorical([0.0, 1.0 + 1e-8])
+    >>> t = categorical_log_ratio(q, p)
+    >>> float(t[1] - t[0]) == (1.0 + 1e-8) - 1.0             # the logit shift, to the last bit
+    True
+    """
+    on_q = np.isfinite(q.logits)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.where(on_q, p.logits - np.where(on_q, q.logits, 0.0), -np.inf)
+        plain = p.log_probs - q.log_probs
+        if not (np.isfinite(d[on_q]) | np.isneginf(d[on_q])).all() or np.max(d[on_q]) > 700:
+            return plain
+        outside = float(np.sum(np.exp(p.logits[~on_q] - (q.logits[on_q][0] - q.log_probs[on_q][0]))))
+        s = float(np.sum(q.probs[on_q] * np.expm1(d[on_q]))) + outside
+    if not (-0.5 < s < 0.5):  # far apart: no cancellation to avoid
+        return plain
+    return np.where(on_q, d - math.log1p(s), plain)
 
 
 #: Largest support (tokens, or token sequences for T positions) summed exactly in mpmath at
