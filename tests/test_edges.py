@@ -359,3 +359,22 @@ def test_ctrl_c_stops_with_what_was_merged():
         assert abs(result["estimators"]["k1"]["mean"] - 0.5) < 5 * result["estimators"]["k1"]["se"]
     else:  # interrupted before the first block was merged (a slow machine): a clean message, no result
         assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)
+
+
+def test_large_vocabulary_float_path_near_equal():
+    """Beyond MPMATH_SUPPORT tokens the sums run in float64; the log-ratios must still be cancellation-free."""
+    from klsym.exact.expectations import MPMATH_SUPPORT
+
+    rng = np.random.default_rng(11)
+    q_logits = rng.normal(size=MPMATH_SUPPORT + 904)
+    p_logits = q_logits + 1e-8 * rng.normal(size=q_logits.size)
+    with mpmath.workdps(DIGITS):
+        def log_softmax(logits):
+            values = [mpmath.mpf(float(v)) for v in logits]
+            top = max(values)
+            norm = top + mpmath.log(mpmath.fsum(mpmath.exp(v - top) for v in values))
+            return [v - norm for v in values]
+        lq, lp = log_softmax(q_logits), log_softmax(p_logits)
+        true = mpmath.fsum(mpmath.exp(a) * (mpmath.exp(b - a) - 1 - (b - a)) for a, b in zip(lq, lp))
+    mean = estimator_stats("k3", Categorical(q_logits), Categorical(p_logits))["mean"]
+    assert _error(mean, true, abs(true)) < RTOL
