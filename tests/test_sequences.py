@@ -285,6 +285,121 @@ def test_one_position_has_no_future_term():
     assert seq.relative_error(seq.partial_gradients(q, p)[KL_QP], seq.true_gradients(q, p)[KL_QP]) < 1e-14
 
 
+# Near q = p (q = p + N(0, d^2) logit noise, as `klsym sequence --random 3,3,0 --distance d`): the four
+# references agree to first order and differ by O(d^2) on gradients of size O(d), a relative O(d). The labels are
+# those of EXPECTED_FOLLOWS (identities that hold at every distance) as long as that separation is above the
+# tolerance and the rounding; k1's pathwise weight is exactly 1, so its loss is exactly zero at every distance.
+NEAR_DISTANCES = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8]
+
+
+def pairwise_separation(references):
+    labels = list(references)
+    return min(seq.relative_difference(references[a], references[b])
+               for i, a in enumerate(labels) for b in labels[i + 1:])
+
+
+@pytest.mark.parametrize("distance", NEAR_DISTANCES)
+def test_follows_labels_near_q_equal_p(distance):
+    q, p = seq.pair("random", 3, 3, distance, seed=0)
+    references = seq.reference_gradients(q, p)
+    separation = pairwise_separation(references)
+    # the premise: the references are told apart, their separation scales like the distance
+    assert separation > 10 * seq.FOLLOWS_TOLERANCE and 1e-2 < separation / distance < 10
+    summary = seq.sequence_summary(q, p, "k1,k2,k3")
+    got = {name: {placement: entry["follows"] for placement, entry in by.items()}
+           for name, by in summary["estimators"].items()}
+    assert got == EXPECTED_FOLLOWS
+    # the identities hold to rounding, far below the separation (log-ratios without cancellation)
+    grads = {name: seq.placement_gradients(name, q, p) for name in ("k1", "k3")}
+    assert seq.relative_difference(grads["k3"]["loss"], references[PPQ]) < 1e-13
+    assert seq.relative_difference(grads["k3"]["full"], references[KL_QP]) < 1e-13
+    assert seq.relative_difference(grads["k1"]["full"], references[KL_QP]) < 1e-13
+    assert not np.any(grads["k1"]["loss"])
+
+
+@pytest.mark.parametrize("distance", [1e-12, 1e-14])
+def test_indistinguishable_where_the_references_agree_within_the_tolerance(distance):
+    """At relative separation O(d) < FOLLOWS_TOLERANCE every reference equals the others: the verdict lists them
+    instead of naming the first (k3 loss is partial KL(p||q), never to be reported as KL(q||p))."""
+    q, p = seq.pair("random", 3, 3, distance, seed=0)
+    assert pairwise_separation(seq.reference_gradients(q, p)) < seq.FOLLOWS_TOLERANCE
+    labels = seq.follows_table(q, p, "k1,k3")
+    for name, placement in [("k3", "loss"), ("k3", "full"), ("k1", "reward-to-go"), ("k3", "loss+reward")]:
+        label = labels.loc[name, placement]
+        assert label.startswith(seq.INDISTINGUISHABLE) and PPQ in label and KL_QP in label, (name, placement, label)
+    assert labels.loc["k1", "loss"] == "zero"
+
+
+@pytest.mark.parametrize("distance", [1e-9, 1e-10, 1e-11])
+def test_k3_loss_is_never_labelled_kl_qp_near_q_equal_p(distance):
+    q, p = seq.pair("random", 3, 3, distance, seed=0)
+    label = seq.follows_table(q, p, "k3").loc["k3", "loss"]
+    assert label == PPQ or (label.startswith(seq.INDISTINGUISHABLE) and PPQ in label)
+
+
+def test_follows_reports_references_it_cannot_tell_apart():
+    references = {KL_QP: np.array([1.0, 0.0]), KL_PQ: np.array([1.0, 1e-12]), PQP: np.array([1.0, 1.0]),
+                  PPQ: np.array([0.0, 1.0])}
+    assert seq.follows(np.array([1.0, 0.0]), references) == f"{seq.INDISTINGUISHABLE} ({KL_QP}, {KL_PQ})"
+    assert seq.follows(np.array([0.0, 1.0]), references) == PPQ
+    # a rounding scale widens the match: 1e-8 apart is equal when the two are only known to 1e-8
+    off = np.array([0.0, 1.0 + 1e-8])
+    assert seq.follows(off, references) is None
+    assert seq.follows(off, references, rounding=1e-8) == PPQ
+    assert seq.follows(off, references, reference_rounding=dict.fromkeys(references, 2e-8)) == PPQ
+    assert seq.follows(np.array([0.0, 1e-9]), references, rounding=1e-8) == "zero"
+
+
+def test_log_ratio_and_kls_without_cancellation():
+    """log p - log q and the conditional KLs against 50-digit arithmetic, at distances where the difference of
+    two float64 log-softmaxes keeps only a few digits (or none)."""
+    import mpmath
+
+    from klsym.exact.autoregressive import conditional_kls, log_ratio
+
+    mpmath.mp.dps = 50
+    for distance in (1e-4, 1e-9, 1e-13, 0.7):
+        q, p = seq.pair("random", 3, 2, distance, seed=5)
+        t, kls = log_ratio(q, p), conditional_kls(q, p)
+        for row in range(q.n_prefixes):
+            lq = [mpmath.mpf(float(z)) - mpmath.log(sum(mpmath.exp(mpmath.mpf(float(v))) for v in q.logits[row]))
+                  for z in q.logits[row]]
+            lp = [mpmath.mpf(float(z)) - mpmath.log(sum(mpmath.exp(mpmath.mpf(float(v))) for v in p.logits[row]))
+                  for z in p.logits[row]]
+            exact = [b - a for a, b in zip(lq, lp)]
+            scale = max(abs(e) for e in exact)
+            assert max(abs(float(e) - x) for e, x in zip(exact, t[row])) <= 1e-14 * float(scale)
+            kl_qp = sum(mpmath.exp(a) * (a - b) for a, b in zip(lq, lp))
+            kl_pq = sum(mpmath.exp(b) * (b - a) for a, b in zip(lq, lp))
+            assert kls["KL(q||p)"][row] == pytest.approx(float(kl_qp), rel=1e-9)
+            assert kls["KL(p||q)"][row] == pytest.approx(float(kl_pq), rel=1e-9)
+
+
+def test_cli_behaviour_model_errors(tmp_path, capsys):
+    p = Autoregressive.random(3, 3, 0)
+    p.save(tmp_path / "p33.npy")
+    p.perturbed(0.5, 1).save(tmp_path / "q33.npy")
+    Autoregressive.random(2, 2, 0).save(tmp_path / "q22.npy")
+    files = ["--q-model", str(tmp_path / "q33.npy"), "--p-model", str(tmp_path / "p33.npy")]
+    cases = [
+        (["--random", "3,3,0", "--eos", "0", "--behaviour-model", str(tmp_path / "p33.npy")], "fixed horizon only"),
+        (["--random", "3,3,0", "--behaviour-model", str(tmp_path / "q22.npy")], "the behaviour b has V=2, T=2"),
+        ([*files, "--behaviour-model", str(tmp_path / "p33.npy"), "--placements", "sequence-ratio-loss,full"],
+         "placement(s) sequence-ratio-loss;"),
+        ([*files, "--behaviour-model", str(tmp_path / "p33.npy"), "--placements", "full,sequence-ratio-full"],
+         "placement(s) sequence-ratio-full;"),
+    ]
+    for argv, message in cases:
+        assert main(["sequence", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("klsym: error:") and message in err[0], (argv, err)
+        assert "None" not in err[0] and "p has" not in err[0]
+    assert main(["sequence", *files, "--behaviour-model", str(tmp_path / "p33.npy"), "--placements", "full",
+                 "--estimators", "k3", "--weighting", "none", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(row["placement"], row["weighting"]) for row in rows] == [("full", "none")]
+
+
 def test_follows_uses_the_tolerance():
     references = {KL_QP: np.array([1.0, 0.0]), KL_PQ: np.array([0.0, 1.0]), PQP: np.array([1.0, 1.0]),
                   PPQ: np.array([2.0, 0.0])}

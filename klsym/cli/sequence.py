@@ -95,8 +95,25 @@ def pair_from_args(args):
     return p.perturbed(args.distance, seed + 1), p
 
 
+def _check_behaviour_options(args) -> None:
+    """With ``--behaviour-model``: fixed horizon only, and every asked placement must have a weighting."""
+    from klsym.rl.offpolicy import SEQUENCE_PLACEMENTS
+
+    if args.eos is not None:
+        raise UserError("off-policy sequences: fixed horizon only (--eos cannot be used with --behaviour-model)")
+    asked = [name.strip() for name in args.placements.split(",") if name.strip()]
+    if args.placements == ",".join(ALL_PLACEMENTS):  # the default: every placement that has a weighting
+        args.placements = ",".join(SEQUENCE_PLACEMENTS)
+    elif not asked or any(name not in SEQUENCE_PLACEMENTS for name in asked):
+        unsupported = [name for name in asked if name not in SEQUENCE_PLACEMENTS] or [args.placements]
+        raise UserError(f"--behaviour-model: no off-policy weighting for the placement(s) {', '.join(unsupported)}; "
+                        f"weightings cover {', '.join(SEQUENCE_PLACEMENTS)}")
+
+
 def run(args) -> int:
     _check_options(args)
+    if args.behaviour_model is not None:
+        _check_behaviour_options(args)
     q, p = pair_from_args(args)
     if args.behaviour_model is not None:
         return run_sequence(args, q, p)

@@ -311,11 +311,68 @@ def prefix_mass(policy: Autoregressive) -> np.ndarray:
     return mass
 
 
-def conditional_kls(q: Autoregressive, p: Autoregressive) -> dict:
-    r"""Per prefix u, :math:`KL(q(\cdot|u) \| p(\cdot|u))` and :math:`KL(p(\cdot|u) \| q(\cdot|u))`, shape (P,)."""
+#: Rows whose centred logit difference stays within this radius get their log-ratio through expm1/log1p.
+STABLE_LOG_RATIO_RADIUS = 1.0
+
+
+def log_ratio_with_error(q: Autoregressive, p: Autoregressive) -> tuple[np.ndarray, np.ndarray]:
+    r"""The per-token log-ratio :math:`t(u, a) = \log p(a|u) - \log q(a|u)` (shape (P, V)) computed without
+    cancellation near q = p, and a bound of its rounding error in units of the machine epsilon.
+
+    The difference of the two log-softmaxes has an error of :math:`\epsilon |\log q|` (O(1)), far above t itself
+    when q is close to p. With the logit difference :math:`d = z_p - z_q`, centred by its q-mean
+    (:math:`d' = d - \sum_a q_a d_a`; a softmax is shift invariant),
+
+    .. math:: t = d' - \operatorname{log1p}\Big(\textstyle\sum_a q_a \operatorname{expm1}(d'_a) / \sum_a q_a\Big)
+
+    is accurate to :math:`\epsilon \max_a |d_a|`. Rows with :math:`\max_a |d'_a| >` :data:`STABLE_LOG_RATIO_RADIUS`
+    (no cancellation to avoid there) use the log-softmax difference, error :math:`\epsilon (|\log p| + |\log q|)`.
+
+    >>> p = Autoregressive.random(3, 2, seed=0); q = p.perturbed(1e-9, seed=1)
+    >>> t = log_ratio(q, p); exact = np.log(p.probs.astype(np.longdouble)) - np.log(q.probs.astype(np.longdouble))
+    >>> bool(np.max(np.abs(t - exact)) < 1e-9 * 1e-6)   # the log-softmax difference is off by ~1e-16
+    True
+    """
     q.check_pair(p)
-    difference = q.log_probs - p.log_probs
-    return {"KL(q||p)": np.sum(q.probs * difference, axis=-1), "KL(p||q)": np.sum(p.probs * -difference, axis=-1)}
+    difference = p.logits - q.logits
+    probs = q.probs
+    total = np.sum(probs, axis=-1, keepdims=True)  # 1 up to rounding: divide it out so a constant shift cancels
+    centred = difference - np.sum(probs * difference, axis=-1, keepdims=True) / total
+    near = np.max(np.abs(centred), axis=-1, keepdims=True) <= STABLE_LOG_RATIO_RADIUS
+    small = np.where(near, centred, 0.0)
+    shift = np.log1p(np.sum(probs * np.expm1(small), axis=-1, keepdims=True) / total)
+    t = np.where(near, small - shift, p.log_probs - q.log_probs)
+    row_scale = np.max(np.abs(difference), axis=-1, keepdims=True)
+    error = np.where(near, 2.0 * row_scale + np.abs(shift), np.abs(p.log_probs) + np.abs(q.log_probs)) + np.abs(t)
+    return t, error
+
+
+def log_ratio(q: Autoregressive, p: Autoregressive) -> np.ndarray:
+    r""":math:`\log p(a|u) - \log q(a|u)`, shape (P, V), without cancellation near q = p
+    (see :func:`log_ratio_with_error`)."""
+    return log_ratio_with_error(q, p)[0]
+
+
+def probability_difference(q: Autoregressive, p: Autoregressive, t: np.ndarray | None = None) -> np.ndarray:
+    r""":math:`q(a|u) - p(a|u) = -q(a|u)\, \operatorname{expm1}(t)`, shape (P, V), accurate near q = p
+    (``t`` = :func:`log_ratio`, computed when not given)."""
+    t = log_ratio(q, p) if t is None else t
+    near = np.abs(t) <= STABLE_LOG_RATIO_RADIUS
+    return np.where(near, -q.probs * np.expm1(np.where(near, t, 0.0)), q.probs - p.probs)
+
+
+def conditional_kls(q: Autoregressive, p: Autoregressive) -> dict:
+    r"""Per prefix u, :math:`KL(q(\cdot|u) \| p(\cdot|u))` and :math:`KL(p(\cdot|u) \| q(\cdot|u))`, shape (P,).
+
+    Written as q-expectations of the non-negative k3 and rev_k3 (:math:`\sum_a q_a (r_a - 1) = 0`), so no
+    cancellation near q = p: :math:`KL(q_u\|p_u) = \mathbb{E}_q[r - 1 - \log r]`,
+    :math:`KL(p_u\|q_u) = \mathbb{E}_q[r \log r - r + 1]`.
+    """
+    from klsym.derive.estimators import get_estimator  # the registry's stable forms (expm1, Taylor near 0)
+
+    t = log_ratio(q, p)
+    return {"KL(q||p)": np.sum(q.probs * get_estimator("k3").numeric(t), axis=-1),
+            "KL(p||q)": np.sum(q.probs * get_estimator("rev_k3").numeric(t), axis=-1)}
 
 
 def per_position_kls(q: Autoregressive, p: Autoregressive) -> dict:
@@ -384,8 +441,7 @@ def whole_sequence_expectations(q: Autoregressive, p: Autoregressive, function) 
     a time; the depths above are conditional expectations (a backward pass). :math:`\sum_a q(a|\emptyset)
     A(\emptyset, a) = \mathbb{E}_q[f(\log R)]`.
     """
-    q.check_pair(p)
-    token_t = p.log_probs - q.log_probs
+    token_t = log_ratio(q, p)
     prefix_t = prefix_sums(q, token_t)
     out = np.empty(q.logits.shape)
     last = q.rows(q.horizon - 1)
@@ -404,6 +460,7 @@ def whole_sequence_expectations(q: Autoregressive, p: Autoregressive, function) 
     return out
 
 
-__all__ = ["Autoregressive", "MAX_SEQUENCES", "prefix_offsets", "prefix_mass", "conditional_kls",
+__all__ = ["Autoregressive", "MAX_SEQUENCES", "STABLE_LOG_RATIO_RADIUS", "prefix_offsets", "prefix_mass",
+           "log_ratio", "log_ratio_with_error", "probability_difference", "conditional_kls",
            "per_position_kls", "sequence_kls", "to_go", "score_gradient", "prefix_sums",
            "whole_sequence_expectations"]

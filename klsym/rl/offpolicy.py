@@ -434,13 +434,10 @@ def _check_sequence_triple(q, p, b) -> None:
     for name, policy in (("q", q), ("p", p), ("b", b)):
         if not isinstance(policy, Autoregressive):
             raise ValueError(f"{name} must be an Autoregressive policy, got {type(policy).__name__}")
+    if q.eos is not None or b.eos is not None:
+        raise ValueError("off-policy sequences: fixed horizon only (no eos)")
     q.check_pair(p)
-    try:
-        q.check_pair(b)
-    except ValueError as err:
-        raise ValueError(str(err).replace("q and p", "q and the behaviour b")) from None
-    if q.eos is not None:
-        raise ValueError("off-policy sequence weightings cover the fixed horizon (no eos) only")
+    q.check_pair(b, "the behaviour b")
     if q.n_sequences > MAX_OFFPOLICY_SEQUENCES:
         raise ValueError(f"V^T = {q.n_sequences:,} sequences exceed the off-policy enumeration limit "
                          f"{MAX_OFFPOLICY_SEQUENCES:,}")

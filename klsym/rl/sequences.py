@@ -32,10 +32,13 @@ The difference :math:`\nabla KL(q\|p) - \partial KL(q\|p)` is the **missing futu
 positions see (Tang & Munos 2025; Liu et al. 2025).
 
 Every expectation is exact (:mod:`klsym.exact.autoregressive`: dynamic programming over prefixes; the
-whole-sequence ratio enumerates the V^T leaves in blocks). A placement **follows** the first of ``KL(q||p)``,
+whole-sequence ratio enumerates the V^T leaves in blocks). A placement **follows** the one of ``KL(q||p)``,
 ``KL(p||q)``, ``partial KL(q||p)``, ``partial KL(p||q)`` whose gradient it equals to a relative difference below
-:data:`FOLLOWS_TOLERANCE`, else ``zero`` when its norm is below that tolerance times the largest reference norm,
-else None.
+:data:`FOLLOWS_TOLERANCE` or within the rounding error of the two (each gradient carries the sum of the absolute
+values of the terms that made it), ``indistinguishable (...)`` when it equals several that cannot be told apart
+(close to q = p they agree to first order), else ``zero`` when its norm is below that tolerance times the largest
+reference norm or its rounding, else None. Log-ratios are computed without cancellation near q = p
+(:func:`~klsym.exact.autoregressive.log_ratio`).
 
 >>> from klsym.exact.autoregressive import Autoregressive
 >>> p = Autoregressive.random(3, 3, seed=0); q = p.perturbed(0.5, seed=1)
@@ -54,8 +57,10 @@ import numpy as np
 from klsym.derive.estimators import Estimator, get_estimators
 from klsym.exact.autoregressive import (
     Autoregressive,
+    log_ratio_with_error,
     per_position_kls,
     prefix_sums,
+    probability_difference,
     score_gradient,
     sequence_kls,
     to_go,
@@ -65,6 +70,8 @@ from klsym.exact.autoregressive import (
 KL_QP, KL_PQ = "KL(q||p)", "KL(p||q)"
 PARTIAL_QP, PARTIAL_PQ = "partial KL(q||p)", "partial KL(p||q)"
 ZERO = "zero"
+#: Verdict where the gradient matches several references that cannot be told apart (listed after it).
+INDISTINGUISHABLE = "indistinguishable"
 #: Per-token placements; ``full`` = loss + reward-to-go, ``loss+reward`` = per-token importance-weighted loss.
 PLACEMENTS = ("loss", "reward", "reward-to-go", "sequence-reward", "full", "loss+reward")
 #: k applied to the whole-sequence ratio, in the three single-token modes.
@@ -73,8 +80,10 @@ ALL_PLACEMENTS = PLACEMENTS + RATIO_PLACEMENTS
 #: Relative difference below which two exact gradients are called equal.
 FOLLOWS_TOLERANCE = 1e-10
 #: Norm below which an exact gradient is float64 rounding of zero (its coordinates are sums of probabilities times
-#: log-ratios, O(1) each; at q = p every gradient vanishes and what is left is ~1e-17 of rounding).
+#: log-ratios, O(1) each; at q = p every gradient vanishes and what is left is ~1e-17 of rounding). The rounding
+#: scale where :func:`follows` is not given one.
 ROUNDING_NORM = 1e-13
+EPS = float(np.finfo(np.float64).eps)
 FOLLOWS_ORDER = (KL_QP, KL_PQ, PARTIAL_QP, PARTIAL_PQ)
 
 
@@ -86,21 +95,63 @@ def _check_pair(q, p) -> None:
     q.check_pair(p)
 
 
+# Rounding. Every gradient is score_gradient(q, mass, W) of a weight array W (or, for KL(p||q), rows m(u) (q - p)).
+# Alongside W we carry A >= |W|, the sum of the absolute values of the terms that made W (errors of the log-ratio
+# propagated through each function included), so that W is exact to a few eps * A; the gradient is then exact to
+# a few eps * m q (A + E_q[A]) (the centring adds the row mean). _rounding turns that into a norm.
+
+def _rounding_units(q: Autoregressive) -> float:
+    """How many eps of error per unit of magnitude: a few per summation level (tokens, depths, centring)."""
+    return 4.0 * (q.horizon + q.vocab_size + 2)
+
+
+def _rounding(q: Autoregressive, mass: np.ndarray, magnitude: np.ndarray) -> float:
+    """Norm of the rounding error of score_gradient(q, mass, W) where W is exact to eps * ``magnitude``."""
+    rows = mass[:, None] * q.probs * (magnitude + np.sum(q.probs * magnitude, axis=-1, keepdims=True))
+    return _rounding_units(q) * EPS * _norm(rows.ravel())
+
+
+def _magnitude(function, t: np.ndarray, error: np.ndarray) -> np.ndarray:
+    r""":math:`|f(t)| + |f'(t)|\, \tau`: the absolute error of f(t) in units of eps when t is exact to eps * tau
+    (slope by a central difference; where it is not finite it is left out)."""
+    value = np.asarray(function(t), dtype=np.float64)
+    step = 1e-6 * (1.0 + np.abs(t))
+    with np.errstate(all="ignore"):
+        slope = (np.asarray(function(t + step), dtype=np.float64)
+                 - np.asarray(function(t - step), dtype=np.float64)) / (2.0 * step)
+    return np.abs(value) + np.nan_to_num(np.abs(slope), nan=0.0, posinf=0.0) * error
+
+
+def _references(q: Autoregressive, p: Autoregressive) -> tuple[dict, dict]:
+    """The four references of :func:`follows` (flat) and the rounding norm of each."""
+    _check_pair(q, p)
+    t, error = log_ratio_with_error(q, p)
+    excess, excess_magnitude = -t, np.abs(t) + error  # l(u, a) = log q - log p
+    gradients, rounding = {}, {}
+    gradients[KL_QP] = score_gradient(q, q.prefix_probs, to_go(q, excess))
+    rounding[KL_QP] = _rounding(q, q.prefix_probs, to_go(q, excess_magnitude))
+    gradients[PARTIAL_QP] = score_gradient(q, q.prefix_probs, excess)
+    rounding[PARTIAL_QP] = _rounding(q, q.prefix_probs, excess_magnitude)
+    # KL(p||q): only q(.|u) depends on theta_u, so its rows are m(u) (q_u - p_u), states ~ p (true) or ~ q (partial)
+    gap = probability_difference(q, p, t)
+    gap_magnitude = np.abs(gap) + (np.abs(gap) + q.probs) * error  # d(q - p)/dt = -p = -(q - gap)
+    for label, mass in ((KL_PQ, p.prefix_probs), (PARTIAL_PQ, q.prefix_probs)):
+        gradients[label] = (mass[:, None] * gap).ravel()
+        rounding[label] = _rounding_units(q) * EPS * _norm((mass[:, None] * gap_magnitude).ravel())
+    return gradients, rounding
+
+
 def true_gradients(q: Autoregressive, p: Autoregressive) -> dict:
     r"""Flat gradients (length P V) of the sequence KL(q||p) and KL(p||q) w.r.t. q's logits."""
-    _check_pair(q, p)
-    excess = q.log_probs - p.log_probs  # l(u, a) = log q - log p
-    kl_pq_rows = p.prefix_probs[:, None] * (q.probs - p.probs)  # only q(.|u) depends on theta_u; states ~ p
-    return {KL_QP: score_gradient(q, q.prefix_probs, to_go(q, excess)), KL_PQ: kl_pq_rows.ravel()}
+    gradients = _references(q, p)[0]
+    return {KL_QP: gradients[KL_QP], KL_PQ: gradients[KL_PQ]}
 
 
 def partial_gradients(q: Autoregressive, p: Autoregressive) -> dict:
     r""":math:`\sum_t \mathbb{E}_{y_{<t} \sim q}[\nabla_\theta D(q(\cdot|y_{<t}) \| p(\cdot|y_{<t}))]`, states held
     fixed, for D = KL(q||p) and KL(p||q); flat (P V,)."""
-    _check_pair(q, p)
-    mass = q.prefix_probs
-    return {KL_QP: score_gradient(q, mass, q.log_probs - p.log_probs),
-            KL_PQ: (mass[:, None] * (q.probs - p.probs)).ravel()}
+    gradients = _references(q, p)[0]
+    return {KL_QP: gradients[PARTIAL_QP], KL_PQ: gradients[PARTIAL_PQ]}
 
 
 def missing_future_term(q: Autoregressive, p: Autoregressive) -> np.ndarray:
@@ -138,50 +189,73 @@ def placement_gradients(estimator, q: Autoregressive, p: Autoregressive, placeme
     collected part is constant over the row and its expected score is zero, so in expectation (not in variance)
     ``sequence-reward`` equals ``reward-to-go``.
     """
+    return {name: gradient for name, (gradient, _) in _placements(estimator, q, p, placements).items()}
+
+
+#: The weight arrays (components) whose expected-score gradients add up to each placement.
+_COMPONENTS = {"loss": ("pathwise",), "reward": ("value",), "reward-to-go": ("to-go",),
+               "sequence-reward": ("to-go", "collected"), "full": ("pathwise", "to-go"),
+               "loss+reward": ("pathwise", "value"), "sequence-ratio-loss": ("ratio-loss",),
+               "sequence-ratio-reward": ("ratio-reward",), "sequence-ratio-full": ("ratio-loss", "ratio-reward")}
+
+
+def _placements(estimator, q: Autoregressive, p: Autoregressive, placements=ALL_PLACEMENTS) -> dict:
+    """``{placement: (gradient, rounding norm)}`` (see :func:`placement_gradients` and :func:`_rounding`).
+
+    Each component is centred by its own score before the parts are added: k1's pathwise weight 1 added to the
+    O(|q - p|) reward-to-go would otherwise leave eps-sized noise of the 1 in the sum. A weight that is the same
+    number everywhere has an expected score of exactly zero and contributes nothing.
+    """
     (estimator,) = _estimators([estimator])
     _check_pair(q, p)
     placements = _check_placements(placements)
-    token_t = p.log_probs - q.log_probs
+    token_t, error = log_ratio_with_error(q, p)
     mass = q.prefix_probs
+    functions = {"pathwise": lambda t: -estimator.numeric_dt(t), "value": estimator.numeric}
     cache: dict = {}
 
-    def value():
-        if "value" not in cache:
-            cache["value"] = np.asarray(estimator.numeric(token_t), dtype=np.float64)
-        return cache["value"]
-
-    def pathwise():  # -d k_sur / dt: the weight of the score in the loss
-        if "pathwise" not in cache:
-            cache["pathwise"] = -np.asarray(estimator.numeric_dt(token_t), dtype=np.float64)
-        return cache["pathwise"]
-
-    def weights(name):
+    def weights(name):  # (W, A): a weight array and its magnitude (W exact to a few eps * A)
         if name not in cache:
-            if name == "loss":
-                cache[name] = pathwise()
-            elif name == "reward":
-                cache[name] = value()
-            elif name == "reward-to-go":
-                cache[name] = to_go(q, value())
-            elif name == "sequence-reward":
-                cache[name] = weights("reward-to-go") + prefix_sums(q, value())[:, None]
-            elif name == "full":
-                cache[name] = pathwise() + weights("reward-to-go")
-            elif name == "loss+reward":
-                cache[name] = pathwise() + value()
+            if name in functions:
+                cache[name] = (np.asarray(functions[name](token_t), dtype=np.float64),
+                               _magnitude(functions[name], token_t, error))
+            elif name == "to-go":
+                cache[name] = tuple(to_go(q, part) for part in weights("value"))
+            elif name == "collected":  # the penalty before this position: constant over the row
+                cache[name] = tuple(prefix_sums(q, part)[:, None] * np.ones(q.vocab_size)
+                                    for part in weights("value"))
+            else:  # k of the whole-sequence ratio: log R sums T log-ratios, and their errors add
+                function = functions["pathwise" if name == "ratio-loss" else "value"]
+                reach = q.horizon * float(np.max(error))
+                leaves = []  # (min, max) of f over the leaves: a constant f (k1's loss) gives exactly zero
+
+                def recorded(t):
+                    values = np.asarray(function(t), dtype=np.float64)
+                    leaves.append((values.min(), values.max()))
+                    return values
+
+                expected = whole_sequence_expectations(q, p, recorded)
+                if min(low for low, _ in leaves) == max(high for _, high in leaves):
+                    expected = np.full(expected.shape, leaves[0][0])
+                cache[name] = (expected,
+                               whole_sequence_expectations(q, p, lambda t: _magnitude(function, t, np.abs(t) + reach)))
         return cache[name]
 
-    def whole_sequence(mode):
-        functions = {"loss": lambda t: -estimator.numeric_dt(t), "reward": estimator.numeric,
-                     "full": lambda t: estimator.numeric(t) - estimator.numeric_dt(t)}
-        return whole_sequence_expectations(q, p, functions[mode])
+    def component(name):
+        key = ("gradient", name)
+        if key not in cache:
+            w, size = weights(name)
+            if np.all(w == w.flat[0]):
+                cache[key] = (np.zeros(q.size), 0.0)
+            else:
+                cache[key] = (score_gradient(q, mass, w), _rounding(q, mass, size))
+        return cache[key]
 
     out = {}
     for name in placements:
-        if name in RATIO_PLACEMENTS:
-            out[name] = score_gradient(q, mass, whole_sequence(name.removeprefix("sequence-ratio-")))
-        else:
-            out[name] = score_gradient(q, mass, weights(name))
+        parts = [component(part) for part in _COMPONENTS[name]]
+        out[name] = (sum(part[0] for part in parts[1:]) + parts[0][0] if len(parts) > 1 else parts[0][0],
+                     sum(part[1] for part in parts))
     return out
 
 
@@ -227,26 +301,48 @@ def cosine(a, b) -> float:
 
 def reference_gradients(q: Autoregressive, p: Autoregressive) -> dict:
     """The four labelled references of :func:`follows`: true and partial gradients of both KL directions."""
-    true, partial = true_gradients(q, p), partial_gradients(q, p)
-    return {KL_QP: true[KL_QP], KL_PQ: true[KL_PQ], PARTIAL_QP: partial[KL_QP], PARTIAL_PQ: partial[KL_PQ]}
+    return _references(q, p)[0]
 
 
-def follows(gradient, references: dict, tolerance: float = FOLLOWS_TOLERANCE) -> str | None:
-    """Label of the first reference (in :data:`FOLLOWS_ORDER`) equal to ``gradient``, ``"zero"`` or None."""
+def reference_rounding(q: Autoregressive, p: Autoregressive) -> dict:
+    """The rounding-error norm of each of :func:`reference_gradients` (what :func:`follows` compares against)."""
+    return _references(q, p)[1]
+
+
+def follows(gradient, references: dict, tolerance: float = FOLLOWS_TOLERANCE, rounding: float | None = None,
+            reference_rounding: dict | None = None) -> str | None:
+    r"""What ``gradient`` follows: a reference label of :data:`FOLLOWS_ORDER`, ``"zero"``, an
+    ``"indistinguishable (A, B, ...)"`` verdict, or None.
+
+    The gradient equals a reference when :math:`\|g - g_{ref}\| \le \max(\text{tolerance} \cdot
+    \max(\|g\|, \|g_{ref}\|),\ \rho_g + \rho_{ref})`, the :math:`\rho` being the rounding-error norms of the two
+    (``rounding``, ``reference_rounding``; :data:`ROUNDING_NORM` each where not given). Near q = p all references
+    agree to first order (they differ by O(|q - p|^2)); where the gradient equals several of them it cannot say
+    which it follows, and the verdict lists them. References that are the same array (T = 1: a partial gradient is
+    the true one; q = p: all vanish) count once, under the first label. ``"zero"``: no reference matches and
+    :math:`\|g\| \le \max(\text{tolerance} \cdot \max_{ref} \|g_{ref}\|, \rho_g)`.
+    """
     gradient = _vector(gradient)
     if not np.isfinite(gradient).all():
         return None
+    own = ROUNDING_NORM / 2 if rounding is None else float(rounding)
     size = _norm(gradient)
-    norms = {}
+    norms, matched = [], []
     for label in FOLLOWS_ORDER:
         reference = _vector(references[label])
-        norms[label] = _norm(reference) if np.isfinite(reference).all() else math.nan
-        scale = max(size, norms[label])
-        difference = _norm(gradient - reference)
-        if math.isfinite(norms[label]) and (scale <= ROUNDING_NORM or difference < tolerance * scale):
-            return label
-    scale = max((n for n in norms.values() if math.isfinite(n)), default=0.0)
-    return ZERO if size <= tolerance * scale else None
+        if not np.isfinite(reference).all():
+            continue
+        norm = _norm(reference)
+        norms.append(norm)
+        theirs = ROUNDING_NORM / 2 if reference_rounding is None else float(reference_rounding[label])
+        if _norm(gradient - reference) <= max(tolerance * max(size, norm), own + theirs):
+            if not any(np.array_equal(reference, other) for _, other in matched):
+                matched.append((label, reference))
+    if len(matched) == 1:
+        return matched[0][0]
+    if matched:
+        return f"{INDISTINGUISHABLE} ({', '.join(label for label, _ in matched)})"
+    return ZERO if size <= max(tolerance * max(norms, default=0.0), own) else None
 
 
 # --- the summary (JSON of `python -m klsym sequence`) --------------------------------------------
@@ -265,7 +361,7 @@ def sequence_summary(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"
     """
     _check_pair(q, p)
     estimators, placements = _estimators(estimators), _check_placements(placements)
-    references = reference_gradients(q, p)
+    references, reference_errors = _references(q, p)
     target = references[KL_QP]
     out = {"V": q.vocab_size, "T": q.horizon, "eos": q.eos, "sequences": q.n_sequences, "parameters": q.size,
            "kl": sequence_kls(q, p), "per_position": per_position_kls(q, p),
@@ -274,8 +370,8 @@ def sequence_summary(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"
            "missing_future_term": relative_error(references[PARTIAL_QP], target), "estimators": {}}
     for estimator in estimators:
         entry = {}
-        for name, gradient in placement_gradients(estimator, q, p, placements).items():
-            label = follows(gradient, references)
+        for name, (gradient, rounding) in _placements(estimator, q, p, placements).items():
+            label = follows(gradient, references, rounding=rounding, reference_rounding=reference_errors)
             entry[name] = {"gradient": gradient, "follows": label, "relative_error": relative_error(gradient, target),
                            "cosine": math.nan if label == ZERO else cosine(gradient, target)}  # no direction
         out["estimators"][estimator.name] = entry
@@ -455,23 +551,25 @@ def sequence_answer(estimator, mode: str, aggregation: str, q: Autoregressive, p
     """
     key = _setting_key(mode, aggregation, weight)
     placement, scale, note = FRAMEWORK_PLACEMENTS[key]
-    gradient = placement_gradient(estimator, q, p, placement)
+    gradient, rounding = _placements(estimator, q, p, [placement])[placement]
+    references, reference_errors = _references(q, p)
     return {"placement": placement, "scale": scale, "note": note,
-            "follows": follows(gradient, reference_gradients(q, p))}
+            "follows": follows(gradient, references, rounding=rounding, reference_rounding=reference_errors)}
 
 
 def framework_answers(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"):
     """Every row of :data:`FRAMEWORK_PLACEMENTS` x estimator: placement, scale and what it follows (a DataFrame)."""
     import pandas as pd
 
-    references = reference_gradients(q, p)
+    references, reference_errors = _references(q, p)
     rows = []
     for estimator in _estimators(estimators):
-        gradients = placement_gradients(estimator, q, p, PLACEMENTS)
+        gradients = _placements(estimator, q, p, PLACEMENTS)
         for (mode, aggregation), (placement, scale, note) in FRAMEWORK_PLACEMENTS.items():
             rows.append({"mode": mode, "aggregation": aggregation, "estimator": estimator.name,
                          "placement": placement, "scale": scale,
-                         "follows": follows(gradients[placement], references) or "-",
+                         "follows": follows(gradients[placement][0], references, rounding=gradients[placement][1],
+                                            reference_rounding=reference_errors) or "-",
                          "note": note})
     return pd.DataFrame(rows)
 
@@ -479,5 +577,6 @@ def framework_answers(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3
 __all__ = ["PLACEMENTS", "RATIO_PLACEMENTS", "ALL_PLACEMENTS", "FOLLOWS_TOLERANCE", "FOLLOWS_ORDER",
            "FRAMEWORK_PLACEMENTS", "true_gradients", "partial_gradients", "missing_future_term",
            "placement_gradients", "placement_gradient", "relative_difference", "relative_error", "cosine",
-           "reference_gradients", "follows", "sequence_summary", "placement_table", "follows_table", "pair",
+           "reference_gradients", "reference_rounding", "follows", "INDISTINGUISHABLE", "sequence_summary",
+           "placement_table", "follows_table", "pair",
            "future_term_table", "paper_claims", "placement_of_setting", "sequence_answer", "framework_answers"]
