@@ -312,3 +312,12 @@ def test_sequence_reference_is_the_documented_pair():
     assert set(references) == set(seq.FOLLOWS_ORDER)
     row = crosswalk(get_setting("verl"), derive=False, answers=True)
     assert "T = 3 over V = 3" in row["sequence_reference"] and "beta = 0.5" in row["converges_to_reference"]
+
+
+def test_expression_term_weight_is_the_expressions_coefficient_in_the_clamp_region():
+    """NeMo-RL clamps w*k3: where the output clamp bites the token's coefficient is 0 (a clamp(k3) in full mode
+    would keep the capped score part, 10); inside, it is k3's full-mode coefficient -k3'(t) + k3(t) = -t."""
+    term = expression_term(get_setting("nemo-rl"))
+    t = np.array([3.0, -12.0, 1.0, -0.5])  # k3(3) = e^3 - 4 > 10 and k3(-12) = 11 + e^-12 > 10: clamped
+    expected = np.where(np.abs(np.expm1(t) - t) > 10, 0.0, -np.expm1(t) + (np.expm1(t) - t))
+    np.testing.assert_allclose(term.weight(t), expected, rtol=1e-14, atol=0)

@@ -409,8 +409,9 @@ def _expression_term_class():
     class ExpressionTerm(KLTerm):
         """A KLTerm whose score coefficient is a framework expression's (fields: the parsed ``expression``, ``enters``).
 
-        Unclamped, fixedpoint takes the estimator's exact gradient in ``mode``, which equals the expression's
-        (:func:`klsym.rl.expressions.identify` matched the coefficients exactly); clamped, it uses :meth:`weight`.
+        :func:`klsym.rl.fixedpoint.kl_gradient` takes every term's per-sample :meth:`weight`: here the expression's
+        own coefficient, so clamps act where and how the framework applies them (NeMo-RL's clamp(w k3) zeroes both
+        gradient parts where it bites; clamp(k) in a mode would keep the capped score part).
         """
 
         expression: sp.Expr = sp.S.Zero
