@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from klsym.derive.estimators import Estimator, get_estimators
-from klsym.exact.autoregressive import Autoregressive
+from klsym.exact.autoregressive import Autoregressive, log_ratio
 from klsym.rl.sequences import ALL_PLACEMENTS, _check_placements, sequence_summary
 from klsym.simulate.backend import NUMPY_BLOCK, get_backend
 
@@ -142,7 +142,7 @@ def gradient(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: int
     row_sums = np.zeros((len(labels), 2, n_rows))  # sum w, sum w^2 per prefix
     visits = np.zeros(n_rows)
     kl = np.zeros(2)  # sum and sum of squares of sum_t k1_t
-    token_t = p.log_probs - q.log_probs
+    token_t = log_ratio(q, p)  # the exact side's log-ratios (no cancellation near q = p)
 
     def work(blocks):
         reduced = []
