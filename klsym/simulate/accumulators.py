@@ -175,25 +175,6 @@ def bin_edges(keys, bits: int = _HIST_BITS) -> tuple[np.ndarray, np.ndarray]:
     return np.fmin(first, last), np.fmax(first, last)
 
 
-def pattern_keys(xp, values, bits: int):
-    """Bin index of each value: its float32 bit pattern, as a signed integer, cut to ``bits`` bits, plus
-    ``2^(bits-1)``. Not monotone in the value (negative floats count down), which a histogram of t does not
-    need: it reads each bin's edges (:func:`pattern_bin_edges`). Two integer passes fewer than
-    :func:`histogram_keys`."""
-    with np.errstate(over="ignore"):
-        pattern = values.astype(xp.float32).view(xp.int32)
-    return (pattern >> (32 - bits)).ravel()  # the offset 2^(bits-1) is added to the small per-chunk minimum
-
-
-def pattern_bin_edges(keys, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lowest and highest float32 value of the bins ``keys`` of :func:`pattern_keys` (NaN for NaN bins)."""
-    keys = np.asarray(keys, dtype=np.int64) - (1 << (bits - 1))
-    shift = 32 - bits
-    pattern = np.stack([keys << shift, ((keys + 1) << shift) - 1]).astype(np.int32)
-    first, last = pattern.view(np.float32).astype(np.float64)
-    return np.fmin(first, last), np.fmax(first, last)
-
-
 def _bin_edges(key: int) -> tuple[float, float]:
     low, high = bin_edges([key])
     return float(low[0]), float(high[0])
@@ -296,11 +277,11 @@ class LogRatioHistogram(Accumulator):
 
     def partials(self, chunk):
         xp, host = chunk.stream.xp, chunk.stream.backend.host
-        keys = pattern_keys(xp, chunk.t, self.bits)
+        # monotone keys: the bins of a block's t, which straddles 0, form one short run (a few 10^4 bins)
+        keys = histogram_keys(xp, chunk.t, self.bits)
         first = int(keys.min())
         keys -= first
-        counts = host(xp.bincount(keys))
-        return [(first + (1 << (self.bits - 1)), counts)]  # integer counts: exact whatever the grouping
+        return [(first, host(xp.bincount(keys)))]  # integer counts: exact whatever the grouping
 
     def fold(self, partial) -> None:
         first, counts = partial
@@ -324,7 +305,7 @@ class LogRatioHistogram(Accumulator):
 
 
 def quantiles_of_function(keys, counts, function, levels, bits: int = T_HIST_BITS, bracket: bool = False) -> dict:
-    r"""Quantiles of :math:`k(t)` from counts of :math:`t` in the bit-pattern bins ``keys`` (:func:`pattern_keys`).
+    r"""Quantiles of :math:`k(t)` from counts of :math:`t` in the bit-pattern bins ``keys`` (:func:`histogram_keys`).
 
     Bin :math:`j` holds :math:`c_j` samples with :math:`t \in [t_j^-, t_j^+]`, hence
     :math:`k \in [a_j, b_j]`, the range of :math:`k` at the bin's edges and midpoint (exact where
@@ -340,7 +321,7 @@ def quantiles_of_function(keys, counts, function, levels, bits: int = T_HIST_BIT
 
     Returns ``{str(level): value}``, or ``{str(level): (low, high)}`` brackets when ``bracket``.
     """
-    low, high = pattern_bin_edges(keys, bits)
+    low, high = bin_edges(keys, bits)
     low, high = np.where(np.isnan(low), high, low), np.where(np.isnan(high), low, high)
     middle = np.where(np.isfinite(low) & np.isfinite(high), 0.5 * low + 0.5 * high, low)
     with np.errstate(all="ignore"):
@@ -493,6 +474,5 @@ class TrialGradients(Accumulator):
 
 
 __all__ = ["Accumulator", "Moments", "Extremes", "Histogram", "LogRatioHistogram", "BatchSpread", "GradientSums",
-           "TrialGradients", "block_moments", "histogram_keys", "bin_edges", "pattern_keys",
-           "pattern_bin_edges", "quantiles_from_histogram",
+           "TrialGradients", "block_moments", "histogram_keys", "bin_edges", "quantiles_from_histogram",
            "quantiles_of_function", "HIST_BINS", "T_HIST_BITS"]
