@@ -378,3 +378,16 @@ def test_large_vocabulary_float_path_near_equal():
         true = mpmath.fsum(mpmath.exp(a) * (mpmath.exp(b - a) - 1 - (b - a)) for a, b in zip(lq, lp))
     mean = estimator_stats("k3", Categorical(q_logits), Categorical(p_logits))["mean"]
     assert _error(mean, true, abs(true)) < RTOL
+
+
+@pytest.mark.parametrize("formula", ["r**r", "Abs(log(r))", "(r-1)**100", "exp(exp(r))", "exp(100*r)"])
+def test_derive_of_slow_formulas_returns_within_budget(formula, monkeypatch, tmp_path, capsys):
+    import time
+
+    monkeypatch.setenv("KLSYM_TIME_BUDGET", "3")
+    monkeypatch.setenv("KLSYM_CACHE_DIR", str(tmp_path))
+    started = time.monotonic()
+    (row,) = _json(capsys, "derive", "--expr", formula)
+    assert time.monotonic() - started < 3 + 5
+    assert row["f1"] is None or row["f1"] != "nan"
+    assert all(reason.startswith("undecided: ") for reason in row["undecided"])
