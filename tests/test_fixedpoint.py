@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -101,6 +102,29 @@ def test_reward_mode_k3_runs_away_from_the_reward_maximiser():
     assert path[-1, 1] > 0.99  # discrete ascent agrees with the integrated dynamics
 
 
+def test_a_boundary_point_is_not_a_collapse():
+    # k2 in full mode at the reference problem: token 0 (R = 0) dies out, tokens 1 and 2 settle inside their
+    # edge. Not a collapse (the reward maximiser alone); the point and its eigenvalue live on that edge.
+    problem = fp.REFERENCE_PROBLEM
+    point = fp.fixed_point(problem, "k2", "full")
+    q = point["probs"]
+    assert point["status"] == "boundary" and q[0] == 0 and q[1:].min() > 0.1 and q.sum() == pytest.approx(1)
+    assert fp.converges_to("k2", "full").startswith("boundary")
+    # checked with the full-simplex update (not the face code): token 0 almost dead, the rest at q
+    near = np.log(np.where(q > 0, q, np.exp(-40.0)))
+    assert np.abs(fp.expected_update(problem, near, "k2", "full")).max() < 1e-12
+    # the full Jacobian there is block triangular: the face eigenvalue is one of its eigenvalues
+    (face,) = point["eigenvalues"]
+    full = fp.update_jacobian(problem, near, fp.kl_term("k2", "full"))
+    assert np.min(np.abs(full - face)) < 1e-6 * abs(face)
+    assert point["stable"] is bool(face < 0)
+
+
+def test_collapse_onto_a_vertex_has_no_face_eigenvalues():
+    point = fp.fixed_point(fp.REFERENCE_PROBLEM, "k1", "loss")
+    assert point["status"] == "collapse" and point["eigenvalues"] == [] and point["stable"] is True
+
+
 def test_jacobian_at_q_star_is_minus_beta_times_the_fisher_matrix():
     problem = PROBLEMS[2]
     point = fp.fixed_point(problem, "k3", "full")
@@ -154,7 +178,7 @@ def test_expected_update_is_the_exact_layer_gradient_with_clamps_off():
 @pytest.mark.parametrize("estimator,mode", [("k3", "loss"), ("k1", "reward"), ("k3", "full")])
 def test_simulated_training_lands_on_the_predicted_point(estimator, mode):
     check = fp.simulation_check(fp.REFERENCE_PROBLEM, estimator, mode, batch=64, lr=0.5, steps=3000,
-                                seeds=tuple(range(8)), ascent_steps=5000)
+                                seeds=tuple(range(8)), ascent_steps=1000)  # converged to 1e-9 by step ~170
     assert check["ascent_error"] < 1e-9  # exact expected ascent from q = p
     assert check["max_abs_z"] < 5, check  # stochastic: seed mean of Polyak averages vs prediction
 
@@ -175,9 +199,15 @@ def test_stochastic_training_is_reproducible_by_seed():
     ([0.0, math.nan], [0.0, 1.0], 1.0, "reference logits contain non-finite values"),
     ([0.0, 0.0], [0.0, math.inf], 1.0, "reward contain non-finite values"),
     ([0.0], [0.0], 1.0, "at least 2 tokens"),
+    ([[0.0, 0.0]], [0.0, 1.0], 1.0, "reference logits must be a vector (one number per token), got an array of "
+                                     "shape (1, 2)"),
+    ([0.0, 0.0, 0.0], np.zeros((3, 1)), 1.0, "reward must be a vector"),
+    ([0.0, 0.0], [0.0, 1.0], 1e-300, "(max reward - min reward) / beta = 1e+300 exceeds 500"),
+    ([0.0, 0.0, 0.0], [0.0, 1e300, 1.0], 0.5, "(max reward - min reward) / beta = 2e+300 exceeds 500"),
+    ([0.0, 0.0], [-1e308, 1e308], 1.0, "(max reward - min reward) / beta = inf exceeds 500"),
 ])
 def test_bad_problems_get_one_clear_error(p_logits, reward, beta, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         fp.FixedPointProblem(p_logits, reward, beta)
 
 
@@ -187,7 +217,10 @@ def test_bad_problems_get_one_clear_error(p_logits, reward, beta, message):
     (["--beta", "1", "--reward", "0,nan,1"], "non-finite"),
     (["--beta", "1", "--reward", "missing.npy"], "file not found"),
     (["--beta", "1", "--modes", "sideways"], "unknown mode"),
+    (["--beta", "1e-300"], "(max reward - min reward) / beta = 1e+300 exceeds 500"),
+    (["--beta", "0.5", "--reward", "0,1e300,1", "--estimators", "k1"], "/ beta = 2e+300 exceeds 500"),
 ])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no numpy warning may reach the user
 def test_cli_bad_input_is_one_line(arguments, message, capsys):
     base = {"--p-logits": "0,0,0", "--reward": "0,0.5,1"}
     for flag, value in zip(arguments[::2], arguments[1::2]):
@@ -196,6 +229,15 @@ def test_cli_bad_input_is_one_line(arguments, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--p-logits", "--reward"])
+def test_cli_rejects_an_array_of_rank_two(flag, tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.zeros((2, 3)))
+    base = {"--p-logits": "0,0,0", "--reward": "0,0.5,1", "--beta": "1", flag: str(tmp_path / "a.npy")}
+    assert main(["fixedpoint"] + [item for pair in base.items() for item in pair]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: " in err and "shape (2, 3)" in err and "one-dimensional" in err and err.count("\n") == 1
 
 
 def test_cli_json_contract(tmp_path, capsys):
@@ -219,13 +261,24 @@ def test_cli_json_contract(tmp_path, capsys):
 
 def test_cli_table_lists_every_estimator_and_mode(capsys):
     assert main(["fixedpoint", "--p-logits", "0,0,0", "--reward", "0,0.5,1", "--beta", "1",
-                 "--estimators", "k2", "--modes", "loss"]) == 0
+                 "--estimators", "k2,k3", "--modes", "loss,full"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[0] == "estimator" and any(line.startswith("k2") and "interior" in line for line in lines)
+    spans = [match.span() for match in re.finditer(r"-+", lines[2])]  # the dashes under each column
+    header, *rows = [[line[a:b].strip() for a, b in spans] for line in [lines[1]] + lines[3:]]
+    assert header[:4] == ["estimator", "mode", "status", "probs"]
+    assert {"KL(q||p)", "KL(p||q)", "KL(end||q*)", "stable"} <= set(header)
+    table = {tuple(row[:2]): dict(zip(header, row)) for row in rows}
+    assert list(table) == [("optimum q*", "-"), ("k2", "loss"), ("k2", "full"), ("k3", "loss"), ("k3", "full")]
+    assert float(table["k2", "loss"]["KL(end||q*)"]) < 1e-12 and float(table["k3", "loss"]["KL(end||q*)"]) > 1e-6
+    assert table["k3", "loss"]["stable"] == "True" and table["k3", "loss"]["status"] == "interior"
+    point = fp.fixed_point(fp.FixedPointProblem([0.0, 0.0, 0.0], [0.0, 0.5, 1.0], 1.0), "k3", "loss")
+    for column, key in [("KL(q||p)", fp.KL_QP), ("KL(p||q)", fp.KL_PQ), ("KL(end||q*)", "distance_to_optimum")]:
+        assert float(table["k3", "loss"][column]) == pytest.approx(point[key], rel=1e-5)  # 6 digits printed
 
 
 def test_converges_to_phrases():
     assert fp.converges_to("k3", "full") == "q* = p e^{R/beta}/Z"
+    assert fp.converges_to("k2", "full").startswith("boundary (0.0000, 0.4552, 0.5448)")
     assert fp.converges_to("rev_k2", "full") == "collapse onto the reward maximiser(s)"
     assert fp.converges_to("k3", "loss").startswith("interior (0.2125, 0.2217, 0.5659)")
 
@@ -297,8 +350,9 @@ def test_an_output_clamp_that_bites_at_q_star_removes_the_restoring_force():
     free = fp.fixed_point(problem, "k3", "full", input_clamp=20.0)  # input clamp idle: |log r| < 20
     assert free["equals_optimum"] and "clamps inactive" in free["method"]
     clamped = fp.fixed_point(problem, "k3", "full", input_clamp=20.0, output_clamp=10.0)
-    assert clamped["status"] == "collapse" and clamped["probs"][0] == 0
+    assert clamped["status"] == "boundary" and clamped["probs"][0] == 0 and clamped["probs"][1:].min() > 0.1
     assert clamped["distance_to_optimum"] > 1e-3
+    assert len(clamped["eigenvalues"]) == 1 and clamped["stable"] == (clamped["eigenvalues"][0] < 0)
 
 
 def test_converges_to_table_and_cli_setting(capsys):

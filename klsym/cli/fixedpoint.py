@@ -3,14 +3,20 @@
     python -m klsym fixedpoint --p-logits p.txt --reward R.txt --beta 0.5 --estimators k1,k2,k3 --format json
     python -m klsym fixedpoint --p-logits=-0.7,-1.2,-1.6 --reward 0,0.5,1 --beta 0.5 --setting verl:kl_loss
 
-``--p-logits`` and ``--reward`` take a ``.npy`` file, a text file of numbers separated by whitespace or
-commas, or the numbers themselves (``0,0.5,1``). ``--setting FRAMEWORK[:SETTING]`` analyses that
+``--p-logits`` and ``--reward`` take a ``.npy`` file (one-dimensional), a text file of numbers separated by
+whitespace or commas, or the numbers themselves (``0,0.5,1``). ``--setting FRAMEWORK[:SETTING]`` analyses that
 framework setting (its estimator, mode and clamps) instead of ``--estimators``/``--modes``.
 
 JSON: ``optimum`` {``probs``, ``KL(q||p)``, ``reward``} of q* = p e^{R/beta}/Z, and ``estimators`` ->
 name -> mode -> {``probs``, ``KL(q||p)``, ``KL(p||q)``, ``reward``, ``distance_to_optimum`` (KL(end||q*)),
-``status`` (interior, collapse, diverges), ``stable``, ``eigenvalues``, ``equals_optimum``, ``follows``,
-``method``}; for a collapse ``probs`` is the limit point.
+``status``, ``stable``, ``eigenvalues``, ``equals_optimum``, ``follows``, ``method``}. ``status``: ``interior``
+(a fixed point with every token alive); ``boundary`` (some lower-reward tokens die out and the others settle at a
+fixed point on that face: ``probs`` is it, with zeros); ``collapse`` (all mass flows to the reward maximisers:
+``probs`` is the limit point); ``diverges`` (the dynamics run to the boundary elsewhere, or do not settle).
+``eigenvalues``: of the expected dynamics' Jacobian on the face where the point lives (the tokens with q > 0;
+none for a vertex), ``stable`` when all have negative real part; null and false for ``diverges``. The reward
+spread over beta may be at most 500 (else one error: q* would underflow). The table has one row per
+estimator x mode, q* first, with KL(q||p), KL(p||q) and KL(end||q*) (``distance_to_optimum``).
 """
 from __future__ import annotations
 
@@ -29,7 +35,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "fixedpoint", help="where KL-regularised training ends up (fixed point per estimator and mode)",
         description="Fixed point of the expected policy-gradient update E_q[R grad log q] - beta (KL-term "
-                    "gradient) for a categorical softmax policy, against q* = p exp(R/beta)/Z.")
+                    "gradient) for a categorical softmax policy, against q* = p exp(R/beta)/Z. Status: interior "
+                    "(every token alive); boundary (lower-reward tokens die out, the others settle at a fixed "
+                    "point of that face); collapse (mass flows to the reward maximisers); diverges (the "
+                    "dynamics run to the boundary elsewhere). Eigenvalues and stable: the Jacobian on the face "
+                    "where the point lives.")
     parser.add_argument("--p-logits", required=True, metavar="FILE|LIST",
                         help="reference logits: .npy, a text file, or numbers such as -0.7,-1.2,-1.6")
     parser.add_argument("--reward", required=True, metavar="FILE|LIST", help="reward per token (same forms)")
@@ -51,9 +61,13 @@ def read_vector(text: str, what: str) -> np.ndarray:
             raise UserError(f"{what} file not found: {text}")
         try:
             data = np.load(path, allow_pickle=False) if path.suffix == ".npy" else _numbers(path.read_text())
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise UserError(f"cannot read {what} from {text}: {err}") from None
-        return np.ravel(np.asarray(data, dtype=np.float64))
+        data = np.asarray(data, dtype=np.float64)
+        if data.ndim > 1:
+            raise UserError(f"{what}: {text} holds an array of shape {data.shape}; give a one-dimensional vector "
+                            "(one number per token)")
+        return np.ravel(data)
     try:
         return _numbers(text)
     except ValueError:

@@ -19,9 +19,10 @@ this is the stationarity condition of :math:`\mathbb{E}_q[R] - \beta D_g(q, p)` 
 :math:`R_j - \beta\,\varphi(r_j) = \lambda` with :math:`\varphi = \partial_{q}[q\, g(p/q)] = g - r g'`,
 derived by SymPy; for a convex g it has at most one solution, found by one-dimensional root
 finding for λ (:func:`stationary_point`). Otherwise the stable fixed point of the expected dynamics
-is found numerically (:func:`fixed_point` says which). Statuses: ``interior``; ``collapse`` (no
-interior fixed point: probability flows to the high-reward tokens, ``probs`` is the limit point);
-``diverges`` (the dynamics run to the boundary elsewhere, or do not settle).
+is found numerically (:func:`fixed_point` says which). Statuses: ``interior``; ``boundary`` (some
+low-reward tokens die out, the rest settles at an interior point of that face: ``probs`` is that point);
+``collapse`` (probability flows to the reward maximisers, ``probs`` is the limit point); ``diverges``
+(the dynamics run to the boundary elsewhere, or do not settle).
 
 >>> fp = fixed_point(REFERENCE_PROBLEM, "k3", "full")           # follows grad KL(q||p)
 >>> fp["status"], fp["equals_optimum"]
@@ -42,6 +43,8 @@ from scipy.integrate import solve_ivp
 from scipy.optimize import brentq, root
 from scipy.special import log_softmax, logsumexp, softmax
 
+from klsym.derive import symbolic as symbolic_module
+from klsym.derive.diskcache import cache_key, cached_json
 from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, in_logratio
 from klsym.derive.symbolic import analyze, is_zero, mode_coefficient, sign_verdict
 from klsym.derive.symbols import r, t
@@ -53,7 +56,7 @@ from klsym.rl.sequences import PLACEMENTS as SEQUENCE_PLACEMENTS
 from klsym.rl.sequences import placement_gradient
 
 #: Statuses of an end point.
-STATUSES = ("interior", "collapse", "diverges")
+STATUSES = ("interior", "boundary", "collapse", "diverges")
 #: Time the exact expected dynamics are integrated for (units of 1/learning rate: steps at lr = 1).
 DYNAMICS_TIME = 1e5
 #: Below this probability a token of the dynamics' end point counts as dropped (boundary limit).
@@ -62,6 +65,8 @@ DROPPED_MASS = 1e-4
 _T_LIMIT = 700.0
 #: Logit gap below the largest logit at which the expected update is evaluated (q >= e^-600).
 _FLOOR = 600.0
+#: Largest reward spread / β accepted: q* = p e^{R/β}/Z must keep its logit gaps inside :data:`_FLOOR`.
+_SPREAD_LIMIT = 500.0
 
 
 # --- the problem ---------------------------------------------------------------------------------
@@ -74,6 +79,10 @@ class FixedPointProblem:
     Traceback (most recent call last):
     ...
     ValueError: reward has 1 entries but the reference has 2 tokens
+    >>> FixedPointProblem([0.0, 0.0], [0.0, 1.0], 1e-300)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: (max reward - min reward) / beta = 1e+300 exceeds 500: q* = p e^{R/beta}/Z would put e^-500 ...
     """
 
     p_logits: np.ndarray
@@ -94,6 +103,12 @@ class FixedPointProblem:
             raise ValueError(f"beta must be a number, got {self.beta!r}") from None
         if not math.isfinite(beta) or beta <= 0:
             raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        with np.errstate(over="ignore"):
+            spread = (float(reward.max()) - float(reward.min())) / beta  # inf when it overflows
+        if spread > _SPREAD_LIMIT:
+            raise ValueError(f"(max reward - min reward) / beta = {spread:.3g} exceeds {_SPREAD_LIMIT:g}: "
+                             f"q* = p e^{{R/beta}}/Z would put e^-{_SPREAD_LIMIT:g} or less on a token, below what "
+                             "the float64 dynamics resolve; rescale the reward or raise beta")
         for name, value in (("p_logits", logits), ("reward", reward), ("beta", beta),
                             ("reference", Categorical(logits))):
             object.__setattr__(self, name, value)
@@ -112,9 +127,12 @@ class FixedPointProblem:
 
 def _finite_vector(values, what: str) -> np.ndarray:
     try:
-        array = np.ravel(np.asarray(values, dtype=np.float64))
+        array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be real numbers") from None
+    if array.ndim > 1:
+        raise ValueError(f"{what} must be a vector (one number per token), got an array of shape {array.shape}")
+    array = np.ravel(array)
     if array.size == 0:
         raise ValueError(f"{what} is empty")
     if not np.isfinite(array).all():
@@ -135,7 +153,12 @@ def optimum(problem: FixedPointProblem) -> np.ndarray:
     >>> optimum(FixedPointProblem([0.0, 0.0], [0.0, math.log(3)], 1.0)).round(6).tolist()
     [0.25, 0.75]
     """
-    return softmax(problem.p_logits + problem.reward / problem.beta)
+    return np.exp(optimum_log_probs(problem))
+
+
+def optimum_log_probs(problem: FixedPointProblem) -> np.ndarray:
+    r""":math:`\log q^* = \operatorname{log\,softmax}(\log p + R/\beta)`: R/β enters as logits."""
+    return log_softmax(problem.p_logits + problem.reward / problem.beta)
 
 
 # --- the expected update ---------------------------------------------------------------------------
@@ -209,20 +232,20 @@ def expected_update(problem: FixedPointProblem, logits, estimator, mode: str | N
     return score_expectation(probs, problem.reward) - problem.beta * kl_gradient(problem, logits, term)
 
 
-def update_jacobian(problem: FixedPointProblem, logits, term: KLTerm, step: float = 1e-6) -> np.ndarray:
+def update_jacobian(problem: FixedPointProblem, logits, term: KLTerm, step: float = 1e-6,
+                    support=None) -> np.ndarray:
     r"""Eigenvalues of the expected dynamics' Jacobian on the simplex (V - 1 of them).
 
     Logits are defined up to a shift, so the last logit is held at 0; central differences.
-    Negative real parts: a stable fixed point.
+    Negative real parts: a stable fixed point. With ``support`` (a boolean mask) the Jacobian is the
+    one on that face of the simplex (the other tokens have q = 0 and stay there): ``logits`` then
+    holds the surviving tokens' logits, and there are (number of survivors - 1) eigenvalues.
     """
     reduced = _reduced(np.asarray(logits, dtype=np.float64))
-    columns = []
-    for i in range(reduced.size):
-        bump = np.zeros_like(reduced)
-        bump[i] = step
-        columns.append((_reduced_field(problem, term, reduced + bump)
-                        - _reduced_field(problem, term, reduced - bump)) / (2 * step))
-    eigenvalues = np.linalg.eigvals(np.array(columns).T)
+    bumps = step * np.eye(reduced.size)
+    columns = [(_reduced_field(problem, term, reduced + bump, support)
+                - _reduced_field(problem, term, reduced - bump, support)) / (2 * step) for bump in bumps]
+    eigenvalues = np.linalg.eigvals(np.array(columns).T) if columns else np.zeros(0)
     return eigenvalues[np.argsort(-eigenvalues.real)]
 
 
@@ -234,9 +257,27 @@ def _full(reduced: np.ndarray) -> np.ndarray:
     return np.append(reduced, 0.0)
 
 
-def _reduced_field(problem, term, reduced):
-    update = expected_update(problem, _full(reduced), term)
+def _reduced_field(problem, term, reduced, support=None):
+    update = expected_update(problem, _full(reduced), term) if support is None \
+        else _face_update(problem, term, support, _full(reduced))
     return update[:-1] - update[-1]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax along the last axis in plain NumPy (scipy's carries per-call overhead the loops feel)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _face_update(problem, term, support, logits):
+    r"""The expected update of the surviving tokens' logits on the face ``support`` (q = 0 elsewhere).
+
+    :math:`u_j = q_j (a_j - \mathbb{E}_q[a])`, :math:`a_j = R_j - \beta\,w(\log p_j - \log q_j)` over the
+    survivors: the dead tokens add nothing to the expectations and stay dead.
+    """
+    log_q = _log_softmax(np.maximum(logits - logits.max(), -_FLOOR))
+    advantage = problem.reward[support] - problem.beta * term.weight(problem.reference.log_probs[support] - log_q)
+    return score_expectation(np.exp(log_q), advantage)
 
 
 # --- SymPy: the stationarity condition --------------------------------------------------------------
@@ -247,8 +288,10 @@ def stationarity_condition(estimator, mode: str) -> dict:
 
     :math:`\varphi(r) = g(r) - r g'(r)` is :math:`\partial_{q_j}[q_j\, g(p_j/q_j)]`, checked to differ
     from the mode coefficient h by a constant. Returns ``phi`` (in r), ``convex`` (g'' >= 0 proved),
-    ``constant`` (φ constant: no restoring force), ``inverse`` (t = log r as a function of
-    y = φ, where SymPy finds a unique closed form), ``range`` (φ at r -> ∞ and r -> 0+).
+    ``constant`` (φ constant: no restoring force), and for a convex g (the only case
+    :func:`stationary_point` solves) ``inverse`` (t = log r as a function of y = φ, where SymPy finds a
+    unique closed form) and ``range`` (φ at r -> ∞ and r -> 0+). Cached in-process and on disk
+    (:mod:`klsym.derive.diskcache`, keyed like :func:`klsym.derive.symbolic.analyze` plus the mode).
 
     >>> c = stationarity_condition("k3", "loss")                  # KL(p||q)
     >>> c["phi"], c["inverse"], c["convex"]
@@ -257,6 +300,27 @@ def stationarity_condition(estimator, mode: str) -> dict:
     1 - y
     """
     estimator = get_estimator(estimator)
+    key = cache_key([sp.srepr(estimator.expr), sp.srepr(estimator.surrogate_expr), estimator.name, mode],
+                    [__file__, symbolic_module.__file__])
+    stored = cached_json("stationarity", key, lambda: _to_json(_derive_stationarity(estimator, mode)))
+    return _from_json(stored)
+
+
+_EXPRESSIONS = ("generator", "phi", "inverse", "y")
+
+
+def _to_json(condition: dict) -> dict:
+    return {k: (sp.srepr(v) if k in _EXPRESSIONS and v is not None else v) for k, v in condition.items()}
+
+
+def _from_json(stored: dict) -> dict:
+    # srepr strings written by _to_json from SymPy's own derivation (never user input)
+    out = {k: (sp.sympify(v) if k in _EXPRESSIONS and v is not None else v) for k, v in stored.items()}
+    out["range"] = tuple(out["range"]) if out["range"] is not None else None
+    return out
+
+
+def _derive_stationarity(estimator: Estimator, mode: str) -> dict:
     derived = analyze(estimator)["gradient"][mode]
     g = sp.sympify(derived["generator"], locals={"r": r})
     out = {"divergence": derived["divergence"], "generator": g, "phi": None, "convex": False,
@@ -270,7 +334,7 @@ def stationarity_condition(estimator, mode: str) -> dict:
     out["phi"] = phi
     out["constant"] = is_zero(sp.diff(phi, r))
     out["convex"] = not out["constant"] and sign_verdict(sp.diff(g, r, 2))["holds"] is True
-    if out["constant"]:
+    if not out["convex"]:  # range and inverse serve the multiplier search of a convex g only
         return out
     phi_t = sp.simplify(in_logratio(phi))
     out["range"] = tuple(float(sp.limit(phi_t, t, end)) for end in (sp.oo, -sp.oo))
@@ -387,24 +451,42 @@ def _clamps_idle(problem, term, probs) -> bool:
     return inside
 
 
-def _polish(problem, term, logits):
-    """Newton-type refinement of an approximate interior fixed point (None if it does not converge)."""
+def _polish(problem, term, logits, support=None):
+    """Newton-type refinement of an approximate fixed point, interior or on the face ``support`` (None if it
+    does not converge)."""
+    if len(logits) < 2:
+        return np.asarray(logits, dtype=np.float64)  # a vertex: nothing to refine
     with np.errstate(all="ignore"):
-        solution = root(lambda z: _reduced_field(problem, term, z), _reduced(logits), method="hybr", tol=1e-14)
-    if not solution.success or not np.isfinite(solution.x).all():
-        return None
-    if np.max(np.abs(_reduced_field(problem, term, solution.x))) > 1e-10:
-        return None
+        solution = root(lambda z: _reduced_field(problem, term, z, support), _reduced(logits), method="hybr",
+                        tol=1e-14)
+        if not solution.success or not np.isfinite(solution.x).all():
+            return None
+        if np.max(np.abs(_reduced_field(problem, term, solution.x, support))) > 1e-10:
+            return None
     return _full(solution.x)
 
 
 def _boundary_status(problem, probs) -> tuple[str, np.ndarray]:
-    """A boundary limit: collapse if the dropped tokens all have lower reward than the kept ones."""
+    """A boundary limit: ``collapse`` if only reward maximisers survive, ``boundary`` if the dropped tokens all
+    have lower reward than the survivors (not all maximisers), else ``diverges`` (also when none dropped)."""
     kept = probs >= DROPPED_MASS
     limit = np.where(kept, probs, 0.0)
     limit = limit / limit.sum()
-    collapse = problem.reward[kept].min() >= problem.reward[~kept].max()
-    return ("collapse" if collapse else "diverges"), limit
+    if kept.all() or problem.reward[kept].min() < problem.reward[~kept].max():
+        return "diverges", limit
+    return ("collapse" if np.all(problem.reward[kept] >= problem.reward.max()) else "boundary"), limit
+
+
+def _settle_on_face(problem, term, limit):
+    """The boundary limit refined to the fixed point of the dynamics on its face (the limit if none is near)."""
+    support = limit > 0
+    with np.errstate(divide="ignore"):
+        face = _polish(problem, term, np.log(limit[support]), support)
+    if face is None or np.max(np.abs(softmax(face) - limit[support])) >= 1e-3:
+        return limit
+    settled = np.zeros_like(limit)
+    settled[support] = softmax(face)
+    return settled
 
 
 def fixed_point(problem: FixedPointProblem, estimator, mode: str, *, input_clamp: float | None = None,
@@ -438,6 +520,8 @@ def fixed_point(problem: FixedPointProblem, estimator, mode: str, *, input_clamp
     if condition["constant"] and not term.clamped:
         probs, method = end, "SymPy: the mode's implied divergence has no restoring force (phi constant)"
         status, probs = _boundary_status(problem, end) if dynamics["finite"] else ("diverges", end)
+        if status == "boundary":
+            probs = _settle_on_face(problem, term, probs)
     else:
         method = ("numeric: stable fixed point of the exact expected dynamics from q = p"
                   + (" (implied divergence not convex)" if exact is None
@@ -449,19 +533,27 @@ def fixed_point(problem: FixedPointProblem, estimator, mode: str, *, input_clamp
             probs, status = softmax(polished), "interior"
         else:
             status, probs = _boundary_status(problem, end)
-    return _report(problem, probs, status, status == "collapse", term, condition["divergence"], method)
+            if status == "boundary":
+                probs = _settle_on_face(problem, term, probs)
+    return _report(problem, probs, status, False, term, condition["divergence"], method)
 
 
 def _report(problem, probs, status, stable, term, follows, method) -> dict:
-    """The result dict; an interior point gets its Jacobian eigenvalues and ``stable`` from them.
+    """The result dict; a fixed point gets its Jacobian eigenvalues and ``stable`` from them.
 
-    For a boundary limit ``stable`` says whether it attracts the dynamics from q = p (collapse)."""
+    The Jacobian is taken on the face of the simplex where the point lives (the tokens with q > 0; the whole
+    simplex for an interior point): ``stable`` when every eigenvalue has a negative real part (a vertex has
+    none: it attracts the dynamics that reached it). ``diverges``: no eigenvalues, ``stable`` False."""
     eigenvalues = None
-    if status == "interior":
-        eigenvalues = update_jacobian(problem, np.log(probs), term)
+    if status != "diverges":
+        support = probs > 0
+        with np.errstate(divide="ignore"):
+            eigenvalues = update_jacobian(problem, np.log(probs[support]), term,
+                                          support=None if support.all() else support)
         stable = bool(np.all(eigenvalues.real < 0))
     with np.errstate(divide="ignore"):
-        q, star = Categorical(np.log(probs)), Categorical(np.log(optimum(problem)))
+        q = Categorical(np.log(probs))
+    star = Categorical(optimum_log_probs(problem))
     kl = kl_divergences(q, problem.reference)
     distance = max(kl_divergences(q, star)[KL_QP], 0.0)  # rounding can make it -1e-17
     return {"probs": np.asarray(probs), KL_QP: kl[KL_QP], KL_PQ: kl[KL_PQ],
@@ -483,7 +575,8 @@ def fixed_point_summary(problem: FixedPointProblem, estimators=None, modes=MODES
     estimators = [get_estimator(e) for e in (estimators if estimators is not None else BUILTINS)]
     star = optimum(problem)
     out = {"p": problem.p, "reward_vector": problem.reward, "beta": problem.beta,
-           "optimum": {"probs": star, KL_QP: kl_divergences(Categorical(np.log(star)), problem.reference)[KL_QP],
+           "optimum": {"probs": star,
+                       KL_QP: kl_divergences(Categorical(optimum_log_probs(problem)), problem.reference)[KL_QP],
                        "reward": float(np.dot(star, problem.reward))},
            "estimators": {}}
     for estimator in estimators:
@@ -493,14 +586,25 @@ def fixed_point_summary(problem: FixedPointProblem, estimators=None, modes=MODES
     return out
 
 
+#: Table label of ``distance_to_optimum``: KL(q_end || q*), the direction written out.
+DISTANCE_LABEL = "KL(end||q*)"
+
+
 def summary_rows(summary: dict) -> list[dict]:
-    """One row per (estimator, mode) of a :func:`fixed_point_summary`, for tables."""
-    rows = [{"estimator": "optimum q*", "mode": "-", "status": "-", "probs": _fmt(summary["optimum"]["probs"]),
-             KL_QP: summary["optimum"][KL_QP], "reward": summary["optimum"]["reward"]}]
+    """One row per (estimator, mode) of a :func:`fixed_point_summary`, for tables (q* first).
+
+    Columns: status, probs, KL(q||p), KL(p||q), E_q[R], :data:`DISTANCE_LABEL` (``distance_to_optimum``),
+    stable, equals q*, follows."""
+    star = np.asarray(summary["optimum"]["probs"])
+    with np.errstate(divide="ignore"):
+        star_kl_pq = kl_divergences(Categorical(np.log(star)), Categorical(np.log(summary["p"])))[KL_PQ]
+    rows = [{"estimator": "optimum q*", "mode": "-", "status": "-", "probs": _fmt(star),
+             KL_QP: summary["optimum"][KL_QP], KL_PQ: star_kl_pq, "reward": summary["optimum"]["reward"],
+             DISTANCE_LABEL: 0.0, "stable": True, "equals q*": True, "follows": "KL(q||p)"}]
     for name, entry in summary["estimators"].items():
         rows += [{"estimator": name, "mode": mode, "status": point["status"], "probs": _fmt(point["probs"]),
                   KL_QP: point[KL_QP], KL_PQ: point[KL_PQ], "reward": point["reward"],
-                  "distance_to_optimum": point["distance_to_optimum"], "stable": point["stable"],
+                  DISTANCE_LABEL: point["distance_to_optimum"], "stable": point["stable"],
                   "equals q*": point["equals_optimum"], "follows": point["follows"]}
                  for mode, point in entry.items()]
     return rows
@@ -519,14 +623,14 @@ def expected_ascent(problem: FixedPointProblem, estimator, mode: str | None = No
     Returns the probabilities after each step, shape (steps + 1, V).
     """
     term = estimator if isinstance(estimator, KLTerm) else kl_term(estimator, mode, input_clamp, output_clamp)
-    logits = problem.p_logits.copy()
-    path = [softmax(logits)]
+    logits, everyone = problem.p_logits.copy(), np.ones(problem.size, dtype=bool)
+    path = np.empty((steps + 1, problem.size))
+    path[0] = softmax(logits)
     with np.errstate(all="ignore"):
-        for _ in range(steps):
-            logits = logits + lr * expected_update(problem, logits, term)
-            logits -= logits.max()
-            path.append(softmax(logits))
-    return np.array(path)
+        for step in range(1, steps + 1):
+            logits = logits + lr * _face_update(problem, term, everyone, logits)  # the expected update, lean
+            path[step] = np.exp(_log_softmax(logits))
+    return path
 
 
 def stochastic_training(problem: FixedPointProblem, estimator, mode: str | None = None, *, batch: int = 64,
@@ -543,42 +647,42 @@ def stochastic_training(problem: FixedPointProblem, estimator, mode: str | None 
     the iterates is returned (it converges to the fixed point; a constant step would not).
 
     Returns ``probs`` (per seed: the Polyak average), ``last`` (last iterate per seed), ``path``
-    (per seed, probs every step).
+    (per seed, probs every step). The seeds run side by side (arrays over seeds); seed s draws its
+    uniforms from ``np.random.default_rng(s)`` in the order a run on its own would.
     """
     term = estimator if isinstance(estimator, KLTerm) else kl_term(estimator, mode, input_clamp, output_clamp)
     if batch < 2:
         raise ValueError("batch must be at least 2 (the leave-one-out baseline)")
     log_p = log_softmax(problem.p_logits)
-    averages, lasts, paths = [], [], []
-    for seed in seeds:
-        rng = np.random.default_rng(seed)
-        logits = problem.p_logits.copy()
-        path, tail = [softmax(logits)], np.zeros(problem.size)
+    seeds = tuple(seeds)
+    uniforms = np.stack([np.random.default_rng(seed).random((steps, batch)) for seed in seeds])
+    offsets = problem.size * np.arange(len(seeds))[:, None]  # seed s counts its tokens in bins s V .. s V + V - 1
+    logits = np.tile(problem.p_logits, (len(seeds), 1))
+    path = np.empty((len(seeds), steps + 1, problem.size))
+    path[:, 0] = softmax(logits, axis=1)
+    with np.errstate(divide="ignore"):
         for step in range(steps):
-            probs = path[-1]
-            cumulative = np.cumsum(probs)  # inverse-CDF sampling (rng.choice with p is slow per call)
-            tokens = np.minimum(np.searchsorted(cumulative, rng.random(batch) * cumulative[-1], side="right"),
-                                problem.size - 1)
-            log_ratio = log_p[tokens] - np.log(probs[tokens])
+            probs = path[:, step]
+            cumulative = np.cumsum(probs, axis=1)  # inverse-CDF sampling, as searchsorted(side="right")
+            draws = uniforms[:, step, :, None] * cumulative[:, -1:, None]
+            tokens = np.minimum((cumulative[:, None, :] <= draws).sum(axis=-1), problem.size - 1)
+            log_ratio = log_p[tokens] - np.log(np.take_along_axis(probs, tokens, axis=1))
             reward = problem.reward[tokens]
             if term.mode == "reward":
                 reward = reward - problem.beta * term.weight(log_ratio)
-            advantage = (reward * batch - reward.sum()) / (batch - 1)  # reward minus the mean of the others
-            coefficient = advantage.copy()
+            # reward minus the mean of the others
+            coefficient = (reward * batch - reward.sum(axis=1, keepdims=True)) / (batch - 1)
             if term.mode != "reward":
-                coefficient -= problem.beta * term.weight(log_ratio)
+                coefficient = coefficient - problem.beta * term.weight(log_ratio)
             # mean_i c_i (onehot(x_i) - q)
-            update = np.bincount(tokens, weights=coefficient, minlength=problem.size) / batch \
-                - probs * coefficient.mean()
+            counts = np.bincount((tokens + offsets).ravel(), weights=coefficient.ravel(), minlength=offsets.size
+                                 * problem.size).reshape(probs.shape)
+            update = counts / batch - probs * coefficient.mean(axis=1, keepdims=True)
             logits = logits + lr / (1 + step / 100) ** decay * update
-            logits -= logits.max()
-            path.append(softmax(logits))
-            if step >= steps // 2:
-                tail += path[-1]
-        averages.append(tail / (steps - steps // 2))
-        lasts.append(path[-1])
-        paths.append(np.array(path))
-    return {"probs": np.array(averages), "last": np.array(lasts), "path": np.array(paths)}
+            logits -= logits.max(axis=1, keepdims=True)
+            path[:, step + 1] = np.exp(_log_softmax(logits))
+    averages = path[:, steps // 2 + 1:].mean(axis=1)
+    return {"probs": averages, "last": path[:, -1].copy(), "path": path}
 
 
 # --- sequences: a terminal reward on the autoregressive family ---------------------------------------
@@ -674,7 +778,7 @@ def sequence_fixed_point(problem: SequenceProblem, estimator, placement: str, *,
     star = sequence_optimum(problem)
     with np.errstate(all="ignore"):
         solution = solve_ivp(lambda _, z: sequence_update(problem, z, estimator, placement), (0.0, time),
-                             p.log_probs.ravel(), method="LSODA", rtol=1e-10, atol=1e-12)
+                             p.log_probs.ravel(), method="LSODA", rtol=1e-8, atol=1e-10)  # converged is checked
     end_logits = solution.y[:, -1].reshape(p.logits.shape)
     finite = solution.success and np.isfinite(end_logits).all()
     end = Autoregressive(np.maximum(end_logits - end_logits.max(axis=1, keepdims=True), -_FLOOR)) if finite else p
@@ -733,6 +837,9 @@ def converges_to(estimator, mode: str, problem: FixedPointProblem = REFERENCE_PR
         if point["probs"][~best].sum() == 0:
             return "collapse onto the reward maximiser(s)"
         return f"collapse to the boundary {_fmt(point['probs'])}"
+    if point["status"] == "boundary":
+        return (f"boundary {_fmt(point['probs'])} (low-reward tokens die), "
+                f"KL(end||q*) = {point['distance_to_optimum']:.3g}")
     if point["status"] == "diverges":
         return "diverges"
     stable = "" if point["stable"] else ", unstable"
