@@ -51,9 +51,25 @@ _API = {
     "mc_gradient": ("klsym.simulate.montecarlo", "gradient"),
     "gradient_trials": "klsym.simulate.montecarlo",
     "crosscheck": "klsym.simulate.montecarlo",
-    # rl: frameworks
+    "sweep": "klsym.simulate.sweep",
+    # exact + rl: autoregressive sequences
+    "Autoregressive": "klsym.exact.autoregressive",
+    "sequence_summary": "klsym.rl.sequences",
+    "placement_gradients": "klsym.rl.sequences",
+    # rl: off-policy samples, where training ends up, frameworks
+    "offpolicy_gradient": "klsym.rl.offpolicy",
+    "offpolicy_summary": "klsym.rl.offpolicy",
+    "FixedPointProblem": "klsym.rl.fixedpoint",
+    "fixed_point": "klsym.rl.fixedpoint",
+    "fixed_point_summary": "klsym.rl.fixedpoint",
+    "converges_to": "klsym.rl.fixedpoint",
     "crosswalk_table": "klsym.rl.frameworks",
     "get_setting": "klsym.rl.frameworks",
+    "load_settings": "klsym.rl.frameworks",
+    # report: comparison tables, recorded findings, closed forms to cite
+    "compare": "klsym.report.compare",
+    "record": "klsym.report.findings",
+    "closed_forms": "klsym.derive.closed_forms",
 }
 
 
