@@ -91,3 +91,20 @@ def test_cli_imports_only_the_subcommand_it_runs():
             "print(sorted(m for m in sys.modules if m.startswith('klsym.cli.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['klsym.cli.derive']"
+
+
+@pytest.mark.parametrize("command", ["exact", "gradient", "mc"])
+def test_behaviour_options_do_not_import_the_offpolicy_machinery(command):
+    """``--behaviour`` option names and defaults come from klsym.rl.weightings; klsym.rl.offpolicy (scipy.optimize,
+    pandas) is imported only when a behaviour policy is given."""
+    code = (f"import sys; from klsym.cli import build_parser; build_parser({command!r}).parse_args([{command!r}]); "
+            "print('klsym.rl.offpolicy' in sys.modules, 'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_weightings_are_the_ones_offpolicy_uses():
+    from klsym.rl import offpolicy, weightings
+
+    for name in weightings.__all__:
+        assert getattr(offpolicy, name) is getattr(weightings, name)

@@ -16,7 +16,7 @@ from klsym.jsonio import dumps, format_table
 
 def add_behaviour_arguments(parser) -> None:
     """``--behaviour MU,SIGMA`` / ``--behaviour-logits FILE``, ``--weighting``, ``--truncation``, ``--clip``."""
-    from klsym.rl.offpolicy import DEFAULT_CLIP, DEFAULT_TRUNCATION, WEIGHTINGS
+    from klsym.rl.weightings import DEFAULT_CLIP, DEFAULT_TRUNCATION, WEIGHTINGS
 
     parser.add_argument("--behaviour", metavar="MU,SIGMA",
                         help="behaviour policy b = N(MU, SIGMA^2) that drew the samples (gradient still for q)")
@@ -48,7 +48,7 @@ def behaviour_from_args(args, q):
 
 
 def weightings_from_args(args) -> tuple[str, ...]:
-    from klsym.rl.offpolicy import WEIGHTINGS
+    from klsym.rl.weightings import WEIGHTINGS
 
     chosen = tuple(w.strip() for w in args.weighting.split(",") if w.strip())
     unknown = [w for w in chosen if w not in WEIGHTINGS]
@@ -118,7 +118,7 @@ def run_mc(args, q, p, b, estimators) -> int:
 
 def add_sequence_behaviour_arguments(parser) -> None:
     """``--behaviour-model B.npy --weighting W`` for ``klsym sequence``."""
-    from klsym.rl.offpolicy import SEQUENCE_WEIGHTINGS
+    from klsym.rl.weightings import SEQUENCE_WEIGHTINGS
 
     parser.add_argument("--behaviour-model", metavar="B.npy",
                         help="behaviour policy b that drew the sequences: (P, V) logits of every prefix")

@@ -51,12 +51,8 @@ from klsym.exact import quadrature
 from klsym.exact.expectations import KL_QP, MODES, kl_divergences, true_gradients
 from klsym.exact.families import Categorical, Gaussian, check_same_family
 from klsym.rl import expressions as ex
-
-WEIGHTINGS = ("none", "token-is", "token-is-differentiable", "truncated-is", "ppo-clip")
-#: Weightings whose expected gradient is the on-policy one for every estimator and mode (b > 0 where q > 0).
-UNBIASED_WEIGHTINGS = ("token-is",)
-DEFAULT_TRUNCATION = 2.0
-DEFAULT_CLIP = 0.2
+from klsym.rl.weightings import (DEFAULT_CLIP, DEFAULT_TRUNCATION, SEQUENCE_PLACEMENTS, SEQUENCE_WEIGHTINGS,
+                                 UNBIASED_WEIGHTINGS, WEIGHTINGS)
 
 
 # --- the expression of (estimator, mode, weighting) --------------------------------------------------
@@ -421,9 +417,6 @@ def mc_check_table(q, p, b, estimators="k1,k2,k3", modes=MODES, weightings=WEIGH
 # score s_t = grad log q(y_t | y_<t). Every (placement, weighting) gradient of one sequence is sum_t C_t s_t; the
 # coefficients C_t are built in _sequence_coefficients. Exact expectations enumerate the V^T sequences under b.
 
-SEQUENCE_WEIGHTINGS = ("none", "token-is", "token-is-differentiable", "sequence-is", "sequence-mean-is-differentiable",
-                       "per-decision")
-SEQUENCE_PLACEMENTS = ("loss", "reward", "reward-to-go", "sequence-reward", "full", "loss+reward")
 #: Largest V^T enumerated by the off-policy sequence functions (arrays of shape (V^T, T, V)).
 MAX_OFFPOLICY_SEQUENCES = 1 << 18
 
