@@ -171,6 +171,9 @@ def test_expected_update_is_the_exact_layer_gradient_with_clamps_off():
     h = 1 - np.exp(t)  # k3 loss: h = -r k'(r) = 1 - r
     by_hand -= problem.beta * q * (h - q @ h)
     np.testing.assert_allclose(fp.expected_update(problem, logits, "k3", "loss"), by_hand, rtol=1e-12)
+    everyone = np.ones(3, dtype=bool)  # the dynamics' field (the face update on the whole simplex) agrees
+    np.testing.assert_allclose(fp._face_update(problem, fp.kl_term("k3", "loss"), everyone, logits), by_hand,
+                               rtol=1e-12)
     clamped = fp.kl_term("k3", "loss", input_clamp=1e3, output_clamp=1e3)  # clamps that never bite
     np.testing.assert_allclose(fp.expected_update(problem, logits, clamped), by_hand, rtol=1e-12)
 
