@@ -391,3 +391,24 @@ def test_derive_of_slow_formulas_returns_within_budget(formula, monkeypatch, tmp
     assert time.monotonic() - started < 3 + 5
     assert row["f1"] is None or row["f1"] != "nan"
     assert all(reason.startswith("undecided: ") for reason in row["undecided"])
+
+
+@pytest.mark.parametrize("pair, estimators, direction", [
+    (("--q-logits", "q.txt", "--p-logits", "p.txt"), ("k1", "k3"), "KL(q||p)"),
+    (("--q", "0,1e-300", "--p", "0,1"), ("rev_k1", "rev_k3"), "KL(p||q)"),
+])
+def test_bias_inf_minus_inf_is_labelled_undefined(pair, estimators, direction, tmp_path, capsys):
+    _write(tmp_path / "q.txt", "0 0 0\n")
+    _write(tmp_path / "p.txt", "0 -inf 0\n")
+    argv = ["exact", *(str(tmp_path / a) if a.endswith(".txt") else a for a in pair),
+            "--estimators", ",".join(estimators) + ",k4"]
+    out = _json(capsys, *argv)
+    assert out["kl"][direction] == "inf"
+    for name in estimators:
+        stats = out["estimators"][name]
+        assert stats["mean"] == "inf" and stats["bias"][direction] is None
+        assert stats["bias_undefined"] == {direction: "inf - inf"}
+    assert out["estimators"]["k4"]["bias"][direction] == "-inf"  # finite mean - inf stays -inf
+    assert "bias_undefined" not in out["estimators"]["k4"]
+    code, table, _ = _cli(capsys, *argv)
+    assert code == 0 and "undefined (inf - inf)" in table and "nan" not in table

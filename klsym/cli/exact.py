@@ -116,10 +116,16 @@ def run(args) -> int:
     for name, stats in summary["estimators"].items():
         rows.append({"estimator": name, "target": stats["target"], "mean": stats["mean"], "std": stats["std"],
                      "second_moment": stats["second_moment"], "prob_negative": stats["prob_negative"],
-                     f"bias {KL_QP}": stats["bias"][KL_QP], f"bias {KL_PQ}": stats["bias"][KL_PQ],
+                     **{f"bias {label}": bias_cell(stats, label) for label in (KL_QP, KL_PQ)},
                      "method": stats["method"]})
     print(format_table(rows))
     return 0
+
+
+def bias_cell(stats: dict, label: str):
+    """The table cell of a bias: its value, or ``undefined (inf - inf)`` where it has none."""
+    reason = stats.get("bias_undefined", {}).get(label)
+    return stats["bias"][label] if reason is None else f"undefined ({reason})"
 
 
 def summarise(args, summary_of, q, p, doing: str) -> dict:

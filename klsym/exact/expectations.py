@@ -544,9 +544,24 @@ def true_gradients(q, p, positions: int = 1) -> dict:
 
 # --- summaries for the CLI and notebooks -----------------------------------------------------------
 
-def _bias(mean: float, kl: dict) -> dict:
-    with np.errstate(invalid="ignore"):
-        return {label: float(np.float64(mean) - np.float64(value)) for label, value in kl.items()}
+def _bias(mean: float, kl: dict) -> tuple[dict, dict]:
+    """Bias ``mean - KL`` per direction, and why it is undefined where it is (``None`` in the first dict).
+
+    inf - inf has no value; ``inf`` stays where one side is infinite and the other finite.
+
+    >>> _bias(float("inf"), {"KL(q||p)": float("inf"), "KL(p||q)": 1.0})
+    ({'KL(q||p)': None, 'KL(p||q)': inf}, {'KL(q||p)': 'inf - inf'})
+    """
+    bias, undefined = {}, {}
+    for label, value in kl.items():
+        mean_, value_ = float(mean), float(value)
+        if math.isnan(mean_) or math.isnan(value_):
+            bias[label], undefined[label] = None, "mean is nan" if math.isnan(mean_) else "KL is nan"
+        elif math.isinf(mean_) and math.isinf(value_) and (mean_ > 0) == (value_ > 0):
+            bias[label], undefined[label] = None, f"{mean_:g} - {value_:g}"
+        else:
+            bias[label] = mean_ - value_
+    return bias, undefined
 
 
 def exact_summary(q, p, estimators, positions: int = 1) -> dict:
@@ -556,7 +571,9 @@ def exact_summary(q, p, estimators, positions: int = 1) -> dict:
     out = {"family": q.name, "q": _params(q), "p": _params(p), "positions": positions, "kl": kl, "estimators": {}}
     for estimator in estimators:
         stats = estimator_stats(estimator, q, p, positions)
-        stats["bias"] = _bias(stats["mean"], kl)
+        stats["bias"], undefined = _bias(stats["mean"], kl)
+        if undefined:  # JSON: null bias, with the reason next to it
+            stats["bias_undefined"] = undefined
         stats["target"] = estimator.target
         out["estimators"][estimator.name] = stats
     return out
