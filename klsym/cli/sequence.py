@@ -12,7 +12,11 @@ adds a Monte Carlo cross-check (``mc`` block: per-placement gradients, standard 
 JSON keys: ``kl`` {"KL(q||p)", "KL(p||q)"}; ``true_gradient`` and ``partial_gradient`` (same two keys, flat lists in
 the row-major order of the logits); ``estimators`` -> name -> placement -> {``gradient``, ``follows``,
 ``relative_error``, ``cosine``} (against grad KL(q||p) of the sequences); also ``V``, ``T``, ``sequences``,
-``parameters``, ``per_position`` and ``missing_future_term``.
+``parameters``, ``per_position`` and ``missing_future_term``. ``follows`` is a reference label, ``zero``,
+``indistinguishable (...)`` (very close to q = p, where the references it equals cannot be told apart) or null.
+
+``--behaviour-model B.npy`` (fixed horizon only) analyses sequences drawn from b under each ``--weighting``; the
+whole-sequence-ratio placements have no weighting and are refused by name.
 """
 from __future__ import annotations
 
