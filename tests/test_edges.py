@@ -412,3 +412,22 @@ def test_bias_inf_minus_inf_is_labelled_undefined(pair, estimators, direction, t
     assert "bias_undefined" not in out["estimators"]["k4"]
     code, table, _ = _cli(capsys, *argv)
     assert code == 0 and "undefined (inf - inf)" in table and "nan" not in table
+
+
+def test_formula_without_a_usable_taylor_branch_still_evaluates(tmp_path, capsys):
+    """exp(exp(r)): its series at t = 0 has coefficients like exp(E) that Horner's Poly refuses, so there
+    is no Taylor branch and the closed form is used everywhere (issue 11: no "cannot be compiled" error)."""
+    q_logits, p_logits = [0.0, 0.0, 0.0], [0.0, 1.0, -1.0]
+    q = _write(tmp_path / "q.txt", " ".join(map(str, q_logits)))
+    p = _write(tmp_path / "p.txt", " ".join(map(str, p_logits)))
+    with mpmath.workdps(DIGITS):
+        q_probs = [mpmath.exp(v) / mpmath.fsum(map(mpmath.exp, q_logits)) for v in q_logits]
+        p_probs = [mpmath.exp(v) / mpmath.fsum(map(mpmath.exp, p_logits)) for v in p_logits]
+        true = mpmath.fsum(a * mpmath.exp(mpmath.exp(b / a)) for a, b in zip(q_probs, p_probs))
+    argv = ["--q-logits", q, "--p-logits", p, "--estimators", "k1", "--expr", "exp(exp(r))"]
+    mean = _json(capsys, "exact", *argv)["estimators"]["exp(exp(r))"]["mean"]
+    assert _error(mean, true, abs(true)) < RTOL
+    mc = _json(capsys, "mc", *argv, "--n", "20000", "--crosscheck", "--quiet")
+    assert abs(mc["crosscheck"]["estimators"]["exp(exp(r))"]["mean"]["z"]) < 5
+    e_at_1 = _json(capsys, "exact", "--q", "0,1", "--p", "0,1", "--estimators", "k1", "--expr", "exp(exp(r))")
+    assert e_at_1["estimators"]["exp(exp(r))"]["mean"] == pytest.approx(math.exp(math.e), rel=1e-12)  # r = 1

@@ -232,11 +232,12 @@ def _taylor(e_t: sp.Expr) -> sp.Expr | None:
     """Taylor polynomial of e_t at t = 0, or None where it is not analytic there."""
     if e_t.has(sp.Abs, sp.Piecewise, sp.sign):
         return None
-    try:
+    try:  # series and degree can fail on exotic user formulas (exp(exp(r))): no Taylor branch, the closed form works
         poly = sp.series(e_t, t, 0, TAYLOR_ORDER).removeO()
-    except Exception:  # series can fail on exotic user formulas; the closed form still works
-        return None
-    if poly.has(sp.log, sp.Order) or any(p.is_negative for p in _powers_of_t(poly)):
+        if poly.has(sp.log, sp.Order) or any(p.is_negative for p in _powers_of_t(poly)):
+            return None
+        sp.horner(poly)  # the compiled branch is its Horner form: Poly fails on coefficients like exp(E)
+    except Exception:
         return None
     return poly
 
