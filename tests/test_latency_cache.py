@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import mpmath
+import numpy as np
 import pytest
 import sympy as sp
 
@@ -108,3 +109,37 @@ def test_weightings_are_the_ones_offpolicy_uses():
 
     for name in weightings.__all__:
         assert getattr(offpolicy, name) is getattr(weightings, name)
+
+
+@pytest.mark.parametrize("name", sorted(est.BUILTINS))
+def test_numeric_forms_warm_from_generated_code(cache, monkeypatch, name):
+    """A warm make_numeric compiles the cached generated code: no series, no sympify, no lambdify; same numbers
+    as compiling the SymPy body; a changed formula or a changed module is generated afresh."""
+    estimator = est.get_estimator(name)
+    e_t = est.in_logratio(estimator.expr)
+    values = np.array([-700.0, -30.0, -1.0, -1e-4, 0.0, 1e-12, 0.5, 30.0, 41.0, 700.0])
+    fresh = est.make_numeric(e_t, estimator.stable_expr, variable_is_t=True)
+    assert len(list(cache.glob("logratio-code-*.json"))) == 1
+    compiled_body = est.compile_logratio_function(fresh.expression)
+    _forbid(monkeypatch, est, "_numeric_body")
+    _forbid(monkeypatch, sp, "lambdify")
+    warm = est.make_numeric(e_t, estimator.stable_expr, variable_is_t=True)
+    assert np.array_equal(warm(values), compiled_body(values), equal_nan=True)
+    assert np.array_equal(warm(values), estimator.numeric(values), equal_nan=True)
+    with pytest.raises(AssertionError, match="cached"):
+        est.make_numeric(e_t + 1, estimator.stable_expr, variable_is_t=True)
+    edited = cache / "estimators.py"
+    edited.write_text(open(est.__file__).read() + "\n# an edit\n")
+    monkeypatch.setattr(est, "__file__", str(edited))
+    with pytest.raises(AssertionError, match="cached"):
+        est.make_numeric(e_t, estimator.stable_expr, variable_is_t=True)
+
+
+def test_condition_text_cached_and_equal(cache, monkeypatch):
+    powers = [sp.Integer(0), sp.Integer(1), sp.Integer(2)]
+    text = gcf.moment_condition_text(powers)
+    assert text == sp.sstr(sp.And(gcf.moment_condition(2), gcf.moment_condition(0)))
+    _forbid(monkeypatch, gcf, "moment_condition")
+    assert gcf.moment_condition_text(powers) == text
+    with pytest.raises(AssertionError, match="cached"):
+        gcf.moment_condition_text([sp.Integer(-1), sp.Integer(3)])

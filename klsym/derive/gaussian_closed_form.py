@@ -94,6 +94,21 @@ def moment_condition(a) -> sp.Basic:
     return sp.StrictLessThan(sp.expand(positive - lhs), positive)
 
 
+def moment_condition_text(powers) -> str:
+    r"""``sstr`` of the existence condition of :math:`\mathbb{E}_q[\sum c\, r^a t^n]` over the powers a (strictest
+    at the largest and the smallest a), kept on disk (:mod:`klsym.derive.diskcache`, keyed by the two powers, the
+    versions and this module's source): deriving it costs SymPy a second per process.
+
+    >>> moment_condition_text([0, 1, 2])
+    'sigma_p**2 < 2*sigma_q**2'
+    """
+    from klsym.derive.diskcache import cache_key, cached_json
+
+    high, low = str(max(powers)), str(min(powers))
+    return cached_json("condition", cache_key([high, low], [__file__]), lambda: sp.sstr(
+        sp.And(moment_condition(sp.sympify(high)), moment_condition(sp.sympify(low)))))
+
+
 def condition_holds(a, q: tuple[float, float], p: tuple[float, float]) -> bool:
     r"""Whether :math:`\mathbb{E}_q[r^a]` is finite: :math:`(a-1)\sigma_p^2 < a \sigma_q^2`.
 
@@ -364,5 +379,5 @@ def warm(terms) -> None:
         _term_function(a, n)
 
 
-__all__ = ["decompose", "moment_condition", "condition_holds", "log_mgf", "expectation", "gradient",
+__all__ = ["decompose", "moment_condition", "moment_condition_text", "condition_holds", "log_mgf", "expectation", "gradient",
            "gradient_parts", "combine", "precise", "Tracked", "QUANTITIES", "warm"]

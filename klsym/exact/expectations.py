@@ -297,8 +297,7 @@ def _closed_form_stats(estimator, q, p, positions) -> dict:
     for key, term_list in powers.items():
         # (a-1) sigma_p^2 < a sigma_q^2 is strictest at the largest and the smallest power a
         powers_of_r = [a for _, a, _ in term_list]
-        condition[key] = sp.sstr(sp.And(gcf.moment_condition(max(powers_of_r)),
-                                        gcf.moment_condition(min(powers_of_r))))
+        condition[key] = gcf.moment_condition_text(powers_of_r)
         condition[key + "_holds"] = all(gcf.condition_holds(a, q.params, p.params) for _, a, _ in term_list)
     prob_negative = _gaussian_prob_negative(estimator, q, p) if positions == 1 else math.nan
     return {"mean": float(mean), "second_moment": float(second), "log_second_moment": _log(second),
