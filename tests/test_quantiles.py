@@ -41,13 +41,13 @@ def test_bracket_holds_the_sample_quantile(drawn, name):
     function = BUILTINS[name].numeric
     with np.errstate(all="ignore"):
         k = function(t)
-    finite = k[np.isfinite(k)]
+    finite = k[~np.isnan(k)]  # inf values (k1 where p(x) = 0) are samples too; NaN ones have no value
     brackets = histogram.quantiles(function, LEVELS, bracket=True)
     estimates = histogram.quantiles(function, LEVELS)
     for level in LEVELS:
         exact = np.quantile(finite, level, method="inverted_cdf")
         low, high = brackets[str(level)]
-        slack = 2.0 ** -23 * abs(exact)  # t is binned as float32 (rounded to nearest)
+        slack = 2.0 ** -23 * abs(exact) if np.isfinite(exact) else 0.0  # t is binned as float32 (rounded)
         assert low - slack <= exact <= high + slack, (pair, name, level, low, exact, high)
         assert low <= estimates[str(level)] <= high
 
@@ -77,8 +77,17 @@ def test_run_reports_the_same_quantiles_for_any_chunking():
     assert a["k3"]["quantiles"]["0.5"] > 0
 
 
-def test_zero_mass_tokens_are_left_out_of_finite_quantiles():
-    q, p = PAIRS["zero_mass"]
-    result = run(q, p, "k1,rev_k1", n=50_000, seed=2, quantiles=(0.99,), batch_size=None)["estimators"]
-    assert result["k1"]["n_nonfinite"] > 0
-    assert np.isfinite(result["k1"]["quantiles"]["0.99"])
+def test_quantiles_and_batch_spread_cover_zero_mass_samples():
+    """p(x) = 0 for one token of three: t = -inf for a third of the samples, where k1 = inf, rev_k1 = 0 log 0 = 0
+    and rev_k3 = 1. Quantiles are over all samples (QA: they were over finite t only), k1's batch spread is inf."""
+    q, p = Categorical(np.zeros(3)), Categorical(np.array([0.0, -np.inf, 0.0]))
+    result = run(q, p, "k1,rev_k1,rev_k3", n=10_000, seed=0, quantiles=(0.01, 0.5, 0.95, 0.99))["estimators"]
+    zero_mass = result["k1"]["n_nonfinite"] / 10_000
+    assert 0.3 < zero_mass < 0.37  # a third, within 5 standard errors
+    on_support = 1.5 * np.log(1.5)  # r = 1.5 on the other two tokens
+    rev_k1, rev_k3, k1 = (result[name]["quantiles"] for name in ("rev_k1", "rev_k3", "k1"))
+    assert rev_k1["0.01"] == 0.0 and rev_k1["0.99"] == pytest.approx(on_support, rel=2.0 ** -8)
+    assert rev_k3["0.99"] == 1.0 and rev_k3["0.01"] == pytest.approx(on_support - 0.5, rel=2.0 ** -8)
+    assert k1["0.95"] == np.inf and k1["0.99"] == np.inf and k1["0.01"] == pytest.approx(-np.log(1.5), rel=2.0 ** -8)
+    assert result["k1"]["batch"]["mean_std"] == np.inf
+    assert np.isfinite(result["rev_k1"]["batch"]["mean_std"]) and result["rev_k1"]["min"] == 0.0

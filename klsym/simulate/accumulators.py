@@ -298,7 +298,7 @@ class LogRatioHistogram(Accumulator):
         return self
 
     def quantiles(self, function, levels, bracket: bool = False) -> dict:
-        """Quantiles of the finite values of ``function(t)`` (see :func:`quantiles_of_function`)."""
+        """Quantiles of ``function(t)`` over the samples (see :func:`quantiles_of_function`)."""
         self._fold_pending()
         keys = np.flatnonzero(self.counts)
         return quantiles_of_function(keys, self.counts[keys], function, levels, self.bits, bracket)
@@ -316,8 +316,8 @@ def quantiles_of_function(keys, counts, function, levels, bits: int = T_HIST_BIT
     :math:`k`: a relative error of at most about :math:`|t\, k'(t) / k(t)|\, 2^{-(bits - 9)}` (for 18
     bits :math:`2^{-9}` for k1; :math:`2^{-8}` for k2, and for k3, k4 near :math:`t = 0`). Inside the
     bracket each bin's count is spread uniformly over :math:`[a_j, b_j]` and the level is solved for,
-    which is usually much closer. Bins where :math:`k` is not finite are left out (quantiles of the
-    finite values, as with :class:`Histogram`).
+    which is usually much closer. Quantiles are over all samples: :math:`\pm\infty` values of :math:`k` (k1 at
+    :math:`t = -\infty`, where p(x) = 0) count as such; only bins where :math:`k` is NaN are left out.
 
     Returns ``{str(level): value}``, or ``{str(level): (low, high)}`` brackets when ``bracket``.
     """
@@ -326,7 +326,6 @@ def quantiles_of_function(keys, counts, function, levels, bits: int = T_HIST_BIT
     middle = np.where(np.isfinite(low) & np.isfinite(high), 0.5 * low + 0.5 * high, low)
     with np.errstate(all="ignore"):
         image = np.stack([np.asarray(function(v), dtype=np.float64) for v in (low, middle, high)])
-        image[~np.isfinite(image)] = np.nan
         keep = ~np.all(np.isnan(image), axis=0)
         a, b = np.nanmin(image[:, keep], axis=0), np.nanmax(image[:, keep], axis=0)
     c = np.asarray(counts, dtype=np.float64)[keep]

@@ -141,22 +141,34 @@ def limits_at_zero_probability(stream: Stream) -> Stream:
     ``+inf`` (counted in ``n_nonfinite``), as in the exact layer. Only a categorical p with a -inf
     logit on q's support has such samples, so only then are the functions wrapped.
     """
+    if not _zero_probability_on_support(stream.q, stream.p):
+        return stream
+    for i, estimator in enumerate(stream.estimators):
+        stream.values[i] = _with_limit(stream.values[i], in_logratio(estimator.expr), stream.xp)
+        stream.slopes[i] = _with_limit(stream.slopes[i], sp.diff(in_logratio(estimator.surrogate), t_symbol),
+                                       stream.xp)
+    return stream
+
+
+def _zero_probability_on_support(q, p) -> bool:
+    """Whether samples of q can have p(x) = 0 (t = -inf): a categorical p with a -inf logit on q's support."""
+    return isinstance(p, Categorical) and bool((np.isneginf(p.log_probs) & np.isfinite(q.log_probs)).any())
+
+
+def _with_limit(function, expr, xp):
+    """``function`` with the value at t = -inf replaced by the limit of ``expr`` (an expression in t)."""
     from klsym.exact.expectations import _limit_at_minus_inf  # the exact layer's limit, one definition
 
-    q, p = stream.q, stream.p
-    if not isinstance(p, Categorical) or not (np.isneginf(p.log_probs) & np.isfinite(q.log_probs)).any():
-        return stream
-    xp = stream.xp
+    limit = _limit_at_minus_inf(expr)
+    return lambda t: xp.where(xp.isneginf(t), limit, function(t))
 
-    def wrap(function, expr):
-        limit = _limit_at_minus_inf(expr)
-        return lambda t: xp.where(xp.isneginf(t), limit, function(t))
 
-    for i, estimator in enumerate(stream.estimators):
-        value = in_logratio(estimator.expr)
-        stream.values[i] = wrap(stream.values[i], value)
-        stream.slopes[i] = wrap(stream.slopes[i], sp.diff(in_logratio(estimator.surrogate), t_symbol))
-    return stream
+def _host_value_function(stream: Stream, estimator):
+    """k(e^t) on host (NumPy) arrays, with the limit at t = -inf where such samples occur: the t-histogram's
+    bins are on the host whatever the backend."""
+    if _zero_probability_on_support(stream.q, stream.p):
+        return _with_limit(estimator.numeric, in_logratio(estimator.expr), np)
+    return estimator.numeric
 
 
 class ValueStatistics:
@@ -199,7 +211,8 @@ class ValueStatistics:
             if math.isinf(high) != math.isinf(low):  # samples at +inf (or -inf) only: the mean is that infinity
                 mean = math.inf if math.isinf(high) else -math.inf
                 spread = math.inf if n >= 2 else math.nan
-            quantiles = histogram.quantiles(estimator.numeric, levels) if levels else {}
+            # over all samples: t = -inf (p(x) = 0) enters with the limit of k there, inf values count as inf
+            quantiles = histogram.quantiles(_host_value_function(stream, estimator), levels) if levels else {}
             entry = {
                 "target": estimator.target,
                 "mean": mean, "std": spread, "se": spread / math.sqrt(n),
@@ -210,8 +223,10 @@ class ValueStatistics:
                 "batch": None,
             }
             if batches is not None and batches.count:
-                entry["batch"] = {"size": batch_size, "count": int(batches.count),
-                                  "mean_std": float(batches.moments.std()[i]),
+                batch_spread = float(batches.moments.std()[i])
+                if math.isinf(high) != math.isinf(low):  # batch means at one infinity: no finite spread
+                    batch_spread = math.inf
+                entry["batch"] = {"size": batch_size, "count": int(batches.count), "mean_std": batch_spread,
                                   "frac_negative": float(batches.negative[i] / batches.count)}
             if square is not None:
                 entry["square"] = {"mean": float(square.mean[i]), "se": float(square.std()[i] / math.sqrt(n))}
