@@ -147,7 +147,9 @@ def test_a_task_that_keeps_failing_is_reported_not_dropped(threaded_client, monk
 @pytest.mark.parametrize("spec, message", [
     ({"pairs": []}, "non-empty list"),
     ({"pairs": [{"q": [0, 1]}]}, "Gaussian pair needs"),
-    ({"pairs": [{"q": [0, 1], "p": [1, -1]}]}, "sigma"),
+    ({"pairs": [{"q": [0, 1], "p": [1, -1]}]}, r"sigma must be positive and finite, got -1"),  # names the sigma
+    ({"pairs": [{"q": [0, -1], "p": [0, 1]}]}, r"sigma must be positive and finite, got -1"),
+    ({"pairs": [{"q": [0, float("nan")], "p": [0, 1]}]}, r"sigma must be positive and finite, got nan"),
     ({"pairs": [{"q": [0, 1], "p": [1, 1]}], "estimators": "k9"}, "unknown estimator"),
     ({"pairs": [{"q": [0, 1], "p": [1, 1]}], "n": 0}, "n must be"),
     ({"pairs": [{"q": [0, 1], "p": [1, 1]}], "colour": 1}, "unknown spec keys"),

@@ -90,9 +90,13 @@ def _family_pair(entry: dict, base: Path):
     if "q" in entry or "p" in entry:
         try:
             (q_mu, q_sigma), (p_mu, p_sigma) = entry["q"], entry["p"]
-            q, p = Gaussian(float(q_mu), float(q_sigma)), Gaussian(float(p_mu), float(p_sigma))
+            numbers = [float(q_mu), float(q_sigma)], [float(p_mu), float(p_sigma)]
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"a Gaussian pair needs \"q\": [mu, sigma] and \"p\": [mu, sigma], got {entry}") from None
+        try:  # well-formed numbers that are not a Gaussian (sigma <= 0, nan): the family's own message
+            q, p = Gaussian(*numbers[0]), Gaussian(*numbers[1])
+        except ValueError as err:
+            raise ValueError(f"pair {entry}: {err}") from None
         return q, p, f"q=N({q.mu:g},{q.sigma:g}^2) p=N({p.mu:g},{p.sigma:g}^2)"
     if "q_logits" in entry and "p_logits" in entry:
         q, p = (_logits(entry[key], base) for key in ("q_logits", "p_logits"))
