@@ -431,3 +431,17 @@ def test_formula_without_a_usable_taylor_branch_still_evaluates(tmp_path, capsys
     assert abs(mc["crosscheck"]["estimators"]["exp(exp(r))"]["mean"]["z"]) < 5
     e_at_1 = _json(capsys, "exact", "--q", "0,1", "--p", "0,1", "--estimators", "k1", "--expr", "exp(exp(r))")
     assert e_at_1["estimators"]["exp(exp(r))"]["mean"] == pytest.approx(math.exp(math.e), rel=1e-12)  # r = 1
+
+
+def test_derive_time_budget_flag_bounds_the_whole_command(monkeypatch, tmp_path, capsys):
+    import time
+
+    monkeypatch.delenv("KLSYM_TIME_BUDGET", raising=False)
+    monkeypatch.setenv("KLSYM_CACHE_DIR", str(tmp_path))
+    started = time.monotonic()
+    rows = _json(capsys, "derive", "--expr", "exp(exp(exp(exp(r))))", "--expr", "r**r", "--time-budget", "3")
+    assert time.monotonic() - started < 3 + 5  # one budget for both formulas, not one each
+    assert [row["name"] for row in rows] == ["exp(exp(exp(exp(r))))", "r**r"]
+    assert rows[0]["undecided"] and all(reason.startswith("undecided: ") for row in rows for reason in row["undecided"])
+    code, _, err = _cli(capsys, "derive", "k1", "--time-budget", "soon")
+    assert code == 2 and err.strip() == "klsym: error: time budget must be a number of seconds, got 'soon'"

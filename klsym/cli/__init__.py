@@ -37,6 +37,24 @@ def add_format_argument(parser: argparse.ArgumentParser, default: str = "table",
     parser.add_argument("--format", choices=choices, default=default, help="output format")
 
 
+def add_time_budget_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--time-budget", metavar="SECONDS", default=None,
+                        help="seconds the command may spend (default $KLSYM_TIME_BUDGET, else 30)")
+
+
+def within_budget(args, compute, what):
+    """``compute()`` within the command's time budget; past it, one clear error naming ``what()``."""
+    from klsym.derive.symbolic import BudgetExceeded, time_budget, time_budget_seconds
+
+    seconds = time_budget_seconds(args.time_budget)
+    try:
+        with time_budget(seconds):
+            return compute()
+    except BudgetExceeded:
+        raise UserError(f"the time budget of {seconds:g} s ran out while {what()}; give more with "
+                        "--time-budget SECONDS or $KLSYM_TIME_BUDGET") from None
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``command`` (a subcommand's module name) only that module is imported, so
     ``klsym exact ...`` does not pay for the imports of every other subcommand."""

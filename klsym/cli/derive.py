@@ -5,6 +5,7 @@ q = N(mu_q, sigma_q^2), p = N(mu_p, sigma_p^2) (:mod:`klsym.derive.closed_forms`
 """
 from __future__ import annotations
 
+from klsym.cli import add_time_budget_argument, within_budget
 from klsym.derive.estimators import BUILTINS, from_formula, get_estimator
 from klsym.jsonio import dumps, format_table
 
@@ -26,6 +27,7 @@ def register(subparsers) -> None:
                         help="closed forms for this family of q and p instead of the derivation table")
     parser.add_argument("--format", choices=("json", "table", "markdown", "latex"), default="table",
                         help="output format (markdown: same as table with --family)")
+    add_time_budget_argument(parser)  # one budget for the whole command; steps cut short are "undecided"
     parser.set_defaults(func=run)
 
 
@@ -34,10 +36,10 @@ def run(args) -> int:
     if not estimators:
         estimators = list(BUILTINS.values())
     if args.family is not None:
-        return _run_family(estimators, args.format)
+        return _run_family(args, estimators)
     from klsym.derive.symbolic import analyze, render_latex, render_markdown  # SymPy-heavy: import when used
 
-    rows = [analyze(e) for e in estimators]
+    rows = within_budget(args, lambda: [analyze(e) for e in estimators], lambda: "deriving")
     if args.format == "json":
         print(dumps(rows))
     elif args.format == "latex":
@@ -54,10 +56,12 @@ def run(args) -> int:
     return 0
 
 
-def _run_family(estimators, output_format: str) -> int:
+def _run_family(args, estimators) -> int:
     from klsym.derive import closed_forms
 
-    rows = closed_forms.closed_form_rows(estimators)
+    output_format = args.format
+    rows = within_budget(args, lambda: closed_forms.closed_form_rows(estimators),
+                         lambda: f"deriving the closed forms for the {args.family} family")
     if output_format == "json":
         print(dumps([{key: row[key] for key in ("name", "mean", "variance", "gradient", "conditions",
                                                 "expr", "closed_form", "latex")} for row in rows]))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from klsym.cli import UserError, add_format_argument, parse_pair
+from klsym.cli import UserError, add_format_argument, add_time_budget_argument, parse_pair, within_budget
 from klsym.derive.estimators import BUILTINS, from_formula, get_estimators
 from klsym.exact.expectations import KL_PQ, KL_QP, exact_summary
 from klsym.exact.families import Categorical, Gaussian, check_same_family
@@ -36,24 +36,6 @@ def add_pair_arguments(parser, positions_help: str = "number of i.i.d. positions
     parser.add_argument("--positions", type=int, default=1, metavar="T", help=positions_help)
     add_time_budget_argument(parser)
     add_format_argument(parser)
-
-
-def add_time_budget_argument(parser) -> None:
-    parser.add_argument("--time-budget", metavar="SECONDS", default=None,
-                        help="seconds the command may spend (default $KLSYM_TIME_BUDGET, else 30)")
-
-
-def within_budget(args, compute, what):
-    """``compute()`` within the command's time budget; past it, one clear error naming ``what()``."""
-    from klsym.derive.symbolic import BudgetExceeded, time_budget, time_budget_seconds
-
-    seconds = time_budget_seconds(args.time_budget)
-    try:
-        with time_budget(seconds):
-            return compute()
-    except BudgetExceeded:
-        raise UserError(f"the time budget of {seconds:g} s ran out while {what()}; give more with "
-                        "--time-budget SECONDS or $KLSYM_TIME_BUDGET") from None
 
 
 def pair_from_args(args):
