@@ -6,7 +6,7 @@ with a warm cache.
 same float (a test compares them bit for bit).
 
 >>> brentq(lambda x: x * x - 2.0, 0.0, 2.0, xtol=1e-15, rtol=1e-15)
-1.4142135623730951
+1.414213562373095
 """
 from __future__ import annotations
 
