@@ -91,6 +91,15 @@ def test_collapse_splits_between_tied_maximisers():
     assert point["probs"][2] == 0 and point["probs"][0] == pytest.approx(0.5, abs=1e-9)  # symmetric start
 
 
+def test_equal_rewards_and_no_restoring_force_leave_q_at_p():
+    # every token maximises the reward and the KL gradient is zero: the update vanishes, q = p throughout
+    problem = fp.FixedPointProblem(np.log([0.5, 0.3, 0.2]), [0.5, 0.5, 0.5], 0.5)
+    point = fp.fixed_point(problem, "rev_k2", "full")
+    assert point["status"] == "collapse"
+    np.testing.assert_allclose(point["probs"], problem.p, rtol=1e-12)
+    np.testing.assert_allclose(point["eigenvalues"], [0.0, 0.0], atol=1e-9)  # neutral: every point is fixed
+
+
 def test_reward_mode_k3_runs_away_from_the_reward_maximiser():
     # h = r - 1 - log r >= 0 penalises both directions and is flat at r = 1: the token that stays nearest
     # to p wins. At beta = 3 the dynamics end on the middle token, which does not maximise the reward.

@@ -473,9 +473,11 @@ def _boundary_status(problem, probs) -> tuple[str, np.ndarray]:
     kept = probs >= DROPPED_MASS
     limit = np.where(kept, probs, 0.0)
     limit = limit / limit.sum()
+    if np.all(problem.reward[kept] >= problem.reward.max()):
+        return "collapse", limit  # all rewards equal and nothing dropped: q stays where it is
     if kept.all() or problem.reward[kept].min() < problem.reward[~kept].max():
         return "diverges", limit
-    return ("collapse" if np.all(problem.reward[kept] >= problem.reward.max()) else "boundary"), limit
+    return "boundary", limit
 
 
 def _settle_on_face(problem, term, limit):
