@@ -445,3 +445,18 @@ def test_derive_time_budget_flag_bounds_the_whole_command(monkeypatch, tmp_path,
     assert rows[0]["undecided"] and all(reason.startswith("undecided: ") for row in rows for reason in row["undecided"])
     code, _, err = _cli(capsys, "derive", "k1", "--time-budget", "soon")
     assert code == 2 and err.strip() == "klsym: error: time budget must be a number of seconds, got 'soon'"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["derive", "--family", "bogus"], "argument --family: invalid choice: 'bogus' (choose from 'gaussian')"),
+    (["derive", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+    (["exact", "--q", "0,1", "--p", "1,1", "--format", "yaml"], "argument --format: invalid choice: 'yaml'"),
+    (["gradient", "--q", "0,1", "--p", "1,1", "--positions", "x"], "argument --positions: invalid int value: 'x'"),
+    (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+])
+def test_usage_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("klsym: error: ") and message in err, err

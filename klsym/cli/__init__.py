@@ -32,6 +32,14 @@ def parse_pair(text: str, what: str = "MU,SIGMA") -> tuple[float, float]:
         raise UserError(f"expected {what} as two numbers separated by a comma, got {text!r}") from None
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors (invalid choice, missing value) on one line like every klsym error;
+    ``--help`` still shows the usage. Subcommand parsers inherit it (argparse builds them with this class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"klsym: error: {message}\n")
+
+
 def add_format_argument(parser: argparse.ArgumentParser, default: str = "table",
                         choices: tuple[str, ...] = ("json", "table")) -> None:
     parser.add_argument("--format", choices=choices, default=default, help="output format")
@@ -58,7 +66,7 @@ def within_budget(args, compute, what):
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``command`` (a subcommand's module name) only that module is imported, so
     ``klsym exact ...`` does not pay for the imports of every other subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="klsym", description="Monte Carlo estimators of KL divergence: derive, compute exactly, sample.")
     parser.add_argument("--version", action="version", version=f"klsym {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
