@@ -144,3 +144,48 @@ def test_write_closed_forms(tmp_path):
     tex = (tmp_path / "closed_forms.tex").read_text()
     assert tex.count(r"\begin{align*}") == 1 and "No closed form" in tex
     assert json.loads((tmp_path / "closed_forms.json").read_text())[0]["name"] == "k1"
+
+
+_GAUSSIAN_KL = {  # KL(N(mu_a, s_a^2) || N(mu_b, s_b^2)), written out here, not taken from klsym
+    "KL(q||p)": lambda q, p: math.log(p[1] / q[1]) + (q[1] ** 2 + (q[0] - p[0]) ** 2) / (2 * p[1] ** 2) - 0.5,
+    "KL(p||q)": lambda q, p: math.log(q[1] / p[1]) + (p[1] ** 2 + (q[0] - p[0]) ** 2) / (2 * q[1] ** 2) - 0.5,
+}
+
+
+@pytest.mark.parametrize("name, equals", [("k1", "KL(q||p)"), ("k3", "KL(q||p)"), ("k1+", "KL(q||p)"),
+                                          ("k3+", "KL(q||p)"), ("rev_k1", "KL(p||q)"), ("rev_k3", "KL(p||q)"),
+                                          ("rev_k2", "1"), ("k2", None), ("k4", None)])
+def test_mean_names_the_divergence_it_equals(name, equals, capsys):
+    from klsym.derive.symbolic import value_divergence
+
+    forms = cf.closed_forms(name)
+    assert forms["mean_equals"] == equals == value_divergence(BUILTINS[name])["expectation"]
+    if equals in _GAUSSIAN_KL:  # the claim holds numerically at random pairs
+        for q, p in _random_pairs(seed=300):
+            assert _value(forms["mean"], q, p) == pytest.approx(_GAUSSIAN_KL[equals](q, p), rel=1e-12, abs=1e-14)
+    assert main(["derive", name, "--family", "gaussian", "--format", "markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    if forms["closed_form"]:  # k4 has no E_q[k] line
+        mean_line = next(line for line in lines if line.startswith("- E_q[k]"))
+        assert mean_line.endswith(f"` = {equals}") == (equals is not None and equals != forms["mean"]), mean_line
+
+
+def test_straight_through_shows_its_surrogate(capsys):
+    assert main(["derive", "k1+", "k1", "--family", "gaussian", "--format", "json"]) == 0
+    k1_plus, k1 = json.loads(capsys.readouterr().out)
+    assert k1["surrogate"] is None and k1_plus["mean_equals"] == "KL(q||p)"
+    surrogate = sp.sympify(k1_plus["surrogate"], locals={"r": BUILTINS["k2"].expr.free_symbols.pop()})
+    assert sp.simplify(surrogate - BUILTINS["k2"].expr) == 0
+    # the loss lines are k2's, not the gradient of E_q[-log r]
+    k2 = cf.closed_forms("k2")
+    for parameter in cf.PARAMETERS:
+        assert sp.simplify(sp.sympify(k1_plus["gradient"]["loss"][parameter], locals=cf.SYMBOLS)
+                           - sp.sympify(k2["gradient"]["loss"][parameter], locals=cf.SYMBOLS)) == 0
+    assert main(["derive", "k1+", "--family", "gaussian", "--format", "markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "Straight-through" in text and "s(r) = `log(r)**2/2` (the gradient of `k2`)" in text
+    assert main(["derive", "k1+", "--family", "gaussian", "--format", "latex"]) == 0
+    tex = capsys.readouterr().out
+    assert r"(the gradient of \texttt{k2})" in tex and r"= \text{$\mathrm{KL}(q\|p)$}" in tex
+    assert main(["derive", "k1", "--family", "gaussian", "--format", "markdown"]) == 0
+    assert "Straight-through" not in capsys.readouterr().out

@@ -63,8 +63,9 @@ def _run_family(args, estimators) -> int:
     rows = within_budget(args, lambda: closed_forms.closed_form_rows(estimators),
                          lambda: f"deriving the closed forms for the {args.family} family")
     if output_format == "json":
-        print(dumps([{key: row[key] for key in ("name", "mean", "variance", "gradient", "conditions",
-                                                "expr", "closed_form", "latex")} for row in rows]))
+        keys = ("name", "mean", "variance", "gradient", "conditions", "expr", "closed_form", "surrogate",
+                "mean_equals", "latex")
+        print(dumps([{key: row[key] for key in keys} for row in rows]))
     elif output_format == "latex":
         print(closed_forms.render_latex(rows), end="")
     else:

@@ -26,6 +26,7 @@ moment it uses is finite: :math:`(a-1)\,\sigma_p^2 < a\,\sigma_q^2` for each pow
 from __future__ import annotations
 
 from functools import cache, lru_cache
+from pathlib import Path
 
 import sympy as sp
 
@@ -233,18 +234,23 @@ def _jsonable(estimator: Estimator, derived: dict) -> dict:
                            "gradient": {m: condition_render(derived["conditions"]["gradient"][m]) for m in MODES}},
         }
 
+    from klsym.derive.symbolic import value_divergence
+
     plain = both(_text, _condition_text)
     has_any = derived["mean"] is not None or derived["conditions"]["gradient"]["loss"] is not None
+    surrogate = estimator.surrogate_expr  # straight-through: loss-mode gradients differentiate it, not k
     return {"name": estimator.name, "expr": sp.sstr(estimator.expr), "family": "gaussian",
             "symbols": {"q": "N(mu_q, sigma_q**2)", "p": "N(mu_p, sigma_p**2)"},
-            "closed_form": has_any, **plain,
-            "latex": both(_latex, lambda c: NO_CLOSED_FORM if c is None else sp.latex(c))}
+            "closed_form": has_any, **plain, "surrogate": _text(surrogate),
+            "mean_equals": value_divergence(estimator)["expectation"],  # "KL(q||p)" for k1, k3, k1+, k3+
+            "latex": {**both(_latex, lambda c: NO_CLOSED_FORM if c is None else sp.latex(c)),
+                      "surrogate": _latex(surrogate)}}
 
 
 @cache
 def _closed_forms_cached(estimator: Estimator) -> dict:
     key = cache_key([sp.srepr(estimator.expr), sp.srepr(estimator.surrogate), estimator.name],
-                    [__file__, gcf.__file__])
+                    [__file__, gcf.__file__, Path(__file__).with_name("symbolic.py")])  # mean_equals
     return cached_json("closed-forms", key, lambda: _jsonable(estimator, derive(estimator)))
 
 
@@ -254,8 +260,10 @@ def closed_forms(estimator: Estimator | str) -> dict:
     Keys: ``name``, ``mean``, ``variance``, ``gradient`` -> mode -> {``mu_q``, ``sigma_q``},
     ``conditions`` (``mean``, ``variance``, ``gradient`` -> mode), each a SymPy string in
     ``mu_q, sigma_q, mu_p, sigma_p`` (``None`` and ``"no closed form"`` where there is none), plus
-    ``latex`` (the same in LaTeX), ``expr`` and ``closed_form``. Cached in-process and on disk
-    (:mod:`klsym.derive.diskcache`).
+    ``latex`` (the same in LaTeX), ``expr``, ``closed_form``, ``surrogate`` (the expression a
+    straight-through estimator's loss-mode gradient differentiates, else ``None``) and ``mean_equals``
+    (what E_q[k] equals, from :func:`klsym.derive.symbolic.value_divergence`). Cached in-process and
+    on disk (:mod:`klsym.derive.diskcache`).
     """
     import copy
 
@@ -295,6 +303,28 @@ def _entries(row: dict, source: str):
             yield label, forms["gradient"][mode][parameter], forms["conditions"]["gradient"][mode]
 
 
+def _surrogate_source(row: dict) -> str | None:
+    """The built-in whose value is the surrogate (k2 for k1+ and k3+), else None."""
+    expr = sp.sympify(row["surrogate"], locals={"r": r})  # a string this module wrote
+    names = [name for name, e in BUILTINS.items() if not e.straight_through and e.expr == expr]
+    return names[0] if names else None
+
+
+def _straight_through_note(row: dict, value: str, surrogate: str, name) -> str | None:
+    """Why a straight-through estimator's loss lines are not the gradient of its value (``name`` formats
+    the built-in the surrogate is, for markdown or LaTeX)."""
+    if row.get("surrogate") is None:
+        return None
+    source = _surrogate_source(row)
+    source = f" (the gradient of {name(source)})" if source else ""
+    return (f"Straight-through: the value is {value}, but the loss-mode gradient differentiates the "
+            f"surrogate {surrogate}{source}, so the loss and full lines are those of s, not of k.")
+
+
+def _shows_equality(row: dict) -> bool:
+    return row.get("mean_equals") is not None and row["mean_equals"] != row["mean"]
+
+
 def render_markdown(rows: list[dict]) -> str:
     """Markdown: one section per estimator, one line per quantity with its condition."""
     lines = ["# Gaussian closed forms", "",
@@ -303,13 +333,18 @@ def render_markdown(rows: list[dict]) -> str:
              "`full` = loss + reward.", ""]
     for row in rows:
         lines += [f"## `{row['name']}`: k(r) = `{row['expr']}`", ""]
+        note = _straight_through_note(row, f"k(r) = `{row['expr']}`", f"s(r) = `{row['surrogate']}`",
+                                      lambda n: f"`{n}`")
+        if note:
+            lines += [note, ""]
         if not row["closed_form"]:
             lines += [f"{NO_CLOSED_FORM} (use `klsym exact`, quadrature)", ""]
             continue
         for label, expr, condition in _entries(row, "plain"):
             shown = f"`{expr}`" if expr is not None else NO_CLOSED_FORM
             where = "" if condition in ("True", NO_CLOSED_FORM) else f" (exists if `{condition}`)"
-            lines.append(f"- {label} = {shown}{where}")
+            equals = f" = {row['mean_equals']}" if label == "E_q[k]" and _shows_equality(row) else ""
+            lines.append(f"- {label} = {shown}{equals}{where}")
         lines.append("")
     return "\n".join(lines)
 
@@ -317,7 +352,7 @@ def render_markdown(rows: list[dict]) -> str:
 def render_latex(rows: list[dict]) -> str:
     r"""LaTeX: one ``align*`` per estimator (``dmath``-free, compiles with amsmath alone)."""
     from klsym import __version__
-    from klsym.derive.symbolic import tex_standalone
+    from klsym.derive.symbolic import _tex_label, tex_standalone
 
     body = [r"\section*{Gaussian closed forms (klsym " + __version__ + ")}",
             r"$q = \mathcal{N}(\mu_q, \sigma_q^2)$ samples, $p = \mathcal{N}(\mu_p, \sigma_p^2)$, "
@@ -326,6 +361,11 @@ def render_latex(rows: list[dict]) -> str:
             r"full $=$ loss $+$ reward)."]
     for row in rows:
         body.append(r"\subsection*{\texttt{" + row["name"].replace("_", r"\_") + "}}")
+        note = _straight_through_note(
+            row, "$k(r) = " + sp.latex(sp.sympify(row["expr"], locals={"r": r})) + "$",
+            f"$s(r) = {row['latex']['surrogate']}$", lambda n: r"\texttt{" + n.replace("_", r"\_") + "}")
+        if note:
+            body.append(note)
         if not row["closed_form"]:
             body.append("No closed form (computed by quadrature).")
             continue
@@ -333,6 +373,8 @@ def render_latex(rows: list[dict]) -> str:
         for (label, expr, condition), (_, _, plain) in zip(_entries(row, "latex"), _entries(row, "plain")):
             shown = expr if expr is not None else r"\text{no closed form}"
             where = "" if plain in ("True", NO_CLOSED_FORM) else rf" \quad \text{{if }} {condition}"
+            if not lines and _shows_equality(row):  # the first line is E_q[k]
+                where = rf" = \text{{{_tex_label(row['mean_equals'])}}}" + where
             lines.append(rf"{label} &= {shown}{where}")
         body += [r"\begin{align*}", " \\\\\n".join(lines), r"\end{align*}"]
     return tex_standalone("\n".join(body), "klsym Gaussian closed forms (generated; do not edit by hand).",
