@@ -119,12 +119,16 @@ def test_cli_json_contract(capsys):
     assert rows[1]["conditions"]["variance"] == "no closed form"
 
 
+def _family_output(capsys, output_format, *names):
+    """stdout of ``derive NAMES --family gaussian --format FORMAT`` (which must succeed)."""
+    assert main(["derive", *names, "--family", "gaussian", "--format", output_format]) == 0
+    return capsys.readouterr().out
+
+
 def test_cli_markdown_and_latex(capsys):
-    assert main(["derive", "k3", "--family", "gaussian", "--format", "markdown"]) == 0
-    text = capsys.readouterr().out
+    text = _family_output(capsys, "markdown", "k3")
     assert "Var_q[k]" in text and "sigma_p**2 < 2*sigma_q**2" in text
-    assert main(["derive", "k3", "--family", "gaussian", "--format", "latex"]) == 0
-    tex = capsys.readouterr().out
+    tex = _family_output(capsys, "latex", "k3")
     assert r"\begin{align*}" in tex and r"\mathrm{Var}_q[k]" in tex
     assert tex.count(r"\text{if }") == 1 and r"\text{True}" not in tex  # only the variance has a condition
 
@@ -163,16 +167,14 @@ def test_mean_names_the_divergence_it_equals(name, equals, capsys):
     if equals in _GAUSSIAN_KL:  # the claim holds numerically at random pairs
         for q, p in _random_pairs(seed=300):
             assert _value(forms["mean"], q, p) == pytest.approx(_GAUSSIAN_KL[equals](q, p), rel=1e-12, abs=1e-14)
-    assert main(["derive", name, "--family", "gaussian", "--format", "markdown"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = _family_output(capsys, "markdown", name).splitlines()
     if forms["closed_form"]:  # k4 has no E_q[k] line
         mean_line = next(line for line in lines if line.startswith("- E_q[k]"))
         assert mean_line.endswith(f"` = {equals}") == (equals is not None and equals != forms["mean"]), mean_line
 
 
 def test_straight_through_shows_its_surrogate(capsys):
-    assert main(["derive", "k1+", "k1", "--family", "gaussian", "--format", "json"]) == 0
-    k1_plus, k1 = json.loads(capsys.readouterr().out)
+    k1_plus, k1 = json.loads(_family_output(capsys, "json", "k1+", "k1"))
     assert k1["surrogate"] is None and k1_plus["mean_equals"] == "KL(q||p)"
     surrogate = sp.sympify(k1_plus["surrogate"], locals={"r": BUILTINS["k2"].expr.free_symbols.pop()})
     assert sp.simplify(surrogate - BUILTINS["k2"].expr) == 0
@@ -181,11 +183,8 @@ def test_straight_through_shows_its_surrogate(capsys):
     for parameter in cf.PARAMETERS:
         assert sp.simplify(sp.sympify(k1_plus["gradient"]["loss"][parameter], locals=cf.SYMBOLS)
                            - sp.sympify(k2["gradient"]["loss"][parameter], locals=cf.SYMBOLS)) == 0
-    assert main(["derive", "k1+", "--family", "gaussian", "--format", "markdown"]) == 0
-    text = capsys.readouterr().out
+    text = _family_output(capsys, "markdown", "k1+")
     assert "Straight-through" in text and "s(r) = `log(r)**2/2` (the gradient of `k2`)" in text
-    assert main(["derive", "k1+", "--family", "gaussian", "--format", "latex"]) == 0
-    tex = capsys.readouterr().out
+    tex = _family_output(capsys, "latex", "k1+")
     assert r"(the gradient of \texttt{k2})" in tex and r"= \text{$\mathrm{KL}(q\|p)$}" in tex
-    assert main(["derive", "k1", "--family", "gaussian", "--format", "markdown"]) == 0
-    assert "Straight-through" not in capsys.readouterr().out
+    assert "Straight-through" not in _family_output(capsys, "markdown", "k1")
