@@ -92,8 +92,8 @@ FINDINGS: dict[str, Finding] = _findings(
             "{value[following]} of the {value[total]} framework defaults have an expected gradient equal "
             "to ∇KL(q||p), the gradient of the penalty they are meant to apply."),
     Finding("sequence_paper_claims", "10-sequences", "5. The two papers' claims, checked by number",
-            "At the sequence level, {value[holds]} of the {value[total]} claims of Tang & Munos (2025) and "
-            "Liu et al. (2025) checked here hold by exact enumeration."),
+            "At the sequence level, {value[holds]} of the {value[total]} statements checked here (consequences of "
+            "Tang & Munos (2025) and Liu et al. (2025) as summarised in issue 12) hold by exact enumeration."),
     Finding("off_policy_unbiased", "11-off-policy",
             "5. Sequences: which weighting gives $\\nabla KL(q\\|p)$ of the sequences",
             "Off-policy, {value[unbiased]} of the {value[total]} weighting × placement × estimator combinations "
