@@ -48,24 +48,13 @@ from klsym.exact.expectations import (
 from klsym.exact.families import Categorical, Gaussian
 from klsym.report.published import exact_value, half_unit, load_rows, monte_carlo_se, pair
 from klsym.simulate import montecarlo
+from klsym.simulate.montecarlo import z_score
 
 WHAT = ("symbolic", "exact", "mc")
 LAYERS = (*WHAT, "published")
 PARAMS = ("mu", "sigma")
 # an exact gradient "equals" a true gradient when the whole vector agrees to these tolerances
 RTOL, ATOL = 1e-7, 1e-9
-
-
-def z_score(estimate, exact, se):
-    r"""Elementwise :math:`(\text{estimate} - \text{exact}) / \text{se}`; 0 where both agree with zero spread.
-
-    >>> z_score([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [0.0, 0.5, np.nan]).tolist()
-    [0.0, 2.0, nan]
-    """
-    estimate, exact, se = (np.asarray(a, dtype=np.float64) for a in (estimate, exact, se))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = (estimate - exact) / se
-    return np.where((se == 0) & (estimate == exact), 0.0, z)
 
 
 def _names(estimators) -> list[Estimator]:
@@ -1280,7 +1269,6 @@ __all__ = [
     "path_sweep",
     "support_table",
     "gradient_error",
-    "z_score",
     "symbolic_table",
     "formulas_latex",
     "derivation_markdown",

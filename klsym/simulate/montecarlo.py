@@ -321,7 +321,7 @@ def gradient_trials(q, p, estimators="k1,k2,k3", n: int = 50_000, trials: int = 
             "gradients": _by_label(stream, modes, lambda k: per_trial.result[k])}
 
 
-__all__ = ["run", "gradient", "gradient_trials", "crosscheck", "ValueStatistics", "gradient_sums", "gradient_summary",
+__all__ = ["run", "gradient", "gradient_trials", "crosscheck", "z_score", "ValueStatistics", "gradient_sums", "gradient_summary",
            "DTYPES", "GRADIENT_MODES", "DEFAULT_QUANTILES", "DEFAULT_BATCH", "DEFAULT_CHUNK", "TRIALS_STREAM",
            "MAX_TRIAL_ENTRIES"]
 
@@ -332,7 +332,7 @@ __all__ = ["run", "gradient", "gradient_trials", "crosscheck", "ValueStatistics"
 ROUNDING_ULPS = 64
 
 
-def _z(estimate, exact, se):
+def z_score(estimate, exact, se):
     """z-score, with ``se`` floored at the rounding of float64 means (``ROUNDING_ULPS`` ulps of the
     larger of the two): a 1-ulp difference is not a failed check when the spread is below rounding."""
     estimate, exact, se = (np.asarray(a, dtype=np.float64) for a in (estimate, exact, se))
@@ -385,7 +385,7 @@ def crosscheck(q, p, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0, *, 
         se = mc["se"] if infinite else max(reference["std"], 0.0) / math.sqrt(n)
         entry = {"target": estimator.target, "infinite_variance": infinite,
                  "mean": {"mc": mc["mean"], "exact": reference["mean"], "se": se,
-                          "z": float(_z(mc["mean"], reference["mean"], se))},
+                          "z": float(z_score(mc["mean"], reference["mean"], se))},
                  "second_moment": None, "gradients": {}}
         if not infinite:
             counted.append(entry["mean"]["z"])
@@ -393,11 +393,11 @@ def crosscheck(q, p, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0, *, 
             square = mc["square"]
             entry["second_moment"] = {"mc": square["mean"], "exact": reference["second_moment"],
                                       "se": square["se"],
-                                      "z": float(_z(square["mean"], reference["second_moment"], square["se"]))}
+                                      "z": float(z_score(square["mean"], reference["second_moment"], square["se"]))}
         for mode in modes:
             mc_grad = grads[estimator.name][mode]
             exact_grad = np.asarray(exact.estimator_gradient(estimator, q, p, mode), dtype=np.float64)
-            z = _z(mc_grad["mean"], exact_grad, mc_grad["se"])
+            z = z_score(mc_grad["mean"], exact_grad, mc_grad["se"])
             entry["gradients"][mode] = {"mc": mc_grad["mean"], "exact": exact_grad, "se": mc_grad["se"], "z": z}
             if not infinite:  # E[k^2] = inf: the gradient's spread is heavy-tailed too
                 counted.extend(np.ravel(z).tolist())

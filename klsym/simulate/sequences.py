@@ -31,6 +31,7 @@ from klsym.derive.estimators import Estimator, get_estimators
 from klsym.exact.autoregressive import Autoregressive, log_ratio
 from klsym.rl.sequences import ALL_PLACEMENTS, _check_placements, sequence_summary
 from klsym.simulate.backend import NUMPY_BLOCK, get_backend
+from klsym.simulate.montecarlo import z_score
 
 #: A coordinate's z counts in ``crosscheck`` only when its prefix was visited this often (CLT regime).
 MIN_VISITS = 100
@@ -65,14 +66,6 @@ def _stream_blocks(work, merge, n: int, chunk: int, threads: int | None) -> None
                 merge(pending.popleft().result())
         while pending:
             merge(pending.popleft().result())
-
-
-def _z(estimate, exact, se):
-    """z-score; 0 where estimate and exact agree exactly with zero spread."""
-    estimate, exact, se = (np.asarray(a, dtype=np.float64) for a in (estimate, exact, se))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = (estimate - exact) / se
-    return np.where((se == 0) & (estimate == exact), 0.0, z)
 
 
 def sample(q: Autoregressive, generator: np.random.Generator, n: int):
@@ -221,13 +214,13 @@ def crosscheck(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: i
     for name, by_placement in sampled["gradients"].items():
         entry = out["estimators"][name] = {}
         for placement, mc in by_placement.items():
-            z = _z(mc["mean"], exact["estimators"][name][placement]["gradient"], mc["se"])
+            z = z_score(mc["mean"], exact["estimators"][name][placement]["gradient"], mc["se"])
             mask = visited & (mc["se"] > 0)
             counted.append(z[mask])
             entry[placement] = {"gradient": mc["mean"], "se": mc["se"],
                                 "max_abs_z": float(np.max(np.abs(z[mask]))) if mask.any() else 0.0}
     kl = sampled["kl"]["KL(q||p)"]
-    kl_z = float(_z(kl["mean"], exact["kl"]["KL(q||p)"], kl["se"]))
+    kl_z = float(z_score(kl["mean"], exact["kl"]["KL(q||p)"], kl["se"]))
     out["kl"] = {"KL(q||p)": {"mc": kl["mean"], "se": kl["se"], "exact": exact["kl"]["KL(q||p)"], "z": kl_z}}
     every = np.abs(np.concatenate(counted + [np.array([kl_z])]))
     out["checked"] = int(every.size)
