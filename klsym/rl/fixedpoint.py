@@ -1012,7 +1012,11 @@ def framework_defaults() -> list:
 
 
 def _setting_term(setting) -> KLTerm:
-    return kl_term(setting.get_estimator(), setting.mode, setting.input_clamp, setting.output_clamp)
+    """The setting's term evaluated through its per-token expression (:func:`klsym.rl.frameworks.expression_term`):
+    clamps and weights act where the framework puts them (NeMo-RL's clamp(w k3) zeroes both parts where it bites)."""
+    from klsym.rl.frameworks import expression_term
+
+    return expression_term(setting)
 
 
 def beta_sweep(betas, settings=None, problem: FixedPointProblem = REFERENCE_PROBLEM) -> pd.DataFrame:
