@@ -14,14 +14,13 @@ from klsym.report.compare import (
     compare,
     compare_pairs,
     gaussian_path,
-    lambda_star,
-    parabola_vertex,
     relative,
     reproduce,
     trial_gradients,
     trial_summary,
 )
 from klsym.report.published import exact_value, half_unit, load_rows, monte_carlo_se
+from klsym.report.variance_reduction import lambda_star, parabola_vertex
 from klsym.simulate.montecarlo import crosscheck, run, z_score
 
 Q = Gaussian(0.0, 1.0)
@@ -205,7 +204,7 @@ def _setting(estimator, input_clamp=None, output_clamp=None):
 @pytest.mark.parametrize("delta, output_clamp", [(2.0, 10.0), (1.0, 10.0), (2.0, 3.0)])
 def test_clamp_value_check_against_numpy(delta, output_clamp):
     """k3 = e^t - 1 - t clipped to [-c, c], on t = delta x - delta^2/2 with x ~ N(0, 1)."""
-    from klsym.report.compare import clamp_value_check
+    from klsym.report.framework_tables import clamp_value_check
 
     x = np.random.default_rng(11).standard_normal(200_000)
     t = delta * x - delta**2 / 2
@@ -218,7 +217,7 @@ def test_clamp_value_check_against_numpy(delta, output_clamp):
 
 
 def test_identical_logits_same_kernel_is_exactly_zero():
-    from klsym.report.compare import identical_logits_table
+    from klsym.report.framework_tables import identical_logits_table
 
     logits = np.random.default_rng(2).standard_normal(500) * 3
     table = identical_logits_table(logits, dtypes=("bfloat16",), reference_kernels=("fused", "unfused"))
@@ -229,7 +228,7 @@ def test_identical_logits_same_kernel_is_exactly_zero():
 
 def test_precision_mc_check_draws_from_the_given_generator():
     from klsym.exact.precision import policy_pair
-    from klsym.report.compare import precision_mc_check
+    from klsym.report.framework_tables import precision_mc_check
 
     logits_q, logits_p = policy_pair(2_000, np.random.default_rng(0), 0.1)
     first = precision_mc_check(logits_q, logits_p, np.random.default_rng(4), 50_000)

@@ -208,7 +208,7 @@ def ratio_to_kl(curves: pd.DataFrame, points: pd.DataFrame, x: str = "x", ax=Non
 
 def variance_parabola(scan: pd.DataFrame, lambda_star: float, ax=None, **axis):
     r"""Notebook 08: exact :math:`\mathrm{Var}_q(k_\lambda)` over :math:`\lambda` with about a dozen Monte Carlo
-    points (:func:`klsym.report.compare.control_variate_scan`), :math:`\lambda^*` and :math:`k_3`."""
+    points (:func:`klsym.report.variance_reduction.control_variate_scan`), :math:`\lambda^*` and :math:`k_3`."""
     ax = _axes(ax)
     every = scan.iloc[:: max(1, len(scan) // 12)]
     ax.plot(scan["lambda"], scan["exact variance"], label="exact (closed form)")

@@ -17,10 +17,17 @@ from functools import lru_cache
 
 import numpy as np
 
-from klsym.exact import quadrature
 from klsym.derive.estimators import get_estimator
-from klsym.exact.expectations import KL_PQ, KL_QP, estimator_gradient, estimator_gradient_std, estimator_stats, \
-    kl_divergences, true_gradients
+from klsym.exact import quadrature
+from klsym.exact.expectations import (
+    KL_PQ,
+    KL_QP,
+    estimator_gradient,
+    estimator_gradient_std,
+    estimator_stats,
+    kl_divergences,
+    true_gradients,
+)
 from klsym.exact.families import Gaussian, log_ratio
 from klsym.paths import DATA_DIR
 
