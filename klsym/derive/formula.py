@@ -30,8 +30,6 @@ MAX_LENGTH = 500
 MAX_NUMBER = 10**6
 MAX_DEPTH = 40
 
-_FUNCTIONS = {"log": sp.log, "exp": sp.exp, "sqrt": sp.sqrt, "Abs": sp.Abs}
-_NAMES = {"r": r, "t": sp.log(r), "pi": sp.pi, "E": sp.E}
 _BINOPS = {
     ast.Add: lambda a, b: a + b,
     ast.Sub: lambda a, b: a - b,
@@ -45,6 +43,112 @@ class FormulaError(ValueError):
     """A formula string that is not a whitelisted expression in r."""
 
 
+class Grammar:
+    r"""A whitelist of names and functions, and the one parser of user and framework expressions.
+
+    The text is parsed by :mod:`ast` and rebuilt node by node: whitelisted names, numbers, calls of
+    whitelisted functions (``{name: (sympy_function, arity)}``), ``+ - * / **`` (``^`` is read as ``**``) and
+    parentheses. Anything else is refused with ``error`` naming the offending piece; nothing reaches ``eval``
+    or ``sympify``. ``check_power(base, exponent)`` and ``check_call(name, args)`` add a grammar's own rules.
+    """
+
+    def __init__(self, names: dict, functions: dict, error: type[ValueError], what: str, *,
+                 max_length: int = MAX_LENGTH, max_number: float | None = MAX_NUMBER, max_depth: int = MAX_DEPTH,
+                 check_power=None, check_call=None):
+        self.names, self.functions, self.error, self.what = names, functions, error, what
+        self.max_length, self.max_number, self.max_depth = max_length, max_number, max_depth
+        self.check_power, self.check_call = check_power, check_call
+
+    def parse(self, text: str) -> sp.Expr:
+        error, what = self.error, self.what
+        if not isinstance(text, str):
+            raise error(f"{what} must be a string, got {type(text).__name__}")
+        if len(text) > self.max_length:
+            raise error(f"{what} is longer than {self.max_length} characters")
+        if not text.strip():
+            raise error(f"{what} is empty")
+        foreign = next((ch for ch in text if not ch.isascii() or (not ch.isprintable() and not ch.isspace())), None)
+        if foreign is not None:
+            # Python folds full-width and other compatibility letters into ASCII names (NFKC): 'ｒ' would
+            # silently become r. Refuse instead of guessing.
+            raise error(f"malformed {what} {text!r}: character {foreign!r} (U+{ord(foreign):04X}) is not "
+                        "ASCII; write it with ASCII letters, digits and + - * / ** ( )")
+        try:
+            tree = ast.parse(text.replace("^", "**").strip(), mode="eval")
+        except SyntaxError as err:
+            raise error(f"malformed {what} {text!r}: not an expression ({err.msg})") from None
+        try:
+            expr = self._build(tree.body, 0)
+        except self.error as err:
+            raise error(f"malformed {what} {text!r}: {err}") from None
+        if not isinstance(expr, sp.Expr) or expr.has(sp.zoo, sp.nan):
+            raise error(f"malformed {what} {text!r}: it does not define a finite expression")
+        return expr
+
+    def _build(self, node: ast.AST, depth: int) -> sp.Expr:
+        error = self.error
+        if depth > self.max_depth:
+            raise error("expression is nested too deeply")
+        if isinstance(node, ast.Constant):
+            value = node.value
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise error(f"constant {value!r} is not a number")
+            if self.max_number is not None and abs(value) > self.max_number:
+                raise error(f"number {value!r} is larger than {self.max_number}")
+            if value != value or abs(value) == float("inf"):
+                raise error(f"constant {value!r} is not a finite number")
+            return sp.Rational(repr(value))
+        if isinstance(node, ast.Name):
+            if node.id not in self.names:
+                raise error(f"unknown name {node.id!r} (allowed: {', '.join(sorted(self.names))})")
+            return self.names[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            left, right = self._build(node.left, depth + 1), self._build(node.right, depth + 1)
+            if isinstance(node.op, ast.Pow) and self.check_power is not None:
+                self.check_power(left, right)
+            return _BINOPS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            operand = self._build(node.operand, depth + 1)
+            return -operand if isinstance(node.op, ast.USub) else operand
+        if isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name):
+                raise error("only plain function calls such as log(r) are allowed")
+            if node.func.id not in self.functions:
+                allowed = ", ".join(sorted(self.functions))
+                raise error(f"function {node.func.id!r} is not allowed (allowed: {allowed})")
+            function, arity = self.functions[node.func.id]
+            if node.keywords or len(node.args) != arity:
+                count = "one argument" if arity == 1 else f"{arity} arguments"
+                raise error(f"{node.func.id} takes exactly {count}")
+            args = [self._build(a, depth + 1) for a in node.args]
+            if self.check_call is not None:
+                self.check_call(node.func.id, args)
+            return function(*args)
+        if isinstance(node, ast.Attribute):
+            raise error("attribute access is not allowed")
+        if isinstance(node, ast.Lambda):
+            raise error("lambda expressions are not allowed")
+        raise error(f"{type(node).__name__} is not allowed")
+
+
+def _check_power(base: sp.Expr, exponent: sp.Expr) -> None:
+    if exponent.is_number and abs(exponent) > 100:
+        raise FormulaError("exponents larger than 100 are not allowed")
+    if not exponent.is_integer:
+        _require_real(sp.Pow(base, exponent, evaluate=False), base)
+
+
+def _check_call(name: str, args) -> None:
+    if name in ("log", "sqrt"):
+        _require_real(sp.Function(name)(args[0]), args[0])
+
+
+#: The grammar of estimator formulas k(r): ``r``, ``t`` (= log r), ``pi``, ``E``; log, exp, sqrt, Abs.
+FORMULA = Grammar({"r": r, "t": sp.log(r), "pi": sp.pi, "E": sp.E},
+                  {"log": (sp.log, 1), "exp": (sp.exp, 1), "sqrt": (sp.sqrt, 1), "Abs": (sp.Abs, 1)},
+                  FormulaError, "formula", check_power=_check_power, check_call=_check_call)
+
+
 def parse_formula(text: str) -> sp.Expr:
     r"""Return the SymPy expression of ``text``, an estimator k(r) written in r (or t = log r).
 
@@ -55,71 +159,7 @@ def parse_formula(text: str) -> sp.Expr:
     ...
     klsym.derive.formula.FormulaError: malformed formula 'r.__class__': attribute access is not allowed
     """
-    if not isinstance(text, str):
-        raise FormulaError(f"formula must be a string, got {type(text).__name__}")
-    if len(text) > MAX_LENGTH:
-        raise FormulaError(f"formula is longer than {MAX_LENGTH} characters")
-    if not text.strip():
-        raise FormulaError("formula is empty")
-    foreign = next((ch for ch in text if not ch.isascii() or (not ch.isprintable() and not ch.isspace())), None)
-    if foreign is not None:
-        # Python folds full-width and other compatibility letters into ASCII names (NFKC): 'ｒ' would
-        # silently become r. Refuse instead of guessing.
-        raise FormulaError(f"malformed formula {text!r}: character {foreign!r} (U+{ord(foreign):04X}) is not "
-                           "ASCII; write the formula with ASCII letters, digits and + - * / ** ( )")
-    try:
-        tree = ast.parse(text.replace("^", "**").strip(), mode="eval")
-    except SyntaxError as err:
-        raise FormulaError(f"malformed formula {text!r}: not an expression ({err.msg})") from None
-    try:
-        expr = _build(tree.body, 0)
-    except FormulaError as err:
-        raise FormulaError(f"malformed formula {text!r}: {err}") from None
-    if not isinstance(expr, sp.Expr) or expr.has(sp.zoo, sp.nan):
-        raise FormulaError(f"malformed formula {text!r}: it does not define a finite expression")
-    return expr
-
-
-def _build(node: ast.AST, depth: int) -> sp.Expr:
-    if depth > MAX_DEPTH:
-        raise FormulaError("expression is nested too deeply")
-    if isinstance(node, ast.Constant):
-        if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
-            raise FormulaError(f"constant {node.value!r} is not a number")
-        if abs(node.value) > MAX_NUMBER:
-            raise FormulaError(f"number {node.value!r} is larger than {MAX_NUMBER}")
-        return sp.Rational(repr(node.value))
-    if isinstance(node, ast.Name):
-        if node.id not in _NAMES:
-            raise FormulaError(f"unknown name {node.id!r} (allowed: {', '.join(sorted(_NAMES))})")
-        return _NAMES[node.id]
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        left, right = _build(node.left, depth + 1), _build(node.right, depth + 1)
-        if isinstance(node.op, ast.Pow) and right.is_number and abs(right) > 100:
-            raise FormulaError("exponents larger than 100 are not allowed")
-        if isinstance(node.op, ast.Pow) and not right.is_integer:
-            _require_real(sp.Pow(left, right, evaluate=False), left)
-        return _BINOPS[type(node.op)](left, right)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = _build(node.operand, depth + 1)
-        return -operand if isinstance(node.op, ast.USub) else operand
-    if isinstance(node, ast.Call):
-        if not isinstance(node.func, ast.Name):
-            raise FormulaError("only plain function calls such as log(r) are allowed")
-        if node.func.id not in _FUNCTIONS:
-            allowed = ", ".join(sorted(_FUNCTIONS))
-            raise FormulaError(f"function {node.func.id!r} is not allowed (allowed: {allowed})")
-        if node.keywords or len(node.args) != 1:
-            raise FormulaError(f"{node.func.id} takes exactly one argument")
-        argument = _build(node.args[0], depth + 1)
-        if node.func.id in ("log", "sqrt"):
-            _require_real(sp.Function(node.func.id)(argument), argument)
-        return _FUNCTIONS[node.func.id](argument)
-    if isinstance(node, ast.Attribute):
-        raise FormulaError("attribute access is not allowed")
-    if isinstance(node, ast.Lambda):
-        raise FormulaError("lambda expressions are not allowed")
-    raise FormulaError(f"{type(node).__name__} is not allowed")
+    return FORMULA.parse(text)
 
 
 #: Seconds allowed to SymPy for deciding where an argument of log, sqrt or a fractional power is negative.

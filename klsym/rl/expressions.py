@@ -37,15 +37,15 @@ klsym.rl.expressions.ExpressionError: malformed expression "__import__('os')": f
 """
 from __future__ import annotations
 
-import ast
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import sympy as sp
 from scipy.optimize import brentq
 from sympy.codegen.cfunctions import expm1
 
+from klsym.derive.formula import Grammar
 from klsym.derive.symbols import r, t
 
 logq, logp, logb = sp.symbols("logq logp logb", real=True)
@@ -108,8 +108,16 @@ _FUNCTIONS = {"sg": (sg, 1), "clamp": (clamp, 3), "inside": (inside, 3), "exp": 
               "log": (sp.log, 1), "expm1": (expm1, 1), "abs": (sp.Abs, 1), "max": (sp.Max, 2),
               "min": (sp.Min, 2)}
 _NAMES = {"logq": logq, "logp": logp, "logb": logb}
-_BINOPS = {ast.Add: sp.Add, ast.Sub: lambda a, b: a - b, ast.Mult: sp.Mul, ast.Div: lambda a, b: a / b,
-           ast.Pow: sp.Pow}
+
+
+def _check_bounds(name: str, args) -> None:
+    if name in ("clamp", "inside") and not all(a.is_number for a in args[1:]):
+        raise ExpressionError(f"the bounds of {name} must be numbers")
+
+
+#: The grammar of framework expressions: logq, logp, logb and the functions above (numbers of any size).
+GRAMMAR = Grammar(_NAMES, _FUNCTIONS, ExpressionError, "expression", max_length=MAX_LENGTH, max_number=None,
+                  max_depth=60, check_call=_check_bounds)
 
 
 def parse_expression(text: str) -> sp.Expr:
@@ -122,51 +130,7 @@ def parse_expression(text: str) -> sp.Expr:
     ...
     klsym.rl.expressions.ExpressionError: malformed expression 'clamp(logq, logp, 1)': the bounds of clamp must be numbers
     """
-    if not isinstance(text, str) or not text.strip():
-        raise ExpressionError("expression must be a non-empty string")
-    if len(text) > MAX_LENGTH:
-        raise ExpressionError(f"expression is longer than {MAX_LENGTH} characters")
-    try:
-        tree = ast.parse(text.replace("^", "**").strip(), mode="eval")
-    except SyntaxError as err:
-        raise ExpressionError(f"malformed expression {text!r}: not an expression ({err.msg})") from None
-    try:
-        expr = _build(tree.body, 0)
-    except ExpressionError as err:
-        raise ExpressionError(f"malformed expression {text!r}: {err}") from None
-    if not isinstance(expr, sp.Expr) or expr.has(sp.zoo, sp.nan):
-        raise ExpressionError(f"malformed expression {text!r}: it does not define a finite expression")
-    return expr
-
-
-def _build(node: ast.AST, depth: int) -> sp.Expr:
-    if depth > 60:
-        raise ExpressionError("expression is nested too deeply")
-    if isinstance(node, ast.Constant):
-        if isinstance(node.value, bool) or not isinstance(node.value, (int, float)) or not math.isfinite(node.value):
-            raise ExpressionError(f"constant {node.value!r} is not a finite number")
-        return sp.Rational(repr(node.value))
-    if isinstance(node, ast.Name):
-        if node.id not in _NAMES:
-            raise ExpressionError(f"unknown name {node.id!r} (allowed: {', '.join(sorted(_NAMES))})")
-        return _NAMES[node.id]
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return _BINOPS[type(node.op)](_build(node.left, depth + 1), _build(node.right, depth + 1))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = _build(node.operand, depth + 1)
-        return -operand if isinstance(node.op, ast.USub) else operand
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
-        if node.func.id not in _FUNCTIONS:
-            raise ExpressionError(f"function {node.func.id!r} is not allowed "
-                                  f"(allowed: {', '.join(sorted(_FUNCTIONS))})")
-        function, arity = _FUNCTIONS[node.func.id]
-        if len(node.args) != arity:
-            raise ExpressionError(f"{node.func.id} takes {arity} argument(s)")
-        args = [_build(a, depth + 1) for a in node.args]
-        if node.func.id in ("clamp", "inside") and not all(a.is_number for a in args[1:]):
-            raise ExpressionError(f"the bounds of {node.func.id} must be numbers")
-        return function(*args)
-    raise ExpressionError(f"{type(node).__name__} is not allowed")
+    return GRAMMAR.parse(text)
 
 
 # --- derivatives and numeric forms -------------------------------------------------------------
@@ -178,7 +142,7 @@ def surrogate(expr: sp.Expr, enters: str) -> sp.Expr:
     return expr if enters == "loss" else sg(expr) * logq
 
 
-@lru_cache(maxsize=None)
+@cache
 def coefficient(expr: sp.Expr, enters: str = "loss") -> sp.Expr:
     r""":math:`c = \partial L / \partial \log q` with ``sg' = 0`` and ``clamp'`` = indicator.
 
@@ -200,7 +164,7 @@ def _numpy_inside(x, lo, hi):
 _MODULES = [{"clamp": np.clip, "inside": _numpy_inside, "expm1": np.expm1, "Heaviside": np.heaviside}, "numpy"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def numeric(expr: sp.Expr):
     r"""Vectorised ``f(logq, logp, logb, logq0)``; every ``sg(e)`` is e at ``logq0`` (default: logq).
 
@@ -236,7 +200,7 @@ def unclamped(expr: sp.Expr) -> sp.Expr:
     return expr.replace(clamp, lambda x, lo, hi: x).replace(inside, lambda x, lo, hi: sp.S.One)
 
 
-@lru_cache(maxsize=None)
+@cache
 def on_policy(expr: sp.Expr, enters: str = "loss") -> dict:
     r"""Value :math:`k(t)` and coefficient :math:`h(t)` on-policy, with and without clamps.
 
@@ -331,7 +295,7 @@ def _as_ratio(expr_t: sp.Expr) -> sp.Expr:
     return sp.expand(sp.expand_log(expr_t.subs(t, sp.log(r)), force=True))
 
 
-@lru_cache(maxsize=None)
+@cache
 def identify(expr: sp.Expr, enters: str = "loss") -> dict:
     r"""The klsym estimator and gradient mode the expression is, on-policy and without clamps.
 
