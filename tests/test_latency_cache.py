@@ -179,3 +179,56 @@ def test_exact_does_not_import_scipy_optimize():
             "print('scipy.optimize' in sys.modules, 'pandas' in sys.modules, file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert out.split() == ["False", "False"]
+
+
+# --- derive cold: the faster steps give the same expressions as the slow ones --------------------
+
+@pytest.mark.parametrize("integrand", ["u**(-2)", "-log(u)/u**2", "log(u)**2/(2*u**2)", "(u - log(u) - 1)/u**2",
+                                       "log(u)/u", "log(u)**3/u", "(u*log(u) - u + 1)/u**2", "u**2*log(u)",
+                                       "3*u**2 - log(u)/u**3"])
+def test_integral_from_one_equals_sympys_definite_integral(integrand):
+    from klsym.derive import symbolic
+    from klsym.derive.symbols import u
+
+    f = sp.sympify(integrand, locals={"u": u})
+    fast = symbolic._integral_from_one(f)
+    assert not fast.has(sp.Integral)
+    assert sp.simplify(fast - sp.integrate(f, (u, 1, r))) == 0
+
+
+@pytest.mark.parametrize("n", range(7))
+def test_normal_moment_is_the_integral(n):
+    from klsym.derive import symbolic
+    from klsym.derive.symbols import delta, x
+
+    mean, var = -delta**2 / 2, delta**2
+    integral = sp.expand(sp.Integral((mean + sp.sqrt(var) * x) ** n * sp.exp(-x**2 / 2) / sp.sqrt(2 * sp.pi),
+                                     (x, -sp.oo, sp.oo)).doit())
+    assert symbolic.normal_moment_of_t(n, mean, var) == integral  # the same expression, not only equal
+
+
+def test_clearly_nonzero_with_a_parameter_is_sound():
+    from klsym.derive import symbolic
+    from klsym.derive.symbols import alpha
+
+    assert symbolic._clearly_nonzero(r**alpha / r**2 - 2 / r**2)  # alpha = 2 only
+    assert not symbolic._clearly_nonzero(r**alpha * r - r ** (alpha + 1))  # identically 0
+    assert symbolic.is_zero(sp.log(r**alpha) - alpha * sp.log(r))
+    n = sp.Symbol("n", integer=True)
+    assert not symbolic._clearly_nonzero(r**n - 1)  # integer parameters: left to the exact test
+
+
+def test_derive_json_is_unchanged_by_the_faster_steps(tmp_path, monkeypatch):
+    """The built-ins' analysis with the fast steps equals the one with SymPy's integrator and series."""
+    from klsym.derive import symbolic
+
+    estimators = [est.get_estimator(name) for name in ("k1", "k3+", "rev_k3")]
+    fast = [symbolic.analyze_symbolic(e) for e in estimators]
+    symbolic._generator_of_coefficient.cache_clear()
+    monkeypatch.setattr(symbolic, "_integral_from_one", lambda f: sp.integrate(f, (symbolic.u, 1, r)))
+    monkeypatch.setattr(symbolic, "normal_moment_of_t", lambda n, m, v: sp.expand(sp.Integral(
+        (m + sp.sqrt(v) * symbolic.x) ** n * sp.exp(-symbolic.x**2 / 2) / sp.sqrt(2 * sp.pi),
+        (symbolic.x, -sp.oo, sp.oo)).doit()))
+    slow = [symbolic.analyze_symbolic(e) for e in estimators]
+    symbolic._generator_of_coefficient.cache_clear()
+    assert [symbolic._jsonable(a) for a in fast] == [symbolic._jsonable(b) for b in slow]

@@ -198,13 +198,24 @@ def is_zero(expr: sp.Expr) -> bool:
 _CHECK_POINTS = (sp.Rational(1, 3), sp.Rational(7, 2), sp.Rational(23, 10))
 
 
+#: Values given to a parameter other than r (Amari's alpha) by :func:`_clearly_nonzero`: generic, positive.
+_PARAMETER_POINTS = (sp.Rational(2, 7), sp.Rational(13, 5))
+
+
 def _clearly_nonzero(expr: sp.Expr) -> bool:
-    """Fast, sound rejection: a value far from 0 at some point proves expr is not identically 0."""
-    if expr.free_symbols - {r}:
+    """Fast, sound rejection: a value far from 0 at some point proves expr is not identically 0.
+
+    Other real parameters (alpha) get generic positive values too: an expression that is 0 for every
+    (r, alpha) is 0 at those, so a value far from 0 there still proves it is not identically 0.
+    """
+    parameters = sorted(expr.free_symbols - {r}, key=str)
+    if any(not (s.is_real and s.is_integer is not True and s.is_negative is not True) for s in parameters):
         return False
-    for point in _CHECK_POINTS:
+    points = [{r: point} for point in _CHECK_POINTS] if not parameters else [
+        {r: point, **{s: value for s in parameters}} for value in _PARAMETER_POINTS for point in _CHECK_POINTS]
+    for point in points:
         try:
-            value = sp.N(expr.subs(r, point), 30)
+            value = sp.N(expr.subs(point), 30)
         except Exception:  # not evaluable here: let the exact test decide
             continue
         if value.is_number and value.is_finite and abs(value) > 1e-15:
@@ -494,12 +505,44 @@ def implied_gradient_generator(estimator: Estimator, mode: str) -> sp.Expr:
     1 - r
     """
     h = mode_coefficient(estimator, mode)
+    return _generator_of_coefficient(h)
+
+
+@lru_cache(maxsize=None)
+def _generator_of_coefficient(h: sp.Expr) -> sp.Expr:
+    """:func:`implied_gradient_generator` for the coefficient h (modes of several estimators share one h)."""
     try:
         with _time_limit(2 * SOLVE_SECONDS):
-            antiderivative = sp.integrate(h.subs(r, u) / u**2, (u, 1, r))
+            antiderivative = _integral_from_one(h.subs(r, u) / u**2)
     except Exception:  # SymPy may fail anywhere inside on exotic input; treat as undecided
         antiderivative = sp.Integral(h.subs(r, u) / u**2, (u, 1, r))
     return sp.expand(_simplify(-r * antiderivative))
+
+
+def _integral_from_one(integrand: sp.Expr) -> sp.Expr:
+    r""":math:`\int_1^r f(u)\,du`. For a sum of :math:`c\,u^b (\log u)^n` (continuous on u > 0) it is
+    :math:`F(r) - F(1)` term by term with
+    :math:`\int u^b \log^n u\,du = u^{b+1} \sum_{k=0}^{n} (-1)^k \frac{n!}{(n-k)!} \frac{\log^{n-k} u}{(b+1)^{k+1}}`
+    (:math:`\log^{n+1} u / (n + 1)` for b = -1), which skips SymPy's integrator; otherwise SymPy's definite
+    integral.
+
+    >>> sp.expand(_integral_from_one((1 - u) / u**2))
+    -log(r) + 1 - 1/r
+    """
+    from klsym.derive.gaussian_closed_form import decompose
+
+    terms = decompose(integrand.subs(u, r))
+    if terms is None:
+        return sp.integrate(integrand, (u, 1, r))
+    total = sp.Integer(0)
+    for c, b, n in terms:
+        if b == -1:
+            antiderivative = sp.log(r) ** (n + 1) / (n + 1)
+        else:
+            antiderivative = r ** (b + 1) * sum((-1) ** k * sp.factorial(n) / sp.factorial(n - k)
+                                                * sp.log(r) ** (n - k) / (b + 1) ** (k + 1) for k in range(n + 1))
+        total += c * (antiderivative - antiderivative.subs(r, 1))
+    return total
 
 
 def implied_gradient_divergence(estimator: Estimator, mode: str) -> dict:
@@ -544,6 +587,17 @@ def _expectation_label(offset, label: str | None) -> str | None:
     return label if offset == 0 else f"{sp.sstr(offset)} + {label}"
 
 
+def normal_moment_of_t(n: int, mean: sp.Expr, var: sp.Expr) -> sp.Expr:
+    r""":math:`\mathbb{E}[t^n]` for :math:`t = m + s x`, :math:`x \sim N(0, 1)`, expanded: the binomial sum with
+    :math:`\mathbb{E}[x^k] = (k - 1)!!` for even k (the same expression as integrating, without the integral).
+
+    >>> normal_moment_of_t(2, -delta**2 / 2, delta**2)
+    delta**4/4 + delta**2
+    """
+    return sp.expand(sum(sp.binomial(n, k) * mean ** (n - k) * sp.sqrt(var) ** k * sp.factorial2(k - 1)
+                         for k in range(0, n + 1, 2)))
+
+
 def local_expansion(estimator: Estimator, order: int = 4) -> dict | None:
     r"""Series of :math:`\mathbb{E}_q[k]` for :math:`q = N(0, 1)`, :math:`p = N(\delta, 1)`.
 
@@ -565,12 +619,14 @@ def local_expansion(estimator: Estimator, order: int = 4) -> dict | None:
     if taylor.has(sp.log):
         return None
     mean, var = -delta**2 / 2, delta**2
-    normal_moment = {n: sp.expand(sp.Integral(
-        (mean + sp.sqrt(var) * x) ** n * sp.exp(-x**2 / 2) / sp.sqrt(2 * sp.pi), (x, -sp.oo, sp.oo)).doit())
-        for n in range(order + 1)}
+    normal_moment = {n: normal_moment_of_t(n, mean, var) for n in range(order + 1)}
     poly = sp.Poly(sp.expand(taylor), t)
     expectation = sum(coef * normal_moment[n] for (n,), coef in poly.terms())
-    series = sp.series(expectation, delta, 0, order + 1).removeO()
+    expectation = sp.expand(expectation)
+    if expectation.is_polynomial(delta):  # a polynomial in delta: its series is its truncation
+        series = sp.Add(*[term for term in sp.Add.make_args(expectation) if sp.degree(term, delta) <= order])
+    else:
+        series = sp.series(expectation, delta, 0, order + 1).removeO()
     kl = delta**2 / 2
     bias = sp.expand(series - kl)
     leading = min(sp.Add.make_args(bias), key=lambda term: sp.degree(term, delta)) if bias != 0 else sp.Integer(0)
