@@ -93,15 +93,15 @@ def run(args) -> int:
     problem = FixedPointProblem(read_vector(args.p_logits, "--p-logits"), read_vector(args.reward, "--reward"),
                                 args.beta)
     if args.setting:
-        from klsym.rl.frameworks import get_setting
+        from klsym.rl.frameworks import expression_term, get_setting
 
         framework, _, name = args.setting.partition(":")
         setting = get_setting(framework, name or None)
         summary = fixed_point_summary(problem, [], [])
         summary["setting"] = setting.key
-        summary["estimators"][setting.get_estimator().name] = {setting.mode: fixed_point(
-            problem, setting.get_estimator(), setting.mode,
-            input_clamp=setting.input_clamp, output_clamp=setting.output_clamp)}
+        # the setting's own per-token expression: clamps and weights act where the framework puts them
+        summary["estimators"][setting.get_estimator().name] = {
+            setting.mode: fixed_point(problem, expression_term(setting), setting.mode)}
     else:
         summary = fixed_point_summary(problem, get_estimators(args.estimators), _modes(args.modes))
     if args.format == "json":

@@ -45,7 +45,7 @@ from scipy.special import log_softmax, logsumexp, softmax
 
 from klsym.derive import symbolic as symbolic_module
 from klsym.derive.diskcache import cache_key, cached_json
-from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, in_logratio
+from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, in_logratio, gradient_weights
 from klsym.derive.symbolic import analyze, is_zero, mode_coefficient, sign_verdict
 from klsym.derive.symbols import r, t
 from klsym.exact.clamps import clamped_numeric, clamped_numeric_dt
@@ -184,8 +184,7 @@ class KLTerm:
     def weight(self, log_ratios: np.ndarray) -> np.ndarray:
         r"""Per-sample coefficient w(t) of the score: the KL gradient of one sample is :math:`w\,s`."""
         value, slope = self._functions
-        out = 0.0 if self.mode == "reward" else -np.asarray(slope(log_ratios))
-        return out + np.asarray(value(log_ratios)) if self.mode != "loss" else out
+        return np.asarray(gradient_weights(value, slope, log_ratios, (self.mode,))[self.mode])
 
 
 def kl_term(estimator, mode: str, input_clamp: float | None = None, output_clamp: float | None = None) -> KLTerm:
@@ -1031,8 +1030,7 @@ def beta_sweep(betas, settings=None, problem: FixedPointProblem = REFERENCE_PROB
         for beta in betas:
             key = (term, float(beta))
             if key not in points:
-                points[key] = fixed_point(problem.with_beta(beta), term.estimator, term.mode,
-                                          input_clamp=term.input_clamp, output_clamp=term.output_clamp)
+                points[key] = fixed_point(problem.with_beta(beta), term, term.mode)
             point = points[key]
             rows.append({"setting": setting.key, "estimator": term.estimator.name, "mode": term.mode,
                          "beta": float(beta), "status": point["status"], KL_QP: point[KL_QP],
@@ -1051,8 +1049,7 @@ def converges_to_table(settings=None, problem: FixedPointProblem = REFERENCE_PRO
     for setting in settings:
         term = _setting_term(setting)
         if term not in phrases:  # settings sharing estimator, mode and clamps are computed once
-            phrases[term] = converges_to(term.estimator, term.mode, problem, input_clamp=term.input_clamp,
-                                         output_clamp=term.output_clamp)
+            phrases[term] = converges_to(term, term.mode, problem)
         rows.append({"setting": setting.key, "estimator": term.estimator.name, "mode": term.mode,
                      "input_clamp": term.input_clamp, "output_clamp": term.output_clamp,
                      "converges to": phrases[term]})
