@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import log_softmax
 
+from klsym.exact.families import real_array
+
 #: Largest number V^T of token sequences analysed exactly (the same limit as the i.i.d. enumeration).
 MAX_SEQUENCES = 4_194_304
 #: Rows of the last depth evaluated at once where a whole-sequence function is applied to the leaves.
@@ -90,10 +92,7 @@ class Autoregressive:
     name = "autoregressive"
 
     def __post_init__(self):
-        try:
-            logits = np.array(self.logits, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError("autoregressive logits must be an array of real numbers") from None
+        logits = real_array(self.logits, "autoregressive logits")
         if logits.ndim != 2 or logits.shape[1] < 2 or logits.shape[0] < 1:
             raise ValueError(f"autoregressive logits must have shape (P, V) with V >= 2 tokens, got shape "
                              f"{logits.shape}")

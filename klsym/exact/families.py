@@ -41,6 +41,14 @@ def _finite_float(value, what: str) -> float:
     return number
 
 
+def real_array(values, what: str) -> np.ndarray:
+    """``values`` as a new float64 array, or one clear error naming ``what``."""
+    try:
+        return np.array(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an array of real numbers") from None
+
+
 @dataclass(frozen=True)
 class Gaussian:
     r"""The 1-D normal distribution :math:`\mathcal{N}(\mu, \sigma^2)`; parameters :math:`\theta = (\mu, \sigma)`.
@@ -133,10 +141,7 @@ class Categorical:
     name = "categorical"
 
     def __post_init__(self):
-        try:
-            logits = np.asarray(self.logits, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError("Categorical logits must be an array of real numbers") from None
+        logits = real_array(self.logits, "Categorical logits")
         if logits.ndim != 1 or logits.size == 0:
             raise ValueError(f"Categorical logits must be a non-empty 1-D array, got shape {logits.shape}")
         if np.isnan(logits).any():
