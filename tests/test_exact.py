@@ -269,7 +269,7 @@ def test_categorical_true_gradients_equal_finite_differences(logits):
     q, p = Categorical(logits[0]), Categorical(logits[1])
     grads = true_gradients(q, p)
     for label in (KL_QP, KL_PQ):
-        fd = _logit_finite_difference(lambda moved: kl_divergences(Categorical(moved), p)[label], q.logits)
+        fd = _logit_finite_difference(lambda moved, label=label: kl_divergences(Categorical(moved), p)[label], q.logits)
         np.testing.assert_allclose(grads[label], fd, rtol=1e-7, atol=1e-9)
 
 

@@ -180,7 +180,7 @@ def test_local_expansion_matches_quadrature(name):
     est = get_estimator(name)
     series = sp.lambdify(delta, local_expansion(est)["series"])
     for d in (0.05, 0.1):
-        exact, _ = integrate.quad(lambda x: np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+        exact, _ = integrate.quad(lambda x, d=d: np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
                                   * est.numeric(d * x - d * d / 2), -40, 40, epsabs=1e-14, epsrel=1e-13)
         assert abs(exact - series(d)) < 50 * d**5
 

@@ -133,7 +133,7 @@ def summarise(args, summary_of, q, p, doing: str) -> dict:
 def check_evaluable(estimator) -> None:
     """Compile the estimator's numeric forms now, so a formula SymPy cannot compile is one clear error."""
     try:
-        estimator.numeric, estimator.numeric_dt
+        _ = estimator.numeric, estimator.numeric_dt
     except (ValueError, TypeError, ArithmeticError, NotImplementedError, AttributeError, RecursionError,
             sp.SympifyError, sp.PolynomialError) as err:
         raise UserError(f"estimator {estimator.name!r} cannot be compiled for numeric evaluation "

@@ -396,7 +396,7 @@ def derivatives_at_one(expr: sp.Expr, order: int = 3) -> list[sp.Expr | None]:
     return values
 
 
-def _branch_near_one(expr: sp.Expr, side: int, point: sp.Expr = sp.Integer(1)) -> sp.Expr:
+def _branch_near_one(expr: sp.Expr, side: int, point: sp.Expr = sp.S.One) -> sp.Expr:
     """The smooth branch of a Piecewise that is active just left (-1) or right (+1) of ``point`` (r = 1)."""
     if not isinstance(expr, sp.Piecewise):
         return expr

@@ -372,7 +372,7 @@ def clamp_bias(estimator: Estimator | str, q, p, input_clamp: float | None = Non
             grad_bias = _categorical_weight_gradient(q, p, weights[quantity])
             grad_error = np.zeros_like(unclamped)
         else:
-            parts = [_expect(q, p, region, lambda t, x, i=i: weights[quantity](t) * q.score(x)[..., i])
+            parts = [_expect(q, p, region, lambda t, x, i=i, w=weights[quantity]: w(t) * q.score(x)[..., i])
                      for i in range(len(q.param_names))]
             grad_bias, grad_error = np.array([v for v, _ in parts]), np.array([e for _, e in parts])
         result["gradient"][quantity] = _entry(unclamped, grad_bias, grad_error)

@@ -249,7 +249,7 @@ def _active_region_edges(argument_t: sp.Expr, lo: float, hi: float) -> list[floa
     for level in (lo, hi):
         shifted = values - level
         for i in np.flatnonzero(np.sign(shifted[:-1]) * np.sign(shifted[1:]) < 0):
-            edges.append(brentq(lambda s: float(f(np.array(s))) - level, grid[i], grid[i + 1],
+            edges.append(brentq(lambda s, level=level: float(f(np.array(s))) - level, grid[i], grid[i + 1],
                                 xtol=1e-15, rtol=4 * np.finfo(float).eps))
     return edges
 
