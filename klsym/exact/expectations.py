@@ -343,7 +343,7 @@ def _gaussian_prob_negative(estimator, q: Gaussian, p: Gaussian, zmax: float = 4
     r""":math:`P_q(k < 0)`: sign changes of :math:`k(t(x))` on a fine z-grid, refined by ``brentq``,
     then Gaussian masses of the negative x-intervals (``ndtr``). Regions narrower than the grid step
     (0.002 standard deviations) would be missed; mass beyond 40 standard deviations is ignored."""
-    from klsym.exact.roots import brentq  # SciPy's steps without importing scipy.optimize
+    from scipy.optimize import brentq  # only here: the exact path needs it for P(k < 0) alone
 
     def k_of_z(z):
         return estimator.numeric(log_ratio(p, q, q.mu + q.sigma * np.asarray(z, dtype=np.float64)))
