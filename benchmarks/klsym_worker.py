@@ -11,6 +11,7 @@ batch means of 1024), as a user running ``python -m klsym mc ... --estimators k1
 ``trials``: Yang's gradient experiment, q = N(0, 1), p = N(1, 1.1), k1 k2 k3 rev_k1 rev_k2, modes
 loss/reward/full, one gradient estimate per trial.
 """
+
 import json
 import resource
 import sys
@@ -31,8 +32,9 @@ def main() -> None:
         started = time.perf_counter()
         result = run(q, p, "k1,k2,k3,k4", n=n, seed=seed, **options)
         seconds = time.perf_counter() - started
-        summary = {name: {key: e[key] for key in ("mean", "std", "min", "max")}
-                   for name, e in result["estimators"].items()}
+        summary = {
+            name: {key: e[key] for key in ("mean", "std", "min", "max")} for name, e in result["estimators"].items()
+        }
     else:
         n, trials, seed = int(float(sys.argv[2])), int(sys.argv[3]), int(sys.argv[4])
         q, p = Gaussian(0.0, 1.0), Gaussian(1.0, 1.1)
@@ -41,11 +43,22 @@ def main() -> None:
         started = time.perf_counter()
         result = gradient_trials(q, p, estimators, n=n, trials=trials, seed=seed)
         seconds = time.perf_counter() - started
-        summary = {name: {mode: per_trial.mean(axis=0).tolist() for mode, per_trial in modes.items()}
-                   for name, modes in result["gradients"].items()}
-    print(json.dumps({"kind": kind, "n": n, "seconds": seconds, "import_rss_mib": import_mib,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "summary": summary}))
+        summary = {
+            name: {mode: per_trial.mean(axis=0).tolist() for mode, per_trial in modes.items()}
+            for name, modes in result["gradients"].items()
+        }
+    print(
+        json.dumps(
+            {
+                "kind": kind,
+                "n": n,
+                "seconds": seconds,
+                "import_rss_mib": import_mib,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "summary": summary,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

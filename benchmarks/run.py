@@ -16,6 +16,7 @@ derivation cache, ``$KLSYM_CACHE_DIR``) and warm, ``klsym derive`` of every buil
 
 Usage: .venv/bin/python benchmarks/run.py [--n 1e7] [--big-n 1e8] [--repeats 3] [--no-sweep] [--json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,14 @@ def ensure_torch_venv() -> Path:
 
 def measure(argv: list[str]) -> dict:
     """Run one measurement in a child process; its JSON line plus the child's own peak RSS."""
-    child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    child = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
@@ -68,8 +75,9 @@ def best(runs: list[dict]) -> dict:
 def wall(argv: list[str], env: dict | None = None) -> tuple[float, float]:
     """Wall-clock and CPU (user + system, the child's own rusage) seconds of one whole process."""
     started = time.perf_counter()
-    child = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(argv)} failed")
@@ -80,11 +88,15 @@ def latencies(repeats: int, sweep: bool) -> dict:
     """Whole-process latencies: cold with an empty derivation cache, warm as the best of ``repeats``."""
     klsym = [str(KLSYM_PYTHON), "-m", "klsym"]
     pair = ["--q", "0,1", "--p", "1,1"]
-    commands = {"exact": klsym + ["exact"] + pair, "gradient": klsym + ["gradient"] + pair,
-                "derive": klsym + ["derive"]}
+    commands = {
+        "exact": klsym + ["exact"] + pair,
+        "gradient": klsym + ["gradient"] + pair,
+        "derive": klsym + ["derive"],
+    }
     out = {"import klsym": min(wall([str(KLSYM_PYTHON), "-c", "import klsym"]) for _ in range(repeats))}
-    out["import klsym.cli.exact"] = min(wall([str(KLSYM_PYTHON), "-c", "import klsym.cli.exact"])
-                                        for _ in range(repeats))
+    out["import klsym.cli.exact"] = min(
+        wall([str(KLSYM_PYTHON), "-c", "import klsym.cli.exact"]) for _ in range(repeats)
+    )
     with tempfile.TemporaryDirectory() as cache:
         env = {"KLSYM_CACHE_DIR": cache}
         for name, argv in commands.items():  # cold: the first run in an empty cache derives and stores
@@ -92,11 +104,21 @@ def latencies(repeats: int, sweep: bool) -> dict:
             out[f"{name} warm"] = min(wall(argv, env) for _ in range(repeats))
         if sweep:
             spec = Path(cache) / "spec.json"
-            spec.write_text(json.dumps({"pairs": [{"q": [0, 1], "p": [gap, ratio]} for gap in (0.5, 1.0)
-                                                  for ratio in (1.0, 1.2)],
-                                        "estimators": ["k1", "k2", "k3", "k4"], "n": 2_000_000, "seed": 0}))
-            out["sweep 4 pairs x 2e6, 2 workers"] = wall(klsym + ["sweep", "--spec", str(spec), "--workers", "2",
-                                                                  "--quiet", "--out", str(Path(cache) / "o.json")], env)
+            spec.write_text(
+                json.dumps(
+                    {
+                        "pairs": [{"q": [0, 1], "p": [gap, ratio]} for gap in (0.5, 1.0) for ratio in (1.0, 1.2)],
+                        "estimators": ["k1", "k2", "k3", "k4"],
+                        "n": 2_000_000,
+                        "seed": 0,
+                    }
+                )
+            )
+            out["sweep 4 pairs x 2e6, 2 workers"] = wall(
+                klsym
+                + ["sweep", "--spec", str(spec), "--workers", "2", "--quiet", "--out", str(Path(cache) / "o.json")],
+                env,
+            )
     return out
 
 
@@ -131,33 +153,49 @@ def main() -> int:
         ("klsym numpy, float64, defaults (+ quantiles, batch spread)", kd),
         (f"klsym numpy, float64, n = {big['n']:.0e}", big),
     ]
-    print(f"Schulman setting q = N(0,1), p = N(1,1), k1..k4 mean/std/min/max, n = {k['n']:.0e}, "
-          f"best of {args.repeats}, {os.cpu_count()} cores\n")
+    print(
+        f"Schulman setting q = N(0,1), p = N(1,1), k1..k4 mean/std/min/max, n = {k['n']:.0e}, "
+        f"best of {args.repeats}, {os.cpu_count()} cores\n"
+    )
     print("| run | n | seconds | samples/s | peak RSS (MiB) |")
     print("| --- | --- | --- | --- | --- |")
     for label, r in rows:
-        print(f"| {label} | {r['n']:.0e} | {r['seconds']:.3f} | {r['n'] / r['seconds']:.3g} | "
-              f"{r['child_peak_rss_mib']:.0f} |")
+        print(
+            f"| {label} | {r['n']:.0e} | {r['seconds']:.3f} | {r['n'] / r['seconds']:.3g} | "
+            f"{r['child_peak_rss_mib']:.0f} |"
+        )
     median = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
-    print(f"\nspeed-up klsym float64 vs torch float32: {t32['seconds'] / k['seconds']:.2f}x best-of, "
-          f"{median['torch_float32'] / median['klsym']:.2f}x median; vs torch float64: "
-          f"{t64['seconds'] / k['seconds']:.2f}x best-of, {median['torch_float64'] / median['klsym']:.2f}x median "
-          f"(target >= 3x)")
-    print(f"klsym mc defaults vs torch float32: {t32['seconds'] / kd['seconds']:.2f}x best-of, "
-          f"{median['torch_float32'] / median['klsym_defaults']:.2f}x median (target >= 3x); values only vs torch "
-          f"float32: {t32['seconds'] / k['seconds']:.2f}x best-of, {median['torch_float32'] / median['klsym']:.2f}x "
-          f"median (target >= 5x)")
-    print(f"klsym peak RSS at n = {big['n']:.0e}: {big['child_peak_rss_mib']:.0f} MiB (target < 150 MB; "
-          f"{big['import_rss_mib']:.0f} MiB of it is the interpreter with numpy, scipy, sympy imported)")
-    print(f"Yang's gradient experiment (5 estimators x 3 modes, 50k samples x 1000 trials): "
-          f"{trials['seconds']:.2f} s, peak RSS {trials['child_peak_rss_mib']:.0f} MiB")
+    print(
+        f"\nspeed-up klsym float64 vs torch float32: {t32['seconds'] / k['seconds']:.2f}x best-of, "
+        f"{median['torch_float32'] / median['klsym']:.2f}x median; vs torch float64: "
+        f"{t64['seconds'] / k['seconds']:.2f}x best-of, {median['torch_float64'] / median['klsym']:.2f}x median "
+        f"(target >= 3x)"
+    )
+    print(
+        f"klsym mc defaults vs torch float32: {t32['seconds'] / kd['seconds']:.2f}x best-of, "
+        f"{median['torch_float32'] / median['klsym_defaults']:.2f}x median (target >= 3x); values only vs torch "
+        f"float32: {t32['seconds'] / k['seconds']:.2f}x best-of, {median['torch_float32'] / median['klsym']:.2f}x "
+        f"median (target >= 5x)"
+    )
+    print(
+        f"klsym peak RSS at n = {big['n']:.0e}: {big['child_peak_rss_mib']:.0f} MiB (target < 150 MB; "
+        f"{big['import_rss_mib']:.0f} MiB of it is the interpreter with numpy, scipy, sympy imported)"
+    )
+    print(
+        f"Yang's gradient experiment (5 estimators x 3 modes, 50k samples x 1000 trials): "
+        f"{trials['seconds']:.2f} s, peak RSS {trials['child_peak_rss_mib']:.0f} MiB"
+    )
     print("all timings: " + json.dumps({name: [round(r["seconds"], 3) for r in rs] for name, rs in runs.items()}))
     sequences = measure([str(KLSYM_PYTHON), str(BENCHMARKS_DIR / "sequences.py"), "--repeats", "1"])
-    print(f"exact sequence analysis V = 16, T = 5 ({sequences['sequences']:,} sequences, k1..k3 x 9 placements): "
-          f"{sequences['seconds']:.2f} s (target well under 60 s), peak RSS {sequences['child_peak_rss_mib']:.0f} MiB")
+    print(
+        f"exact sequence analysis V = 16, T = 5 ({sequences['sequences']:,} sequences, k1..k3 x 9 placements): "
+        f"{sequences['seconds']:.2f} s (target well under 60 s), peak RSS {sequences['child_peak_rss_mib']:.0f} MiB"
+    )
     latency = latencies(args.repeats, not args.no_sweep)
-    print("whole-process latencies, wall (CPU) s; targets: import < 0.5, exact/gradient warm < 0.5, derive cold "
-          "< 5: " + ", ".join(f"{name} {seconds:.2f} ({cpu:.2f})" for name, (seconds, cpu) in latency.items()))
+    print(
+        "whole-process latencies, wall (CPU) s; targets: import < 0.5, exact/gradient warm < 0.5, derive cold "
+        "< 5: " + ", ".join(f"{name} {seconds:.2f} ({cpu:.2f})" for name, (seconds, cpu) in latency.items())
+    )
     if args.json:
         print(json.dumps({"runs": runs, "big": big, "trials": trials, "latency": latency}, indent=2))
     return 0

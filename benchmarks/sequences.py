@@ -7,6 +7,7 @@ JSON line last (for ``benchmarks/run.py``).
 
 Usage: .venv/bin/python benchmarks/sequences.py [--vocab 16] [--horizon 5] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,15 +37,30 @@ def main() -> int:
         started = time.perf_counter()
         summary = sequence_summary(q, p, "k1,k2,k3")
         timings.append(time.perf_counter() - started)
-    labels = {name: {placement: entry["follows"] for placement, entry in by.items()}
-              for name, by in summary["estimators"].items()}
+    labels = {
+        name: {placement: entry["follows"] for placement, entry in by.items()}
+        for name, by in summary["estimators"].items()
+    }
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"exact sequence analysis, V = {args.vocab}, T = {args.horizon}: {summary['sequences']:,} sequences, "
-          f"{summary['parameters']:,} logits, k1..k3 x 9 placements, {os.cpu_count()} cores")
-    print(f"seconds: best {min(timings):.2f}, all {[round(t, 2) for t in timings]} (target: well under 60 s); "
-          f"peak RSS {peak:.0f} MiB")
-    print(json.dumps({"sequences": summary["sequences"], "seconds": min(timings), "timings": timings,
-                      "peak_rss_mib": peak, "follows": labels}))
+    print(
+        f"exact sequence analysis, V = {args.vocab}, T = {args.horizon}: {summary['sequences']:,} sequences, "
+        f"{summary['parameters']:,} logits, k1..k3 x 9 placements, {os.cpu_count()} cores"
+    )
+    print(
+        f"seconds: best {min(timings):.2f}, all {[round(t, 2) for t in timings]} (target: well under 60 s); "
+        f"peak RSS {peak:.0f} MiB"
+    )
+    print(
+        json.dumps(
+            {
+                "sequences": summary["sequences"],
+                "seconds": min(timings),
+                "timings": timings,
+                "peak_rss_mib": peak,
+                "follows": labels,
+            }
+        )
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ JSON line with the timing and this process's peak RSS.
 
 Usage: .venv-bench/bin/python benchmarks/torch_baseline.py N SEED [float32|float64]
 """
+
 import json
 import resource
 import sys
@@ -26,12 +27,14 @@ def experiment(n: int, seed: int, dtype: torch.dtype) -> dict:
     px, qx = p.log_prob(x).exp(), log_q.exp()
     estimators = {
         "k1": -logr,
-        "k2": logr ** 2 / 2,
+        "k2": logr**2 / 2,
         "k3": (logr.exp() - 1) - logr,
-        "k4": (px ** 2 - 2 * px * qx + 2 * qx ** 2).log() - 2 * log_q,
+        "k4": (px**2 - 2 * px * qx + 2 * qx**2).log() - 2 * log_q,
     }
-    return {name: {"mean": k.mean().item(), "std": k.std().item(), "min": k.min().item(),
-                   "max": k.max().item()} for name, k in estimators.items()}
+    return {
+        name: {"mean": k.mean().item(), "std": k.std().item(), "min": k.min().item(), "max": k.max().item()}
+        for name, k in estimators.items()
+    }
 
 
 def main() -> None:
@@ -42,9 +45,19 @@ def main() -> None:
     estimators = experiment(n, seed, dtype)
     seconds = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"n": n, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
-                      "threads": torch.get_num_threads(), "seconds": seconds,
-                      "peak_rss_mib": peak_mib, "estimators": estimators}))
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "seed": seed,
+                "dtype": str(dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(),
+                "seconds": seconds,
+                "peak_rss_mib": peak_mib,
+                "estimators": estimators,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ r - log(r) - 1
 >>> round(klsym.kl_divergences(klsym.Gaussian(0, 1), klsym.Gaussian(1, 1))["KL(q||p)"], 12)
 0.5
 """
+
 from __future__ import annotations
 
 import importlib

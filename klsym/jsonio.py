@@ -3,6 +3,7 @@
 >>> dumps({"a": float("inf"), "b": [float("nan"), 1.5]})
 '{\\n  "a": "inf",\\n  "b": [\\n    "nan",\\n    1.5\\n  ]\\n}'
 """
+
 from __future__ import annotations
 
 import json

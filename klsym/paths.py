@@ -1,4 +1,5 @@
 """Project paths, defined once (cookiecutter-data-science style)."""
+
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -1,11 +1,11 @@
 """The streaming driver and its mergeable accumulators: merge order, chunk invariance, reference values."""
+
 import numpy as np
 import pytest
 
 from klsym.derive.estimators import MODES, get_estimator, gradient_weights
 from klsym.exact.families import Categorical, Gaussian
-from klsym.simulate.accumulators import (BatchSpread, Extremes, GradientSums, Histogram, Moments,
-                                         TrialGradients)
+from klsym.simulate.accumulators import BatchSpread, Extremes, GradientSums, Histogram, Moments, TrialGradients
 from klsym.simulate.driver import Stream, stream_through
 
 PAIRS = {
@@ -16,8 +16,14 @@ PAIRS = {
 
 def _accumulators(stream):
     width, sampler = len(stream.estimators), stream.sampler
-    return [Moments(width), Moments(width, square=True), Extremes(width), Histogram(width),
-            BatchSpread(width, 256), GradientSums(width, MODES, sampler.size, sampler.categorical)]
+    return [
+        Moments(width),
+        Moments(width, square=True),
+        Extremes(width),
+        Histogram(width),
+        BatchSpread(width, 256),
+        GradientSums(width, MODES, sampler.size, sampler.categorical),
+    ]
 
 
 def _state(accumulators):

@@ -1,20 +1,22 @@
 """Backends: selection, the CuPy error path, the CuPy code path run with NumPy behind it, compiled estimators."""
+
 import sys
 import types
 
 import numpy as np
 import pytest
 
-from klsym.simulate import backend as backend_module
-from klsym.simulate.backend import BACKEND_ENV, Backend, BackendUnavailableError, get_backend, integer_seeded
 from klsym.derive.estimators import BUILTINS, TAYLOR_RADIUS
 from klsym.exact.expectations import estimator_stats
 from klsym.exact.families import Gaussian
+from klsym.simulate import backend as backend_module
+from klsym.simulate.backend import BACKEND_ENV, Backend, BackendUnavailableError, get_backend, integer_seeded
 from klsym.simulate.montecarlo import run
 
 # t values straddling the Taylor radius, zero, moderate and extreme log-ratios
-T_GRID = np.concatenate([np.linspace(-2 * TAYLOR_RADIUS, 2 * TAYLOR_RADIUS, 41), [0.0, -5.0, -1.0, 0.3, 3.0, 40.0],
-                         [-700.0, 700.0]])
+T_GRID = np.concatenate(
+    [np.linspace(-2 * TAYLOR_RADIUS, 2 * TAYLOR_RADIUS, 41), [0.0, -5.0, -1.0, 0.3, 3.0, 40.0], [-700.0, 700.0]]
+)
 
 
 def test_default_is_numpy(monkeypatch):

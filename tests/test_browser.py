@@ -9,6 +9,7 @@ reports/screenshots/.
 
 Skipped only when chromium/chromedriver are not installed; .ci/run installs them, so CI runs it.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,25 @@ from klsym.report.build import build_report, discover_notebooks
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                reason="chromium and chromium-driver are not installed "
-                                       "(apt-get install chromium chromium-driver; .ci/run does this)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="chromium and chromium-driver are not installed "
+    "(apt-get install chromium chromium-driver; .ci/run does this)",
+)
 # chrome:// and chrome-untrusted:// are the browser's own pages (its new-tab page loads them): not the network.
 LOCAL_SCHEMES = ("file:", "data:", "about:blank", "chrome://", "chrome-untrusted://")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=1400,2400"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--window-size=1400,2400",
+]
 
 WAIT_FOR_MATHJAX = """
 const done = arguments[arguments.length - 1];
@@ -79,8 +91,10 @@ def browser(tmp_path_factory):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_script_timeout(60)
     driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
-        "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    driver.execute_cdp_cmd(
+        "Network.emulateNetworkConditions",
+        {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
     driver.get_log("performance")  # drop the start page's internal chrome:// traffic
     yield driver
     driver.quit()
@@ -152,13 +166,15 @@ def test_index_opens_with_key_findings_that_link_to_their_sections(report, brows
     headings = browser.execute_script("return Array.from(document.querySelectorAll('h2')).map(h => h.id);")
     assert headings[0] == "key-findings", headings
     links = browser.execute_script(
-        "return Array.from(document.querySelectorAll('li.finding a.finding-link')).map(a => a.href);")
+        "return Array.from(document.querySelectorAll('li.finding a.finding-link')).map(a => a.href);"
+    )
     expected = [f for f in FINDINGS.values() if f.notebook == first.stem]
     assert len(links) == len(expected) and len(result.findings) == len(expected)
     for href in links:
         browser.get(href)
-        target = browser.execute_script("return document.getElementById(decodeURIComponent(location.hash.slice(1)))"
-                                        " !== null;")
+        target = browser.execute_script(
+            "return document.getElementById(decodeURIComponent(location.hash.slice(1))) !== null;"
+        )
         assert target, f"{href} does not land on a section"
 
 

@@ -1,4 +1,5 @@
 """``klsym cite`` (data/references.bib), CITATION.cff, and the ``framework`` prefix listing."""
+
 import json
 import re
 
@@ -92,6 +93,7 @@ def test_cli_unknown_key_is_one_line(capsys):
 
 # --- framework NAME: a prefix lists every setting of every matching framework -------------------------
 
+
 def test_framework_prefix_lists_all_trl_settings(capsys):
     from klsym.rl.frameworks import load_settings
 
@@ -108,10 +110,13 @@ def test_framework_exact_name_still_shows_its_default(capsys):
     assert row["framework"] == "verl" and row["setting"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["framework", "trl", "--setting", "default"], "names several frameworks"),
-    (["framework", "zzz"], "unknown framework 'zzz'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["framework", "trl", "--setting", "default"], "names several frameworks"),
+        (["framework", "zzz"], "unknown framework 'zzz'"),
+    ],
+)
 def test_framework_bad_name_is_one_line(capsys, args, message):
     assert main(args) == 2
     assert message in capsys.readouterr().err

@@ -1,12 +1,18 @@
 """Clamped estimators: regions, derivatives, exact bias against brute force and Monte Carlo."""
+
 import math
 
 import numpy as np
 import pytest
 from scipy.special import log_softmax, softmax
 
-from klsym.exact.clamps import (clamp_bias, clamped_numeric, clamped_numeric_dt, gaussian_mean_shift_bias,
-                          saturation_region)
+from klsym.exact.clamps import (
+    clamp_bias,
+    clamped_numeric,
+    clamped_numeric_dt,
+    gaussian_mean_shift_bias,
+    saturation_region,
+)
 from klsym.exact.families import Categorical, Gaussian
 
 
@@ -80,10 +86,12 @@ def test_categorical_full_gradient_is_the_derivative_of_the_clamped_mean():
     def clamped_mean(logits):
         log_q = log_softmax(logits)
         return float(np.sum(softmax(logits) * _verl_k3(log_softmax(logits_p) - log_q)))
+
     assert out["value"]["clamped"] == pytest.approx(clamped_mean(logits_q), rel=1e-12)
     h = 1e-6
-    numeric = np.array([(clamped_mean(logits_q + h * e) - clamped_mean(logits_q - h * e)) / (2 * h)
-                        for e in np.eye(40)])
+    numeric = np.array(
+        [(clamped_mean(logits_q + h * e) - clamped_mean(logits_q - h * e)) / (2 * h) for e in np.eye(40)]
+    )
     np.testing.assert_allclose(out["gradient"]["full"]["clamped"], numeric, rtol=1e-5, atol=1e-8)
     assert out["value"]["bias"] < 0  # some tokens have k3 > 10
 
@@ -100,8 +108,9 @@ def test_detached_weight_removes_the_reward_part_beyond_the_input_clamp():
     log_p = log_q + np.array([-30.0, 0.0, 0.0])
     q, p = Categorical(log_q), Categorical(log_p)  # p is renormalised: t differs from -30 by a constant
     plain = clamp_bias("k3", q, p, 20, 10, quantities=["full"])["gradient"]["full"]["clamped"]
-    detached = clamp_bias("k3", q, p, 20, 10, quantities=["full"],
-                          detach_weight_outside_input_clamp=True)["gradient"]["full"]["clamped"]
+    detached = clamp_bias("k3", q, p, 20, 10, quantities=["full"], detach_weight_outside_input_clamp=True)["gradient"][
+        "full"
+    ]["clamped"]
     t = Categorical(log_p).log_probs - Categorical(log_q).log_probs
     weights = np.where(np.abs(t) > 20, 0.0, _verl_k3(t))  # loss part is 0 everywhere: all |k3| > 10 or ...
     loss_part = -np.where((np.abs(t) <= 20) & (_k3(t) <= 10), np.expm1(t), 0.0)

@@ -1,4 +1,5 @@
 """``klsym derive``: the JSON contract and one-line errors."""
+
 import json
 import subprocess
 import sys
@@ -29,11 +30,14 @@ def test_derive_latex_and_table(capsys):
     assert "KL(q||p)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["derive", "k9"], "unknown estimator 'k9'"),
-    (["derive", "--expr", "__import__('os')"], "function '__import__' is not allowed"),
-    (["derive", "--expr", "r.real"], "attribute access is not allowed"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["derive", "k9"], "unknown estimator 'k9'"),
+        (["derive", "--expr", "__import__('os')"], "function '__import__' is not allowed"),
+        (["derive", "--expr", "r.real"], "attribute access is not allowed"),
+    ],
+)
 def test_bad_input_gives_one_line(args, message):
     result = _run(*args)
     assert result.returncode == 2

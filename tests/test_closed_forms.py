@@ -1,5 +1,6 @@
 """Gaussian closed forms (``klsym derive --family gaussian``): checked against the exact layer at
 random seeded points, and symbolically (full = d/dtheta E_q[k], full = loss + reward)."""
+
 import json
 import math
 
@@ -45,10 +46,16 @@ def test_mean_and_variance_match_exact_layer(name):
         for method in ("closed_form", "quadrature"):  # quadrature: independent of the MGF machinery
             stats = estimator_stats(name, Gaussian(*q), Gaussian(*p), method=method)
             tolerance = 1e-9 if method == "closed_form" else 1e-6
-            assert _value(forms["mean"], q, p) == pytest.approx(stats["mean"], rel=tolerance, abs=tolerance), \
-                (name, index, method)
-            assert _value(forms["variance"], q, p) == pytest.approx(stats["std"] ** 2, rel=tolerance,
-                                                                    abs=tolerance), (name, index, method)
+            assert _value(forms["mean"], q, p) == pytest.approx(stats["mean"], rel=tolerance, abs=tolerance), (
+                name,
+                index,
+                method,
+            )
+            assert _value(forms["variance"], q, p) == pytest.approx(stats["std"] ** 2, rel=tolerance, abs=tolerance), (
+                name,
+                index,
+                method,
+            )
 
 
 @pytest.mark.parametrize("name", WITH_CLOSED_FORM)
@@ -156,9 +163,20 @@ _GAUSSIAN_KL = {  # KL(N(mu_a, s_a^2) || N(mu_b, s_b^2)), written out here, not 
 }
 
 
-@pytest.mark.parametrize("name, equals", [("k1", "KL(q||p)"), ("k3", "KL(q||p)"), ("k1+", "KL(q||p)"),
-                                          ("k3+", "KL(q||p)"), ("rev_k1", "KL(p||q)"), ("rev_k3", "KL(p||q)"),
-                                          ("rev_k2", "1"), ("k2", None), ("k4", None)])
+@pytest.mark.parametrize(
+    "name, equals",
+    [
+        ("k1", "KL(q||p)"),
+        ("k3", "KL(q||p)"),
+        ("k1+", "KL(q||p)"),
+        ("k3+", "KL(q||p)"),
+        ("rev_k1", "KL(p||q)"),
+        ("rev_k3", "KL(p||q)"),
+        ("rev_k2", "1"),
+        ("k2", None),
+        ("k4", None),
+    ],
+)
 def test_mean_names_the_divergence_it_equals(name, equals, capsys):
     from klsym.derive.symbolic import value_divergence
 
@@ -181,8 +199,13 @@ def test_straight_through_shows_its_surrogate(capsys):
     # the loss lines are k2's, not the gradient of E_q[-log r]
     k2 = cf.closed_forms("k2")
     for parameter in cf.PARAMETERS:
-        assert sp.simplify(sp.sympify(k1_plus["gradient"]["loss"][parameter], locals=cf.SYMBOLS)
-                           - sp.sympify(k2["gradient"]["loss"][parameter], locals=cf.SYMBOLS)) == 0
+        assert (
+            sp.simplify(
+                sp.sympify(k1_plus["gradient"]["loss"][parameter], locals=cf.SYMBOLS)
+                - sp.sympify(k2["gradient"]["loss"][parameter], locals=cf.SYMBOLS)
+            )
+            == 0
+        )
     text = _family_output(capsys, "markdown", "k1+")
     assert "Straight-through" in text and "s(r) = `log(r)**2/2` (the gradient of `k2`)" in text
     tex = _family_output(capsys, "latex", "k1+")

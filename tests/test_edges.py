@@ -5,9 +5,10 @@ References are computed here independently of the code under test: Gaussian expe
 100-node Gauss-Hermite quadrature in mpmath at 50 digits (the integrands are entire in x for
 these near-equal pairs), categorical ones by exact sums in mpmath at 50 digits.
 """
+
 import json
 import math
-from functools import lru_cache
+from functools import cache
 
 import mpmath
 import numpy as np
@@ -15,9 +16,9 @@ import pytest
 import sympy as sp
 
 from klsym.cli import main
-from klsym.derive.estimators import BUILTINS, from_formula, in_logratio
+from klsym.derive.estimators import BUILTINS, in_logratio
 from klsym.derive.symbols import t
-from klsym.exact.expectations import MODES, estimator_gradient, estimator_stats, kl_divergences
+from klsym.exact.expectations import MODES, estimator_gradient, estimator_stats
 from klsym.exact.families import Categorical, Gaussian
 
 DIGITS = 50
@@ -27,14 +28,14 @@ CATEGORICAL_Q = [0.3, -1.2, 0.5, 2.0, -0.7]
 CATEGORICAL_DIRECTION = [1.0, 0.0, -1.0, 0.5, 0.0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hermite():
     with mpmath.workdps(DIGITS):
         nodes, weights = mpmath.gauss_quadrature(100, "hermite")
         return nodes, [w / mpmath.sqrt(mpmath.pi) for w in weights]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _functions_of_t(name):
     """k(e^t) and d k_sur / dt in mpmath; at t = -inf (p(x) = 0) their limits (0 log 0 = 0)."""
     estimator = BUILTINS[name]
@@ -56,8 +57,9 @@ def _reference(name, points, log_ratios, scores):
     std = mpmath.sqrt(mpmath.fsum(w * (kv - mean) ** 2 for w, kv in zip(points, k)))
     out = {"mean": mean, "std": std}
     for mode, weight in (("loss", loss_weight), ("reward", k)):
-        out[mode] = [mpmath.fsum(w * c * s[i] for w, c, s in zip(points, weight, scores))
-                     for i in range(len(scores[0]))]
+        out[mode] = [
+            mpmath.fsum(w * c * s[i] for w, c, s in zip(points, weight, scores)) for i in range(len(scores[0]))
+        ]
     out["full"] = [a + b for a, b in zip(out["loss"], out["reward"])]
     return out
 
@@ -68,14 +70,16 @@ def gaussian_reference(name, q, p):
         mu, sigma = map(mpmath.mpf, q)
         mu_p, sigma_p = map(mpmath.mpf, p)
         xs = [mu + mpmath.sqrt(2) * sigma * y for y in nodes]
-        log_ratios = [mpmath.log(sigma / sigma_p) + ((x - mu) / sigma) ** 2 / 2 - ((x - mu_p) / sigma_p) ** 2 / 2
-                      for x in xs]
+        log_ratios = [
+            mpmath.log(sigma / sigma_p) + ((x - mu) / sigma) ** 2 / 2 - ((x - mu_p) / sigma_p) ** 2 / 2 for x in xs
+        ]
         scores = [((x - mu) / sigma**2, (((x - mu) / sigma) ** 2 - 1) / sigma) for x in xs]
         return _reference(name, weights, log_ratios, scores)
 
 
 def categorical_reference(name, q_logits, p_logits):
     with mpmath.workdps(DIGITS):
+
         def log_softmax(logits):
             logits = [mpmath.mpf(v) for v in logits]
             top = max(logits)
@@ -123,12 +127,14 @@ def test_gaussian_near_equal_matches_mpmath(kind, shift, name):
 @pytest.mark.parametrize("shift", SHIFTS)
 def test_categorical_near_equal_matches_mpmath(shift, name):
     p_logits = [a + shift * b for a, b in zip(CATEGORICAL_Q, CATEGORICAL_DIRECTION)]
-    errors = _worst_errors(name, Categorical(CATEGORICAL_Q), Categorical(p_logits),
-                           categorical_reference(name, CATEGORICAL_Q, p_logits))
+    errors = _worst_errors(
+        name, Categorical(CATEGORICAL_Q), Categorical(p_logits), categorical_reference(name, CATEGORICAL_Q, p_logits)
+    )
     assert max(errors.values()) < RTOL, errors
 
 
 # --- regression cases of issue 11, through the command line ----------------------------------------
+
 
 def _cli(capsys, *argv):
     code = main([str(a) for a in argv])
@@ -157,8 +163,20 @@ def test_kl_of_nearly_equal_scales(capsys):
 
 
 def test_crosscheck_near_equal_has_a_meaningful_se(capsys):
-    check = _json(capsys, "mc", "--q", "0,1", "--p", "1e-4,1", "--n", "20000", "--estimators", "k3,rev_k3",
-                  "--crosscheck", "--quiet")["crosscheck"]
+    check = _json(
+        capsys,
+        "mc",
+        "--q",
+        "0,1",
+        "--p",
+        "1e-4,1",
+        "--n",
+        "20000",
+        "--estimators",
+        "k3,rev_k3",
+        "--crosscheck",
+        "--quiet",
+    )["crosscheck"]
     for entry in check["estimators"].values():
         assert entry["mean"]["se"] > 0 and math.isfinite(entry["mean"]["z"])
     assert check["passed"]
@@ -176,8 +194,20 @@ def test_zero_probability_tokens_exact_and_mc_agree(tmp_path, capsys):
     reference = categorical_reference("rev_k1", [0.0, 0.0, 0.0], [0.0, -math.inf, 0.0])
     assert _error(exact["estimators"]["rev_k1"]["mean"], reference["mean"], 1) < RTOL  # 0 log 0 = 0
     assert exact["estimators"]["k1"]["mean"] == "inf" and exact["kl"]["KL(q||p)"] == "inf"
-    mc = _json(capsys, "mc", "--q-logits", q, "--p-logits", p, "--n", "30000", "--estimators", "k1,rev_k1,rev_k3",
-               "--crosscheck", "--quiet")
+    mc = _json(
+        capsys,
+        "mc",
+        "--q-logits",
+        q,
+        "--p-logits",
+        p,
+        "--n",
+        "30000",
+        "--estimators",
+        "k1,rev_k1,rev_k3",
+        "--crosscheck",
+        "--quiet",
+    )
     k1 = mc["estimators"]["k1"]
     assert k1["mean"] == "inf" and 0 < k1["n_nonfinite"] < 30000  # the samples that hit p(x) = 0, counted
     for name in ("rev_k1", "rev_k3"):
@@ -185,8 +215,9 @@ def test_zero_probability_tokens_exact_and_mc_agree(tmp_path, capsys):
         assert abs(mc["crosscheck"]["estimators"][name]["mean"]["z"]) < 5
 
 
-@pytest.mark.parametrize("q, p", [("0,1e-300", "0,1"), ("0,1e300", "0,1"), ("1e200,1", "0,1"), ("0,1", "0,1e-300"),
-                                  ("0,1", "30,1")])
+@pytest.mark.parametrize(
+    "q, p", [("0,1e-300", "0,1"), ("0,1e300", "0,1"), ("1e200,1", "0,1"), ("0,1", "0,1e-300"), ("0,1", "30,1")]
+)
 def test_extreme_gaussian_parameters_give_numbers_not_tracebacks(q, p, capsys):
     out = _json(capsys, "exact", "--q", q, "--p", p, "--estimators", "k1,k3,rev_k1")
     pair = [tuple(map(float, text.split(","))) for text in (q, p)]
@@ -227,14 +258,17 @@ def test_extreme_categorical_logits(tmp_path, capsys):
         assert _error(out[name]["mean"], reference["mean"], 1) < RTOL, name
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["mc", "--q", "0,1", "--p", "1,1", "--n", "inf"], "positive integer"),
-    (["mc", "--q", "0,1", "--p", "1,1", "--n", "1e15", "--estimators", "k1"], "--force"),
-    (["exact", "--q", "0,1", "--p", "1,1", "--expr", "sqrt(r - 1)"], "sqrt(r - 1) is not real for r < 1"),
-    (["gradient", "--q", "0,1", "--p", "1,1", "--expr", "log(log(r))"], "log(log(r)) is not real for r < 1"),
-    (["mc", "--q", "0,1", "--p", "1,1", "--n", "100", "--expr", "log(-r)"], "log(-r) is not real"),
-    (["derive", "--expr", "\uff52 - 1"], "U+FF52"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["mc", "--q", "0,1", "--p", "1,1", "--n", "inf"], "positive integer"),
+        (["mc", "--q", "0,1", "--p", "1,1", "--n", "1e15", "--estimators", "k1"], "--force"),
+        (["exact", "--q", "0,1", "--p", "1,1", "--expr", "sqrt(r - 1)"], "sqrt(r - 1) is not real for r < 1"),
+        (["gradient", "--q", "0,1", "--p", "1,1", "--expr", "log(log(r))"], "log(log(r)) is not real for r < 1"),
+        (["mc", "--q", "0,1", "--p", "1,1", "--n", "100", "--expr", "log(-r)"], "log(-r) is not real"),
+        (["derive", "--expr", "\uff52 - 1"], "U+FF52"),
+    ],
+)
 def test_one_clear_error(argv, message, capsys):
     try:
         code = main(argv)
@@ -257,8 +291,20 @@ def test_derive_stays_within_its_time_budget(monkeypatch, tmp_path, capsys):
 
 
 def test_exact_time_budget_is_one_clear_error(capsys):
-    code, _, err = _cli(capsys, "exact", "--q", "0,1", "--p", "0.5,1", "--estimators", "k1",
-                        "--expr", "exp(exp(exp(exp(r))))", "--time-budget", "2")
+    code, _, err = _cli(
+        capsys,
+        "exact",
+        "--q",
+        "0,1",
+        "--p",
+        "0.5,1",
+        "--estimators",
+        "k1",
+        "--expr",
+        "exp(exp(exp(exp(r))))",
+        "--time-budget",
+        "2",
+    )
     assert code == 2 and "time budget of 2 s ran out" in err and "exp(exp(exp(exp(r))))" in err
 
 
@@ -272,22 +318,52 @@ def test_piecewise_formula_end_to_end(monkeypatch, tmp_path, capsys):
     assert stats["mean"] == pytest.approx(2 * true_tv, rel=1e-10)
     grad = _json(capsys, "gradient", "--q", "0,1", "--p", "0.5,1", "--expr", "Abs(r - 1)", "--estimators", "k1")
     assert set(grad["estimators"]["Abs(r - 1)"]["full"]) == {"mu", "sigma"}
-    mc = _json(capsys, "mc", "--q", "0,1", "--p", "0.5,1", "--n", "20000", "--expr", "Abs(r - 1)",
-               "--estimators", "k1", "--crosscheck", "--quiet")
+    mc = _json(
+        capsys,
+        "mc",
+        "--q",
+        "0,1",
+        "--p",
+        "0.5,1",
+        "--n",
+        "20000",
+        "--expr",
+        "Abs(r - 1)",
+        "--estimators",
+        "k1",
+        "--crosscheck",
+        "--quiet",
+    )
     assert abs(mc["crosscheck"]["estimators"]["Abs(r - 1)"]["mean"]["z"]) < 5
 
 
 @pytest.mark.parametrize("formula", ["exp(exp(r))", "exp(100*r)", "r**r", "(r-1)**100", "Abs(log(r))"])
 def test_allowed_formulas_give_a_result_or_one_error(formula, capsys):
-    code, out, err = _cli(capsys, "exact", "--q", "0,1", "--p", "0.5,1", "--estimators", "k1", "--expr", formula,
-                          "--time-budget", "20", "--format", "json")
-    assert (code == 0 and json.loads(out)["estimators"][formula]["mean"] != "nan") or \
-        (code == 2 and len(err.strip().splitlines()) == 1), (code, err)
+    code, out, err = _cli(
+        capsys,
+        "exact",
+        "--q",
+        "0,1",
+        "--p",
+        "0.5,1",
+        "--estimators",
+        "k1",
+        "--expr",
+        formula,
+        "--time-budget",
+        "20",
+        "--format",
+        "json",
+    )
+    assert (code == 0 and json.loads(out)["estimators"][formula]["mean"] != "nan") or (
+        code == 2 and len(err.strip().splitlines()) == 1
+    ), (code, err)
 
 
 def test_crosscheck_tolerates_rounding_and_flags_variance_by_condition(capsys):
-    check = _json(capsys, "mc", "--q", "0,1", "--p", "30,1", "--n", "20000", "--estimators", "k3,k4",
-                  "--crosscheck", "--quiet")["crosscheck"]
+    check = _json(
+        capsys, "mc", "--q", "0,1", "--p", "30,1", "--n", "20000", "--estimators", "k3,k4", "--crosscheck", "--quiet"
+    )["crosscheck"]
     assert abs(check["estimators"]["k4"]["mean"]["z"]) < 5  # k4 = log 2 to the last bit; se below rounding
     assert check["estimators"]["k3"]["infinite_variance"] is False  # E[k3^2] ~ e^900 is finite
 
@@ -319,8 +395,9 @@ def test_derive_expectation_column_is_true(monkeypatch, tmp_path, capsys):
 
 def test_gradients_are_labelled_alike_in_gradient_and_mc(capsys):
     grad = _json(capsys, "gradient", "--q", "0,1", "--p", "1,1", "--estimators", "k3")
-    mc = _json(capsys, "mc", "--q", "0,1", "--p", "1,1", "--n", "2000", "--estimators", "k3", "--gradient", "loss",
-               "--quiet")
+    mc = _json(
+        capsys, "mc", "--q", "0,1", "--p", "1,1", "--n", "2000", "--estimators", "k3", "--gradient", "loss", "--quiet"
+    )
     assert set(grad["estimators"]["k3"]["loss"]) == set(mc["gradients"]["k3"]["loss"]["mean"]) == {"mu", "sigma"}
 
 
@@ -329,15 +406,30 @@ def _klsym_process(*argv):
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-W", "default", "-m", "klsym", *map(str, argv)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-W", "default", "-m", "klsym", *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_no_runtime_warning_reaches_the_user(tmp_path):
     q = _write(tmp_path / "q.txt", "0 0 0\n")
     p = _write(tmp_path / "p.txt", "0 -inf 0\n")
-    proc = _klsym_process("mc", "--q-logits", q, "--p-logits", p, "--n", "5000", "--gradient", "loss,reward,full",
-                          "--crosscheck", "--quiet")
+    proc = _klsym_process(
+        "mc",
+        "--q-logits",
+        q,
+        "--p-logits",
+        p,
+        "--n",
+        "5000",
+        "--gradient",
+        "loss,reward,full",
+        "--crosscheck",
+        "--quiet",
+    )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "Warning" not in err and "Traceback" not in err, err
     assert "rev_k1" in out
@@ -347,8 +439,22 @@ def test_ctrl_c_stops_with_what_was_merged():
     import signal
     import time
 
-    proc = _klsym_process("mc", "--q", "0,1", "--p", "1,1", "--n", "1e11", "--force", "--quiet", "--estimators", "k1",
-                          "--crosscheck", "--format", "json")
+    proc = _klsym_process(
+        "mc",
+        "--q",
+        "0,1",
+        "--p",
+        "1,1",
+        "--n",
+        "1e11",
+        "--force",
+        "--quiet",
+        "--estimators",
+        "k1",
+        "--crosscheck",
+        "--format",
+        "json",
+    )
     time.sleep(10)  # start-up, then a few blocks
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -369,11 +475,13 @@ def test_large_vocabulary_float_path_near_equal():
     q_logits = rng.normal(size=MPMATH_SUPPORT + 904)
     p_logits = q_logits + 1e-8 * rng.normal(size=q_logits.size)
     with mpmath.workdps(DIGITS):
+
         def log_softmax(logits):
             values = [mpmath.mpf(float(v)) for v in logits]
             top = max(values)
             norm = top + mpmath.log(mpmath.fsum(mpmath.exp(v - top) for v in values))
             return [v - norm for v in values]
+
         lq, lp = log_softmax(q_logits), log_softmax(p_logits)
         true = mpmath.fsum(mpmath.exp(a) * (mpmath.exp(b - a) - 1 - (b - a)) for a, b in zip(lq, lp))
     mean = estimator_stats("k3", Categorical(q_logits), Categorical(p_logits))["mean"]
@@ -393,15 +501,22 @@ def test_derive_of_slow_formulas_returns_within_budget(formula, monkeypatch, tmp
     assert all(reason.startswith("undecided: ") for reason in row["undecided"])
 
 
-@pytest.mark.parametrize("pair, estimators, direction", [
-    (("--q-logits", "q.txt", "--p-logits", "p.txt"), ("k1", "k3"), "KL(q||p)"),
-    (("--q", "0,1e-300", "--p", "0,1"), ("rev_k1", "rev_k3"), "KL(p||q)"),
-])
+@pytest.mark.parametrize(
+    "pair, estimators, direction",
+    [
+        (("--q-logits", "q.txt", "--p-logits", "p.txt"), ("k1", "k3"), "KL(q||p)"),
+        (("--q", "0,1e-300", "--p", "0,1"), ("rev_k1", "rev_k3"), "KL(p||q)"),
+    ],
+)
 def test_bias_inf_minus_inf_is_labelled_undefined(pair, estimators, direction, tmp_path, capsys):
     _write(tmp_path / "q.txt", "0 0 0\n")
     _write(tmp_path / "p.txt", "0 -inf 0\n")
-    argv = ["exact", *(str(tmp_path / a) if a.endswith(".txt") else a for a in pair),
-            "--estimators", ",".join(estimators) + ",k4"]
+    argv = [
+        "exact",
+        *(str(tmp_path / a) if a.endswith(".txt") else a for a in pair),
+        "--estimators",
+        ",".join(estimators) + ",k4",
+    ]
     out = _json(capsys, *argv)
     assert out["kl"][direction] == "inf"
     for name in estimators:
@@ -447,13 +562,16 @@ def test_derive_time_budget_flag_bounds_the_whole_command(monkeypatch, tmp_path,
     assert code == 2 and err.strip() == "klsym: error: time budget must be a number of seconds, got 'soon'"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["derive", "--family", "bogus"], "argument --family: invalid choice: 'bogus' (choose from 'gaussian')"),
-    (["derive", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
-    (["exact", "--q", "0,1", "--p", "1,1", "--format", "yaml"], "argument --format: invalid choice: 'yaml'"),
-    (["gradient", "--q", "0,1", "--p", "1,1", "--positions", "x"], "argument --positions: invalid int value: 'x'"),
-    (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["derive", "--family", "bogus"], "argument --family: invalid choice: 'bogus' (choose from 'gaussian')"),
+        (["derive", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+        (["exact", "--q", "0,1", "--p", "1,1", "--format", "yaml"], "argument --format: invalid choice: 'yaml'"),
+        (["gradient", "--q", "0,1", "--p", "1,1", "--positions", "x"], "argument --positions: invalid int value: 'x'"),
+        (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+    ],
+)
 def test_usage_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -1,11 +1,20 @@
 """The estimator registry and its numeric forms: one SymPy formula, evaluated stably."""
+
 import mpmath as mp
 import numpy as np
 import pytest
 import sympy as sp
 
-from klsym.derive.estimators import (ALIASES, BUILTINS, UnknownEstimatorError, bregman, control_variate,
-                              get_estimator, get_estimators, in_logratio)
+from klsym.derive.estimators import (
+    ALIASES,
+    BUILTINS,
+    UnknownEstimatorError,
+    bregman,
+    control_variate,
+    get_estimator,
+    get_estimators,
+    in_logratio,
+)
 from klsym.derive.symbols import r, t
 
 LOG_RATIOS = np.array([-700, -300, -30, -1, -1e-4, -1e-12, 0.0, 1e-12, 1e-4, 0.5, 1, 30, 300, 700])
@@ -42,8 +51,10 @@ def test_stable_form_equals_the_cited_formula(name):
     cited = in_logratio(est.expr)
     for piece, condition in stable.args:
         point = sp.Rational(-3, 2) if condition.subs(t, -1) is sp.true else sp.Rational(5, 2)
-        assert sp.simplify(sp.expand_log(piece - cited, force=True)) == 0 or \
-            abs(sp.N((piece - cited).subs(t, point), 40)) < 1e-35
+        assert (
+            sp.simplify(sp.expand_log(piece - cited, force=True)) == 0
+            or abs(sp.N((piece - cited).subs(t, point), 40)) < 1e-35
+        )
 
 
 def test_k3_has_no_cancellation_near_zero():

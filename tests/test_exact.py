@@ -1,15 +1,24 @@
 """The exact layer: closed forms = quadrature = textbook formulas = finite differences; categorical sums
 = brute force; bad input gives one clear error."""
+
 import math
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from klsym.exact.expectations import quadrature
 from klsym.derive.estimators import BUILTINS, control_variate, from_formula, get_estimator
-from klsym.exact.expectations import (KL_PQ, KL_QP, MODES, estimator_gradient, estimator_stats, exact_summary,
-                         kl_divergences, true_gradients)
+from klsym.exact.expectations import (
+    KL_PQ,
+    KL_QP,
+    MODES,
+    estimator_gradient,
+    estimator_stats,
+    exact_summary,
+    kl_divergences,
+    quadrature,
+    true_gradients,
+)
 from klsym.exact.families import Categorical, Gaussian, log_ratio
 
 # (q, p) pairs: seeds' settings plus wider/narrower references; all keep sigma_p^2 < 2 sigma_q^2 with
@@ -77,8 +86,9 @@ def test_true_gradients_equal_textbook_derivatives(pair):
     grads = true_gradients(*_gaussians(pair))
     # d/d(mu_q, sigma_q) of the textbook formulas, derived by hand
     np.testing.assert_allclose(grads[KL_QP], [(mq - mp) / sp**2, -1 / sq + sq / sp**2], rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(grads[KL_PQ], [(mq - mp) / sq**2, 1 / sq - (sp**2 + (mp - mq) ** 2) / sq**3],
-                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        grads[KL_PQ], [(mq - mp) / sq**2, 1 / sq - (sp**2 + (mp - mq) ** 2) / sq**3], rtol=1e-12, atol=1e-14
+    )
 
 
 def _finite_difference(function, params, h=1e-5):
@@ -175,6 +185,7 @@ def test_nonnegative_estimators_have_zero_prob_negative(name):
 
 # --- T i.i.d. positions ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("positions", [1, 2, 5])
 def test_sequence_moments_of_k1_k2_from_single_position_cumulants(positions):
     """Sum of T i.i.d. t_i: mean T m, variance T v; so E[k1] = T KL and E[k2] = (T v + T^2 m^2)/2."""
@@ -184,7 +195,8 @@ def test_sequence_moments_of_k1_k2_from_single_position_cumulants(positions):
     v = 2 * estimator_stats("k2", q, p)["mean"] - m**2
     assert estimator_stats("k1", q, p, positions)["mean"] == pytest.approx(positions * kl, rel=1e-12)
     assert estimator_stats("k2", q, p, positions)["mean"] == pytest.approx(
-        (positions * v + positions**2 * m**2) / 2, rel=1e-12)
+        (positions * v + positions**2 * m**2) / 2, rel=1e-12
+    )
     assert kl_divergences(q, p, positions)[KL_QP] == pytest.approx(positions * kl, rel=1e-12)
 
 
@@ -258,10 +270,15 @@ def test_categorical_gradients_equal_finite_differences(logits, name):
     def reward_objective(moved):  # sampler moves, ratio fixed
         return float(np.sum(Categorical(moved).probs * estimator.numeric(p.log_probs - q.log_probs)))
 
-    np.testing.assert_allclose(estimator_gradient(name, q, p, "loss"),
-                               _logit_finite_difference(loss_objective, q.logits), rtol=1e-7, atol=1e-9)
-    np.testing.assert_allclose(estimator_gradient(name, q, p, "reward"),
-                               _logit_finite_difference(reward_objective, q.logits), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(
+        estimator_gradient(name, q, p, "loss"), _logit_finite_difference(loss_objective, q.logits), rtol=1e-7, atol=1e-9
+    )
+    np.testing.assert_allclose(
+        estimator_gradient(name, q, p, "reward"),
+        _logit_finite_difference(reward_objective, q.logits),
+        rtol=1e-7,
+        atol=1e-9,
+    )
 
 
 @pytest.mark.parametrize("logits", CATEGORICAL_PAIRS)
@@ -291,6 +308,7 @@ def test_categorical_sequences_equal_brute_force_enumeration(name, positions):
     q, p = Categorical(q_logits), Categorical(p_logits)
     estimator = get_estimator(name)
     import itertools
+
     mean = second = 0.0
     for seq in itertools.product(range(q.size), repeat=positions):
         prob = math.prod(q.probs[i] for i in seq)
@@ -314,14 +332,21 @@ def test_large_vocabulary_is_vectorised():
 
 # --- bad input -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: estimator_stats("k3", Gaussian(0, 1), Categorical([0.0, 1.0])), "same family"),
-    (lambda: estimator_stats("k3", Categorical([0.0, 1.0]), Categorical([0.0, 1.0, 2.0])), "vocabulary size"),
-    (lambda: estimator_stats("k4", Gaussian(0, 1), Gaussian(1, 1), method="closed_form"), "no Gaussian closed form"),
-    (lambda: estimator_stats("k3", Gaussian(0, 1), Gaussian(1, 1), positions=0), "positive integer"),
-    (lambda: estimator_gradient("k3", Gaussian(0, 1), Gaussian(1, 1), "bogus"), "unknown gradient mode"),
-    (lambda: estimator_stats(control_variate(), Gaussian(0, 1), Gaussian(1, 1)), "free parameters"),
-])
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: estimator_stats("k3", Gaussian(0, 1), Categorical([0.0, 1.0])), "same family"),
+        (lambda: estimator_stats("k3", Categorical([0.0, 1.0]), Categorical([0.0, 1.0, 2.0])), "vocabulary size"),
+        (
+            lambda: estimator_stats("k4", Gaussian(0, 1), Gaussian(1, 1), method="closed_form"),
+            "no Gaussian closed form",
+        ),
+        (lambda: estimator_stats("k3", Gaussian(0, 1), Gaussian(1, 1), positions=0), "positive integer"),
+        (lambda: estimator_gradient("k3", Gaussian(0, 1), Gaussian(1, 1), "bogus"), "unknown gradient mode"),
+        (lambda: estimator_stats(control_variate(), Gaussian(0, 1), Gaussian(1, 1)), "free parameters"),
+    ],
+)
 def test_bad_input_gives_one_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -339,6 +364,7 @@ def test_summary_has_the_cli_contract_keys():
 def test_quadrature_terminates_when_rounding_noise_dominates():
     """A tiny divergence computed by cancellation used to split intervals forever (Jensen-Shannon, delta=1e-3)."""
     from klsym.derive.estimators import bregman
+
     stats = estimator_stats(bregman("jensen_shannon"), Gaussian(0, 1), Gaussian(0.001, 1.00025))
     assert stats["method"] == "quadrature" and stats["prob_negative"] == 0.0
     assert 0 < stats["mean"] < 1e-6  # ~ f''(1)/2 * theta^T F theta = 1/4 * (1e-6 + 2 * 0.00025**2)
@@ -347,8 +373,10 @@ def test_quadrature_terminates_when_rounding_noise_dominates():
 def test_prob_negative_at_a_triple_root():
     """(r - 1)^3 changes sign at r = 1 with a triple root; brentq may not converge, the grid cell bounds it."""
     from klsym.derive.estimators import from_formula
+
     q, p = Gaussian(0, 1), Gaussian(0.003, 1)
     stats = estimator_stats(from_formula("(r - 1)**3"), q, p)
     # k < 0 exactly where t < 0, i.e. x < delta/2: probability Phi(0.0015)
     from scipy.special import ndtr
+
     assert abs(stats["prob_negative"] - ndtr(0.0015)) < 1e-3

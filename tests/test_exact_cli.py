@@ -1,4 +1,5 @@
 """`klsym exact` / `klsym gradient`: the strict-JSON contract, tables, categorical files, one-line errors."""
+
 import json
 
 import numpy as np
@@ -14,8 +15,20 @@ def _run(capsys, *argv):
 
 
 def test_exact_json_contract(capsys):
-    code, out, _ = _run(capsys, "exact", "--q", "0,1", "--p", "1,1", "--estimators", "k1,k3,k4",
-                        "--expr", "(r-1)**2/2", "--format", "json")
+    code, out, _ = _run(
+        capsys,
+        "exact",
+        "--q",
+        "0,1",
+        "--p",
+        "1,1",
+        "--estimators",
+        "k1,k3,k4",
+        "--expr",
+        "(r-1)**2/2",
+        "--format",
+        "json",
+    )
     assert code == 0
     data = json.loads(out)
     assert data["family"] == "gaussian" and data["q"] == [0.0, 1.0] and data["p"] == [1.0, 1.0]
@@ -41,8 +54,7 @@ def test_exact_table_is_default(capsys):
 
 
 def test_gradient_json_contract(capsys):
-    code, out, _ = _run(capsys, "gradient", "--q", "0,1", "--p", "1,1.1", "--estimators", "k2,k3",
-                        "--format", "json")
+    code, out, _ = _run(capsys, "gradient", "--q", "0,1", "--p", "1,1.1", "--estimators", "k2,k3", "--format", "json")
     assert code == 0
     data = json.loads(out)
     assert data["true"]["KL(q||p)"]["mu"] == pytest.approx(-1 / 1.21, rel=1e-12)
@@ -54,31 +66,60 @@ def test_gradient_json_contract(capsys):
 def test_categorical_files(tmp_path, capsys):
     np.save(tmp_path / "q.npy", np.array([0.0, 1.0, 2.0]))
     (tmp_path / "p.txt").write_text("1.0 0.0 0.5")
-    code, out, _ = _run(capsys, "exact", "--q-logits", str(tmp_path / "q.npy"), "--p-logits",
-                        str(tmp_path / "p.txt"), "--format", "json")
+    code, out, _ = _run(
+        capsys,
+        "exact",
+        "--q-logits",
+        str(tmp_path / "q.npy"),
+        "--p-logits",
+        str(tmp_path / "p.txt"),
+        "--format",
+        "json",
+    )
     assert code == 0
     data = json.loads(out)
     assert data["family"] == "categorical" and data["estimators"]["k1"]["method"] == "exact_sum"
-    code, out, _ = _run(capsys, "gradient", "--q-logits", str(tmp_path / "q.npy"), "--p-logits",
-                        str(tmp_path / "p.txt"), "--format", "json", "--estimators", "k3")
+    code, out, _ = _run(
+        capsys,
+        "gradient",
+        "--q-logits",
+        str(tmp_path / "q.npy"),
+        "--p-logits",
+        str(tmp_path / "p.txt"),
+        "--format",
+        "json",
+        "--estimators",
+        "k3",
+    )
     grads = json.loads(out)
     assert len(grads["estimators"]["k3"]["loss"]["logits"]) == 3  # labelled, as in `mc`
     assert sum(grads["true"]["KL(q||p)"]["logits"]) == pytest.approx(0.0, abs=1e-15)  # softmax gradients sum to 0
-    code, out, _ = _run(capsys, "gradient", "--q-logits", str(tmp_path / "q.npy"), "--p-logits",
-                        str(tmp_path / "p.txt"), "--estimators", "k3")
+    code, out, _ = _run(
+        capsys,
+        "gradient",
+        "--q-logits",
+        str(tmp_path / "q.npy"),
+        "--p-logits",
+        str(tmp_path / "p.txt"),
+        "--estimators",
+        "k3",
+    )
     assert code == 0 and "norm" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["exact", "--q", "0,-1", "--p", "1,1"], "sigma must be positive"),
-    (["exact", "--q", "0,nan", "--p", "1,1"], "sigma must be positive"),
-    (["exact", "--q", "0", "--p", "1,1"], "MU,SIGMA"),
-    (["exact", "--q", "0,1"], "both --q and --p"),
-    (["exact"], "give either"),
-    (["exact", "--q", "0,1", "--p", "1,1", "--estimators", "k9"], "unknown estimator"),
-    (["gradient", "--q", "0,1", "--p", "1,1", "--expr", "r +* 2", "--estimators", ""], "formula"),
-    (["exact", "--q-logits", "missing.npy", "--p-logits", "missing.npy"], "not found"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["exact", "--q", "0,-1", "--p", "1,1"], "sigma must be positive"),
+        (["exact", "--q", "0,nan", "--p", "1,1"], "sigma must be positive"),
+        (["exact", "--q", "0", "--p", "1,1"], "MU,SIGMA"),
+        (["exact", "--q", "0,1"], "both --q and --p"),
+        (["exact"], "give either"),
+        (["exact", "--q", "0,1", "--p", "1,1", "--estimators", "k9"], "unknown estimator"),
+        (["gradient", "--q", "0,1", "--p", "1,1", "--expr", "r +* 2", "--estimators", ""], "formula"),
+        (["exact", "--q-logits", "missing.npy", "--p-logits", "missing.npy"], "not found"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = _run(capsys, *argv)
     assert code == 2 and out == ""

@@ -1,4 +1,5 @@
 """Families: parameter validation, log-density, score and sampler against independent formulas."""
+
 import math
 
 import numpy as np
@@ -8,26 +9,32 @@ from scipy import stats
 from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
 
 
-@pytest.mark.parametrize("mu, sigma, message", [
-    (0.0, 0.0, "sigma must be positive"),
-    (0.0, -1.0, "sigma must be positive"),
-    (0.0, math.nan, "sigma must be positive"),
-    (0.0, math.inf, "sigma must be positive"),
-    (math.nan, 1.0, "mu must be finite"),
-    ("a", 1.0, "mu must be a real number"),
-])
+@pytest.mark.parametrize(
+    "mu, sigma, message",
+    [
+        (0.0, 0.0, "sigma must be positive"),
+        (0.0, -1.0, "sigma must be positive"),
+        (0.0, math.nan, "sigma must be positive"),
+        (0.0, math.inf, "sigma must be positive"),
+        (math.nan, 1.0, "mu must be finite"),
+        ("a", 1.0, "mu must be a real number"),
+    ],
+)
 def test_gaussian_rejects_bad_parameters_with_one_clear_error(mu, sigma, message):
     with pytest.raises(ValueError, match=message):
         Gaussian(mu, sigma)
 
 
-@pytest.mark.parametrize("logits, message", [
-    ([np.nan, 0.0], "NaN"),
-    ([np.inf, 0.0], r"\+inf"),
-    ([-np.inf, -np.inf], "all -inf"),
-    ([[0.0, 1.0]], "1-D"),
-    ([], "non-empty"),
-])
+@pytest.mark.parametrize(
+    "logits, message",
+    [
+        ([np.nan, 0.0], "NaN"),
+        ([np.inf, 0.0], r"\+inf"),
+        ([-np.inf, -np.inf], "all -inf"),
+        ([[0.0, 1.0]], "1-D"),
+        ([], "non-empty"),
+    ],
+)
 def test_categorical_rejects_bad_logits(logits, message):
     with pytest.raises(ValueError, match=message):
         Categorical(logits)

@@ -11,6 +11,7 @@ Closed forms (softmax policy, expected update u_j = q_j (a_j - E_q[a]), a_j = R_
 * Jacobian at the KL(q||p) optimum: J = -beta (diag(q) - q q^T) (the Fisher matrix of the softmax), whose
   nonzero eigenvalues are the ones reported.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,15 @@ PROBLEMS = [
     fp.FixedPointProblem(np.log([0.05, 0.15, 0.8]), [1.0, 0.2, 0.0], 0.3),
     fp.FixedPointProblem([0.3, -1.0, 0.0, 2.0, -0.5], [0.1, 0.9, -0.4, 0.0, 0.5], 2.0),
 ]
-FORWARD = [("k1", "reward"), ("k1", "full"), ("k2", "loss"), ("k3", "full"), ("k1+", "loss"), ("k1+", "reward"),
-           ("k3+", "loss")]
+FORWARD = [
+    ("k1", "reward"),
+    ("k1", "full"),
+    ("k2", "loss"),
+    ("k3", "full"),
+    ("k1+", "loss"),
+    ("k1+", "reward"),
+    ("k3+", "loss"),
+]
 REVERSE = [("k3", "loss"), ("rev_k1", "full"), ("rev_k2", "loss"), ("rev_k3", "full")]
 ZERO = [("k1", "loss"), ("rev_k2", "full")]
 
@@ -143,9 +151,16 @@ def test_jacobian_at_q_star_is_minus_beta_times_the_fisher_matrix():
     np.testing.assert_allclose(np.sort(point["eigenvalues"]), expected, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("estimator,mode,phi", [("k3", "loss", 1 - r), ("k1", "full", 1 - sp.log(r)),
-                                                ("k2", "loss", 1 - sp.log(r)), ("rev_k2", "loss", -r),
-                                                ("k1+", "full", -2 * sp.log(r))])
+@pytest.mark.parametrize(
+    "estimator,mode,phi",
+    [
+        ("k3", "loss", 1 - r),
+        ("k1", "full", 1 - sp.log(r)),
+        ("k2", "loss", 1 - sp.log(r)),
+        ("rev_k2", "loss", -r),
+        ("k1+", "full", -2 * sp.log(r)),
+    ],
+)
 def test_stationarity_condition_by_sympy(estimator, mode, phi):
     condition = fp.stationarity_condition(estimator, mode)
     # phi is defined up to a constant (g up to a + b r), which the multiplier absorbs
@@ -168,8 +183,9 @@ def test_kl_gradient_is_the_exact_layer_estimator_gradient(estimator, mode):
     problem = PROBLEMS[2]
     for logits in (problem.p_logits, np.random.default_rng(1).normal(size=5), np.array([9.0, -8.0, 0.0, 3.0, -2.0])):
         expected = estimator_gradient(estimator, Categorical(logits), problem.reference, mode)
-        np.testing.assert_allclose(fp.kl_gradient(problem, logits, fp.kl_term(estimator, mode)), expected,
-                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(
+            fp.kl_gradient(problem, logits, fp.kl_term(estimator, mode)), expected, rtol=1e-12, atol=1e-15
+        )
 
 
 def test_expected_update_is_the_exact_layer_gradient_with_clamps_off():
@@ -181,16 +197,18 @@ def test_expected_update_is_the_exact_layer_gradient_with_clamps_off():
     by_hand -= problem.beta * q * (h - q @ h)
     np.testing.assert_allclose(fp.expected_update(problem, logits, "k3", "loss"), by_hand, rtol=1e-12)
     everyone = np.ones(3, dtype=bool)  # the dynamics' field (the face update on the whole simplex) agrees
-    np.testing.assert_allclose(fp._face_update(problem, fp.kl_term("k3", "loss"), everyone, logits), by_hand,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        fp._face_update(problem, fp.kl_term("k3", "loss"), everyone, logits), by_hand, rtol=1e-12
+    )
     clamped = fp.kl_term("k3", "loss", input_clamp=1e3, output_clamp=1e3)  # clamps that never bite
     np.testing.assert_allclose(fp.expected_update(problem, logits, clamped), by_hand, rtol=1e-12)
 
 
 @pytest.mark.parametrize("estimator,mode", [("k3", "loss"), ("k1", "reward"), ("k3", "full")])
 def test_simulated_training_lands_on_the_predicted_point(estimator, mode):
-    check = fp.simulation_check(fp.REFERENCE_PROBLEM, estimator, mode, batch=64, lr=0.5, steps=3000,
-                                seeds=tuple(range(8)), ascent_steps=1000)  # converged to 1e-9 by step ~170
+    check = fp.simulation_check(
+        fp.REFERENCE_PROBLEM, estimator, mode, batch=64, lr=0.5, steps=3000, seeds=tuple(range(8)), ascent_steps=1000
+    )  # converged to 1e-9 by step ~170
     assert check["ascent_error"] < 1e-9  # exact expected ascent from q = p
     assert check["max_abs_z"] < 5, check  # stochastic: seed mean of Polyak averages vs prediction
 
@@ -203,35 +221,45 @@ def test_stochastic_training_is_reproducible_by_seed():
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("p_logits,reward,beta,message", [
-    ([0.0, 0.0], [0.0, 1.0], 0.0, "beta must be a finite number > 0"),
-    ([0.0, 0.0], [0.0, 1.0], -1.0, "beta must be a finite number > 0"),
-    ([0.0, 0.0], [0.0, 1.0], math.inf, "beta must be a finite number > 0"),
-    ([0.0, 0.0], [0.0, 1.0, 2.0], 1.0, "reward has 3 entries but the reference has 2 tokens"),
-    ([0.0, math.nan], [0.0, 1.0], 1.0, "reference logits contain non-finite values"),
-    ([0.0, 0.0], [0.0, math.inf], 1.0, "reward contain non-finite values"),
-    ([0.0], [0.0], 1.0, "at least 2 tokens"),
-    ([[0.0, 0.0]], [0.0, 1.0], 1.0, "reference logits must be a vector (one number per token), got an array of "
-                                     "shape (1, 2)"),
-    ([0.0, 0.0, 0.0], np.zeros((3, 1)), 1.0, "reward must be a vector"),
-    ([0.0, 0.0], [0.0, 1.0], 1e-300, "(max reward - min reward) / beta = 1e+300 exceeds 500"),
-    ([0.0, 0.0, 0.0], [0.0, 1e300, 1.0], 0.5, "(max reward - min reward) / beta = 2e+300 exceeds 500"),
-    ([0.0, 0.0], [-1e308, 1e308], 1.0, "(max reward - min reward) / beta = inf exceeds 500"),
-])
+@pytest.mark.parametrize(
+    "p_logits,reward,beta,message",
+    [
+        ([0.0, 0.0], [0.0, 1.0], 0.0, "beta must be a finite number > 0"),
+        ([0.0, 0.0], [0.0, 1.0], -1.0, "beta must be a finite number > 0"),
+        ([0.0, 0.0], [0.0, 1.0], math.inf, "beta must be a finite number > 0"),
+        ([0.0, 0.0], [0.0, 1.0, 2.0], 1.0, "reward has 3 entries but the reference has 2 tokens"),
+        ([0.0, math.nan], [0.0, 1.0], 1.0, "reference logits contain non-finite values"),
+        ([0.0, 0.0], [0.0, math.inf], 1.0, "reward contain non-finite values"),
+        ([0.0], [0.0], 1.0, "at least 2 tokens"),
+        (
+            [[0.0, 0.0]],
+            [0.0, 1.0],
+            1.0,
+            "reference logits must be a vector (one number per token), got an array of shape (1, 2)",
+        ),
+        ([0.0, 0.0, 0.0], np.zeros((3, 1)), 1.0, "reward must be a vector"),
+        ([0.0, 0.0], [0.0, 1.0], 1e-300, "(max reward - min reward) / beta = 1e+300 exceeds 500"),
+        ([0.0, 0.0, 0.0], [0.0, 1e300, 1.0], 0.5, "(max reward - min reward) / beta = 2e+300 exceeds 500"),
+        ([0.0, 0.0], [-1e308, 1e308], 1.0, "(max reward - min reward) / beta = inf exceeds 500"),
+    ],
+)
 def test_bad_problems_get_one_clear_error(p_logits, reward, beta, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         fp.FixedPointProblem(p_logits, reward, beta)
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (["--beta", "0"], "beta must be a finite number > 0"),
-    (["--beta", "1", "--reward", "0,1"], "reward has 2 entries"),
-    (["--beta", "1", "--reward", "0,nan,1"], "non-finite"),
-    (["--beta", "1", "--reward", "missing.npy"], "file not found"),
-    (["--beta", "1", "--modes", "sideways"], "unknown mode"),
-    (["--beta", "1e-300"], "(max reward - min reward) / beta = 1e+300 exceeds 500"),
-    (["--beta", "0.5", "--reward", "0,1e300,1", "--estimators", "k1"], "/ beta = 2e+300 exceeds 500"),
-])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--beta", "0"], "beta must be a finite number > 0"),
+        (["--beta", "1", "--reward", "0,1"], "reward has 2 entries"),
+        (["--beta", "1", "--reward", "0,nan,1"], "non-finite"),
+        (["--beta", "1", "--reward", "missing.npy"], "file not found"),
+        (["--beta", "1", "--modes", "sideways"], "unknown mode"),
+        (["--beta", "1e-300"], "(max reward - min reward) / beta = 1e+300 exceeds 500"),
+        (["--beta", "0.5", "--reward", "0,1e300,1", "--estimators", "k1"], "/ beta = 2e+300 exceeds 500"),
+    ],
+)
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # no numpy warning may reach the user
 def test_cli_bad_input_is_one_line(arguments, message, capsys):
     base = {"--p-logits": "0,0,0", "--reward": "0,0.5,1"}
@@ -255,8 +283,21 @@ def test_cli_rejects_an_array_of_rank_two(flag, tmp_path, capsys):
 def test_cli_json_contract(tmp_path, capsys):
     np.save(tmp_path / "p.npy", fp.REFERENCE_PROBLEM.p_logits)
     (tmp_path / "R.txt").write_text("0, 0.5\n1\n")
-    argv = ["fixedpoint", "--p-logits", str(tmp_path / "p.npy"), "--reward", str(tmp_path / "R.txt"),
-            "--beta", "0.5", "--estimators", "k1,k3", "--modes", "loss,full", "--format", "json"]
+    argv = [
+        "fixedpoint",
+        "--p-logits",
+        str(tmp_path / "p.npy"),
+        "--reward",
+        str(tmp_path / "R.txt"),
+        "--beta",
+        "0.5",
+        "--estimators",
+        "k1,k3",
+        "--modes",
+        "loss,full",
+        "--format",
+        "json",
+    ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["optimum"]) == {"probs", "KL(q||p)", "reward"}
@@ -272,8 +313,24 @@ def test_cli_json_contract(tmp_path, capsys):
 
 
 def test_cli_table_lists_every_estimator_and_mode(capsys):
-    assert main(["fixedpoint", "--p-logits", "0,0,0", "--reward", "0,0.5,1", "--beta", "1",
-                 "--estimators", "k2,k3", "--modes", "loss,full"]) == 0
+    assert (
+        main(
+            [
+                "fixedpoint",
+                "--p-logits",
+                "0,0,0",
+                "--reward",
+                "0,0.5,1",
+                "--beta",
+                "1",
+                "--estimators",
+                "k2,k3",
+                "--modes",
+                "loss,full",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     spans = [match.span() for match in re.finditer(r"-+", lines[2])]  # the dashes under each column
     header, *rows = [[line[a:b].strip() for a, b in spans] for line in [lines[1]] + lines[3:]]
@@ -297,6 +354,7 @@ def test_converges_to_phrases():
 
 # --- sequences ---------------------------------------------------------------------------------
 
+
 def brute_force_optimum(problem):
     """q*(y) over all sequences, then its conditionals q*(a|u) = q*(ua...) / q*(u...) by enumeration."""
     p = problem.reference
@@ -307,10 +365,11 @@ def brute_force_optimum(problem):
     joint /= joint.sum()
     conditionals = np.zeros(p.logits.shape)
     for row_prefix in [()] + [tuple(y[:d]) for d in range(1, T) for y in sequences]:
-        match = np.all(sequences[:, :len(row_prefix)] == row_prefix, axis=1)
+        match = np.all(sequences[:, : len(row_prefix)] == row_prefix, axis=1)
         for a in range(V):
-            conditionals[p.row_of(row_prefix), a] = joint[match & (sequences[:, len(row_prefix)] == a)].sum() \
-                / joint[match].sum()
+            conditionals[p.row_of(row_prefix), a] = (
+                joint[match & (sequences[:, len(row_prefix)] == a)].sum() / joint[match].sum()
+            )
     return joint, conditionals
 
 
@@ -327,12 +386,15 @@ def test_sequence_update_vanishes_at_q_star_for_the_true_kl_gradient():
     problem = fp.REFERENCE_SEQUENCE_PROBLEM
     star = fp.sequence_optimum(problem)
     reward_gradient = fp.sequence_update(problem, star.logits, "k1", "loss")  # k1 loss adds 0 in expectation
-    np.testing.assert_allclose(reward_gradient, problem.beta * true_gradients(star, problem.reference)["KL(q||p)"],
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        reward_gradient, problem.beta * true_gradients(star, problem.reference)["KL(q||p)"], atol=1e-12
+    )
 
 
-@pytest.mark.parametrize("estimator,placement,lands_on_optimum", [
-    ("k1", "reward-to-go", True), ("k3", "full", True), ("k1", "reward", False), ("k3", "loss", False)])
+@pytest.mark.parametrize(
+    "estimator,placement,lands_on_optimum",
+    [("k1", "reward-to-go", True), ("k3", "full", True), ("k1", "reward", False), ("k3", "loss", False)],
+)
 def test_sequence_training_end_points(estimator, placement, lands_on_optimum):
     point = fp.sequence_fixed_point(fp.REFERENCE_SEQUENCE_PROBLEM, estimator, placement)
     assert point["status"] == "interior" and point["converged"]
@@ -351,6 +413,7 @@ def test_sequence_problem_checks_its_input():
 
 
 # --- framework settings: clamps ------------------------------------------------------------------
+
 
 def test_an_output_clamp_that_bites_at_q_star_removes_the_restoring_force():
     # k3 in full mode follows grad KL(q||p): unclamped it lands on q*. At beta = 0.25 q* needs k3 = 10.02 > 10 on
@@ -375,18 +438,38 @@ def test_converges_to_table_and_cli_setting(capsys):
     table = fp.converges_to_table([grpo, ppo]).set_index("setting")
     assert table.loc[ppo.key, "converges to"] == "q* = p e^{R/beta}/Z"
     assert table.loc[grpo.key, "converges to"].startswith("interior")
-    assert main(["fixedpoint", "--p-logits", "0,0,0", "--reward", "0,0.5,1", "--beta", "0.5", "--setting",
-                 "trl-grpo", "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "fixedpoint",
+                "--p-logits",
+                "0,0,0",
+                "--reward",
+                "0,0.5,1",
+                "--beta",
+                "0.5",
+                "--setting",
+                "trl-grpo",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
-    assert out["setting"] == grpo.key and list(out["estimators"]) == ["k3"] and list(out["estimators"]["k3"]) == ["loss"]
+    assert (
+        out["setting"] == grpo.key and list(out["estimators"]) == ["k3"] and list(out["estimators"]["k3"]) == ["loss"]
+    )
     q = np.array(out["estimators"]["k3"]["loss"]["probs"])
     R, p = np.array([0.0, 0.5, 1.0]), np.full(3, 1 / 3)
     np.testing.assert_allclose(q * (R - q @ R - 0.5), -0.5 * p, atol=1e-12)
 
 
 def test_simulated_collapse_keeps_losing_mass_off_the_limit():
-    short, long = (fp.simulation_check(fp.REFERENCE_PROBLEM, "k1", "loss", steps=steps, seeds=(0, 1, 2),
-                                       ascent_steps=steps) for steps in (300, 3000))
+    short, long = (
+        fp.simulation_check(fp.REFERENCE_PROBLEM, "k1", "loss", steps=steps, seeds=(0, 1, 2), ascent_steps=steps)
+        for steps in (300, 3000)
+    )
     assert np.isnan(long["max_abs_z"])  # no z for a limit reached only as steps -> infinity
     assert long["off_limit"]["ascent"] < short["off_limit"]["ascent"] / 5  # ~1/steps for zero restoring force
     assert long["off_limit"]["stochastic"] < short["off_limit"]["stochastic"]

@@ -1,5 +1,6 @@
 """Every crosswalk row's expression: its derived expected gradient against finite differences of the expected
 per-token loss (detached arguments held at theta_0), near q and far from q where every clamp bites."""
+
 import numpy as np
 import pytest
 from scipy.special import log_softmax
@@ -38,8 +39,9 @@ def _finite_difference(setting, q, p, b, step=1e-6):
     for j in range(V):
         e = np.zeros(V)
         e[j] = step
-        grad[j] = (_expected_loss(setting, LOGITS_Q + e, q, p, b)
-                   - _expected_loss(setting, LOGITS_Q - e, q, p, b)) / (2 * step)
+        grad[j] = (_expected_loss(setting, LOGITS_Q + e, q, p, b) - _expected_loss(setting, LOGITS_Q - e, q, p, b)) / (
+            2 * step
+        )
     return grad
 
 
@@ -68,6 +70,7 @@ def test_far_pair_puts_tokens_in_every_clamp_region_and_near_pair_in_none(settin
 
     def in_region(values):
         return np.array([any(lo < v < hi for lo, hi in region) for v in values])
+
     assert in_region(_t(q, p_far)).any() and not in_region(_t(q, p_near)).any()
     # each clamp node is active on some far token (the test exercises every clamp)
     for node in ex.clamp_nodes(setting.expr):
@@ -95,7 +98,7 @@ def test_nemo_rl_clamp_after_weight_kills_both_gradient_parts():
     setting = get_setting("nemo-rl", "loss")
     coefficient = ex.numeric(ex.coefficient(setting.expr))
     lq = np.array([0.0, 0.0, 0.0])
-    lp = np.array([3.0, -12.0, 1.0])   # k3 > 10 at t = 3 and t = -12; t = 1 is inside
+    lp = np.array([3.0, -12.0, 1.0])  # k3 > 10 at t = 3 and t = -12; t = 1 is inside
     c = coefficient(lq, lp, lq)
     assert c[0] == 0.0 and c[1] == 0.0
     assert c[2] == pytest.approx(-1.0)  # 1 - r + k3 = -t on-policy, unclamped
@@ -109,16 +112,19 @@ def test_nemo_rl_clamp_after_weight_kills_both_gradient_parts():
     assert np.linalg.norm(new - superseded) / np.linalg.norm(superseded) > 0.5
 
 
-@pytest.mark.parametrize("key, estimator, mode, clamps", [
-    ("verl/kl_loss", "k3", "loss", (20.0, 10.0)),
-    ("verl/kl_loss_k3+", "k3+", "loss", (20.0, 10.0)),
-    ("nemo-rl/loss", "k3", "full", (20.0, 10.0)),
-    ("trl-grpo/bias_correction", "k3", "full", (None, None)),
-    ("open-instruct/kl3", "k3", "loss", (40.0, None)),
-    ("open-instruct/kl4", "k1", "full", (40.0, None)),
-    ("openrlhf/reward", "k1", "reward", (None, 10.0)),
-    ("nemo-aligner/ppo", "Abs(log(r))", "reward", (None, None)),
-])
+@pytest.mark.parametrize(
+    "key, estimator, mode, clamps",
+    [
+        ("verl/kl_loss", "k3", "loss", (20.0, 10.0)),
+        ("verl/kl_loss_k3+", "k3+", "loss", (20.0, 10.0)),
+        ("nemo-rl/loss", "k3", "full", (20.0, 10.0)),
+        ("trl-grpo/bias_correction", "k3", "full", (None, None)),
+        ("open-instruct/kl3", "k3", "loss", (40.0, None)),
+        ("open-instruct/kl4", "k1", "full", (40.0, None)),
+        ("openrlhf/reward", "k1", "reward", (None, 10.0)),
+        ("nemo-aligner/ppo", "Abs(log(r))", "reward", (None, None)),
+    ],
+)
 def test_structured_fields_are_derived_from_the_expression(key, estimator, mode, clamps):
     setting = get_setting(*key.split("/"))
     assert (setting.estimator, setting.mode, (setting.input_clamp, setting.output_clamp)) == (estimator, mode, clamps)
@@ -128,26 +134,33 @@ def test_data_corrections():
     assert get_setting("roll", "reward").enabled_by_default is False
     assert "add_token_level_kl" in get_setting("roll", "reward").default_flags
     assert "GAE" in get_setting("nemo-rl", "reward").placement
-    assert "importance_sampling_level='token'" in get_setting("trl-grpo", "bias_correction").notes.replace('"', "'") \
+    assert (
+        "importance_sampling_level='token'" in get_setting("trl-grpo", "bias_correction").notes.replace('"', "'")
         or "token" in get_setting("trl-grpo", "bias_correction").offpolicy
+    )
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("__import__('os')", "not allowed"),
-    ("logq.real", "attribute access is not allowed"),
-    ("clamp(logq, logp, 1)", "bounds"),
-    ("logx + 1", "unknown name"),
-    ("exp(logq, 2)", "takes exactly one argument"),
-    ("", "expression is empty"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("__import__('os')", "not allowed"),
+        ("logq.real", "attribute access is not allowed"),
+        ("clamp(logq, logp, 1)", "bounds"),
+        ("logx + 1", "unknown name"),
+        ("exp(logq, 2)", "takes exactly one argument"),
+        ("", "expression is empty"),
+    ],
+)
 def test_bad_expressions_get_one_clear_error(text, needle):
     with pytest.raises(ex.ExpressionError, match=needle):
         ex.parse_expression(text)
 
 
 def test_cli_framework_shows_the_expression_and_off_policy_weighting(capsys):
-    from klsym.cli import main
     import json
+
+    from klsym.cli import main
+
     assert main(["framework", "trl-grpo", "--setting", "bias_correction", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["expression"].startswith("exp(logq - logb)") and out["enters"] == "loss"

@@ -1,5 +1,6 @@
 """The framework crosswalk: data integrity, clamp regions, derived divergences, sequence-level placement and what it
 follows, where training converges, CLI contract."""
+
 import json
 import math
 import subprocess
@@ -31,8 +32,18 @@ from klsym.rl.frameworks import (
 )
 
 SETTINGS = load_settings()
-REQUIRED_FRAMEWORKS = {"verl", "openrlhf", "trl-grpo", "trl-ppo", "trl-rloo", "nemo-rl", "slime",
-                       "roll", "open-instruct", "areal"}
+REQUIRED_FRAMEWORKS = {
+    "verl",
+    "openrlhf",
+    "trl-grpo",
+    "trl-ppo",
+    "trl-rloo",
+    "nemo-rl",
+    "slime",
+    "roll",
+    "open-instruct",
+    "areal",
+}
 
 
 def test_every_required_framework_is_present():
@@ -66,7 +77,7 @@ def test_verl_k3_region_matches_lambert_w():
     (lo_a, lo_b), (hi_a, hi_b) = row["clamp_region_intervals"]
     assert lo_a == -math.inf and hi_b == math.inf
     assert lo_b == pytest.approx(lower, rel=1e-12) and hi_a == pytest.approx(upper, rel=1e-12)
-    assert upper == pytest.approx(2.611, abs=1e-3)   # the reference file's rounded value
+    assert upper == pytest.approx(2.611, abs=1e-3)  # the reference file's rounded value
     # The clamped value is flat inside the region and moves outside it.
     eps = 1e-6
     for inside in (upper + 0.5, lower - 0.5, 30.0, -30.0):
@@ -75,8 +86,7 @@ def test_verl_k3_region_matches_lambert_w():
         assert _clamped_k3(outside + eps, 20, c) != _clamped_k3(outside - eps, 20, c)
 
 
-@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.input_clamp or s.output_clamp],
-                         ids=lambda s: s.key)
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.input_clamp or s.output_clamp], ids=lambda s: s.key)
 def test_region_is_where_the_clamped_value_is_flat(setting):
     k = setting.get_estimator().numeric
     a = setting.input_clamp or np.inf
@@ -100,9 +110,16 @@ def test_region_is_where_the_clamped_value_is_flat(setting):
 # Implied gradient divergence of each framework's default, from the gradient-mode algebra
 # (E_q[grad k1] = 0; reward of k1 and full of k3 are grad KL(q||p); loss of k3 is grad KL(p||q)).
 EXPECTED_DEFAULT_GRADIENT = {
-    "verl": "KL(p||q)", "openrlhf": "KL(q||p)", "trl-grpo": "KL(p||q)", "trl-ppo": "KL(q||p)",
-    "trl-rloo": "KL(q||p)", "nemo-rl": "KL(q||p)", "slime": "zero", "roll": "KL(q||p)",
-    "open-instruct": "KL(p||q)", "areal": "KL(q||p)",
+    "verl": "KL(p||q)",
+    "openrlhf": "KL(q||p)",
+    "trl-grpo": "KL(p||q)",
+    "trl-ppo": "KL(q||p)",
+    "trl-rloo": "KL(q||p)",
+    "nemo-rl": "KL(q||p)",
+    "slime": "zero",
+    "roll": "KL(q||p)",
+    "open-instruct": "KL(p||q)",
+    "areal": "KL(q||p)",
 }
 
 
@@ -133,11 +150,14 @@ def test_cli_list_names_every_setting(capsys):
     assert {(r["framework"], r["setting"]) for r in rows} == {(s.framework, s.setting) for s in SETTINGS}
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["framework", "nosuch"], "known: verl, openrlhf"),
-    (["framework", "verl", "--setting", "nosuch"], "settings: kl_loss"),
-    (["framework"], "--list"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["framework", "nosuch"], "known: verl, openrlhf"),
+        (["framework", "verl", "--setting", "nosuch"], "settings: kl_loss"),
+        (["framework"], "--list"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, needle):
     proc = subprocess.run([sys.executable, "-m", "klsym", *argv], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
@@ -159,10 +179,17 @@ PQP, PPQ = "partial KL(q||p)", "partial KL(p||q)"
 # held fixed): k3 in the loss of KL(p||q), k2 (or k3 with a per-token weight exp(logq - sg logq)) of KL(q||p);
 # k1 in the loss has zero expected gradient; |k1| (NeMo-Aligner) follows no KL.
 EXPECTED_DEFAULT_SEQUENCE = {
-    "verl": ("loss", PPQ), "openrlhf": ("reward-to-go", "KL(q||p)"), "trl-grpo": ("loss", PPQ),
-    "trl-ppo": ("reward-to-go", "KL(q||p)"), "trl-rloo": ("sequence-reward", "KL(q||p)"),
-    "nemo-rl": ("loss+reward", PQP), "nemo-aligner": ("reward-to-go", None), "slime": ("loss", "zero"),
-    "roll": ("reward-to-go", "KL(q||p)"), "open-instruct": ("loss", PPQ), "areal": ("reward-to-go", "KL(q||p)"),
+    "verl": ("loss", PPQ),
+    "openrlhf": ("reward-to-go", "KL(q||p)"),
+    "trl-grpo": ("loss", PPQ),
+    "trl-ppo": ("reward-to-go", "KL(q||p)"),
+    "trl-rloo": ("sequence-reward", "KL(q||p)"),
+    "nemo-rl": ("loss+reward", PQP),
+    "nemo-aligner": ("reward-to-go", None),
+    "slime": ("loss", "zero"),
+    "roll": ("reward-to-go", "KL(q||p)"),
+    "open-instruct": ("loss", PPQ),
+    "areal": ("reward-to-go", "KL(q||p)"),
 }
 
 
@@ -226,11 +253,25 @@ def test_nemo_aligner_signed_k1_split_by_trainer():
 
 # Settings whose single-token expected gradient is grad KL(q||p): k1 as a reward, k2 or k3+ in the loss, k3 (or k1)
 # with a differentiable weight (full); training must land on q* = p e^{R/beta}/Z.
-FOLLOWS_KL_QP = ["verl/kl_loss_k3+", "verl/kl_in_reward", "openrlhf/reward", "openrlhf/loss_k2",
-                 "trl-grpo/bias_correction", "trl-ppo/default", "trl-rloo/default", "nemo-rl/loss",
-                 "nemo-rl/loss_on_policy_kl_approximation", "nemo-aligner/ppo_signed", "slime/k3_unbiased",
-                 "slime/low_var_kl_unbiased", "slime/reward", "roll/reward", "open-instruct/kl2",
-                 "open-instruct/kl4", "areal/reward"]
+FOLLOWS_KL_QP = [
+    "verl/kl_loss_k3+",
+    "verl/kl_in_reward",
+    "openrlhf/reward",
+    "openrlhf/loss_k2",
+    "trl-grpo/bias_correction",
+    "trl-ppo/default",
+    "trl-rloo/default",
+    "nemo-rl/loss",
+    "nemo-rl/loss_on_policy_kl_approximation",
+    "nemo-aligner/ppo_signed",
+    "slime/k3_unbiased",
+    "slime/low_var_kl_unbiased",
+    "slime/reward",
+    "roll/reward",
+    "open-instruct/kl2",
+    "open-instruct/kl4",
+    "areal/reward",
+]
 
 
 def _setting(key):
@@ -262,8 +303,13 @@ def test_k1_in_the_loss_collapses(key):
     setting = _setting(key)
     # k1 in the loss: dL/dlogq = 1 for every token, whose expected score is zero: no KL force at any q
     probs = np.array([0.2, 0.5, 0.3])
-    assert np.abs(_expression_update(setting, probs) - probs * (fp.REFERENCE_PROBLEM.reward
-                                                                - probs @ fp.REFERENCE_PROBLEM.reward)).max() < 1e-15
+    assert (
+        np.abs(
+            _expression_update(setting, probs)
+            - probs * (fp.REFERENCE_PROBLEM.reward - probs @ fp.REFERENCE_PROBLEM.reward)
+        ).max()
+        < 1e-15
+    )
     assert converges_to(setting) == "collapse onto the reward maximiser(s)"
 
 
@@ -277,7 +323,10 @@ def test_cli_shows_the_sequence_and_converges_to_fields(capsys):
     assert main(["framework", "trl-rloo", "--format", "json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert (row["aggregation"], row["sequence_placement"], row["sequence_follows"]) == (
-        "sequence", "sequence-reward", "KL(q||p)")
+        "sequence",
+        "sequence-reward",
+        "KL(q||p)",
+    )
     assert row["converges_to"] == "q* = p e^{R/beta}/Z"
     assert main(["framework", "slime", "--format", "table"]) == 0
     out = capsys.readouterr().out
@@ -286,8 +335,14 @@ def test_cli_shows_the_sequence_and_converges_to_fields(capsys):
 
 # Settings whose single-token expected gradient is grad KL(p||q) (k3 in the loss, clamps idle at the end point):
 # stationarity of E_q[R] - beta KL(p||q) on the simplex is q_j (R_j - E_q[R] - beta) = -beta p_j (issue 14).
-FOLLOWS_KL_PQ = ["verl/kl_loss", "openrlhf/loss_k3", "trl-grpo/default", "slime/low_var_kl", "roll/kl_loss",
-                 "open-instruct/kl3"]
+FOLLOWS_KL_PQ = [
+    "verl/kl_loss",
+    "openrlhf/loss_k3",
+    "trl-grpo/default",
+    "slime/low_var_kl",
+    "roll/kl_loss",
+    "open-instruct/kl3",
+]
 
 
 @pytest.mark.parametrize("key", FOLLOWS_KL_PQ)

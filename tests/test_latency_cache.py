@@ -1,5 +1,6 @@
 """Derivations cached on disk across processes: the Gaussian closed-form terms (generated code) and the
 numeric bodies of estimators (srepr text); a changed formula or a changed deriving module derives afresh."""
+
 import subprocess
 import sys
 
@@ -88,8 +89,10 @@ def test_numeric_body_is_cached_and_equal(cache, monkeypatch):
 
 
 def test_cli_imports_only_the_subcommand_it_runs():
-    code = ("import sys; from klsym.cli import build_parser; build_parser('derive'); "
-            "print(sorted(m for m in sys.modules if m.startswith('klsym.cli.')))")
+    code = (
+        "import sys; from klsym.cli import build_parser; build_parser('derive'); "
+        "print(sorted(m for m in sys.modules if m.startswith('klsym.cli.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['klsym.cli.derive']"
 
@@ -98,8 +101,10 @@ def test_cli_imports_only_the_subcommand_it_runs():
 def test_behaviour_options_do_not_import_the_offpolicy_machinery(command):
     """``--behaviour`` option names and defaults come from klsym.rl.weightings; klsym.rl.offpolicy (scipy.optimize,
     pandas) is imported only when a behaviour policy is given."""
-    code = (f"import sys; from klsym.cli import build_parser; build_parser({command!r}).parse_args([{command!r}]); "
-            "print('klsym.rl.offpolicy' in sys.modules, 'pandas' in sys.modules)")
+    code = (
+        f"import sys; from klsym.cli import build_parser; build_parser({command!r}).parse_args([{command!r}]); "
+        "print('klsym.rl.offpolicy' in sys.modules, 'pandas' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -146,17 +151,31 @@ def test_condition_text_cached_and_equal(cache, monkeypatch):
 
 
 def test_exact_does_not_import_pandas():
-    code = ("import sys; from klsym.cli import main; main(['exact', '--q', '0,1', '--p', '1,1']); "
-            "print('pandas' in sys.modules, file=sys.stderr)")
+    code = (
+        "import sys; from klsym.cli import main; main(['exact', '--q', '0,1', '--p', '1,1']); "
+        "print('pandas' in sys.modules, file=sys.stderr)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert out.split() == ["False"]
 
 
 # --- derive cold: the faster steps give the same expressions as the slow ones --------------------
 
-@pytest.mark.parametrize("integrand", ["u**(-2)", "-log(u)/u**2", "log(u)**2/(2*u**2)", "(u - log(u) - 1)/u**2",
-                                       "log(u)/u", "log(u)**3/u", "(u*log(u) - u + 1)/u**2", "u**2*log(u)",
-                                       "3*u**2 - log(u)/u**3"])
+
+@pytest.mark.parametrize(
+    "integrand",
+    [
+        "u**(-2)",
+        "-log(u)/u**2",
+        "log(u)**2/(2*u**2)",
+        "(u - log(u) - 1)/u**2",
+        "log(u)/u",
+        "log(u)**3/u",
+        "(u*log(u) - u + 1)/u**2",
+        "u**2*log(u)",
+        "3*u**2 - log(u)/u**3",
+    ],
+)
 def test_integral_from_one_equals_sympys_definite_integral(integrand):
     from klsym.derive import symbolic
     from klsym.derive.symbols import u
@@ -172,9 +191,12 @@ def test_normal_moment_is_the_integral(n):
     from klsym.derive import symbolic
     from klsym.derive.symbols import delta, x
 
-    mean, var = -delta**2 / 2, delta**2
-    integral = sp.expand(sp.Integral((mean + sp.sqrt(var) * x) ** n * sp.exp(-x**2 / 2) / sp.sqrt(2 * sp.pi),
-                                     (x, -sp.oo, sp.oo)).doit())
+    mean, var = -(delta**2) / 2, delta**2
+    integral = sp.expand(
+        sp.Integral(
+            (mean + sp.sqrt(var) * x) ** n * sp.exp(-(x**2) / 2) / sp.sqrt(2 * sp.pi), (x, -sp.oo, sp.oo)
+        ).doit()
+    )
     assert symbolic.normal_moment_of_t(n, mean, var) == integral  # the same expression, not only equal
 
 
@@ -197,9 +219,16 @@ def test_derive_json_is_unchanged_by_the_faster_steps(tmp_path, monkeypatch):
     fast = [symbolic.analyze_symbolic(e) for e in estimators]
     symbolic._generator_of_coefficient.cache_clear()
     monkeypatch.setattr(symbolic, "_integral_from_one", lambda f: sp.integrate(f, (symbolic.u, 1, r)))
-    monkeypatch.setattr(symbolic, "normal_moment_of_t", lambda n, m, v: sp.expand(sp.Integral(
-        (m + sp.sqrt(v) * symbolic.x) ** n * sp.exp(-symbolic.x**2 / 2) / sp.sqrt(2 * sp.pi),
-        (symbolic.x, -sp.oo, sp.oo)).doit()))
+    monkeypatch.setattr(
+        symbolic,
+        "normal_moment_of_t",
+        lambda n, m, v: sp.expand(
+            sp.Integral(
+                (m + sp.sqrt(v) * symbolic.x) ** n * sp.exp(-(symbolic.x**2) / 2) / sp.sqrt(2 * sp.pi),
+                (symbolic.x, -sp.oo, sp.oo),
+            ).doit()
+        ),
+    )
     slow = [symbolic.analyze_symbolic(e) for e in estimators]
     symbolic._generator_of_coefficient.cache_clear()
     assert [symbolic._jsonable(a) for a in fast] == [symbolic._jsonable(b) for b in slow]

@@ -1,15 +1,34 @@
 """klsym.rl.logprob against high-precision evaluations of the SymPy expressions."""
+
 import mpmath
 import numpy as np
 import pytest
 import sympy as sp
 
 from klsym.derive.estimators import BUILTINS, TAYLOR_RADIUS, get_estimator
-from klsym.rl.logprob import estimate, estimate_all, estimate_from_logratio, log_ratio
 from klsym.derive.symbols import r
+from klsym.rl.logprob import estimate, estimate_all, estimate_from_logratio, log_ratio
 
-EXTREME_T = [-700.0, -100.0, -20.0, -1.0, -1.0001e-3, -0.999e-3, -1e-6, -1e-12, 0.0,
-             1e-12, 1e-6, 0.999e-3, 1.0001e-3, 0.5, 1.0, 20.0, 100.0, 700.0]
+EXTREME_T = [
+    -700.0,
+    -100.0,
+    -20.0,
+    -1.0,
+    -1.0001e-3,
+    -0.999e-3,
+    -1e-6,
+    -1e-12,
+    0.0,
+    1e-12,
+    1e-6,
+    0.999e-3,
+    1.0001e-3,
+    0.5,
+    1.0,
+    20.0,
+    100.0,
+    700.0,
+]
 
 
 def _reference(expr, t):
@@ -88,4 +107,5 @@ def test_bad_input():
         estimate("k9", np.zeros(1), np.zeros(1))
     with pytest.raises(ValueError, match="input clamp|must"):
         from klsym.exact.clamps import saturation_region
+
         saturation_region("k3", input_clamp=-1)

@@ -1,13 +1,14 @@
 """The streaming engine: reproducibility, statistics against an independent re-draw, exact cross-checks."""
+
 import math
 
 import numpy as np
 import pytest
 
-from klsym.simulate.backend import NUMPY_BLOCK
 from klsym.derive.estimators import BUILTINS
 from klsym.exact.expectations import estimator_gradient, estimator_stats
 from klsym.exact.families import Categorical, Gaussian, log_ratio
+from klsym.simulate.backend import NUMPY_BLOCK
 from klsym.simulate.montecarlo import crosscheck, gradient, gradient_trials, run
 
 ALL = list(BUILTINS)
@@ -17,8 +18,10 @@ GAUSSIAN_PAIRS = {  # (q, p)
     "p_wider": (Gaussian(0.0, 1.0), Gaussian(0.5, 1.6)),  # sigma_p^2 > 2 sigma_q^2: k3's E[k^2] = inf
     "p_narrower": (Gaussian(0.0, 1.0), Gaussian(0.5, 0.7)),
 }
-CATEGORICAL = (Categorical(np.random.default_rng(10).normal(size=40)),
-               Categorical(np.random.default_rng(11).normal(size=40)))
+CATEGORICAL = (
+    Categorical(np.random.default_rng(10).normal(size=40)),
+    Categorical(np.random.default_rng(11).normal(size=40)),
+)
 PAIRS = {**GAUSSIAN_PAIRS, "categorical": CATEGORICAL}
 
 
@@ -36,8 +39,10 @@ def _redraw_gaussian_logratios(q, p, n, seed):
 def test_results_do_not_depend_on_chunk_or_threads(threads):
     q, p = GAUSSIAN_PAIRS["close"]
     n = 5 * NUMPY_BLOCK + 1234  # a partial last block too
-    results = [run(q, p, "k1,k3,k4,rev_k1", n=n, seed=7, chunk=chunk, threads=threads)["estimators"]
-               for chunk in (1_000, 100_000, 1_000_000)]
+    results = [
+        run(q, p, "k1,k3,k4,rev_k1", n=n, seed=7, chunk=chunk, threads=threads)["estimators"]
+        for chunk in (1_000, 100_000, 1_000_000)
+    ]
     for name in results[0]:
         for key in ("mean", "std", "se", "min", "max", "frac_negative"):
             values = [r[name][key] for r in results]
@@ -169,15 +174,18 @@ def test_large_vocabulary_streams_without_dense_matrix():
     assert np.all(np.abs(z) < 5), z
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"n": 0}, "n must be a positive integer"),
-    ({"n": 2.5}, "n must be a positive integer"),
-    ({"seed": -1}, "seed must be a non-negative integer"),
-    ({"dtype": "float16"}, "unknown dtype"),
-    ({"quantiles": (1.5,)}, r"quantile levels must lie in \[0, 1\]"),
-    ({"batch_size": NUMPY_BLOCK + 1}, "batch_size must be at most"),
-    ({"estimators": "k9"}, "unknown estimator 'k9'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n": 0}, "n must be a positive integer"),
+        ({"n": 2.5}, "n must be a positive integer"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"dtype": "float16"}, "unknown dtype"),
+        ({"quantiles": (1.5,)}, r"quantile levels must lie in \[0, 1\]"),
+        ({"batch_size": NUMPY_BLOCK + 1}, "batch_size must be at most"),
+        ({"estimators": "k9"}, "unknown estimator 'k9'"),
+    ],
+)
 def test_bad_input_is_one_clear_error(kwargs, message):
     q, p = GAUSSIAN_PAIRS["close"]
     arguments = {"estimators": "k1", "n": 100, "seed": 0, **kwargs}

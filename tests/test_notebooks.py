@@ -1,6 +1,7 @@
 """Every notebook: committed clean (no outputs, a ``parameters`` cell, no def/class/lambda) and
 executable end to end with its small (CI) parameters, two at a time, through the report pipeline.
 """
+
 from __future__ import annotations
 
 import ast
@@ -11,8 +12,15 @@ import nbformat
 import pytest
 
 from klsym.paths import NOTEBOOKS_DIR
-from klsym.report.build import (NOTEBOOK_PATTERN, SMALL_PARAMETERS_FILE, build_report, default_parameters,
-                          discover_notebooks, find_external_references, parameters_cell)
+from klsym.report.build import (
+    NOTEBOOK_PATTERN,
+    SMALL_PARAMETERS_FILE,
+    build_report,
+    default_parameters,
+    discover_notebooks,
+    find_external_references,
+    parameters_cell,
+)
 
 NOTEBOOKS = discover_notebooks(NOTEBOOKS_DIR)
 IDS = [path.stem for path in NOTEBOOKS]
@@ -37,8 +45,11 @@ def test_every_notebook_file_follows_the_naming_convention():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_committed_without_outputs_or_execution_counts(path):
     notebook = json.loads(path.read_text())
-    dirty = [index for index, cell in enumerate(notebook["cells"])
-             if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)]
+    dirty = [
+        index
+        for index, cell in enumerate(notebook["cells"])
+        if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)
+    ]
     assert dirty == [], f"cells {dirty} carry outputs or execution counts: strip them before committing"
     assert "papermill" not in notebook["metadata"], "executed by papermill and committed"
 
@@ -64,8 +75,11 @@ def test_no_function_class_or_lambda_definitions(path):
         if cell.cell_type != "code":
             continue
         tree = ast.parse(code_without_magics(cell.source))
-        found += [f"cell {index}: {type(node).__name__} at line {node.lineno}" for node in ast.walk(tree)
-                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))]
+        found += [
+            f"cell {index}: {type(node).__name__} at line {node.lineno}"
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+        ]
     assert found == [], "notebooks stay thin: move logic into klsym"
 
 
@@ -76,16 +90,29 @@ LOOPS = (ast.For, ast.AsyncFor, ast.ListComp, ast.SetComp, ast.DictComp, ast.Gen
 def test_no_for_loops_or_comprehensions(path):
     """Tables are built by library functions (klsym.report.compare), not by loops in code cells."""
     notebook = nbformat.read(path, as_version=4)
-    found = [f"cell {index}: {type(node).__name__} at line {node.lineno}"
-             for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"
-             for node in ast.walk(ast.parse(code_without_magics(cell.source))) if isinstance(node, LOOPS)]
+    found = [
+        f"cell {index}: {type(node).__name__} at line {node.lineno}"
+        for index, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code"
+        for node in ast.walk(ast.parse(code_without_magics(cell.source)))
+        if isinstance(node, LOOPS)
+    ]
     assert found == [], "no for-loops or comprehensions in notebooks: put the loop in klsym (e.g. klsym.report.compare)"
 
 
 def test_loop_rule_catches_loops_and_comprehensions_only():
-    caught = [source for source in ("for x in y: pass", "[x for x in y]", "{x for x in y}", "{x: 1 for x in y}",
-                                    "sum(x for x in y)", "async def f():\n    async for x in y: pass")
-              if any(isinstance(node, LOOPS) for node in ast.walk(ast.parse(source)))]
+    caught = [
+        source
+        for source in (
+            "for x in y: pass",
+            "[x for x in y]",
+            "{x for x in y}",
+            "{x: 1 for x in y}",
+            "sum(x for x in y)",
+            "async def f():\n    async for x in y: pass",
+        )
+        if any(isinstance(node, LOOPS) for node in ast.walk(ast.parse(source)))
+    ]
     assert len(caught) == 6
     assert not any(isinstance(node, LOOPS) for node in ast.walk(ast.parse("table = compare(names, q, p)\nf(x)[0]")))
 
@@ -98,8 +125,12 @@ def test_small_parameters_name_existing_notebooks_and_parameters():
         defaults = default_parameters(nbformat.read(by_stem[stem], as_version=4))
         unknown = sorted(set(overrides) - set(defaults))
         assert unknown == [], f"{stem}: small parameters {unknown} are not in its parameters cell"
-        wrong_type = [k for k, v in overrides.items() if type(v) is not type(defaults[k])
-                      and not (isinstance(v, (int, float)) and isinstance(defaults[k], (int, float)))]
+        wrong_type = [
+            k
+            for k, v in overrides.items()
+            if type(v) is not type(defaults[k])
+            and not (isinstance(v, (int, float)) and isinstance(defaults[k], (int, float)))
+        ]
         assert wrong_type == [], f"{stem}: small parameters {wrong_type} change type"
 
 

@@ -1,4 +1,5 @@
 """Off-policy single-token KL terms: brute-force sums written here, finite differences, MC from b (|z| < 5)."""
+
 import json
 import subprocess
 import sys
@@ -12,8 +13,14 @@ from klsym.exact.expectations import KL_QP, MODES, estimator_gradient, kl_diverg
 from klsym.exact.families import Categorical, Gaussian
 from klsym.paths import ROOT
 from klsym.rl import expressions as ex
-from klsym.rl.offpolicy import (WEIGHTINGS, exact_expression, monte_carlo, offpolicy_gradient, term_expression,
-                                value_rows)
+from klsym.rl.offpolicy import (
+    WEIGHTINGS,
+    exact_expression,
+    monte_carlo,
+    offpolicy_gradient,
+    term_expression,
+    value_rows,
+)
 
 ESTIMATORS = ("k1", "k2", "k3", "k3+", "rev_k1")
 CASES = [(e, m, w) for e in ESTIMATORS for m in MODES for w in WEIGHTINGS if w != "ppo-clip" or m == "reward"]
@@ -23,8 +30,11 @@ TRUNCATION, CLIP = 1.3, 0.2
 def _categorical_triple(seed=3, size=6, spread=0.8):
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=size)
-    return (Categorical(logits), Categorical(logits + rng.normal(scale=spread, size=size)),
-            Categorical(logits + rng.normal(scale=0.6, size=size)))
+    return (
+        Categorical(logits),
+        Categorical(logits + rng.normal(scale=spread, size=size)),
+        Categorical(logits + rng.normal(scale=0.6, size=size)),
+    )
 
 
 def _brute_force(estimator, mode, weighting, q, p, b):
@@ -36,8 +46,12 @@ def _brute_force(estimator, mode, weighting, q, p, b):
     if weighting == "ppo-clip":  # loss max(w k, clip(w) k): gradient w k where the unclipped branch wins
         c = np.where(w * k >= np.clip(w, 1 - CLIP, 1 + CLIP) * k, w * k, 0.0)
     else:
-        factor = {"none": np.ones_like(w), "token-is": w, "token-is-differentiable": w,
-                  "truncated-is": np.minimum(w, TRUNCATION)}[weighting]
+        factor = {
+            "none": np.ones_like(w),
+            "token-is": w,
+            "token-is-differentiable": w,
+            "truncated-is": np.minimum(w, TRUNCATION),
+        }[weighting]
         loss = w * (k + h_loss) if weighting == "token-is-differentiable" else factor * h_loss
         c = {"loss": loss, "reward": factor * k, "full": loss + factor * k}[mode]
     grad = np.zeros(q.size)
@@ -62,6 +76,7 @@ def test_exact_matches_finite_differences(estimator, mode, weighting):
 
     def expected(theta):  # sum over tokens of b(x) L(log q_theta(x)), detached values at theta_0
         return float(np.sum(b.probs * loss(log_softmax(theta), p.log_probs, b.log_probs, q.log_probs)))
+
     step, fd = 1e-6, np.zeros(q.size)
     for j in range(q.size):
         e = np.eye(q.size)[j] * step
@@ -74,9 +89,10 @@ def test_exact_matches_finite_differences(estimator, mode, weighting):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_token_is_is_the_on_policy_gradient(estimator, mode):
     q, p, b = _categorical_triple(seed=7)
-    on_policy = estimator_gradient(estimator, q, p, mode)     # klsym.exact: an independent code path
-    assert np.allclose(offpolicy_gradient(estimator, mode, "token-is", q, p, b)["gradient"], on_policy,
-                       rtol=1e-10, atol=1e-14)
+    on_policy = estimator_gradient(estimator, q, p, mode)  # klsym.exact: an independent code path
+    assert np.allclose(
+        offpolicy_gradient(estimator, mode, "token-is", q, p, b)["gradient"], on_policy, rtol=1e-10, atol=1e-14
+    )
     assert not np.allclose(offpolicy_gradient(estimator, mode, "none", q, p, b)["gradient"], on_policy, rtol=1e-3)
 
 
@@ -137,15 +153,18 @@ def test_behaviour_without_mass_where_q_has_mass_is_one_clear_error():
         offpolicy_gradient("k3", "loss", "token-is", q, p, Categorical([0.0, 1.0, -np.inf]))
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "inf,1"], "finite"),
-    (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "0,0"], "sigma must be positive"),
-    (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "0,1", "--weighting", "nope"], "unknown weighting"),
-    (["exact", "--q", "0,1", "--p", "1,1", "--behaviour", "0,1", "--positions", "2"], "single positions"),
-    (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "0,1", "--truncation", "-1"], "truncation"),
-    (["gradient", "--q-logits", "{q}", "--p-logits", "{q}", "--behaviour-logits", "{b}"], "zero probability"),
-    (["gradient", "--q-logits", "{q}", "--p-logits", "{q}", "--behaviour-logits", "{nan}"], "NaN"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "inf,1"], "finite"),
+        (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "0,0"], "sigma must be positive"),
+        (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "0,1", "--weighting", "nope"], "unknown weighting"),
+        (["exact", "--q", "0,1", "--p", "1,1", "--behaviour", "0,1", "--positions", "2"], "single positions"),
+        (["gradient", "--q", "0,1", "--p", "1,1", "--behaviour", "0,1", "--truncation", "-1"], "truncation"),
+        (["gradient", "--q-logits", "{q}", "--p-logits", "{q}", "--behaviour-logits", "{b}"], "zero probability"),
+        (["gradient", "--q-logits", "{q}", "--p-logits", "{q}", "--behaviour-logits", "{nan}"], "NaN"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, needle, tmp_path):
     files = {"q": [0.0, 1.0, 0.5], "b": [0.0, 1.0, float("-inf")], "nan": [0.0, float("nan"), 1.0]}
     for name, values in files.items():
@@ -158,9 +177,30 @@ def test_cli_errors_are_one_line(argv, needle, tmp_path):
 
 
 def test_cli_gradient_json_contract():
-    proc = subprocess.run([sys.executable, "-m", "klsym", "gradient", "--q", "0,1", "--p", "1,1", "--behaviour",
-                           "0.3,1", "--estimators", "k1", "--weighting", "none,token-is", "--format", "json"],
-                          capture_output=True, text=True, cwd=ROOT, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "klsym",
+            "gradient",
+            "--q",
+            "0,1",
+            "--p",
+            "1,1",
+            "--behaviour",
+            "0.3,1",
+            "--estimators",
+            "k1",
+            "--weighting",
+            "none,token-is",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     out = json.loads(proc.stdout)
     assert out["drift KL(b||q)"] == pytest.approx(0.045)
     rows = {(r["mode"], r["weighting"]): r for r in out["rows"]}
@@ -171,8 +211,14 @@ def test_cli_gradient_json_contract():
 # --- sequences ------------------------------------------------------------------------------------
 
 from klsym.exact.autoregressive import Autoregressive  # noqa: E402
-from klsym.rl.offpolicy import (SEQUENCE_PLACEMENTS, SEQUENCE_WEIGHTINGS, recommend,  # noqa: E402
-                                sequence_monte_carlo, sequence_offpolicy_gradients, sequence_offpolicy_table)
+from klsym.rl.offpolicy import (  # noqa: E402
+    SEQUENCE_PLACEMENTS,
+    SEQUENCE_WEIGHTINGS,
+    recommend,
+    sequence_monte_carlo,
+    sequence_offpolicy_gradients,
+    sequence_offpolicy_table,
+)
 from klsym.rl.sequences import placement_gradients  # noqa: E402
 
 SEQ_P = Autoregressive.random(2, 3, seed=4)
@@ -183,35 +229,53 @@ SEQ_B = SEQ_Q.perturbed(0.5, seed=6)
 def _surrogate(name, placement, weighting, lq, lq0, lp, lb):
     """One sequence's surrogate loss written from the definitions (lq differentiable, the rest detached)."""
     e = get_estimator(name)
-    k, k0 = e.numeric(lp - lq), e.numeric(lp - lq0)   # k0: the detached value sg(k)
+    k, k0 = e.numeric(lp - lq), e.numeric(lp - lq0)  # k0: the detached value sg(k)
     w = np.exp(lq0 - lb)
     T = len(lq)
     rho = np.cumprod(w)
-    factor = {"none": np.ones(T), "token-is": w, "token-is-differentiable": w, "per-decision": rho,
-              "sequence-is": np.full(T, np.prod(w)),
-              "sequence-mean-is-differentiable": np.full(T, np.exp(np.mean(lq0 - lb)))}[weighting]
+    factor = {
+        "none": np.ones(T),
+        "token-is": w,
+        "token-is-differentiable": w,
+        "per-decision": rho,
+        "sequence-is": np.full(T, np.prod(w)),
+        "sequence-mean-is-differentiable": np.full(T, np.exp(np.mean(lq0 - lb))),
+    }[weighting]
     if weighting == "token-is-differentiable":
         loss = np.sum(np.exp(lq - lb) * k)
     elif weighting == "sequence-mean-is-differentiable":
         loss = np.exp(np.mean(lq - lb)) * np.sum(k)
     else:
         loss = np.sum(factor * k)
-    if weighting == "per-decision":   # k_s credited to the score of t by rho_{1:max(s, t)}
-        credit = {"reward": lambda s, t: s == t, "reward-to-go": lambda s, t: s >= t,
-                  "sequence-reward": lambda s, t: True}
-        reward = {kind: sum(rho[max(s, t)] * k0[s] * lq[t] for t in range(T) for s in range(T) if rule(s, t))
-                  for kind, rule in credit.items()}
+    if weighting == "per-decision":  # k_s credited to the score of t by rho_{1:max(s, t)}
+        credit = {
+            "reward": lambda s, t: s == t,
+            "reward-to-go": lambda s, t: s >= t,
+            "sequence-reward": lambda s, t: True,
+        }
+        reward = {
+            kind: sum(rho[max(s, t)] * k0[s] * lq[t] for t in range(T) for s in range(T) if rule(s, t))
+            for kind, rule in credit.items()
+        }
     else:
-        reward = {"reward": np.sum(factor * k0 * lq),
-                  "reward-to-go": sum(factor[t] * lq[t] * np.sum(k0[t:]) for t in range(T)),
-                  "sequence-reward": sum(factor[t] * lq[t] * np.sum(k0) for t in range(T))}
-    return {"loss": loss, "reward": reward["reward"], "reward-to-go": reward["reward-to-go"],
-            "sequence-reward": reward["sequence-reward"], "full": loss + reward["reward-to-go"],
-            "loss+reward": loss + reward["reward"]}[placement]
+        reward = {
+            "reward": np.sum(factor * k0 * lq),
+            "reward-to-go": sum(factor[t] * lq[t] * np.sum(k0[t:]) for t in range(T)),
+            "sequence-reward": sum(factor[t] * lq[t] * np.sum(k0) for t in range(T)),
+        }
+    return {
+        "loss": loss,
+        "reward": reward["reward"],
+        "reward-to-go": reward["reward-to-go"],
+        "sequence-reward": reward["sequence-reward"],
+        "full": loss + reward["reward-to-go"],
+        "loss+reward": loss + reward["reward"],
+    }[placement]
 
 
 def _sequence_expected_surrogate(name, placement, weighting, logits):
     from itertools import product
+
     q_theta = Autoregressive(logits)
     total = 0.0
     for y in product(range(SEQ_Q.vocab_size), repeat=SEQ_Q.horizon):
@@ -247,12 +311,19 @@ def test_sequence_none_on_policy_is_the_sequence_module_placements():
 def test_which_sequence_options_are_unbiased():
     table = sequence_offpolicy_table(SEQ_Q, SEQ_P, SEQ_B, "k1,k3", ["full", "reward-to-go"])
     unbiased = set(map(tuple, table[table["unbiased"]][["estimator", "placement", "weighting"]].values))
-    assert {("k1", "full", "sequence-is"), ("k1", "full", "per-decision"), ("k1", "reward-to-go", "per-decision"),
-            ("k3", "full", "per-decision"), ("k3", "full", "sequence-is")} <= unbiased
+    assert {
+        ("k1", "full", "sequence-is"),
+        ("k1", "full", "per-decision"),
+        ("k1", "reward-to-go", "per-decision"),
+        ("k3", "full", "per-decision"),
+        ("k3", "full", "sequence-is"),
+    } <= unbiased
     assert not any(w in ("none", "token-is", "token-is-differentiable") for _, _, w in unbiased)
     best = recommend(table)
-    assert best["unbiased"] and best["variance (per sequence)"] == table[table["unbiased"]][
-        "variance (per sequence)"].min()
+    assert (
+        best["unbiased"]
+        and best["variance (per sequence)"] == table[table["unbiased"]]["variance (per sequence)"].min()
+    )
 
 
 @pytest.mark.parametrize("weighting", SEQUENCE_WEIGHTINGS)
@@ -282,6 +353,7 @@ def test_three_gaussian_closed_form_matches_quadrature(estimator, mode, weightin
 
 def test_three_gaussian_closed_form_states_its_condition():
     from klsym.rl.offpolicy import behaviour_condition_holds
+
     q, p = Gaussian(0.0, 1.0), Gaussian(0.0, 2.0)
     # E_b[r] for k3: a = 1, 1 - 1/4 < 1/sigma_b^2 holds for sigma_b = 1.1 and fails for sigma_b = 1.2
     assert behaviour_condition_holds(1, q, p, Gaussian(0.0, 1.1))
@@ -293,10 +365,32 @@ def test_three_gaussian_closed_form_states_its_condition():
 def test_cli_sequence_behaviour_json(tmp_path):
     for name, policy in (("q", SEQ_Q), ("p", SEQ_P), ("b", SEQ_B)):
         policy.save(tmp_path / f"{name}.npy")
-    proc = subprocess.run([sys.executable, "-m", "klsym", "sequence", "--q-model", str(tmp_path / "q.npy"),
-                           "--p-model", str(tmp_path / "p.npy"), "--behaviour-model", str(tmp_path / "b.npy"),
-                           "--estimators", "k1", "--placements", "full,reward", "--weighting", "none,per-decision",
-                           "--format", "json"], capture_output=True, text=True, cwd=ROOT, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "klsym",
+            "sequence",
+            "--q-model",
+            str(tmp_path / "q.npy"),
+            "--p-model",
+            str(tmp_path / "p.npy"),
+            "--behaviour-model",
+            str(tmp_path / "b.npy"),
+            "--estimators",
+            "k1",
+            "--placements",
+            "full,reward",
+            "--weighting",
+            "none,per-decision",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     out = json.loads(proc.stdout)
     labels = {(r["placement"], r["weighting"]): r["follows"] for r in out["rows"]}
     assert labels[("full", "per-decision")] == KL_QP and labels[("full", "none")] != KL_QP

@@ -1,4 +1,5 @@
 """Setup contract: pyproject and environment.yml agree; commands in README exist; CLI basics."""
+
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ def _name(requirement: str) -> str:
 
 
 def _spec(requirement: str) -> str:
-    return requirement.strip()[len(_name(requirement)):].replace(" ", "")
+    return requirement.strip()[len(_name(requirement)) :].replace(" ", "")
 
 
 def test_environment_yml_agrees_with_pyproject():

@@ -1,12 +1,21 @@
 """Low-precision log-probabilities: exact q-weighted errors, checked by construction and by Monte Carlo."""
+
 import ml_dtypes
 import numpy as np
 import pytest
 from scipy.special import log_softmax
 
 from klsym.derive.estimators import TAYLOR_RADIUS, get_estimator
-from klsym.exact.precision import (LOW_PRECISION, PIPELINES, identical_logits_kl, log_softmax_kernel,
-                             lowp_estimates, policy_pair, round_to, token_level_error)
+from klsym.exact.precision import (
+    LOW_PRECISION,
+    PIPELINES,
+    identical_logits_kl,
+    log_softmax_kernel,
+    lowp_estimates,
+    policy_pair,
+    round_to,
+    token_level_error,
+)
 
 VOCAB = 32_000
 
@@ -28,7 +37,7 @@ def test_round_to_keeps_the_significant_bits(dtype, bits):
     rounded = round_to(x, dtype)
     mantissa, exponent = np.frexp(rounded)
     assert np.all(np.ldexp(mantissa, bits) == np.round(np.ldexp(mantissa, bits)))  # on the bit grid
-    assert np.all(np.abs(rounded - x) <= _ulp(x, bits) / 2)                      # nearest
+    assert np.all(np.abs(rounded - x) <= _ulp(x, bits) / 2)  # nearest
 
 
 @pytest.mark.parametrize("pipeline", ["stored", "stable"])
@@ -60,8 +69,10 @@ def test_fp32_stable_form_beats_naive_low_precision(dtype):
     # Log-ratios exactly representable in the dtype, so only the evaluation of k3 differs.
     t = round_to(-np.logspace(-4, -0.5, 200), dtype)
     exact = get_estimator("k3").numeric(t)
-    relative = {pipeline: np.max(np.abs(lowp_estimates("k3", t, np.zeros_like(t), dtype, pipeline) / exact - 1))
-                for pipeline in ("naive", "fp32")}
+    relative = {
+        pipeline: np.max(np.abs(lowp_estimates("k3", t, np.zeros_like(t), dtype, pipeline) / exact - 1))
+        for pipeline in ("naive", "fp32")
+    }
     # expm1(t) - t in float32 just outside the Taylor radius: error ~ 4 eps32 / |t|.
     assert relative["fp32"] <= 4 * np.finfo(np.float32).eps / TAYLOR_RADIUS
     assert relative["naive"] > 10 * relative["fp32"]
@@ -83,8 +94,9 @@ def test_monte_carlo_confirms_the_exact_bias(pair, dtype, pipeline):
     rng = np.random.default_rng(11)
     tokens = rng.choice(VOCAB, size=200_000, p=q / q.sum())
     k3 = get_estimator("k3")
-    errors = (lowp_estimates(k3, log_p[tokens], log_q[tokens], dtype, pipeline)
-              - k3.numeric(log_p[tokens] - log_q[tokens]))
+    errors = lowp_estimates(k3, log_p[tokens], log_q[tokens], dtype, pipeline) - k3.numeric(
+        log_p[tokens] - log_q[tokens]
+    )
     row = token_level_error(logits_q, logits_p, dtype, "k3", pipeline)[0]
     z = (errors.mean() - row["bias"]) / (row["spread"] / np.sqrt(errors.size))
     assert abs(z) < 5, z

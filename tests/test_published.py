@@ -6,6 +6,7 @@ under his definition (and also show them against KL(q||p)). Schulman (seed 001) 
 KL(q||p) = KL(p||q). Yang (seed 003) back-propagates the batch mean of each estimator with samples held
 fixed (our ``loss`` mode) and compares k1..k3 with grad KL(q||p), reverse_k1/k2 with grad KL(p||q).
 """
+
 import math
 
 import numpy as np
@@ -14,24 +15,41 @@ import pytest
 from klsym.derive.estimators import get_estimator
 from klsym.exact.expectations import KL_PQ, KL_QP, estimator_gradient_std, estimator_stats, kl_divergences
 from klsym.exact.families import Gaussian
-from klsym.report.published import (exact_value, half_unit, load_rows, log_ratio_range, monte_carlo_se, pair,
-                             support_bounds)
+from klsym.report.published import (
+    exact_value,
+    half_unit,
+    load_rows,
+    log_ratio_range,
+    monte_carlo_se,
+    pair,
+    support_bounds,
+)
 
 ROWS = load_rows()
 
 
 def _rows(file, *quantities):
-    return [pytest.param(r, id=f"{r['table']}-{r['estimator']}-{r['parameter']}-{r['quantity']}")
-            for r in ROWS if r["file"] == file and (not quantities or r["quantity"] in quantities)]
+    return [
+        pytest.param(r, id=f"{r['table']}-{r['estimator']}-{r['parameter']}-{r['quantity']}")
+        for r in ROWS
+        if r["file"] == file and (not quantities or r["quantity"] in quantities)
+    ]
 
 
 def test_every_seed_table_is_transcribed():
     counts = {}
     for r in ROWS:
         counts[r["table"]] = counts.get(r["table"], 0) + 1
-    assert counts == {"zhang_k4": 16, "schulman_p_0.1": 6, "schulman_p_1": 6, "average_gradient": 14,
-                      "kl_bias_std_mu": 6, "kl_bias_std_sigma": 6, "reverse_kl_bias_std_mu": 4,
-                      "reverse_kl_bias_std_sigma": 4}
+    assert counts == {
+        "zhang_k4": 16,
+        "schulman_p_0.1": 6,
+        "schulman_p_1": 6,
+        "average_gradient": 14,
+        "kl_bias_std_mu": 6,
+        "kl_bias_std_sigma": 6,
+        "reverse_kl_bias_std_mu": 4,
+        "reverse_kl_bias_std_sigma": 4,
+    }
     for r in ROWS:
         assert r["published_true_direction"].split(" ")[0] in (KL_QP, KL_PQ)
         assert r["estimator_direction"] in (KL_QP, KL_PQ)
@@ -39,6 +57,7 @@ def test_every_seed_table_is_transcribed():
 
 
 # --- Schulman (seed 001) -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("row", _rows("schulman2020_tables.csv"))
 def test_schulman_closed_forms_round_to_the_published_digits(row):
@@ -58,6 +77,7 @@ def test_schulman_equal_sigmas_make_both_directions_equal():
 
 
 # --- Zhang (seed 000) --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("row", _rows("zhang2025_k4.csv", "bias", "std"))
 def test_zhang_bias_and_std_relative_to_kl_p_q_within_monte_carlo_error(row):
@@ -96,10 +116,13 @@ def test_zhang_k1_min_and_k4_max_are_attained_at_the_log_ratio_peak():
     peak = log_ratio_range(q, p)[1]
     assert -peak == pytest.approx(-8.004973e-01, abs=1e-6)
     assert float(get_estimator("k4").numeric(np.array(peak))) == pytest.approx(0.918155, abs=1e-6)
-    assert support_bounds("k1", q, p)[1] == math.inf and support_bounds("k4", q, p)[1] == pytest.approx(0.918155, abs=1e-6)
+    assert support_bounds("k1", q, p)[1] == math.inf and support_bounds("k4", q, p)[1] == pytest.approx(
+        0.918155, abs=1e-6
+    )
 
 
 # --- Yang (seed 003) ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("row", _rows("yang2025_gradients.csv", "true_gradient"))
 def test_yang_true_gradients_are_exact_to_the_printed_digits(row):
@@ -123,6 +146,7 @@ def test_yang_bias_over_true(row):
 
 def _per_sample_kurtosis_is_moderate(row):
     from klsym.report.published import _gradient_excess_kurtosis
+
     return _gradient_excess_kurtosis(row["estimator"], *pair(row), {"mu": 0, "sigma": 1}[row["parameter"]]) < 1e3
 
 

@@ -1,5 +1,6 @@
 """Quantiles of every estimator from one histogram of t: the bracket holds the sample quantile, and the
 estimate is within the documented accuracy of it (klsym.simulate.accumulators.quantiles_of_function)."""
+
 import numpy as np
 import pytest
 
@@ -16,8 +17,10 @@ PAIRS = {
     "close": (Gaussian(0.0, 1.0), Gaussian(0.1, 1.0)),
     "far": (Gaussian(0.0, 1.0), Gaussian(2.0, 1.0)),
     "p_wider": (Gaussian(0.0, 1.0), Gaussian(0.5, 1.6)),
-    "categorical": (Categorical(np.random.default_rng(10).normal(size=40)),
-                    Categorical(np.random.default_rng(11).normal(size=40))),
+    "categorical": (
+        Categorical(np.random.default_rng(10).normal(size=40)),
+        Categorical(np.random.default_rng(11).normal(size=40)),
+    ),
     "zero_mass": (Categorical(np.log([0.2, 0.2, 0.2, 0.2, 0.2])), Categorical(_ZERO_MASS)),
 }
 
@@ -47,7 +50,7 @@ def test_bracket_holds_the_sample_quantile(drawn, name):
     for level in LEVELS:
         exact = np.quantile(finite, level, method="inverted_cdf")
         low, high = brackets[str(level)]
-        slack = 2.0 ** -23 * abs(exact) if np.isfinite(exact) else 0.0  # t is binned as float32 (rounded)
+        slack = 2.0**-23 * abs(exact) if np.isfinite(exact) else 0.0  # t is binned as float32 (rounded)
         assert low - slack <= exact <= high + slack, (pair, name, level, low, exact, high)
         assert low <= estimates[str(level)] <= high
 
@@ -86,8 +89,8 @@ def test_quantiles_and_batch_spread_cover_zero_mass_samples():
     assert 0.3 < zero_mass < 0.37  # a third, within 5 standard errors
     on_support = 1.5 * np.log(1.5)  # r = 1.5 on the other two tokens
     rev_k1, rev_k3, k1 = (result[name]["quantiles"] for name in ("rev_k1", "rev_k3", "k1"))
-    assert rev_k1["0.01"] == 0.0 and rev_k1["0.99"] == pytest.approx(on_support, rel=2.0 ** -8)
-    assert rev_k3["0.99"] == 1.0 and rev_k3["0.01"] == pytest.approx(on_support - 0.5, rel=2.0 ** -8)
-    assert k1["0.95"] == np.inf and k1["0.99"] == np.inf and k1["0.01"] == pytest.approx(-np.log(1.5), rel=2.0 ** -8)
+    assert rev_k1["0.01"] == 0.0 and rev_k1["0.99"] == pytest.approx(on_support, rel=2.0**-8)
+    assert rev_k3["0.99"] == 1.0 and rev_k3["0.01"] == pytest.approx(on_support - 0.5, rel=2.0**-8)
+    assert k1["0.95"] == np.inf and k1["0.99"] == np.inf and k1["0.01"] == pytest.approx(-np.log(1.5), rel=2.0**-8)
     assert result["k1"]["batch"]["mean_std"] == np.inf
     assert np.isfinite(result["rev_k1"]["batch"]["mean_std"]) and result["rev_k1"]["min"] == 0.0

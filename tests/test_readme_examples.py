@@ -6,6 +6,7 @@
 - Every other complete `python -m klsym ...` in backticks is run and must exit 0.
 - Every synopsis line (the fenced block of "The command line") may only name options the command accepts.
 """
+
 import re
 import shlex
 from pathlib import Path

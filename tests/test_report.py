@@ -3,6 +3,7 @@
 The real notebooks are executed in tests/test_notebooks.py; here each kernel run costs ~2 s, so the
 notebooks are one-liners and the build is exercised, not the science.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ from klsym.report.build import (
 
 
 def write_notebook(path, body: str, parameters: str = "seed = 3\nscale = 2.0", title: str = "A tiny notebook"):
-    notebook = new_notebook(cells=[new_markdown_cell(f"# {title}\nInline math $x^2$."),
-                                   new_code_cell(parameters), new_code_cell(body)])
+    notebook = new_notebook(
+        cells=[new_markdown_cell(f"# {title}\nInline math $x^2$."), new_code_cell(parameters), new_code_cell(body)]
+    )
     notebook.cells[1].metadata["tags"] = ["parameters"]
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, path)
@@ -38,34 +40,42 @@ def write_notebook(path, body: str, parameters: str = "seed = 3\nscale = 2.0", t
 
 
 # ----------------------------------------------------------------------------- pure functions
-@pytest.mark.parametrize("html, expected", [
-    ('<script src="https://cdn.example.org/require.js"></script>', ["https://cdn.example.org/require.js"]),
-    ("<script src='//cdn.example.org/a.js'></script>", ["//cdn.example.org/a.js"]),
-    ('<link rel="stylesheet" href="http://fonts.example.org/x.css">', ["http://fonts.example.org/x.css"]),
-    ('<img src="https://example.org/a.png">', ["https://example.org/a.png"]),
-    ('const m = await import("https://cdn.example.org/mermaid.mjs");', ["https://cdn.example.org/mermaid.mjs"]),
-    ("@font-face { src: url('https://example.org/f.woff') }", ["https://example.org/f.woff"]),
-    ('<script src="static/mathjax/MathJax.js"></script><img src="data:image/png;base64,AAAA">', []),
-    ('<a href="https://example.org/paper">a link is not a fetch</a>', []),
-])
+@pytest.mark.parametrize(
+    "html, expected",
+    [
+        ('<script src="https://cdn.example.org/require.js"></script>', ["https://cdn.example.org/require.js"]),
+        ("<script src='//cdn.example.org/a.js'></script>", ["//cdn.example.org/a.js"]),
+        ('<link rel="stylesheet" href="http://fonts.example.org/x.css">', ["http://fonts.example.org/x.css"]),
+        ('<img src="https://example.org/a.png">', ["https://example.org/a.png"]),
+        ('const m = await import("https://cdn.example.org/mermaid.mjs");', ["https://cdn.example.org/mermaid.mjs"]),
+        ("@font-face { src: url('https://example.org/f.woff') }", ["https://example.org/f.woff"]),
+        ('<script src="static/mathjax/MathJax.js"></script><img src="data:image/png;base64,AAAA">', []),
+        ('<a href="https://example.org/paper">a link is not a fetch</a>', []),
+    ],
+)
 def test_find_external_references(html, expected):
     assert find_external_references(html) == expected
 
 
 def test_strip_external_references_removes_cdn_tags_and_keeps_local_ones():
-    html = ('<head><script src="https://cdnjs.example/require.min.js"></script>'
-            '<link rel="stylesheet" href="https://cdn.example/x.css"/>'
-            '<script src="static/mathjax/MathJax.js"></script></head>')
+    html = (
+        '<head><script src="https://cdnjs.example/require.min.js"></script>'
+        '<link rel="stylesheet" href="https://cdn.example/x.css"/>'
+        '<script src="static/mathjax/MathJax.js"></script></head>'
+    )
     stripped = strip_external_references(html)
     assert find_external_references(stripped) == []
     assert '<script src="static/mathjax/MathJax.js"></script>' in stripped
 
 
-@pytest.mark.parametrize("source, message", [
-    ("seed = 1\nprint(seed)", "only assign literals"),
-    ("seed = 1 + rng", "not a literal"),
-    ("a, b = 1, 2", "only assign literals"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("seed = 1\nprint(seed)", "only assign literals"),
+        ("seed = 1 + rng", "not a literal"),
+        ("a, b = 1, 2", "only assign literals"),
+    ],
+)
 def test_default_parameters_rejects_non_literal_cells(source, message):
     notebook = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": source}]}
     with pytest.raises(ValueError, match=message):
@@ -85,14 +95,20 @@ def test_discovery_and_selection(tmp_path):
     assert [p.name for p in found] == ["01-first.ipynb", "02-second-one.ipynb"]
     assert [p.name for p in select_notebooks(found, ["02"])] == ["02-second-one.ipynb"]
     assert [p.name for p in select_notebooks(found, ["01-first", "02-second-one.ipynb"])] == [
-        "01-first.ipynb", "02-second-one.ipynb"]
+        "01-first.ipynb",
+        "02-second-one.ipynb",
+    ]
     with pytest.raises(ValueError, match="no notebook matches '07'; available: 01-first, 02-second-one"):
         select_notebooks(found, ["07"])
 
 
 def test_cli_rejects_unknown_notebook_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "klsym", "report", "--only", "99-missing",
-                             "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "klsym", "report", "--only", "99-missing", "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("klsym: error: no notebook matches '99-missing'")
     assert "Traceback" not in result.stderr
@@ -100,8 +116,12 @@ def test_cli_rejects_unknown_notebook_in_one_line(tmp_path):
 
 
 def test_cli_rejects_zero_jobs(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "klsym", "report", "--jobs", "0",
-                             "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "klsym", "report", "--jobs", "0", "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "klsym: error: --jobs must be at least 1, got 0"
 
@@ -113,8 +133,11 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     notebooks, output = root / "notebooks", root / "reports"
     notebooks.mkdir()
-    write_notebook(notebooks / "01-alpha.ipynb", "import matplotlib.pyplot as plt\n"
-                   "plt.plot([0, 1], [0, scale]); plt.show()\nprint('alpha seed', seed)", title="Alpha")
+    write_notebook(
+        notebooks / "01-alpha.ipynb",
+        "import matplotlib.pyplot as plt\nplt.plot([0, 1], [0, scale]); plt.show()\nprint('alpha seed', seed)",
+        title="Alpha",
+    )
     write_notebook(notebooks / "02-beta.ipynb", "print('beta scale', scale)", title="Beta")
     (notebooks / "small_parameters.json").write_text(json.dumps({"02-beta": {"scale": 0.5}}))
     result = build_report(output, notebooks_dir=notebooks, jobs=2, log=lambda *_: None)
@@ -187,12 +210,14 @@ def test_failing_notebook_stops_the_build_and_keeps_the_previous_report(built):
     assert failure.notebook == "03-broken.ipynb"
     assert failure.ename == "ZeroDivisionError"
     assert failure.cell_index == 2  # title, parameters, then the failing cell of the source notebook
-    assert str(failure).startswith("notebook 03-broken.ipynb failed in cell 2 (In [2], 'value = 1'): "
-                                   "ZeroDivisionError: deliberate")
+    assert str(failure).startswith(
+        "notebook 03-broken.ipynb failed in cell 2 (In [2], 'value = 1'): ZeroDivisionError: deliberate"
+    )
     assert failure.executed_copy == output / "failed" / "03-broken.ipynb"
     executed = nbformat.read(failure.executed_copy, as_version=4)
-    errors = [cell.source for cell in executed.cells
-              if any(o.get("output_type") == "error" for o in cell.get("outputs", []))]
+    errors = [
+        cell.source for cell in executed.cells if any(o.get("output_type") == "error" for o in cell.get("outputs", []))
+    ]
     assert errors == ["value = 1\nraise ZeroDivisionError('deliberate')"]
     assert (output / "index.html").read_bytes() == index_before
     assert (output / "build-state.json").read_bytes() == state_before
@@ -216,12 +241,17 @@ def test_cli_reports_a_failing_notebook_on_first_build(tmp_path):
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
     write_notebook(notebooks / "01-broken.ipynb", "raise KeyError('missing')")
-    result = subprocess.run([sys.executable, "-m", "klsym", "report", "--notebooks", str(notebooks),
-                             "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "klsym", "report", "--notebooks", str(notebooks), "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("klsym: error:")]
-    assert len(errors) == 1 and re.match(r"klsym: error: notebook 01-broken.ipynb failed in cell \d+ .*KeyError",
-                                          errors[0])
+    assert len(errors) == 1 and re.match(
+        r"klsym: error: notebook 01-broken.ipynb failed in cell \d+ .*KeyError", errors[0]
+    )
     assert "Traceback" not in result.stderr
     assert (tmp_path / "out" / "failed" / "01-broken.ipynb").exists()
     assert not (tmp_path / "out" / "index.html").exists()
@@ -237,13 +267,23 @@ def test_record_payload_validates_and_round_trips_non_finite_values():
         record_payload("x", object())
     payload = record_payload("spike", {"ratio": float("inf"), "n": 3})
     assert payload[RECORD_MIME]["value"] == {"ratio": "inf", "n": 3}
-    notebook = {"cells": [
-        {"cell_type": "markdown", "source": "# Title\n## 1. First"},
-        {"cell_type": "code", "outputs": [{"output_type": "display_data", "data": payload, "metadata": {}}]},
-        {"cell_type": "markdown", "source": "## 2. Second"},
-        {"cell_type": "code", "outputs": [{"output_type": "display_data", "metadata": {},
-                                           "data": record_payload("other", 0.5, section="Elsewhere")}]},
-    ]}
+    notebook = {
+        "cells": [
+            {"cell_type": "markdown", "source": "# Title\n## 1. First"},
+            {"cell_type": "code", "outputs": [{"output_type": "display_data", "data": payload, "metadata": {}}]},
+            {"cell_type": "markdown", "source": "## 2. Second"},
+            {
+                "cell_type": "code",
+                "outputs": [
+                    {
+                        "output_type": "display_data",
+                        "metadata": {},
+                        "data": record_payload("other", 0.5, section="Elsewhere"),
+                    }
+                ],
+            },
+        ]
+    }
     records = read_records(notebook, "01-x")
     assert records["spike"].value == {"ratio": float("inf"), "n": 3}
     assert records["spike"].section == "1. First"  # the nearest heading above the recording cell
@@ -263,8 +303,14 @@ NOTEBOOK_NAME = re.compile(r"^\d{2}-[a-z0-9][a-z0-9-]*\.ipynb$")
 
 
 def write_sectioned_notebook(path, body: str, title: str):
-    notebook = new_notebook(cells=[new_markdown_cell(f"# {title}\nWhat it shows."), new_code_cell("seed = 1"),
-                                   new_markdown_cell("## 2. The $k_3$ section"), new_code_cell(body)])
+    notebook = new_notebook(
+        cells=[
+            new_markdown_cell(f"# {title}\nWhat it shows."),
+            new_code_cell("seed = 1"),
+            new_markdown_cell("## 2. The $k_3$ section"),
+            new_code_cell(body),
+        ]
+    )
     notebook.cells[1].metadata["tags"] = ["parameters"]
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, path)
@@ -277,13 +323,18 @@ def with_findings(tmp_path_factory):
     root = tmp_path_factory.mktemp("findings")
     notebooks, output = root / "notebooks", root / "reports"
     notebooks.mkdir()
-    write_sectioned_notebook(notebooks / "01-alpha.ipynb",
-                             "from klsym.report.findings import record\nrecord('alpha_share', seed / 4)\n"
-                             "print('shown result')", "Alpha")
+    write_sectioned_notebook(
+        notebooks / "01-alpha.ipynb",
+        "from klsym.report.findings import record\nrecord('alpha_share', seed / 4)\nprint('shown result')",
+        "Alpha",
+    )
     write_sectioned_notebook(notebooks / "02-beta.ipynb", "print('beta records nothing')", "Beta")
-    registry = {"alpha_share": Finding("alpha_share", "01-alpha", "2. The $k_3$ section",
-                                       "Alpha's share is {value:.0%} of `k3`."),
-                "absent": Finding("absent", "07-not-written", "", "Never shown: {value}.")}
+    registry = {
+        "alpha_share": Finding(
+            "alpha_share", "01-alpha", "2. The $k_3$ section", "Alpha's share is {value:.0%} of `k3`."
+        ),
+        "absent": Finding("absent", "07-not-written", "", "Never shown: {value}."),
+    }
     result = build_report(output, notebooks_dir=notebooks, jobs=2, log=lambda *_: None, findings=registry)
     return result, notebooks, output, registry
 
@@ -347,7 +398,8 @@ def test_check_report(with_findings):
     stray.write_text('<script src="https://cdn.example.org/x.js"></script>')
     try:
         assert check_report(output, notebooks, min_findings=1) == [
-            "stray.html fetches external URLs: https://cdn.example.org/x.js"]
+            "stray.html fetches external URLs: https://cdn.example.org/x.js"
+        ]
     finally:
         stray.unlink()
     write_sectioned_notebook(notebooks / "03-gamma.ipynb", "print(1)", "Gamma")  # never built
@@ -364,11 +416,27 @@ def test_cli_prints_only_its_own_progress(tmp_path):
     notebooks.mkdir()
     write_notebook(notebooks / "01-one.ipynb", "print('one')")
     write_notebook(notebooks / "02-two.ipynb", "print('two')")
-    result = subprocess.run([sys.executable, "-m", "klsym", "report", "--notebooks", str(notebooks),
-                             "--output", str(tmp_path / "out"), "--jobs", "2"],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "klsym",
+            "report",
+            "--notebooks",
+            str(notebooks),
+            "--output",
+            str(tmp_path / "out"),
+            "--jobs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    own = re.compile(r"^(klsym report: |  \d{2}-[a-z-]+\.ipynb: [\d.]+ s$|notebook |-+ |"
-                     r"\d{2}-[a-z-]+\.ipynb |report: )")
+    own = re.compile(
+        r"^(klsym report: |  \d{2}-[a-z-]+\.ipynb: [\d.]+ s$|notebook |-+ |"
+        r"\d{2}-[a-z-]+\.ipynb |report: )"
+    )
     assert [line for line in result.stdout.splitlines() if not own.match(line)] == []

@@ -1,6 +1,7 @@
 """Autoregressive sequences: every placement against brute-force enumeration written here (plain loops over
 itertools.product, explicit scores, closed-form k1/k2/k3) and against finite differences of sequence-level
 objectives; follows-labels derived by hand; Monte Carlo |z| < 5 (seeded); bad input gives one clear error."""
+
 from __future__ import annotations
 
 import itertools
@@ -36,6 +37,7 @@ def make_pair(vocab, horizon, seed, scale):
 
 # --- an independent brute force ----------------------------------------------------------------
 
+
 def softmax_rows(logits):
     out = []
     for row in logits:
@@ -59,7 +61,7 @@ def all_sequences(vocab, horizon, eos=None):
     seen = set()
     for y in itertools.product(range(vocab), repeat=horizon):
         if eos in y:
-            y = y[:y.index(eos) + 1]
+            y = y[: y.index(eos) + 1]
         if y not in seen:
             seen.add(y)
             yield y
@@ -85,7 +87,8 @@ def brute_force(q_logits, p_logits, vocab, horizon, value, slope, eos=None):
         path = [-slope(t) for t in ts]
         total_t = sum(ts)
         weights = {
-            "loss": path, "reward": k,
+            "loss": path,
+            "reward": k,
             "reward-to-go": [sum(k[i:]) for i in range(length)],
             "sequence-reward": [sum(k)] * length,
             "full": [path[i] + sum(k[i:]) for i in range(length)],
@@ -101,8 +104,10 @@ def brute_force(q_logits, p_logits, vocab, horizon, value, slope, eos=None):
 
 def brute_sequence_probs(logits, vocab, horizon, eos=None):
     probs = softmax_rows(logits)
-    return {y: math.prod(probs[row_index(y[:i], vocab)][y[i]] for i in range(len(y)))
-            for y in all_sequences(vocab, horizon, eos)}
+    return {
+        y: math.prod(probs[row_index(y[:i], vocab)][y[i]] for i in range(len(y)))
+        for y in all_sequences(vocab, horizon, eos)
+    }
 
 
 def brute_kl(q_logits, p_logits, vocab, horizon, eos=None):
@@ -130,6 +135,7 @@ def test_row_index_matches_documented_layout():
 
 # --- exact values --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("pair", PAIRS)
 def test_sequence_kls_equal_brute_force(pair):
     q, p = make_pair(*pair)
@@ -155,8 +161,7 @@ def test_custom_formula_and_straight_through_equal_brute_force():
     q, p = make_pair(3, 2, 5, 0.6)
     custom = from_formula("(r - 1)**2 / 2")
     value = lambda t: (math.exp(t) - 1) ** 2 / 2  # noqa: E731
-    expected = brute_force(q.logits.tolist(), p.logits.tolist(), 3, 2, value,
-                           lambda t: (math.exp(t) - 1) * math.exp(t))
+    expected = brute_force(q.logits.tolist(), p.logits.tolist(), 3, 2, value, lambda t: (math.exp(t) - 1) * math.exp(t))
     got = seq.placement_gradients(custom, q, p)
     for placement in seq.ALL_PLACEMENTS:
         np.testing.assert_allclose(got[placement], expected[placement], rtol=1e-9, atol=1e-13, err_msg=placement)
@@ -166,6 +171,7 @@ def test_custom_formula_and_straight_through_equal_brute_force():
 
 
 # --- finite differences of sequence-level objectives ------------------------------------------------
+
 
 @pytest.mark.parametrize("pair", PAIRS[1:4])
 def test_true_gradients_equal_finite_differences_of_the_sequence_kls(pair):
@@ -202,12 +208,12 @@ def test_loss_and_full_equal_finite_differences(name):
         "loss": lambda lg: expected_penalty(lg.tolist(), frozen, p_logits, vocab, horizon, value),
         "full": lambda lg: expected_penalty(lg.tolist(), lg.tolist(), p_logits, vocab, horizon, value),
         "sequence-ratio-loss": lambda lg: expected_penalty(lg.tolist(), frozen, p_logits, vocab, horizon, value, True),
-        "sequence-ratio-full": lambda lg: expected_penalty(lg.tolist(), lg.tolist(), p_logits, vocab, horizon, value,
-                                                           True),
+        "sequence-ratio-full": lambda lg: expected_penalty(
+            lg.tolist(), lg.tolist(), p_logits, vocab, horizon, value, True
+        ),
     }
     for placement, function in checks.items():
-        np.testing.assert_allclose(got[placement], finite_difference(function, q.logits), atol=1e-8,
-                                   err_msg=placement)
+        np.testing.assert_allclose(got[placement], finite_difference(function, q.logits), atol=1e-8, err_msg=placement)
 
 
 def test_partial_gradients_equal_finite_differences_with_states_frozen():
@@ -218,14 +224,19 @@ def test_partial_gradients_equal_finite_differences_with_states_frozen():
 
     def frozen_states(logits, direction):
         qs = softmax_rows(logits.tolist())
-        kls = [sum((a * math.log(a / b)) if direction == KL_QP else (b * math.log(b / a)) for a, b in zip(qs[u], pp[u]))
-               for u in range(len(qs))]
+        kls = [
+            sum((a * math.log(a / b)) if direction == KL_QP else (b * math.log(b / a)) for a, b in zip(qs[u], pp[u]))
+            for u in range(len(qs))
+        ]
         return float(np.dot(mass, kls))
 
     partial = seq.partial_gradients(q, p)
     for direction in (KL_QP, KL_PQ):
-        np.testing.assert_allclose(partial[direction], finite_difference(
-            lambda lg, direction=direction: frozen_states(lg, direction), q.logits), atol=1e-8)
+        np.testing.assert_allclose(
+            partial[direction],
+            finite_difference(lambda lg, direction=direction: frozen_states(lg, direction), q.logits),
+            atol=1e-8,
+        )
 
 
 # --- follows labels ------------------------------------------------------------------------------
@@ -237,15 +248,39 @@ def test_partial_gradients_equal_finite_differences_with_states_frozen():
 # so k1 reward-to-go and k3 full are grad KL(q||p). On the whole-sequence ratio R the single-token results hold
 # with the sequence distributions: k1 reward and k2 loss follow KL(q||p), k3 loss follows KL(p||q).
 EXPECTED_FOLLOWS = {
-    "k1": {"loss": "zero", "reward": PQP, "reward-to-go": KL_QP, "sequence-reward": KL_QP, "full": KL_QP,
-           "loss+reward": PQP, "sequence-ratio-loss": "zero", "sequence-ratio-reward": KL_QP,
-           "sequence-ratio-full": KL_QP},
-    "k2": {"loss": PQP, "reward": None, "reward-to-go": None, "sequence-reward": None, "full": None,
-           "loss+reward": None, "sequence-ratio-loss": KL_QP, "sequence-ratio-reward": None,
-           "sequence-ratio-full": None},
-    "k3": {"loss": PPQ, "reward": None, "reward-to-go": None, "sequence-reward": None, "full": KL_QP,
-           "loss+reward": PQP, "sequence-ratio-loss": KL_PQ, "sequence-ratio-reward": None,
-           "sequence-ratio-full": KL_QP},
+    "k1": {
+        "loss": "zero",
+        "reward": PQP,
+        "reward-to-go": KL_QP,
+        "sequence-reward": KL_QP,
+        "full": KL_QP,
+        "loss+reward": PQP,
+        "sequence-ratio-loss": "zero",
+        "sequence-ratio-reward": KL_QP,
+        "sequence-ratio-full": KL_QP,
+    },
+    "k2": {
+        "loss": PQP,
+        "reward": None,
+        "reward-to-go": None,
+        "sequence-reward": None,
+        "full": None,
+        "loss+reward": None,
+        "sequence-ratio-loss": KL_QP,
+        "sequence-ratio-reward": None,
+        "sequence-ratio-full": None,
+    },
+    "k3": {
+        "loss": PPQ,
+        "reward": None,
+        "reward-to-go": None,
+        "sequence-reward": None,
+        "full": KL_QP,
+        "loss+reward": PQP,
+        "sequence-ratio-loss": KL_PQ,
+        "sequence-ratio-reward": None,
+        "sequence-ratio-full": KL_QP,
+    },
 }
 
 
@@ -253,8 +288,10 @@ EXPECTED_FOLLOWS = {
 def test_follows_labels_of_k1_k2_k3(pair):
     q, p = make_pair(*pair)
     summary = seq.sequence_summary(q, p, "k1,k2,k3")
-    got = {name: {placement: entry["follows"] for placement, entry in by.items()}
-           for name, by in summary["estimators"].items()}
+    got = {
+        name: {placement: entry["follows"] for placement, entry in by.items()}
+        for name, by in summary["estimators"].items()
+    }
     assert got == EXPECTED_FOLLOWS
     assert summary["missing_future_term"] > 1e-3
     for by in summary["estimators"].values():
@@ -294,8 +331,9 @@ NEAR_DISTANCES = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8]
 
 def pairwise_separation(references):
     labels = list(references)
-    return min(seq.relative_difference(references[a], references[b])
-               for i, a in enumerate(labels) for b in labels[i + 1:])
+    return min(
+        seq.relative_difference(references[a], references[b]) for i, a in enumerate(labels) for b in labels[i + 1 :]
+    )
 
 
 @pytest.mark.parametrize("distance", NEAR_DISTANCES)
@@ -306,8 +344,10 @@ def test_follows_labels_near_q_equal_p(distance):
     # the premise: the references are told apart, their separation scales like the distance
     assert separation > 10 * seq.FOLLOWS_TOLERANCE and 1e-2 < separation / distance < 10
     summary = seq.sequence_summary(q, p, "k1,k2,k3")
-    got = {name: {placement: entry["follows"] for placement, entry in by.items()}
-           for name, by in summary["estimators"].items()}
+    got = {
+        name: {placement: entry["follows"] for placement, entry in by.items()}
+        for name, by in summary["estimators"].items()
+    }
     assert got == EXPECTED_FOLLOWS
     # the identities hold to rounding, far below the separation (log-ratios without cancellation)
     grads = {name: seq.placement_gradients(name, q, p) for name in ("k1", "k3")}
@@ -338,8 +378,12 @@ def test_k3_loss_is_never_labelled_kl_qp_near_q_equal_p(distance):
 
 
 def test_follows_reports_references_it_cannot_tell_apart():
-    references = {KL_QP: np.array([1.0, 0.0]), KL_PQ: np.array([1.0, 1e-12]), PQP: np.array([1.0, 1.0]),
-                  PPQ: np.array([0.0, 1.0])}
+    references = {
+        KL_QP: np.array([1.0, 0.0]),
+        KL_PQ: np.array([1.0, 1e-12]),
+        PQP: np.array([1.0, 1.0]),
+        PPQ: np.array([0.0, 1.0]),
+    }
     assert seq.follows(np.array([1.0, 0.0]), references) == f"{seq.INDISTINGUISHABLE} ({KL_QP}, {KL_PQ})"
     assert seq.follows(np.array([0.0, 1.0]), references) == PPQ
     # a rounding scale widens the match: 1e-8 apart is equal when the two are only known to 1e-8
@@ -362,10 +406,14 @@ def test_log_ratio_and_kls_without_cancellation():
         q, p = seq.pair("random", 3, 2, distance, seed=5)
         t, kls = log_ratio(q, p), conditional_kls(q, p)
         for row in range(q.n_prefixes):
-            lq = [mpmath.mpf(float(z)) - mpmath.log(sum(mpmath.exp(mpmath.mpf(float(v))) for v in q.logits[row]))
-                  for z in q.logits[row]]
-            lp = [mpmath.mpf(float(z)) - mpmath.log(sum(mpmath.exp(mpmath.mpf(float(v))) for v in p.logits[row]))
-                  for z in p.logits[row]]
+            lq = [
+                mpmath.mpf(float(z)) - mpmath.log(sum(mpmath.exp(mpmath.mpf(float(v))) for v in q.logits[row]))
+                for z in q.logits[row]
+            ]
+            lp = [
+                mpmath.mpf(float(z)) - mpmath.log(sum(mpmath.exp(mpmath.mpf(float(v))) for v in p.logits[row]))
+                for z in p.logits[row]
+            ]
             exact = [b - a for a, b in zip(lq, lp)]
             scale = max(abs(e) for e in exact)
             assert max(abs(float(e) - x) for e, x in zip(exact, t[row])) <= 1e-14 * float(scale)
@@ -384,25 +432,50 @@ def test_cli_behaviour_model_errors(tmp_path, capsys):
     cases = [
         (["--random", "3,3,0", "--eos", "0", "--behaviour-model", str(tmp_path / "p33.npy")], "fixed horizon only"),
         (["--random", "3,3,0", "--behaviour-model", str(tmp_path / "q22.npy")], "the behaviour b has V=2, T=2"),
-        ([*files, "--behaviour-model", str(tmp_path / "p33.npy"), "--placements", "sequence-ratio-loss,full"],
-         "placement(s) sequence-ratio-loss;"),
-        ([*files, "--behaviour-model", str(tmp_path / "p33.npy"), "--placements", "full,sequence-ratio-full"],
-         "placement(s) sequence-ratio-full;"),
+        (
+            [*files, "--behaviour-model", str(tmp_path / "p33.npy"), "--placements", "sequence-ratio-loss,full"],
+            "placement(s) sequence-ratio-loss;",
+        ),
+        (
+            [*files, "--behaviour-model", str(tmp_path / "p33.npy"), "--placements", "full,sequence-ratio-full"],
+            "placement(s) sequence-ratio-full;",
+        ),
     ]
     for argv, message in cases:
         assert main(["sequence", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("klsym: error:") and message in err[0], (argv, err)
         assert "None" not in err[0] and "p has" not in err[0]
-    assert main(["sequence", *files, "--behaviour-model", str(tmp_path / "p33.npy"), "--placements", "full",
-                 "--estimators", "k3", "--weighting", "none", "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "sequence",
+                *files,
+                "--behaviour-model",
+                str(tmp_path / "p33.npy"),
+                "--placements",
+                "full",
+                "--estimators",
+                "k3",
+                "--weighting",
+                "none",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [(row["placement"], row["weighting"]) for row in rows] == [("full", "none")]
 
 
 def test_follows_uses_the_tolerance():
-    references = {KL_QP: np.array([1.0, 0.0]), KL_PQ: np.array([0.0, 1.0]), PQP: np.array([1.0, 1.0]),
-                  PPQ: np.array([2.0, 0.0])}
+    references = {
+        KL_QP: np.array([1.0, 0.0]),
+        KL_PQ: np.array([0.0, 1.0]),
+        PQP: np.array([1.0, 1.0]),
+        PPQ: np.array([2.0, 0.0]),
+    }
     assert seq.follows(np.array([1.0 + 1e-12, 0.0]), references) == KL_QP
     assert seq.follows(np.array([1.0 + 1e-6, 0.0]), references) is None
     assert seq.follows(np.array([1e-12, 0.0]), references) == "zero"
@@ -416,12 +489,16 @@ def test_paper_claims_hold():
 
 # --- framework crosswalk -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode, aggregation, placement, label", [
-    ("loss", "token-mean (loss_agg_mode)", "loss", PPQ),
-    ("reward", "per-token reward", "reward-to-go", None),
-    ("reward", "sequence sum", "sequence-reward", None),
-    ("full", "token mean", "loss+reward", PQP),
-])
+
+@pytest.mark.parametrize(
+    "mode, aggregation, placement, label",
+    [
+        ("loss", "token-mean (loss_agg_mode)", "loss", PPQ),
+        ("reward", "per-token reward", "reward-to-go", None),
+        ("reward", "sequence sum", "sequence-reward", None),
+        ("full", "token mean", "loss+reward", PQP),
+    ],
+)
 def test_sequence_answer_for_k3_settings(mode, aggregation, placement, label):
     q, p = make_pair(2, 3, 10, 0.5)
     answer = seq.sequence_answer("k3", mode, aggregation, q, p)
@@ -438,6 +515,7 @@ def test_sequence_answer_k1_in_the_reward_follows_the_sequence_kl():
 
 
 # --- Monte Carlo -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("pair, seed", [((3, 3, 3, 0.4), 0), ((2, 4, 4, 0.8), 1)])
 def test_monte_carlo_matches_exact_every_placement(pair, seed):
@@ -499,8 +577,9 @@ def test_eos_kls_and_every_placement_equal_brute_force(pair):
         expected = brute_force(q.logits.tolist(), p.logits.tolist(), vocab, horizon, *CLOSED[name], eos=eos)
         got = seq.placement_gradients(name, q, p)
         for placement in seq.ALL_PLACEMENTS:
-            np.testing.assert_allclose(got[placement], expected[placement], rtol=1e-9, atol=1e-13,
-                                       err_msg=f"{name} {placement}")
+            np.testing.assert_allclose(
+                got[placement], expected[placement], rtol=1e-9, atol=1e-13, err_msg=f"{name} {placement}"
+            )
 
 
 def test_eos_true_gradients_and_full_equal_finite_differences():
@@ -511,8 +590,10 @@ def test_eos_true_gradients_and_full_equal_finite_differences():
     for index, label in enumerate((KL_QP, KL_PQ)):
         fd = finite_difference(lambda lg, i=index: brute_kl(lg.tolist(), p_logits, vocab, horizon, eos)[i], q.logits)
         np.testing.assert_allclose(true[label], fd, atol=1e-8)
-    full = finite_difference(lambda lg: expected_penalty(lg.tolist(), lg.tolist(), p_logits, vocab, horizon,
-                                                         CLOSED["k3"][0], eos=eos), q.logits)
+    full = finite_difference(
+        lambda lg: expected_penalty(lg.tolist(), lg.tolist(), p_logits, vocab, horizon, CLOSED["k3"][0], eos=eos),
+        q.logits,
+    )
     np.testing.assert_allclose(seq.placement_gradient("k3", q, p, "full"), full, atol=1e-8)
 
 
@@ -520,8 +601,10 @@ def test_eos_follows_labels_and_monte_carlo():
     q, p = eos_pair(3, 3, 12, 0.6, 0)
     summary = seq.sequence_summary(q, p, "k1,k2,k3")
     assert summary["eos"] == 0
-    got = {name: {placement: entry["follows"] for placement, entry in by.items()}
-           for name, by in summary["estimators"].items()}
+    got = {
+        name: {placement: entry["follows"] for placement, entry in by.items()}
+        for name, by in summary["estimators"].items()
+    }
     assert got == EXPECTED_FOLLOWS
     check = mcseq.crosscheck(q, p, "k1,k2,k3", n=150_000, seed=5, exact=summary)
     assert check["passed"], check["max_abs_z"]
@@ -538,6 +621,7 @@ def test_eos_errors():
 
 
 # --- constructors and bad input ------------------------------------------------------------------
+
 
 def test_constructors():
     table = np.log([[0.7, 0.3], [0.1, 0.9]])
@@ -557,14 +641,17 @@ def test_file_round_trip(tmp_path):
     assert np.array_equal(Autoregressive.from_file(tmp_path / "q.npy").logits, q.logits)
 
 
-@pytest.mark.parametrize("logits, message", [
-    (np.zeros((5, 3)), "5 rows is not 1 \\+ V"),
-    (np.zeros(4), "shape \\(P, V\\)"),
-    (np.zeros((1, 1)), "V >= 2"),
-    (np.array([[0.0, np.nan]]), "NaN"),
-    (np.array([[0.0, -np.inf]]), "finite"),
-    ([["a", "b"]], "real numbers"),
-])
+@pytest.mark.parametrize(
+    "logits, message",
+    [
+        (np.zeros((5, 3)), "5 rows is not 1 \\+ V"),
+        (np.zeros(4), "shape \\(P, V\\)"),
+        (np.zeros((1, 1)), "V >= 2"),
+        (np.array([[0.0, np.nan]]), "NaN"),
+        (np.array([[0.0, -np.inf]]), "finite"),
+        ([["a", "b"]], "real numbers"),
+    ],
+)
 def test_bad_logits_give_one_clear_error(logits, message):
     with pytest.raises(ValueError, match=message):
         Autoregressive(logits)
@@ -585,12 +672,29 @@ def test_limits_and_pairs():
 
 # --- command line --------------------------------------------------------------------------------
 
+
 def test_cli_json_keys_and_values(tmp_path, capsys):
     q, p = make_pair(2, 3, 1, 0.5)
     q.save(tmp_path / "q.npy")
     p.save(tmp_path / "p.npy")
-    assert main(["sequence", "--q-model", str(tmp_path / "q.npy"), "--p-model", str(tmp_path / "p.npy"),
-                 "--estimators", "k1,k3", "--expr", "(r-1)**2/2", "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "sequence",
+                "--q-model",
+                str(tmp_path / "q.npy"),
+                "--p-model",
+                str(tmp_path / "p.npy"),
+                "--estimators",
+                "k1,k3",
+                "--expr",
+                "(r-1)**2/2",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"kl", "true_gradient", "partial_gradient", "estimators"}
     assert set(out["kl"]) == {KL_QP, KL_PQ} and set(out["true_gradient"]) == {KL_QP, KL_PQ}
@@ -603,8 +707,12 @@ def test_cli_json_keys_and_values(tmp_path, capsys):
 
 
 def test_cli_random_pair_with_monte_carlo(capsys):
-    assert main(["sequence", "--random", "2,3,5", "--estimators", "k1", "--mc", "50000", "--seed", "3",
-                 "--format", "json"]) == 0
+    assert (
+        main(
+            ["sequence", "--random", "2,3,5", "--estimators", "k1", "--mc", "50000", "--seed", "3", "--format", "json"]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["mc"]["n"] == 50000 and out["mc"]["passed"] is True
     assert set(out["mc"]["estimators"]["k1"]) == set(seq.ALL_PLACEMENTS)
@@ -631,8 +739,24 @@ def test_follows_ignores_a_non_finite_reference():
 
 
 def test_cli_mc_accepts_scientific_notation(capsys):
-    assert main(["sequence", "--random", "2,2,0", "--estimators", "k1", "--placements", "full", "--mc", "2e3",
-                 "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "sequence",
+                "--random",
+                "2,2,0",
+                "--estimators",
+                "k1",
+                "--placements",
+                "full",
+                "--mc",
+                "2e3",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["mc"]["n"] == 2000
 
 
@@ -642,22 +766,25 @@ def test_check_pair_names_the_other_policy():
         q.check_pair(Autoregressive.random(2, 2, 0), "b")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--random", "2,3"], "V,T,SEED"),
-    (["--random", "1,3,0"], "V >= 2"),
-    (["--random", "2,30,0"], "exact limit"),
-    ([], "give either --random"),
-    (["--q-model", "missing.npy", "--p-model", "missing.npy"], "not found"),
-    (["--random", "2,2,0", "--estimators", "k9"], "unknown estimator"),
-    (["--random", "2,2,0", "--expr", "__import__('os')"], ""),
-    (["--random", "2,2,0", "--mc", "0"], "positive integer"),
-    (["--random", "2,2,0", "--eos", "2"], "eos must be a token id"),
-    (["--random", "2,2,0", "--mc", "inf"], "positive integer"),
-    (["--random", "2,2,0", "--mc", "2.5"], "positive integer"),
-    (["--random", "2,2,0", "--distance", "nan"], "--distance"),
-    (["--random", "2,2,0", "--distance", "-1"], "--distance"),
-    (["--random", "2,2,0", "--weighting", "token-is"], "needs --behaviour-model"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--random", "2,3"], "V,T,SEED"),
+        (["--random", "1,3,0"], "V >= 2"),
+        (["--random", "2,30,0"], "exact limit"),
+        ([], "give either --random"),
+        (["--q-model", "missing.npy", "--p-model", "missing.npy"], "not found"),
+        (["--random", "2,2,0", "--estimators", "k9"], "unknown estimator"),
+        (["--random", "2,2,0", "--expr", "__import__('os')"], ""),
+        (["--random", "2,2,0", "--mc", "0"], "positive integer"),
+        (["--random", "2,2,0", "--eos", "2"], "eos must be a token id"),
+        (["--random", "2,2,0", "--mc", "inf"], "positive integer"),
+        (["--random", "2,2,0", "--mc", "2.5"], "positive integer"),
+        (["--random", "2,2,0", "--distance", "nan"], "--distance"),
+        (["--random", "2,2,0", "--distance", "-1"], "--distance"),
+        (["--random", "2,2,0", "--weighting", "token-is"], "needs --behaviour-model"),
+    ],
+)
 def test_cli_bad_input_one_line_error(argv, message, capsys):
     assert main(["sequence", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()

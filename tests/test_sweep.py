@@ -1,5 +1,6 @@
 """klsym sweep on Dask: every point equals the single-process engine bit for bit, also when a worker dies
 mid-sweep; failed tasks are retried and reported, never dropped."""
+
 import csv
 import json
 import os
@@ -21,19 +22,25 @@ distributed = pytest.importorskip("distributed")
 BLOCK = 65536
 VALUE_KEYS = ("mean", "se", "std", "min", "max", "frac_negative", "n_nonfinite")
 SPEC = {
-    "pairs": gaussian_pairs([0.3], [1.0, 1.4]) + llm_pairs([1.0], [0.7], vocab=12)
+    "pairs": gaussian_pairs([0.3], [1.0, 1.4])
+    + llm_pairs([1.0], [0.7], vocab=12)
     + [{"q_logits": [0.0, 0.0, 0.0], "p_logits": [0.0, 1.0, float("-inf")]}],  # p(x) = 0 < q(x): t = -inf
-    "estimators": ["k1", "k3", "k4"], "n": 3 * BLOCK + 77, "seed": 11, "gradient": "loss,full",
+    "estimators": ["k1", "k3", "k4"],
+    "n": 3 * BLOCK + 77,
+    "seed": 11,
+    "gradient": "loss,full",
     "task_size": BLOCK,  # one RNG block per task: many tasks, merged in block order
 }
 
 
 def _two_workers(processes: bool):
     """A module-scoped client of a 2-worker LocalCluster (worker processes, or threads in this process)."""
+
     @pytest.fixture(scope="module")
     def fixture():
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=processes,
-                                      dashboard_address=None, silence_logs=50) as cluster:
+        with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=None, silence_logs=50
+        ) as cluster:
             with distributed.Client(cluster) as client:
                 yield client
 
@@ -49,8 +56,11 @@ def _assert_equals_single_process(spec, rows, gradients=True):
     assert sorted({row["point"] for row in rows}) == [p.index for p in points]
     for point in points:
         reference = run(point.q, point.p, list(point.estimators), point.n, point.seed)["estimators"]
-        grads = gradient(point.q, point.p, list(point.estimators), point.n, point.seed,
-                         modes=point.modes)["gradients"] if gradients else None
+        grads = (
+            gradient(point.q, point.p, list(point.estimators), point.n, point.seed, modes=point.modes)["gradients"]
+            if gradients
+            else None
+        )
         mine = [row for row in rows if row["point"] == point.index]
         assert [row["estimator"] for row in mine] == list(point.estimators)
         for row in mine:
@@ -58,8 +68,7 @@ def _assert_equals_single_process(spec, rows, gradients=True):
             assert row["seed"] == spec["seed"] + point.index
             # bit for bit (assert_equal: NaN equals NaN, as where k1 = +inf makes a batch mean undefined)
             np.testing.assert_equal({k: row[k] for k in VALUE_KEYS}, {k: expected[k] for k in VALUE_KEYS})
-            np.testing.assert_equal({level: row[f"q{level}"] for level in expected["quantiles"]},
-                                    expected["quantiles"])
+            np.testing.assert_equal({level: row[f"q{level}"] for level in expected["quantiles"]}, expected["quantiles"])
             np.testing.assert_equal(row["batch_mean_std"], expected["batch"]["mean_std"])
             if gradients:
                 for mode in point.modes:
@@ -81,11 +90,17 @@ def test_every_point_equals_the_single_process_engine(client):
 
 
 def test_a_killed_worker_mid_sweep_still_gives_the_full_identical_result(client):
-    spec = {"pairs": gaussian_pairs([0.2, 0.6], [1.0, 1.2]), "estimators": ["k1", "k2", "k3"],
-            "n": 20 * BLOCK, "seed": 3, "task_size": BLOCK}
+    spec = {
+        "pairs": gaussian_pairs([0.2, 0.6], [1.0, 1.2]),
+        "estimators": ["k1", "k2", "k3"],
+        "n": 20 * BLOCK,
+        "seed": 3,
+        "task_size": BLOCK,
+    }
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=sweep(spec, client=client, progress=False,
-                                                                          exact=False)))
+    runner = threading.Thread(
+        target=lambda: outcome.update(result=sweep(spec, client=client, progress=False, exact=False))
+    )
     pids = client.run(os.getpid)
     runner.start()
     deadline = time.monotonic() + 120
@@ -144,16 +159,19 @@ def test_a_task_that_keeps_failing_is_reported_not_dropped(threaded_client, monk
     assert {row["point"] for row in result.rows} == {0}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"pairs": []}, "non-empty list"),
-    ({"pairs": [{"q": [0, 1]}]}, "Gaussian pair needs"),
-    ({"pairs": [{"q": [0, 1], "p": [1, -1]}]}, r"sigma must be positive and finite, got -1"),  # names the sigma
-    ({"pairs": [{"q": [0, -1], "p": [0, 1]}]}, r"sigma must be positive and finite, got -1"),
-    ({"pairs": [{"q": [0, float("nan")], "p": [0, 1]}]}, r"sigma must be positive and finite, got nan"),
-    ({"pairs": [{"q": [0, 1], "p": [1, 1]}], "estimators": "k9"}, "unknown estimator"),
-    ({"pairs": [{"q": [0, 1], "p": [1, 1]}], "n": 0}, "n must be"),
-    ({"pairs": [{"q": [0, 1], "p": [1, 1]}], "colour": 1}, "unknown spec keys"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"pairs": []}, "non-empty list"),
+        ({"pairs": [{"q": [0, 1]}]}, "Gaussian pair needs"),
+        ({"pairs": [{"q": [0, 1], "p": [1, -1]}]}, r"sigma must be positive and finite, got -1"),  # names the sigma
+        ({"pairs": [{"q": [0, -1], "p": [0, 1]}]}, r"sigma must be positive and finite, got -1"),
+        ({"pairs": [{"q": [0, float("nan")], "p": [0, 1]}]}, r"sigma must be positive and finite, got nan"),
+        ({"pairs": [{"q": [0, 1], "p": [1, 1]}], "estimators": "k9"}, "unknown estimator"),
+        ({"pairs": [{"q": [0, 1], "p": [1, 1]}], "n": 0}, "n must be"),
+        ({"pairs": [{"q": [0, 1], "p": [1, 1]}], "colour": 1}, "unknown spec keys"),
+    ],
+)
 def test_bad_specs_are_one_clear_error(spec, message):
     with pytest.raises((ValueError, KeyError), match=message):
         load_spec(spec)
@@ -166,12 +184,34 @@ def test_cli_writes_csv_and_json(tmp_path):
     command = [sys.executable, "-m", "klsym", "sweep", "--spec", str(path), "--workers", "1", "--quiet"]
     out = subprocess.run(command + ["--format", "json"], capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
-    direct = subprocess.run([sys.executable, "-m", "klsym", "mc", "--q", "0,1", "--p", "0.5,1", "--n", "1000",
-                             "--seed", "4", "--estimators", "k1,k3", "--format", "json", "--quiet"],
-                            capture_output=True, text=True, check=True).stdout
+    direct = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "klsym",
+            "mc",
+            "--q",
+            "0,1",
+            "--p",
+            "0.5,1",
+            "--n",
+            "1000",
+            "--seed",
+            "4",
+            "--estimators",
+            "k1,k3",
+            "--format",
+            "json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     mc = json.loads(direct)["estimators"]
-    assert [(row["estimator"], row["mean"], row["std"]) for row in rows] == \
-        [(name, mc[name]["mean"], mc[name]["std"]) for name in ("k1", "k3")]
+    assert [(row["estimator"], row["mean"], row["std"]) for row in rows] == [
+        (name, mc[name]["mean"], mc[name]["std"]) for name in ("k1", "k3")
+    ]
     csv_file = tmp_path / "rows.csv"
     subprocess.run(command + ["--format", "csv", "--out", str(csv_file)], check=True, capture_output=True)
     table = list(csv.DictReader(csv_file.open()))

@@ -1,4 +1,5 @@
 """The symbolic core: exact derivations, checked exactly and cross-checked numerically."""
+
 import mpmath as mp
 import numpy as np
 import pytest
@@ -6,11 +7,22 @@ import sympy as sp
 from scipy import integrate
 from scipy.special import log_softmax
 
-from klsym.derive.divergences import REGISTRY, dual, get_divergence, kl_forward, kl_reverse, jeffreys, symmetrized
+from klsym.derive.divergences import REGISTRY, dual, get_divergence, jeffreys, kl_forward, kl_reverse, symmetrized
 from klsym.derive.estimators import BUILTINS, bregman, control_variate, from_formula, get_estimator
-from klsym.derive.symbolic import (MODES, analyze, analyze_symbolic, convexity, derivatives_at_one, identify,
-                            implied_gradient_divergence, implied_gradient_generator, local_expansion,
-                            mode_coefficient, nonnegativity, value_divergence)
+from klsym.derive.symbolic import (
+    MODES,
+    analyze,
+    analyze_symbolic,
+    convexity,
+    derivatives_at_one,
+    identify,
+    implied_gradient_divergence,
+    implied_gradient_generator,
+    local_expansion,
+    mode_coefficient,
+    nonnegativity,
+    value_divergence,
+)
 from klsym.derive.symbols import delta, r
 
 ALL = list(BUILTINS)
@@ -38,16 +50,19 @@ def test_counterexamples_are_real(name):
             assert expr.subs(r, verdict["counterexample"]).evalf(30) < 0
 
 
-@pytest.mark.parametrize("name, mode, expected", [
-    # Yang (2025), seed 003: the gradient of an estimator used as a loss is not the gradient of its value.
-    ("k1", "loss", "zero"),        # E[grad k1] = E[score] = 0
-    ("k2", "loss", "KL(q||p)"),    # k2 as a loss gives the true gradient of KL(q||p)
-    ("k3", "loss", "KL(p||q)"),    # k3 as a loss descends the *other* direction
-    ("rev_k2", "loss", "KL(p||q)"),
-    ("k1", "reward", "KL(q||p)"),  # REINFORCE with k1 in the reward is unbiased for KL(q||p)
-    ("k1+", "loss", "KL(q||p)"),   # verl straight-through: gradient of k2
-    ("k3+", "loss", "KL(q||p)"),
-])
+@pytest.mark.parametrize(
+    "name, mode, expected",
+    [
+        # Yang (2025), seed 003: the gradient of an estimator used as a loss is not the gradient of its value.
+        ("k1", "loss", "zero"),  # E[grad k1] = E[score] = 0
+        ("k2", "loss", "KL(q||p)"),  # k2 as a loss gives the true gradient of KL(q||p)
+        ("k3", "loss", "KL(p||q)"),  # k3 as a loss descends the *other* direction
+        ("rev_k2", "loss", "KL(p||q)"),
+        ("k1", "reward", "KL(q||p)"),  # REINFORCE with k1 in the reward is unbiased for KL(q||p)
+        ("k1+", "loss", "KL(q||p)"),  # verl straight-through: gradient of k2
+        ("k3+", "loss", "KL(q||p)"),
+    ],
+)
 def test_seed_003_gradient_facts(name, mode, expected):
     assert implied_gradient_divergence(get_estimator(name), mode)["divergence"] == expected
 
@@ -76,13 +91,24 @@ def test_bregman_of_every_generator_is_nonnegative_with_zero_slope(name):
         assert identify(est.expr) == identify(divergence.generator)  # same divergence: E[r - 1] = 0
 
 
-@pytest.mark.parametrize("name, d2f1", [
-    # f''(1) as listed for TFP's Csiszar functions in shared/references/kl-in-rl-frameworks.md
-    ("kl_reverse", 1), ("kl_forward", 1), ("jensen_shannon", sp.Rational(1, 2)),
-    ("arithmetic_geometric", sp.Rational(1, 2)), ("pearson", 2), ("squared_hellinger", sp.Rational(1, 2)),
-    ("triangular", 1), ("jeffreys", 1), ("chi_square", 2), ("modified_gan", sp.Rational(3, 4)),
-    ("amari_alpha", 1), ("neyman", 2),
-])
+@pytest.mark.parametrize(
+    "name, d2f1",
+    [
+        # f''(1) as listed for TFP's Csiszar functions in shared/references/kl-in-rl-frameworks.md
+        ("kl_reverse", 1),
+        ("kl_forward", 1),
+        ("jensen_shannon", sp.Rational(1, 2)),
+        ("arithmetic_geometric", sp.Rational(1, 2)),
+        ("pearson", 2),
+        ("squared_hellinger", sp.Rational(1, 2)),
+        ("triangular", 1),
+        ("jeffreys", 1),
+        ("chi_square", 2),
+        ("modified_gan", sp.Rational(3, 4)),
+        ("amari_alpha", 1),
+        ("neyman", 2),
+    ],
+)
 def test_registry_generators(name, d2f1):
     f = get_divergence(name).generator
     values = derivatives_at_one(f, 2)
@@ -180,8 +206,13 @@ def test_local_expansion_matches_quadrature(name):
     est = get_estimator(name)
     series = sp.lambdify(delta, local_expansion(est)["series"])
     for d in (0.05, 0.1):
-        exact, _ = integrate.quad(lambda x, d=d: np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
-                                  * est.numeric(d * x - d * d / 2), -40, 40, epsabs=1e-14, epsrel=1e-13)
+        exact, _ = integrate.quad(
+            lambda x, d=d: np.exp(-x * x / 2) / np.sqrt(2 * np.pi) * est.numeric(d * x - d * d / 2),
+            -40,
+            40,
+            epsabs=1e-14,
+            epsrel=1e-13,
+        )
         assert abs(exact - series(d)) < 50 * d**5
 
 
@@ -214,8 +245,19 @@ def test_user_formula_analysis():
 def test_analyze_contract_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KLSYM_CACHE_DIR", str(tmp_path))
     first = analyze("k3")
-    assert set(first) >= {"name", "expr", "latex", "f1", "df1", "d2f1", "d3f1", "nonnegative", "convex",
-                          "value", "gradient"}
+    assert set(first) >= {
+        "name",
+        "expr",
+        "latex",
+        "f1",
+        "df1",
+        "d2f1",
+        "d3f1",
+        "nonnegative",
+        "convex",
+        "value",
+        "gradient",
+    }
     assert set(first["value"]) == {"generator", "divergence", "expectation"}
     assert first["value"]["expectation"] == "KL(q||p)" and first["undecided"] == []
     assert set(first["gradient"]) == set(MODES)

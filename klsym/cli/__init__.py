@@ -3,6 +3,7 @@
 Each module in :mod:`klsym.cli` registers one subcommand. Errors a user can cause (unknown
 estimator, invalid sigma, malformed formula) print one line ``klsym: error: ...`` and exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,19 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"klsym: error: {message}\n")
 
 
-def add_format_argument(parser: argparse.ArgumentParser, default: str = "table",
-                        choices: tuple[str, ...] = ("json", "table")) -> None:
+def add_format_argument(
+    parser: argparse.ArgumentParser, default: str = "table", choices: tuple[str, ...] = ("json", "table")
+) -> None:
     parser.add_argument("--format", choices=choices, default=default, help="output format")
 
 
 def add_time_budget_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--time-budget", metavar="SECONDS", default=None,
-                        help="seconds the command may spend (default $KLSYM_TIME_BUDGET, else 30)")
+    parser.add_argument(
+        "--time-budget",
+        metavar="SECONDS",
+        default=None,
+        help="seconds the command may spend (default $KLSYM_TIME_BUDGET, else 30)",
+    )
 
 
 def within_budget(args, compute, what):
@@ -59,15 +65,18 @@ def within_budget(args, compute, what):
         with time_budget(seconds):
             return compute()
     except BudgetExceeded:
-        raise UserError(f"the time budget of {seconds:g} s ran out while {what()}; give more with "
-                        "--time-budget SECONDS or $KLSYM_TIME_BUDGET") from None
+        raise UserError(
+            f"the time budget of {seconds:g} s ran out while {what()}; give more with "
+            "--time-budget SECONDS or $KLSYM_TIME_BUDGET"
+        ) from None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``command`` (a subcommand's module name) only that module is imported, so
     ``klsym exact ...`` does not pay for the imports of every other subcommand."""
     parser = ArgumentParser(
-        prog="klsym", description="Monte Carlo estimators of KL divergence: derive, compute exactly, sample.")
+        prog="klsym", description="Monte Carlo estimators of KL divergence: derive, compute exactly, sample."
+    )
     parser.add_argument("--version", action="version", version=f"klsym {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

@@ -4,6 +4,7 @@
 >>> entries[0].key, entries[0].fields["title"], entries[0].fields["year"]
 ('a', 'A {KL} note', '2020')
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,8 @@ def _braced(text: str, start: int) -> tuple[str, int]:
     for index in range(start, len(text)):
         depth += {"{": 1, "}": -1}.get(text[index], 0)
         if depth == 0:
-            return text[start + 1:index], index + 1
-    raise ValueError(f"unbalanced braces after {text[start:start + 40]!r}")
+            return text[start + 1 : index], index + 1
+    raise ValueError(f"unbalanced braces after {text[start : start + 40]!r}")
 
 
 def _fields(body: str) -> dict[str, str]:
@@ -56,8 +57,8 @@ def parse_bibtex(text: str) -> list[BibEntry]:
     entries = []
     for match in _ENTRY_START.finditer(text):
         body, end = _braced(text, text.index("{", match.start()))
-        fields = _fields(body[body.index(",") + 1:])
-        entries.append(BibEntry(match.group(1).lower(), match.group(2), text[match.start():end], fields))
+        fields = _fields(body[body.index(",") + 1 :])
+        entries.append(BibEntry(match.group(1).lower(), match.group(2), text[match.start() : end], fields))
     return entries
 
 
@@ -85,10 +86,12 @@ def load_references() -> list[BibEntry]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "cite", help="BibTeX for klsym and the works it reproduces (data/references.bib)",
+        "cite",
+        help="BibTeX for klsym and the works it reproduces (data/references.bib)",
         description="Print BibTeX entries: klsym itself, Schulman 2020, Zhang 2025, Yang 2025, Tang & Munos 2025, "
-                    "Liu et al. 2025, Shah et al. 2025 and the RL frameworks whose KL settings klsym analyses. "
-                    "No KEY: all of them.")
+        "Liu et al. 2025, Shah et al. 2025 and the RL frameworks whose KL settings klsym analyses. "
+        "No KEY: all of them.",
+    )
     parser.add_argument("keys", nargs="*", metavar="KEY", help="entry keys (see --list)")
     parser.add_argument("--list", action="store_true", help="list the keys with their titles")
     parser.set_defaults(func=run)

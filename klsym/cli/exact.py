@@ -10,6 +10,7 @@ Categorical pair (logits from ``.npy`` or whitespace text files)::
 
 ``--published`` prints every row of the seed tables in ``data/`` next to its exact value instead.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,17 +23,24 @@ from klsym.exact.families import Categorical, Gaussian, check_same_family
 from klsym.jsonio import dumps, format_table
 
 
-def add_pair_arguments(parser, positions_help: str = "number of i.i.d. positions (sequence ratio = product of "
-                                                      "T ratios)") -> None:
+def add_pair_arguments(
+    parser, positions_help: str = "number of i.i.d. positions (sequence ratio = product of T ratios)"
+) -> None:
     """Options shared by ``exact`` and ``gradient``: the pair, estimators, positions, format."""
     parser.add_argument("--q", metavar="MU,SIGMA", help="sampler q = N(MU, SIGMA^2) (the policy)")
     parser.add_argument("--p", metavar="MU,SIGMA", help="reference p = N(MU, SIGMA^2)")
     parser.add_argument("--q-logits", metavar="FILE", help="categorical sampler: logits (.npy or text)")
     parser.add_argument("--p-logits", metavar="FILE", help="categorical reference: logits (.npy or text)")
-    parser.add_argument("--estimators", default=",".join(BUILTINS),
-                        help="comma-separated estimator names (default: all built-ins)")
-    parser.add_argument("--expr", action="append", default=[], metavar="FORMULA",
-                        help="a custom estimator as a formula in r, e.g. '(r-1)**2/2' (repeatable)")
+    parser.add_argument(
+        "--estimators", default=",".join(BUILTINS), help="comma-separated estimator names (default: all built-ins)"
+    )
+    parser.add_argument(
+        "--expr",
+        action="append",
+        default=[],
+        metavar="FORMULA",
+        help="a custom estimator as a formula in r, e.g. '(r-1)**2/2' (repeatable)",
+    )
     parser.add_argument("--positions", type=int, default=1, metavar="T", help=positions_help)
     add_time_budget_argument(parser)
     add_format_argument(parser)
@@ -66,25 +74,31 @@ def estimators_from_args(args):
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "exact", help="exact KL and estimator moments for a Gaussian or categorical pair",
+        "exact",
+        help="exact KL and estimator moments for a Gaussian or categorical pair",
         description="Exact KL(q||p), KL(p||q) and, per estimator, mean, std, E[k^2], P(k<0), bias; "
-                    "method closed_form, quadrature or exact_sum.")
+        "method closed_form, quadrature or exact_sum.",
+    )
     add_pair_arguments(parser)
     from klsym.cli.offpolicy import add_behaviour_arguments
+
     add_behaviour_arguments(parser)
-    parser.add_argument("--published", action="store_true",
-                        help="print every published seed-table row next to its exact value")
+    parser.add_argument(
+        "--published", action="store_true", help="print every published seed-table row next to its exact value"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     if args.published:
         from klsym.report.published import reproduction_rows
+
         rows = reproduction_rows()
         print(dumps(rows) if args.format == "json" else format_table(rows))
         return 0
     q, p = pair_from_args(args)
     from klsym.cli.offpolicy import behaviour_from_args, run_exact
+
     behaviour = behaviour_from_args(args, q)
     if behaviour is not None:
         return run_exact(args, q, p, behaviour, estimators_from_args(args))
@@ -96,10 +110,18 @@ def run(args) -> int:
     print(f"{KL_QP} = {summary['kl'][KL_QP]:.10g}   {KL_PQ} = {summary['kl'][KL_PQ]:.10g}")
     rows = []
     for name, stats in summary["estimators"].items():
-        rows.append({"estimator": name, "target": stats["target"], "mean": stats["mean"], "std": stats["std"],
-                     "second_moment": stats["second_moment"], "prob_negative": stats["prob_negative"],
-                     **{f"bias {label}": bias_cell(stats, label) for label in (KL_QP, KL_PQ)},
-                     "method": stats["method"]})
+        rows.append(
+            {
+                "estimator": name,
+                "target": stats["target"],
+                "mean": stats["mean"],
+                "std": stats["std"],
+                "second_moment": stats["second_moment"],
+                "prob_negative": stats["prob_negative"],
+                **{f"bias {label}": bias_cell(stats, label) for label in (KL_QP, KL_PQ)},
+                "method": stats["method"],
+            }
+        )
     print(format_table(rows))
     return 0
 
@@ -134,16 +156,27 @@ def check_evaluable(estimator) -> None:
     """Compile the estimator's numeric forms now, so a formula SymPy cannot compile is one clear error."""
     try:
         _ = estimator.numeric, estimator.numeric_dt
-    except (ValueError, TypeError, ArithmeticError, NotImplementedError, AttributeError, RecursionError,
-            sp.SympifyError, sp.PolynomialError) as err:
-        raise UserError(f"estimator {estimator.name!r} cannot be compiled for numeric evaluation "
-                        f"({type(err).__name__}: {err})") from None
+    except (
+        ValueError,
+        TypeError,
+        ArithmeticError,
+        NotImplementedError,
+        AttributeError,
+        RecursionError,
+        sp.SympifyError,
+        sp.PolynomialError,
+    ) as err:
+        raise UserError(
+            f"estimator {estimator.name!r} cannot be compiled for numeric evaluation ({type(err).__name__}: {err})"
+        ) from None
 
 
 def print_pair_header(summary: dict) -> None:
     """The first line of the table output of ``exact`` and ``gradient``: which pair was used."""
-    print(f"family {summary['family']}  q {_short(summary['q'])}  p {_short(summary['p'])}  "
-          f"positions {summary['positions']}")
+    print(
+        f"family {summary['family']}  q {_short(summary['q'])}  p {_short(summary['p'])}  "
+        f"positions {summary['positions']}"
+    )
 
 
 def _short(params) -> str:

@@ -18,6 +18,7 @@ none for a vertex), ``stable`` when all have negative real part; null and false 
 spread over beta may be at most 500 (else one error: q* would underflow). The table has one row per
 estimator x mode, q* first, with KL(q||p), KL(p||q) and KL(end||q*) (``distance_to_optimum``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,22 +34,30 @@ from klsym.rl.fixedpoint import FixedPointProblem, fixed_point, fixed_point_summ
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "fixedpoint", help="where KL-regularised training ends up (fixed point per estimator and mode)",
+        "fixedpoint",
+        help="where KL-regularised training ends up (fixed point per estimator and mode)",
         description="Fixed point of the expected policy-gradient update E_q[R grad log q] - beta (KL-term "
-                    "gradient) for a categorical softmax policy, against q* = p exp(R/beta)/Z. Status: interior "
-                    "(every token alive); boundary (lower-reward tokens die out, the others settle at a fixed "
-                    "point of that face); collapse (mass flows to the reward maximisers); diverges (the "
-                    "dynamics run to the boundary elsewhere). Eigenvalues and stable: the Jacobian on the face "
-                    "where the point lives.")
-    parser.add_argument("--p-logits", required=True, metavar="FILE|LIST",
-                        help="reference logits: .npy, a text file, or numbers such as -0.7,-1.2,-1.6")
+        "gradient) for a categorical softmax policy, against q* = p exp(R/beta)/Z. Status: interior "
+        "(every token alive); boundary (lower-reward tokens die out, the others settle at a fixed "
+        "point of that face); collapse (mass flows to the reward maximisers); diverges (the "
+        "dynamics run to the boundary elsewhere). Eigenvalues and stable: the Jacobian on the face "
+        "where the point lives.",
+    )
+    parser.add_argument(
+        "--p-logits",
+        required=True,
+        metavar="FILE|LIST",
+        help="reference logits: .npy, a text file, or numbers such as -0.7,-1.2,-1.6",
+    )
     parser.add_argument("--reward", required=True, metavar="FILE|LIST", help="reward per token (same forms)")
     parser.add_argument("--beta", required=True, type=float, help="KL coefficient beta > 0")
-    parser.add_argument("--estimators", default=",".join(BUILTINS),
-                        help="comma-separated estimator names (default: all built-ins)")
+    parser.add_argument(
+        "--estimators", default=",".join(BUILTINS), help="comma-separated estimator names (default: all built-ins)"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes: loss,reward,full")
-    parser.add_argument("--setting", metavar="FRAMEWORK[:SETTING]",
-                        help="analyse a framework setting (estimator, mode, clamps) instead")
+    parser.add_argument(
+        "--setting", metavar="FRAMEWORK[:SETTING]", help="analyse a framework setting (estimator, mode, clamps) instead"
+    )
     add_format_argument(parser)
     parser.set_defaults(func=run)
 
@@ -65,8 +74,10 @@ def read_vector(text: str, what: str) -> np.ndarray:
             raise UserError(f"cannot read {what} from {text}: {err}") from None
         data = np.asarray(data, dtype=np.float64)
         if data.ndim > 1:
-            raise UserError(f"{what}: {text} holds an array of shape {data.shape}; give a one-dimensional vector "
-                            "(one number per token)")
+            raise UserError(
+                f"{what}: {text} holds an array of shape {data.shape}; give a one-dimensional vector "
+                "(one number per token)"
+            )
         return np.ravel(data)
     try:
         return _numbers(text)
@@ -90,8 +101,9 @@ def _modes(text: str) -> list[str]:
 
 
 def run(args) -> int:
-    problem = FixedPointProblem(read_vector(args.p_logits, "--p-logits"), read_vector(args.reward, "--reward"),
-                                args.beta)
+    problem = FixedPointProblem(
+        read_vector(args.p_logits, "--p-logits"), read_vector(args.reward, "--reward"), args.beta
+    )
     if args.setting:
         from klsym.rl.frameworks import expression_term, get_setting
 
@@ -101,13 +113,16 @@ def run(args) -> int:
         summary["setting"] = setting.key
         # the setting's own per-token expression: clamps and weights act where the framework puts them
         summary["estimators"][setting.get_estimator().name] = {
-            setting.mode: fixed_point(problem, expression_term(setting), setting.mode)}
+            setting.mode: fixed_point(problem, expression_term(setting), setting.mode)
+        }
     else:
         summary = fixed_point_summary(problem, get_estimators(args.estimators), _modes(args.modes))
     if args.format == "json":
         print(dumps(summary))
         return 0
-    print(f"p = {np.round(problem.p, 6).tolist()}, R = {problem.reward.tolist()}, beta = {problem.beta:g}"
-          + (f", setting {summary['setting']}" if args.setting else ""))
+    print(
+        f"p = {np.round(problem.p, 6).tolist()}, R = {problem.reward.tolist()}, beta = {problem.beta:g}"
+        + (f", setting {summary['setting']}" if args.setting else "")
+    )
     print(format_table(summary_rows(summary)))
     return 0

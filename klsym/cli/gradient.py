@@ -5,22 +5,25 @@
 For a categorical pair (``--q-logits/--p-logits``) gradients are per-logit arrays in JSON; the table
 shows their Euclidean norms and first entries.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
+from klsym.cli.exact import add_pair_arguments, pair_from_args, print_pair_header, summarise
+from klsym.cli.offpolicy import add_behaviour_arguments, behaviour_from_args, run_gradient
 from klsym.exact.expectations import MODES, gradient_summary
 from klsym.jsonio import dumps, format_table
-from klsym.cli.offpolicy import add_behaviour_arguments, behaviour_from_args, run_gradient
-from klsym.cli.exact import add_pair_arguments, estimators_from_args, pair_from_args, print_pair_header, summarise
 
 _FIRST = 3  # entries of a per-logit gradient shown in the table
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "gradient", help="expected estimator gradients (loss, reward, full) vs true KL gradients",
-        description="Gradients wrt the sampler q's parameters (mu, sigma or logits), samples held fixed.")
+        "gradient",
+        help="expected estimator gradients (loss, reward, full) vs true KL gradients",
+        description="Gradients wrt the sampler q's parameters (mu, sigma or logits), samples held fixed.",
+    )
     add_pair_arguments(parser)
     add_behaviour_arguments(parser)
     parser.set_defaults(func=run)

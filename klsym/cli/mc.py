@@ -12,25 +12,25 @@ The JSON object is ``{"n", "seed", "seconds", "backend", "dtype", "estimators": 
 "std", "se", "min", "max", "frac_negative", ...}}}``, plus ``gradients`` / ``crosscheck`` when asked.
 Results depend only on ``--seed`` and ``--n`` (and the backend), never on ``--chunk`` or ``--threads``.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import sys
 import time
 import warnings
 
 import numpy as np
 
-import sys
-
 from klsym.cli import UserError
-from klsym.jsonio import dumps, format_table
-from klsym.simulate.montecarlo import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_QUANTILES, DTYPES, crosscheck, gradient, run
 from klsym.cli.exact import add_pair_arguments, estimators_from_args, pair_from_args
+from klsym.cli.offpolicy import add_behaviour_arguments, behaviour_from_args, run_mc
 from klsym.derive.symbolic import time_budget_seconds
 from klsym.exact.expectations import label_gradient
-from klsym.cli.offpolicy import add_behaviour_arguments, behaviour_from_args, run_mc
+from klsym.jsonio import dumps, format_table
+from klsym.simulate.montecarlo import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_QUANTILES, DTYPES, crosscheck, gradient, run
 
 
 def _count(text: str) -> int:
@@ -53,34 +53,63 @@ def _levels(text: str) -> tuple[float, ...]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "mc", help="streaming Monte Carlo: estimator statistics (and gradients) from n samples of q",
+        "mc",
+        help="streaming Monte Carlo: estimator statistics (and gradients) from n samples of q",
         description="Draw n samples x ~ q in fixed RNG blocks and report, per estimator, the mean, std, "
-                    "standard error, min, max, fraction negative, approximate quantiles and the spread of "
-                    "batch means; optionally gradients (loss/reward/full) and z-scores against the exact layer.")
-    add_pair_arguments(parser, positions_help="must be 1: mc samples single positions (exact and gradient "
-                                              "take T > 1; see also the sequence command)")
+        "standard error, min, max, fraction negative, approximate quantiles and the spread of "
+        "batch means; optionally gradients (loss/reward/full) and z-scores against the exact layer.",
+    )
+    add_pair_arguments(
+        parser,
+        positions_help="must be 1: mc samples single positions (exact and gradient "
+        "take T > 1; see also the sequence command)",
+    )
     add_behaviour_arguments(parser)
     parser.add_argument("--n", type=_count, default=1_000_000, help="number of samples (e.g. 1e8)")
     parser.add_argument("--seed", type=int, default=0, help="seed; results depend only on (seed, n)")
-    parser.add_argument("--chunk", type=_count, default=DEFAULT_CHUNK,
-                        help="samples per worker task, rounded to RNG blocks (speed/memory only)")
+    parser.add_argument(
+        "--chunk",
+        type=_count,
+        default=DEFAULT_CHUNK,
+        help="samples per worker task, rounded to RNG blocks (speed/memory only)",
+    )
     parser.add_argument("--threads", type=_count, default=None, help="worker threads (default: all cores)")
-    parser.add_argument("--backend", choices=("numpy", "cupy"), default=None,
-                        help="array backend (default: $KLSYM_BACKEND or numpy)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float64",
-                        help="precision of samples, log-ratios and estimator values")
-    parser.add_argument("--quantiles", type=_levels, default=DEFAULT_QUANTILES,
-                        help="comma-separated quantile levels (approximate, see klsym.simulate.montecarlo)")
-    parser.add_argument("--batch-size", type=_count, default=DEFAULT_BATCH,
-                        help="batch size B for the spread of batch means (one RL step)")
-    parser.add_argument("--gradient", metavar="MODES", default=None,
-                        help="also estimate gradients wrt q's parameters, modes from loss,reward,full")
-    parser.add_argument("--crosscheck", action="store_true",
-                        help="add z-scores of the MC means (and gradients) against the exact layer")
+    parser.add_argument(
+        "--backend", choices=("numpy", "cupy"), default=None, help="array backend (default: $KLSYM_BACKEND or numpy)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float64",
+        help="precision of samples, log-ratios and estimator values",
+    )
+    parser.add_argument(
+        "--quantiles",
+        type=_levels,
+        default=DEFAULT_QUANTILES,
+        help="comma-separated quantile levels (approximate, see klsym.simulate.montecarlo)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_count,
+        default=DEFAULT_BATCH,
+        help="batch size B for the spread of batch means (one RL step)",
+    )
+    parser.add_argument(
+        "--gradient",
+        metavar="MODES",
+        default=None,
+        help="also estimate gradients wrt q's parameters, modes from loss,reward,full",
+    )
+    parser.add_argument(
+        "--crosscheck", action="store_true", help="add z-scores of the MC means (and gradients) against the exact layer"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--force", action="store_true",
-                        help=f"run even when the estimated run time exceeds --time-budget "
-                             f"(default {RUN_TIME_LIMIT / 3600:g} h for mc)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"run even when the estimated run time exceeds --time-budget (default {RUN_TIME_LIMIT / 3600:g} h for mc)",
+    )
     parser.set_defaults(func=run_command)
 
 
@@ -109,8 +138,16 @@ def _estimate_seconds(q, p, estimators, args, options) -> float:
     timings = []
     for _ in range(2):  # the first run compiles; the second is the one timed
         started = time.perf_counter()
-        run(q, p, estimators, block, args.seed, quantiles=args.quantiles, batch_size=None,
-            **{**options, "progress": False, "threads": 1})
+        run(
+            q,
+            p,
+            estimators,
+            block,
+            args.seed,
+            quantiles=args.quantiles,
+            batch_size=None,
+            **{**options, "progress": False, "threads": 1},
+        )
         timings.append(time.perf_counter() - started)
     per_sample = timings[-1] / block
     workers = max(1, args.threads or min(os.cpu_count() or 1, 8))
@@ -133,34 +170,43 @@ def _run_command(args) -> int:
     behaviour = behaviour_from_args(args, q)
     if behaviour is not None:
         return run_mc(args, q, p, behaviour, estimators)
-    options = {"chunk": args.chunk, "backend": args.backend, "dtype": args.dtype, "threads": args.threads,
-               "progress": not args.quiet}
+    options = {
+        "chunk": args.chunk,
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "progress": not args.quiet,
+    }
     limit = RUN_TIME_LIMIT if args.time_budget is None else time_budget_seconds(args.time_budget)
     if args.n > PILOT_ABOVE and not args.force:
         estimate = _estimate_seconds(q, p, estimators, args, options)
         if estimate > limit:
-            raise UserError(f"--n {args.n:.3g} would take about {_duration(estimate)} (estimated from one "
-                            f"block); the limit is {_duration(limit)} (--time-budget): use a smaller --n, "
-                            "or --force")
-    result = run(q, p, estimators, args.n, args.seed, quantiles=args.quantiles, batch_size=args.batch_size,
-                 **options)
+            raise UserError(
+                f"--n {args.n:.3g} would take about {_duration(estimate)} (estimated from one "
+                f"block); the limit is {_duration(limit)} (--time-budget): use a smaller --n, "
+                "or --force"
+            )
+    result = run(q, p, estimators, args.n, args.seed, quantiles=args.quantiles, batch_size=args.batch_size, **options)
     if args.gradient and "interrupted" not in result:
-        result["gradients"] = gradient(q, p, estimators, args.n, args.seed, modes=args.gradient,
-                                       **options)["gradients"]
+        result["gradients"] = gradient(q, p, estimators, args.n, args.seed, modes=args.gradient, **options)["gradients"]
     if args.crosscheck and "interrupted" not in result:
-        result["crosscheck"] = crosscheck(q, p, estimators, args.n, args.seed,
-                                          modes=args.gradient or (), **options)
+        result["crosscheck"] = crosscheck(q, p, estimators, args.n, args.seed, modes=args.gradient or (), **options)
     if "gradients" in result:  # one labelled shape across commands: {"mu", "sigma"} or {"logits"}
-        result["gradients"] = {name: {mode: {key: label_gradient(q, value) for key, value in entry.items()}
-                                      for mode, entry in modes.items()}
-                               for name, modes in result["gradients"].items()}
+        result["gradients"] = {
+            name: {
+                mode: {key: label_gradient(q, value) for key, value in entry.items()} for mode, entry in modes.items()
+            }
+            for name, modes in result["gradients"].items()
+        }
     if "interrupted" in result:
         print(f"klsym: interrupted: results from the first {result['n']} of {args.n} samples", file=sys.stderr)
     if args.format == "json":
         print(dumps(result))
         return _exit_code(result)
-    print(f"n {result['n']}  seed {result['seed']}  backend {result['backend']}  dtype {result['dtype']}  "
-          f"{result['seconds']:.3f} s")
+    print(
+        f"n {result['n']}  seed {result['seed']}  backend {result['backend']}  dtype {result['dtype']}  "
+        f"{result['seconds']:.3f} s"
+    )
     rows = []
     for name, entry in result["estimators"].items():
         row = {"estimator": name, "target": entry["target"]}

@@ -6,6 +6,7 @@ drawn from a behaviour policy b, under every weighting (:mod:`klsym.rl.offpolicy
     python -m klsym mc --q 0,1 --p 1,1 --behaviour 0.3,1 --n 1e6
     python -m klsym offpolicy --q 0,1 --p 1,1 --behaviour 0.3,1      # exact vs MC, |z| per row
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,13 +19,18 @@ def add_behaviour_arguments(parser) -> None:
     """``--behaviour MU,SIGMA`` / ``--behaviour-logits FILE``, ``--weighting``, ``--truncation``, ``--clip``."""
     from klsym.rl.weightings import DEFAULT_CLIP, DEFAULT_TRUNCATION, WEIGHTINGS
 
-    parser.add_argument("--behaviour", metavar="MU,SIGMA",
-                        help="behaviour policy b = N(MU, SIGMA^2) that drew the samples (gradient still for q)")
+    parser.add_argument(
+        "--behaviour",
+        metavar="MU,SIGMA",
+        help="behaviour policy b = N(MU, SIGMA^2) that drew the samples (gradient still for q)",
+    )
     parser.add_argument("--behaviour-logits", metavar="FILE", help="categorical behaviour policy: logits")
-    parser.add_argument("--weighting", default=",".join(WEIGHTINGS),
-                        help=f"comma-separated weightings from {', '.join(WEIGHTINGS)} (with --behaviour)")
-    parser.add_argument("--truncation", type=float, default=DEFAULT_TRUNCATION,
-                        help="c of truncated-is: min(q/b, c)")
+    parser.add_argument(
+        "--weighting",
+        default=",".join(WEIGHTINGS),
+        help=f"comma-separated weightings from {', '.join(WEIGHTINGS)} (with --behaviour)",
+    )
+    parser.add_argument("--truncation", type=float, default=DEFAULT_TRUNCATION, help="c of truncated-is: min(q/b, c)")
     parser.add_argument("--clip", type=float, default=DEFAULT_CLIP, help="epsilon of ppo-clip")
 
 
@@ -37,7 +43,9 @@ def behaviour_from_args(args, q):
     if args.behaviour is not None and args.behaviour_logits is not None:
         raise UserError("give either --behaviour or --behaviour-logits, not both")
     if getattr(args, "positions", 1) != 1:
-        raise UserError("--behaviour covers single positions: --positions must be 1 (use `klsym sequence` for sequences)")
+        raise UserError(
+            "--behaviour covers single positions: --positions must be 1 (use `klsym sequence` for sequences)"
+        )
     if args.behaviour is not None:
         if not isinstance(q, Gaussian):
             raise UserError("--behaviour MU,SIGMA needs a Gaussian pair (--q/--p); use --behaviour-logits")
@@ -53,8 +61,9 @@ def weightings_from_args(args) -> tuple[str, ...]:
     chosen = tuple(w.strip() for w in args.weighting.split(",") if w.strip())
     unknown = [w for w in chosen if w not in WEIGHTINGS]
     if unknown or not chosen:
-        raise UserError(f"unknown weighting {unknown[0] if unknown else args.weighting!r}; "
-                        f"choose from {', '.join(WEIGHTINGS)}")
+        raise UserError(
+            f"unknown weighting {unknown[0] if unknown else args.weighting!r}; choose from {', '.join(WEIGHTINGS)}"
+        )
     return chosen
 
 
@@ -64,8 +73,10 @@ def _short(vector) -> str:
 
 
 def _header(summary: dict) -> None:
-    print(f"family {summary['family']}  drift KL(b||q) = {summary['drift KL(b||q)']:.6g}   "
-          f"KL(q||p) = {summary['kl']['KL(q||p)']:.6g}")
+    print(
+        f"family {summary['family']}  drift KL(b||q) = {summary['drift KL(b||q)']:.6g}   "
+        f"KL(q||p) = {summary['kl']['KL(q||p)']:.6g}"
+    )
 
 
 def run_gradient(args, q, p, b, estimators=None) -> int:
@@ -79,13 +90,29 @@ def run_gradient(args, q, p, b, estimators=None) -> int:
         print(dumps(summary))
         return 0
     _header(summary)
-    columns = ["estimator", "mode", "weighting", "gradient", "on-policy", "rel. bias vs on-policy",
-               "rel. error vs grad KL(q||p)", "variance finite"]
-    rows = [{"estimator": r["estimator"], "mode": r["mode"], "weighting": r["weighting"],
-             "gradient": _short(r["gradient"]), "on-policy": _short(r["on-policy gradient"]),
-             "rel. bias vs on-policy": r["relative gradient bias vs on-policy"],
-             "rel. error vs grad KL(q||p)": r["relative error vs grad KL(q||p)"],
-             "variance finite": r["variance finite"]} for r in summary["rows"]]
+    columns = [
+        "estimator",
+        "mode",
+        "weighting",
+        "gradient",
+        "on-policy",
+        "rel. bias vs on-policy",
+        "rel. error vs grad KL(q||p)",
+        "variance finite",
+    ]
+    rows = [
+        {
+            "estimator": r["estimator"],
+            "mode": r["mode"],
+            "weighting": r["weighting"],
+            "gradient": _short(r["gradient"]),
+            "on-policy": _short(r["on-policy gradient"]),
+            "rel. bias vs on-policy": r["relative gradient bias vs on-policy"],
+            "rel. error vs grad KL(q||p)": r["relative error vs grad KL(q||p)"],
+            "variance finite": r["variance finite"],
+        }
+        for r in summary["rows"]
+    ]
     print(format_table(rows, columns))
     return 0
 
@@ -109,8 +136,9 @@ def run_mc(args, q, p, b, estimators) -> int:
     from klsym.rl.offpolicy import MODES, mc_check_table
 
     modes = tuple(m.strip() for m in (args.gradient or ",".join(MODES)).split(",") if m.strip())
-    table = mc_check_table(q, p, b, estimators, modes, weightings_from_args(args), args.n, args.seed,
-                           args.truncation, args.clip)
+    table = mc_check_table(
+        q, p, b, estimators, modes, weightings_from_args(args), args.n, args.seed, args.truncation, args.clip
+    )
     rows = table.to_dict("records")
     print(dumps(rows) if args.format == "json" else format_table(rows))
     return 0
@@ -120,10 +148,16 @@ def add_sequence_behaviour_arguments(parser) -> None:
     """``--behaviour-model B.npy --weighting W`` for ``klsym sequence``."""
     from klsym.rl.weightings import SEQUENCE_WEIGHTINGS
 
-    parser.add_argument("--behaviour-model", metavar="B.npy",
-                        help="behaviour policy b that drew the sequences: (P, V) logits of every prefix")
-    parser.add_argument("--weighting", default=",".join(SEQUENCE_WEIGHTINGS),
-                        help=f"with --behaviour-model: comma-separated from {', '.join(SEQUENCE_WEIGHTINGS)}")
+    parser.add_argument(
+        "--behaviour-model",
+        metavar="B.npy",
+        help="behaviour policy b that drew the sequences: (P, V) logits of every prefix",
+    )
+    parser.add_argument(
+        "--weighting",
+        default=",".join(SEQUENCE_WEIGHTINGS),
+        help=f"with --behaviour-model: comma-separated from {', '.join(SEQUENCE_WEIGHTINGS)}",
+    )
 
 
 def run_sequence(args, q, p) -> int:
@@ -137,8 +171,10 @@ def run_sequence(args, q, p) -> int:
     weightings = tuple(w.strip() for w in args.weighting.split(",") if w.strip())
     unknown = [w for w in weightings if w not in SEQUENCE_WEIGHTINGS]
     if unknown or not weightings:
-        raise UserError(f"unknown weighting {unknown[0] if unknown else args.weighting!r}; "
-                        f"choose from {', '.join(SEQUENCE_WEIGHTINGS)}")
+        raise UserError(
+            f"unknown weighting {unknown[0] if unknown else args.weighting!r}; "
+            f"choose from {', '.join(SEQUENCE_WEIGHTINGS)}"
+        )
     asked = [name.strip() for name in args.placements.split(",") if name.strip()]
     placements = tuple(name for name in asked if name in SEQUENCE_PLACEMENTS)
     if not placements:
@@ -150,8 +186,10 @@ def run_sequence(args, q, p) -> int:
         return 0
     print(format_table(table.to_dict("records")))
     if best:
-        print(f"recommended (unbiased for grad KL(q||p), least variance): {best['estimator']} {best['placement']} "
-              f"{best['weighting']} (variance per sequence {best['variance (per sequence)']:.6g})")
+        print(
+            f"recommended (unbiased for grad KL(q||p), least variance): {best['estimator']} {best['placement']} "
+            f"{best['weighting']} (variance per sequence {best['variance (per sequence)']:.6g})"
+        )
     return 0
 
 
@@ -159,9 +197,11 @@ def register(subparsers) -> None:
     from klsym.cli.exact import add_pair_arguments
 
     parser = subparsers.add_parser(
-        "offpolicy", help="KL terms on tokens from a behaviour policy b: exact vs Monte Carlo per weighting",
+        "offpolicy",
+        help="KL terms on tokens from a behaviour policy b: exact vs Monte Carlo per weighting",
         description="Samples x ~ b, gradient for q: every estimator, mode and weighting (none, token-is, "
-                    "token-is-differentiable, truncated-is, ppo-clip), exact (sums / quadrature) vs Monte Carlo.")
+        "token-is-differentiable, truncated-is, ppo-clip), exact (sums / quadrature) vs Monte Carlo.",
+    )
     add_pair_arguments(parser)
     add_behaviour_arguments(parser)
     parser.add_argument("--n", type=int, default=200_000, help="Monte Carlo samples from b")
@@ -180,5 +220,13 @@ def run(args) -> int:
     return run_mc(args, q, p, b, estimators_from_args(args))
 
 
-__all__ = ["add_behaviour_arguments", "behaviour_from_args", "weightings_from_args", "run_gradient", "run_exact",
-           "run_mc", "add_sequence_behaviour_arguments", "run_sequence"]
+__all__ = [
+    "add_behaviour_arguments",
+    "behaviour_from_args",
+    "weightings_from_args",
+    "run_gradient",
+    "run_exact",
+    "run_mc",
+    "add_sequence_behaviour_arguments",
+    "run_sequence",
+]

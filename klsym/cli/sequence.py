@@ -18,6 +18,7 @@ the row-major order of the logits); ``estimators`` -> name -> placement -> {``gr
 ``--behaviour-model B.npy`` (fixed horizon only) analyses sequences drawn from b under each ``--weighting``; the
 whole-sequence-ratio placements have no weighting and are refused by name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,24 +36,40 @@ from klsym.rl.sequences import ALL_PLACEMENTS, KL_PQ, KL_QP, sequence_summary
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "sequence", help="exact sequence-level gradients of per-token KL terms in every placement",
+        "sequence",
+        help="exact sequence-level gradients of per-token KL terms in every placement",
         description="Autoregressive q and p (tabular logits of every prefix): sequence KLs, true and partial "
-                    "gradients, and per estimator and placement (loss, reward, reward-to-go, sequence-reward, "
-                    "full, loss+reward, sequence-ratio-*) the exact expected gradient and what it follows.")
+        "gradients, and per estimator and placement (loss, reward, reward-to-go, sequence-reward, "
+        "full, loss+reward, sequence-ratio-*) the exact expected gradient and what it follows.",
+    )
     parser.add_argument("--q-model", metavar="Q.npy", help="sampler q: (P, V) logits of every prefix")
     parser.add_argument("--p-model", metavar="P.npy", help="reference p: (P, V) logits of every prefix")
     parser.add_argument("--random", metavar="V,T,SEED", help="a random pair instead of model files")
-    parser.add_argument("--eos", type=int, default=None, metavar="TOKEN",
-                        help="end-of-sequence token: sequences stop at their first TOKEN (default: fixed length T)")
-    parser.add_argument("--distance", type=float, default=0.5,
-                        help="with --random: std of the noise added to p's logits to make q (default 0.5)")
+    parser.add_argument(
+        "--eos",
+        type=int,
+        default=None,
+        metavar="TOKEN",
+        help="end-of-sequence token: sequences stop at their first TOKEN (default: fixed length T)",
+    )
+    parser.add_argument(
+        "--distance",
+        type=float,
+        default=0.5,
+        help="with --random: std of the noise added to p's logits to make q (default 0.5)",
+    )
     parser.add_argument("--estimators", default="k1,k2,k3", help="comma-separated estimator names (default k1,k2,k3)")
-    parser.add_argument("--expr", action="append", default=[], metavar="FORMULA",
-                        help="a custom estimator as a formula in r (repeatable)")
-    parser.add_argument("--placements", default=",".join(ALL_PLACEMENTS),
-                        help="comma-separated placements (default: all)")
-    parser.add_argument("--mc", default=None, metavar="N",
-                        help="also run N Monte Carlo sequences (e.g. 100000 or 1e5)")
+    parser.add_argument(
+        "--expr",
+        action="append",
+        default=[],
+        metavar="FORMULA",
+        help="a custom estimator as a formula in r (repeatable)",
+    )
+    parser.add_argument(
+        "--placements", default=",".join(ALL_PLACEMENTS), help="comma-separated placements (default: all)"
+    )
+    parser.add_argument("--mc", default=None, metavar="N", help="also run N Monte Carlo sequences (e.g. 100000 or 1e5)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="Monte Carlo seed (default 0)")
     add_format_argument(parser)
     add_sequence_behaviour_arguments(parser)
@@ -91,8 +108,9 @@ def pair_from_args(args):
     try:
         vocab, horizon, seed = (int(part) for part in args.random.split(","))
     except ValueError:
-        raise UserError(f"expected --random V,T,SEED as three integers separated by commas, got {args.random!r}") \
-            from None
+        raise UserError(
+            f"expected --random V,T,SEED as three integers separated by commas, got {args.random!r}"
+        ) from None
     if seed < 0:
         raise UserError(f"the seed of --random must be non-negative, got {seed}")
     p = Autoregressive.random(vocab, horizon, seed).with_eos(args.eos)
@@ -110,8 +128,10 @@ def _check_behaviour_options(args) -> None:
         args.placements = ",".join(SEQUENCE_PLACEMENTS)
     elif not asked or any(name not in SEQUENCE_PLACEMENTS for name in asked):
         unsupported = [name for name in asked if name not in SEQUENCE_PLACEMENTS] or [args.placements]
-        raise UserError(f"--behaviour-model: no off-policy weighting for the placement(s) {', '.join(unsupported)}; "
-                        f"weightings cover {', '.join(SEQUENCE_PLACEMENTS)}")
+        raise UserError(
+            f"--behaviour-model: no off-policy weighting for the placement(s) {', '.join(unsupported)}; "
+            f"weightings cover {', '.join(SEQUENCE_PLACEMENTS)}"
+        )
 
 
 def run(args) -> int:
@@ -125,22 +145,33 @@ def run(args) -> int:
     if args.format == "json":
         print(dumps(summary))
         return 0
-    print(f"V {summary['V']}  T {summary['T']}  eos {summary['eos']}  sequences enumerated {summary['sequences']:,}  "
-          f"parameters {summary['parameters']:,}")
-    print(f"{KL_QP} = {summary['kl'][KL_QP]:.10g}   {KL_PQ} = {summary['kl'][KL_PQ]:.10g}   "
-          f"missing future term |grad - partial| / |grad KL(q||p)| = {summary['missing_future_term']:.6g}")
+    print(
+        f"V {summary['V']}  T {summary['T']}  eos {summary['eos']}  sequences enumerated {summary['sequences']:,}  "
+        f"parameters {summary['parameters']:,}"
+    )
+    print(
+        f"{KL_QP} = {summary['kl'][KL_QP]:.10g}   {KL_PQ} = {summary['kl'][KL_PQ]:.10g}   "
+        f"missing future term |grad - partial| / |grad KL(q||p)| = {summary['missing_future_term']:.6g}"
+    )
     mc = summary.get("mc")
     rows = []
     for name, by_placement in summary["estimators"].items():
         for placement, entry in by_placement.items():
-            row = {"estimator": name, "placement": placement, "follows": entry["follows"],
-                   "rel. error vs grad KL(q||p)": entry["relative_error"], "cosine": entry["cosine"],
-                   "|gradient|": float(np.linalg.norm(entry["gradient"]))}
+            row = {
+                "estimator": name,
+                "placement": placement,
+                "follows": entry["follows"],
+                "rel. error vs grad KL(q||p)": entry["relative_error"],
+                "cosine": entry["cosine"],
+                "|gradient|": float(np.linalg.norm(entry["gradient"])),
+            }
             if mc:
                 row["MC max |z|"] = mc["estimators"][name][placement]["max_abs_z"]
             rows.append(row)
     print(format_table(rows))
     if mc:
-        print(f"Monte Carlo: n {mc['n']:,}, seed {mc['seed']}, {mc['checked']} coordinates checked, max |z| "
-              f"{mc['max_abs_z']:.3g} ({'passed' if mc['passed'] else 'FAILED'} |z| < {mc['z_limit']:g})")
+        print(
+            f"Monte Carlo: n {mc['n']:,}, seed {mc['seed']}, {mc['checked']} coordinates checked, max |z| "
+            f"{mc['max_abs_z']:.3g} ({'passed' if mc['passed'] else 'FAILED'} |z| < {mc['z_limit']:g})"
+        )
     return 0

@@ -23,6 +23,7 @@ moment it uses is finite: :math:`(a-1)\,\sigma_p^2 < a\,\sigma_q^2` for each pow
 >>> closed_forms("k4")["mean"] is None, closed_forms("k4")["conditions"]["mean"]
 (True, 'no closed form')
 """
+
 from __future__ import annotations
 
 from functools import cache, lru_cache
@@ -59,6 +60,7 @@ _MOVES = {"reward": {"mu_q": _M, "sigma_q": _S}, "loss": {"mu_q": MU_Q, "sigma_q
 
 # --- derivation ----------------------------------------------------------------------------------
 
+
 @lru_cache(maxsize=1)
 def _log_mgf() -> sp.Expr:
     return sp.expand_log(gcf.log_mgf(), force=True)
@@ -78,7 +80,8 @@ def _mgf_at(a) -> sp.Expr:
     logs = [term for term in terms if term.has(sp.log)]  # c * log(f) with numeric c: M has the factor f^c
     rest = sp.factor(sp.cancel(sp.Add(*terms) - sp.Add(*logs)))
     powers = sp.Mul(*[sp.exp(term) for term in logs]).replace(  # sqrt(factored base): sqrt(2 sigma_q^2 - sigma_p^2)
-        lambda e: e.is_Pow and not e.exp.is_Integer, lambda e: sp.factor(e.base) ** e.exp)
+        lambda e: e.is_Pow and not e.exp.is_Integer, lambda e: sp.factor(e.base) ** e.exp
+    )
     return sp.powsimp(powers * sp.exp(rest))
 
 
@@ -187,8 +190,12 @@ def derive(estimator: Estimator | str) -> dict:
     value = gcf.decompose(estimator.expr)
     surrogate = gcf.decompose(estimator.surrogate)
     square = gcf.decompose(sp.expand(estimator.expr**2)) if value is not None else None
-    out = {"mean": None, "variance": None, "gradient": {m: {p: None for p in PARAMETERS} for m in MODES},
-           "conditions": {"mean": None, "variance": None, "gradient": {m: None for m in MODES}}}
+    out = {
+        "mean": None,
+        "variance": None,
+        "gradient": {m: {p: None for p in PARAMETERS} for m in MODES},
+        "conditions": {"mean": None, "variance": None, "gradient": {m: None for m in MODES}},
+    }
     if value is not None:
         mean_groups = _grouped(value, None)
         out["mean"] = _assemble(mean_groups)
@@ -212,6 +219,7 @@ def derive(estimator: Estimator | str) -> dict:
 
 # --- JSON contract, cached ---------------------------------------------------------------------------
 
+
 def _text(expr) -> str | None:
     return None if expr is None else sp.sstr(expr)
 
@@ -227,11 +235,14 @@ def _condition_text(condition) -> str:
 def _jsonable(estimator: Estimator, derived: dict) -> dict:
     def both(render, condition_render):
         return {
-            "mean": render(derived["mean"]), "variance": render(derived["variance"]),
+            "mean": render(derived["mean"]),
+            "variance": render(derived["variance"]),
             "gradient": {m: {p: render(derived["gradient"][m][p]) for p in PARAMETERS} for m in MODES},
-            "conditions": {"mean": condition_render(derived["conditions"]["mean"]),
-                           "variance": condition_render(derived["conditions"]["variance"]),
-                           "gradient": {m: condition_render(derived["conditions"]["gradient"][m]) for m in MODES}},
+            "conditions": {
+                "mean": condition_render(derived["conditions"]["mean"]),
+                "variance": condition_render(derived["conditions"]["variance"]),
+                "gradient": {m: condition_render(derived["conditions"]["gradient"][m]) for m in MODES},
+            },
         }
 
     from klsym.derive.symbolic import value_divergence
@@ -239,18 +250,28 @@ def _jsonable(estimator: Estimator, derived: dict) -> dict:
     plain = both(_text, _condition_text)
     has_any = derived["mean"] is not None or derived["conditions"]["gradient"]["loss"] is not None
     surrogate = estimator.surrogate_expr  # straight-through: loss-mode gradients differentiate it, not k
-    return {"name": estimator.name, "expr": sp.sstr(estimator.expr), "family": "gaussian",
-            "symbols": {"q": "N(mu_q, sigma_q**2)", "p": "N(mu_p, sigma_p**2)"},
-            "closed_form": has_any, **plain, "surrogate": _text(surrogate),
-            "mean_equals": value_divergence(estimator)["expectation"],  # "KL(q||p)" for k1, k3, k1+, k3+
-            "latex": {**both(_latex, lambda c: NO_CLOSED_FORM if c is None else sp.latex(c)),
-                      "surrogate": _latex(surrogate)}}
+    return {
+        "name": estimator.name,
+        "expr": sp.sstr(estimator.expr),
+        "family": "gaussian",
+        "symbols": {"q": "N(mu_q, sigma_q**2)", "p": "N(mu_p, sigma_p**2)"},
+        "closed_form": has_any,
+        **plain,
+        "surrogate": _text(surrogate),
+        "mean_equals": value_divergence(estimator)["expectation"],  # "KL(q||p)" for k1, k3, k1+, k3+
+        "latex": {
+            **both(_latex, lambda c: NO_CLOSED_FORM if c is None else sp.latex(c)),
+            "surrogate": _latex(surrogate),
+        },
+    }
 
 
 @cache
 def _closed_forms_cached(estimator: Estimator) -> dict:
-    key = cache_key([sp.srepr(estimator.expr), sp.srepr(estimator.surrogate), estimator.name],
-                    [__file__, gcf.__file__, Path(__file__).with_name("symbolic.py")])  # mean_equals
+    key = cache_key(
+        [sp.srepr(estimator.expr), sp.srepr(estimator.surrogate), estimator.name],
+        [__file__, gcf.__file__, Path(__file__).with_name("symbolic.py")],
+    )  # mean_equals
     return cached_json("closed-forms", key, lambda: _jsonable(estimator, derive(estimator)))
 
 
@@ -294,12 +315,14 @@ def _entries(row: dict, source: str):
     """(label, expression, condition) triples of one row, from ``row[source]``."""
     forms = row if source == "plain" else row["latex"]
     yield r"\mathbb{E}_q[k]" if source == "latex" else "E_q[k]", forms["mean"], forms["conditions"]["mean"]
-    yield r"\mathrm{Var}_q[k]" if source == "latex" else "Var_q[k]", forms["variance"], \
-        forms["conditions"]["variance"]
+    yield r"\mathrm{Var}_q[k]" if source == "latex" else "Var_q[k]", forms["variance"], forms["conditions"]["variance"]
     for mode in MODES:
         for parameter in PARAMETERS:
-            label = (rf"g^{{{_MODE_LABEL[mode]}}}_{{{_PARAMETER_LABEL[parameter]}}}" if source == "latex"
-                     else f"{mode} d/d{parameter}")
+            label = (
+                rf"g^{{{_MODE_LABEL[mode]}}}_{{{_PARAMETER_LABEL[parameter]}}}"
+                if source == "latex"
+                else f"{mode} d/d{parameter}"
+            )
             yield label, forms["gradient"][mode][parameter], forms["conditions"]["gradient"][mode]
 
 
@@ -317,8 +340,10 @@ def _straight_through_note(row: dict, value: str, surrogate: str, name) -> str |
         return None
     source = _surrogate_source(row)
     source = f" (the gradient of {name(source)})" if source else ""
-    return (f"Straight-through: the value is {value}, but the loss-mode gradient differentiates the "
-            f"surrogate {surrogate}{source}, so the loss and full lines are those of s, not of k.")
+    return (
+        f"Straight-through: the value is {value}, but the loss-mode gradient differentiates the "
+        f"surrogate {surrogate}{source}, so the loss and full lines are those of s, not of k."
+    )
 
 
 def _shows_equality(row: dict) -> bool:
@@ -327,14 +352,19 @@ def _shows_equality(row: dict) -> bool:
 
 def render_markdown(rows: list[dict]) -> str:
     """Markdown: one section per estimator, one line per quantity with its condition."""
-    lines = ["# Gaussian closed forms", "",
-             "q = N(mu_q, sigma_q^2) (the sampler), p = N(mu_p, sigma_p^2), r = p(x)/q(x), x ~ q. "
-             "Gradients w.r.t. (mu_q, sigma_q): `loss` = E[grad k], `reward` = E[k grad log q], "
-             "`full` = loss + reward.", ""]
+    lines = [
+        "# Gaussian closed forms",
+        "",
+        "q = N(mu_q, sigma_q^2) (the sampler), p = N(mu_p, sigma_p^2), r = p(x)/q(x), x ~ q. "
+        "Gradients w.r.t. (mu_q, sigma_q): `loss` = E[grad k], `reward` = E[k grad log q], "
+        "`full` = loss + reward.",
+        "",
+    ]
     for row in rows:
         lines += [f"## `{row['name']}`: k(r) = `{row['expr']}`", ""]
-        note = _straight_through_note(row, f"k(r) = `{row['expr']}`", f"s(r) = `{row['surrogate']}`",
-                                      lambda n: f"`{n}`")
+        note = _straight_through_note(
+            row, f"k(r) = `{row['expr']}`", f"s(r) = `{row['surrogate']}`", lambda n: f"`{n}`"
+        )
         if note:
             lines += [note, ""]
         if not row["closed_form"]:
@@ -354,16 +384,21 @@ def render_latex(rows: list[dict]) -> str:
     from klsym import __version__
     from klsym.derive.symbolic import _tex_label, tex_standalone
 
-    body = [r"\section*{Gaussian closed forms (klsym " + __version__ + ")}",
-            r"$q = \mathcal{N}(\mu_q, \sigma_q^2)$ samples, $p = \mathcal{N}(\mu_p, \sigma_p^2)$, "
-            r"$r = p(x)/q(x)$. $g^{\text{mode}}_{\theta}$: expected gradient w.r.t.\ $\theta$ in that mode "
-            r"(loss $=\mathbb{E}_q[\nabla_\theta k]$, reward $=\mathbb{E}_q[k\,\nabla_\theta \log q]$, "
-            r"full $=$ loss $+$ reward)."]
+    body = [
+        r"\section*{Gaussian closed forms (klsym " + __version__ + ")}",
+        r"$q = \mathcal{N}(\mu_q, \sigma_q^2)$ samples, $p = \mathcal{N}(\mu_p, \sigma_p^2)$, "
+        r"$r = p(x)/q(x)$. $g^{\text{mode}}_{\theta}$: expected gradient w.r.t.\ $\theta$ in that mode "
+        r"(loss $=\mathbb{E}_q[\nabla_\theta k]$, reward $=\mathbb{E}_q[k\,\nabla_\theta \log q]$, "
+        r"full $=$ loss $+$ reward).",
+    ]
     for row in rows:
         body.append(r"\subsection*{\texttt{" + row["name"].replace("_", r"\_") + "}}")
         note = _straight_through_note(
-            row, "$k(r) = " + sp.latex(sp.sympify(row["expr"], locals={"r": r})) + "$",
-            f"$s(r) = {row['latex']['surrogate']}$", lambda n: r"\texttt{" + n.replace("_", r"\_") + "}")
+            row,
+            "$k(r) = " + sp.latex(sp.sympify(row["expr"], locals={"r": r})) + "$",
+            f"$s(r) = {row['latex']['surrogate']}$",
+            lambda n: r"\texttt{" + n.replace("_", r"\_") + "}",
+        )
         if note:
             body.append(note)
         if not row["closed_form"]:
@@ -377,8 +412,14 @@ def render_latex(rows: list[dict]) -> str:
                 where = rf" = \text{{{_tex_label(row['mean_equals'])}}}" + where
             lines.append(rf"{label} &= {shown}{where}")
         body += [r"\begin{align*}", " \\\\\n".join(lines), r"\end{align*}"]
-    return tex_standalone("\n".join(body), "klsym Gaussian closed forms (generated; do not edit by hand).",
-                          "closed_forms", needs="amsmath", packages="amsmath,amssymb", geometry="margin=1.5cm")
+    return tex_standalone(
+        "\n".join(body),
+        "klsym Gaussian closed forms (generated; do not edit by hand).",
+        "closed_forms",
+        needs="amsmath",
+        packages="amsmath,amssymb",
+        geometry="margin=1.5cm",
+    )
 
 
 def write_closed_forms(outdir, estimators=None) -> list[dict]:
@@ -388,5 +429,18 @@ def write_closed_forms(outdir, estimators=None) -> list[dict]:
     return write_renderings(outdir, "closed_forms", closed_form_rows(estimators), render_markdown, render_latex)
 
 
-__all__ = ["SYMBOLS", "MU_Q", "SIGMA_Q", "MU_P", "SIGMA_P", "NO_CLOSED_FORM", "derive", "closed_forms",
-           "closed_form_rows", "numeric", "render_markdown", "render_latex", "write_closed_forms"]
+__all__ = [
+    "SYMBOLS",
+    "MU_Q",
+    "SIGMA_Q",
+    "MU_P",
+    "SIGMA_P",
+    "NO_CLOSED_FORM",
+    "derive",
+    "closed_forms",
+    "closed_form_rows",
+    "numeric",
+    "render_markdown",
+    "render_latex",
+    "write_closed_forms",
+]

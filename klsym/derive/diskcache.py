@@ -8,6 +8,7 @@ read-only home) is skipped silently; the callers keep their own in-process cache
 >>> len(key), key == cache_key(["k3"], [__file__]), key == cache_key(["k2"], [__file__])
 (24, True, False)
 """
+
 from __future__ import annotations
 
 import hashlib

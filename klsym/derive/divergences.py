@@ -14,10 +14,11 @@ functions; :func:`dual` and :func:`symmetrized` build new generators from old on
 >>> dual(kl_reverse())
 r*log(r)
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import sympy as sp
 
@@ -249,8 +250,24 @@ def get_divergence(name: str) -> Divergence:
 
 
 __all__ = [
-    "Divergence", "REGISTRY", "get_divergence", "dual", "symmetrized",
-    "kl_reverse", "kl_forward", "pearson", "neyman", "chi_square", "squared_hellinger",
-    "jensen_shannon", "arithmetic_geometric", "total_variation", "jeffreys", "triangular",
-    "modified_gan", "log1p_abs", "amari_alpha", "t_power",
+    "Divergence",
+    "REGISTRY",
+    "get_divergence",
+    "dual",
+    "symmetrized",
+    "kl_reverse",
+    "kl_forward",
+    "pearson",
+    "neyman",
+    "chi_square",
+    "squared_hellinger",
+    "jensen_shannon",
+    "arithmetic_geometric",
+    "total_variation",
+    "jeffreys",
+    "triangular",
+    "modified_gan",
+    "log1p_abs",
+    "amari_alpha",
+    "t_power",
 ]

@@ -18,6 +18,7 @@ Traceback (most recent call last):
 ...
 klsym.derive.formula.FormulaError: malformed formula "__import__('os')": function '__import__' is not allowed (allowed: Abs, exp, log, sqrt)
 """
+
 from __future__ import annotations
 
 import ast
@@ -52,9 +53,19 @@ class Grammar:
     or ``sympify``. ``check_power(base, exponent)`` and ``check_call(name, args)`` add a grammar's own rules.
     """
 
-    def __init__(self, names: dict, functions: dict, error: type[ValueError], what: str, *,
-                 max_length: int = MAX_LENGTH, max_number: float | None = MAX_NUMBER, max_depth: int = MAX_DEPTH,
-                 check_power=None, check_call=None):
+    def __init__(
+        self,
+        names: dict,
+        functions: dict,
+        error: type[ValueError],
+        what: str,
+        *,
+        max_length: int = MAX_LENGTH,
+        max_number: float | None = MAX_NUMBER,
+        max_depth: int = MAX_DEPTH,
+        check_power=None,
+        check_call=None,
+    ):
         self.names, self.functions, self.error, self.what = names, functions, error, what
         self.max_length, self.max_number, self.max_depth = max_length, max_number, max_depth
         self.check_power, self.check_call = check_power, check_call
@@ -71,8 +82,10 @@ class Grammar:
         if foreign is not None:
             # Python folds full-width and other compatibility letters into ASCII names (NFKC): 'ｒ' would
             # silently become r. Refuse instead of guessing.
-            raise error(f"malformed {what} {text!r}: character {foreign!r} (U+{ord(foreign):04X}) is not "
-                        "ASCII; write it with ASCII letters, digits and + - * / ** ( )")
+            raise error(
+                f"malformed {what} {text!r}: character {foreign!r} (U+{ord(foreign):04X}) is not "
+                "ASCII; write it with ASCII letters, digits and + - * / ** ( )"
+            )
         try:
             tree = ast.parse(text.replace("^", "**").strip(), mode="eval")
         except SyntaxError as err:
@@ -144,9 +157,14 @@ def _check_call(name: str, args) -> None:
 
 
 #: The grammar of estimator formulas k(r): ``r``, ``t`` (= log r), ``pi``, ``E``; log, exp, sqrt, Abs.
-FORMULA = Grammar({"r": r, "t": sp.log(r), "pi": sp.pi, "E": sp.E},
-                  {"log": (sp.log, 1), "exp": (sp.exp, 1), "sqrt": (sp.sqrt, 1), "Abs": (sp.Abs, 1)},
-                  FormulaError, "formula", check_power=_check_power, check_call=_check_call)
+FORMULA = Grammar(
+    {"r": r, "t": sp.log(r), "pi": sp.pi, "E": sp.E},
+    {"log": (sp.log, 1), "exp": (sp.exp, 1), "sqrt": (sp.sqrt, 1), "Abs": (sp.Abs, 1)},
+    FormulaError,
+    "formula",
+    check_power=_check_power,
+    check_call=_check_call,
+)
 
 
 def parse_formula(text: str) -> sp.Expr:
@@ -164,8 +182,17 @@ def parse_formula(text: str) -> sp.Expr:
 
 #: Seconds allowed to SymPy for deciding where an argument of log, sqrt or a fractional power is negative.
 REALITY_SECONDS = 2.0
-_PROBES = [sp.Rational(1, 10**6), sp.Rational(1, 100), sp.Rational(1, 2), sp.Rational(9, 10), sp.Integer(1),
-           sp.Rational(11, 10), sp.Integer(2), sp.Integer(10), sp.Integer(10**6)]
+_PROBES = [
+    sp.Rational(1, 10**6),
+    sp.Rational(1, 100),
+    sp.Rational(1, 2),
+    sp.Rational(9, 10),
+    sp.Integer(1),
+    sp.Rational(11, 10),
+    sp.Integer(2),
+    sp.Integer(10),
+    sp.Integer(10**6),
+]
 
 
 def _require_real(shown: sp.Expr, argument: sp.Expr) -> None:
@@ -181,6 +208,7 @@ def _require_real(shown: sp.Expr, argument: sp.Expr) -> None:
     region = None
     try:
         from klsym.derive.symbolic import time_limit  # the symbolic layer imports this module: import late
+
         with time_limit(REALITY_SECONDS):
             region = sp.solveset(argument < 0, r, sp.Interval.open(0, sp.oo))
     except Exception:  # undecidable or too slow for SymPy: decide at probe points below

@@ -26,11 +26,12 @@ sigma_p**2 < 2*sigma_q**2
 >>> round(expectation(decompose(get_estimator("k1").expr), (0.0, 1.0), (1.0, 1.0)), 12)  # KL(q||p) = 1/2
 0.5
 """
+
 from __future__ import annotations
 
 import math
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import mpmath
 import numpy as np
@@ -56,7 +57,7 @@ QUANTITIES = ("value", "reward_mu", "reward_sigma", "loss_mu", "loss_sigma")
 
 
 def _log_normal(x, mean, sd):
-    return -(x - mean) ** 2 / (2 * sd**2) - sp.log(sd) - sp.log(2 * sp.pi) / 2
+    return -((x - mean) ** 2) / (2 * sd**2) - sp.log(sd) - sp.log(2 * sp.pi) / 2
 
 
 @lru_cache(maxsize=1)
@@ -75,7 +76,7 @@ def log_mgf() -> sp.Expr:
     return sp.log(sp.pi) / 2 - sp.log(-A) / 2 + C - B**2 / (4 * A)
 
 
-@lru_cache(maxsize=None)
+@cache
 def moment_condition(a) -> sp.Basic:
     r"""Condition on the sigmas for :math:`\mathbb{E}_q[r^a]` to be finite (sampler = q).
 
@@ -105,8 +106,11 @@ def moment_condition_text(powers) -> str:
     from klsym.derive.diskcache import cache_key, cached_json
 
     high, low = str(max(powers)), str(min(powers))
-    return cached_json("condition", cache_key([high, low], [__file__]), lambda: sp.sstr(
-        sp.And(moment_condition(sp.sympify(high)), moment_condition(sp.sympify(low)))))
+    return cached_json(
+        "condition",
+        cache_key([high, low], [__file__]),
+        lambda: sp.sstr(sp.And(moment_condition(sp.sympify(high)), moment_condition(sp.sympify(low)))),
+    )
 
 
 def condition_holds(a, q: tuple[float, float], p: tuple[float, float]) -> bool:
@@ -149,8 +153,7 @@ def decompose(expr: sp.Expr) -> list[tuple] | None:
                 n += 1
             elif factor.is_Pow and factor.base == t and factor.exp.is_Integer and factor.exp > 0:
                 n += int(factor.exp)
-            elif isinstance(factor, sp.exp) and factor.args[0].is_polynomial(t) \
-                    and sp.degree(factor.args[0], t) == 1:
+            elif isinstance(factor, sp.exp) and factor.args[0].is_polynomial(t) and sp.degree(factor.args[0], t) == 1:
                 slope = factor.args[0].coeff(t, 1)
                 if not slope.is_number:
                     return None
@@ -167,7 +170,7 @@ def decompose(expr: sp.Expr) -> list[tuple] | None:
     return sorted(terms, key=lambda term: (float(term[1]), term[2]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _term_function(a, n: int):
     r"""Lambdified ``(mu, sigma, mu_p, sigma_p, T) -> [value, reward_mu, reward_sigma, loss_mu, loss_sigma]``.
 
@@ -233,7 +236,7 @@ class Tracked:
         self.scale = abs(self.value) if scale is None else scale
 
     @staticmethod
-    def of(other) -> "Tracked":
+    def of(other) -> Tracked:
         return other if isinstance(other, Tracked) else Tracked(other)
 
     def __add__(self, other):
@@ -307,8 +310,10 @@ def precise(compute, extra_digits: int = 0):
             if previous is not None and all(resolved) and all(map(_agree, values, previous)):
                 return values
         previous = values
-    return [(new if _agree(new, old) else mpmath.nan) if ok else mpmath.mpf(0)
-            for new, old, ok in zip(values, previous, resolved)]
+    return [
+        (new if _agree(new, old) else mpmath.nan) if ok else mpmath.mpf(0)
+        for new, old, ok in zip(values, previous, resolved)
+    ]
 
 
 def _agree(new, old) -> bool:
@@ -336,8 +341,9 @@ def gradient(terms, q, p, moving: str, positions: int = 1) -> np.ndarray:
     """
     if moving not in ("sampler", "ratio", "both"):
         raise ValueError(f"moving must be one of sampler, ratio, both, got {moving!r}")
-    return np.array([float(v) for v in precise(lambda: gradient_parts(terms, q, p, moving, positions),
-                                               digits_lost(q, p))])
+    return np.array(
+        [float(v) for v in precise(lambda: gradient_parts(terms, q, p, moving, positions), digits_lost(q, p))]
+    )
 
 
 def gradient_parts(terms, q, p, moving: str, positions: int = 1) -> list:
@@ -345,8 +351,7 @@ def gradient_parts(terms, q, p, moving: str, positions: int = 1) -> list:
     values = combine(terms, q, p, positions)
     if not mpmath.isfinite(values[0].value):
         return [Tracked(mpmath.nan), Tracked(mpmath.nan)]
-    parts = {"sampler": values[1:3], "ratio": values[3:5],
-             "both": [values[1] + values[3], values[2] + values[4]]}
+    parts = {"sampler": values[1:3], "ratio": values[3:5], "both": [values[1] + values[3], values[2] + values[4]]}
     return parts[moving]
 
 
@@ -379,5 +384,18 @@ def warm(terms) -> None:
         _term_function(a, n)
 
 
-__all__ = ["decompose", "moment_condition", "moment_condition_text", "condition_holds", "log_mgf", "expectation", "gradient",
-           "gradient_parts", "combine", "precise", "Tracked", "QUANTITIES", "warm"]
+__all__ = [
+    "decompose",
+    "moment_condition",
+    "moment_condition_text",
+    "condition_holds",
+    "log_mgf",
+    "expectation",
+    "gradient",
+    "gradient_parts",
+    "combine",
+    "precise",
+    "Tracked",
+    "QUANTITIES",
+    "warm",
+]

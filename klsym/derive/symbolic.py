@@ -25,6 +25,7 @@ implied divergence is identified, and :math:`g''(1) = -h'(1)` computed, without 
 >>> implied_gradient_generator(get_estimator("k2"), "loss")
 r - log(r) - 1
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import sympy as sp
@@ -41,23 +42,33 @@ from sympy.calculus.util import continuous_domain
 from klsym import __version__
 from klsym.derive.diskcache import cache_key, cached_json
 from klsym.derive.divergences import REGISTRY
-from klsym.derive.estimators import BUILTINS, Estimator, from_formula, get_estimator, in_logratio
-from klsym.derive.symbols import delta, r, t, u, x
+from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, in_logratio
+from klsym.derive.symbols import delta, r, t, u
 
 MODES = ("loss", "reward", "full")
 POSITIVE_REALS = sp.Interval.open(0, sp.oo)
 SOLVE_SECONDS = 3  # per SymPy call: past this, fall back (unevaluated integral / undecided)
 # Exact probe points for counterexamples: both sides of 1, far into the tails.
-_PROBES = [sp.Rational(1, 10**k) for k in (6, 3, 2, 1)] + [sp.Rational(1, 2), sp.Rational(9, 10),
-           sp.Rational(11, 10), 2, sp.E, 5, 10, 100, 10**3, 10**6]
+_PROBES = [sp.Rational(1, 10**k) for k in (6, 3, 2, 1)] + [
+    sp.Rational(1, 2),
+    sp.Rational(9, 10),
+    sp.Rational(11, 10),
+    2,
+    sp.E,
+    5,
+    10,
+    100,
+    10**3,
+    10**6,
+]
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
 #: Seconds a whole command may spend deriving (``--time-budget``, ``$KLSYM_TIME_BUDGET``).
 DEFAULT_TIME_BUDGET = 30.0
-_deadlines: list[float] = []   # stack of absolute deadlines (time.monotonic), innermost last
-_budget: list[float] = []      # the command's deadline, if one is running
+_deadlines: list[float] = []  # stack of absolute deadlines (time.monotonic), innermost last
+_budget: list[float] = []  # the command's deadline, if one is running
 
 
 class BudgetExceeded(BaseException):
@@ -211,8 +222,11 @@ def _clearly_nonzero(expr: sp.Expr) -> bool:
     parameters = sorted(expr.free_symbols - {r}, key=str)
     if any(not (s.is_real and s.is_integer is not True and s.is_negative is not True) for s in parameters):
         return False
-    points = [{r: point} for point in _CHECK_POINTS] if not parameters else [
-        {r: point, **{s: value for s in parameters}} for value in _PARAMETER_POINTS for point in _CHECK_POINTS]
+    points = (
+        [{r: point} for point in _CHECK_POINTS]
+        if not parameters
+        else [{r: point, **{s: value for s in parameters}} for value in _PARAMETER_POINTS for point in _CHECK_POINTS]
+    )
     for point in points:
         try:
             value = sp.N(expr.subs(point), 30)
@@ -280,6 +294,7 @@ def _test_points(roots: list, interval: sp.Interval) -> list:
 
 # --- sign analysis -----------------------------------------------------------------------------
 
+
 def sign_verdict(expr: sp.Expr, interval: sp.Interval = POSITIVE_REALS) -> dict:
     r"""Decide whether ``expr`` :math:`\ge 0` for all r in ``interval``.
 
@@ -300,12 +315,18 @@ def sign_verdict(expr: sp.Expr, interval: sp.Interval = POSITIVE_REALS) -> dict:
         factored = sp.factor(sp.together(simplified))  # exposes signs simplify() may hide
         simplified = factored if factored.is_nonnegative or factored.is_negative else simplified
     if simplified.is_nonnegative:
-        return {"holds": True, "argument": f"{sp.sstr(simplified)} >= 0 by SymPy's assumptions (r > 0)",
-                "counterexample": None}
+        return {
+            "holds": True,
+            "argument": f"{sp.sstr(simplified)} >= 0 by SymPy's assumptions (r > 0)",
+            "counterexample": None,
+        }
     if simplified.is_negative:
         witness = _test_points([], interval)[0]
-        return {"holds": False, "argument": f"{sp.sstr(simplified)} < 0 on {sp.sstr(interval)}",
-                "counterexample": witness}
+        return {
+            "holds": False,
+            "argument": f"{sp.sstr(simplified)} < 0 on {sp.sstr(interval)}",
+            "counterexample": witness,
+        }
     if isinstance(simplified, sp.Piecewise):
         return _piecewise_sign(simplified, interval)
     verdict = _sign_by_zeros(simplified, interval)
@@ -314,8 +335,11 @@ def sign_verdict(expr: sp.Expr, interval: sp.Interval = POSITIVE_REALS) -> dict:
     witness = _find_negative(simplified, interval)
     if witness is not None:
         return {"holds": False, "argument": f"negative at r = {sp.sstr(witness)}", "counterexample": witness}
-    return {"holds": None, "argument": "undecided: no proof found and no counterexample at the probe points",
-            "counterexample": None}
+    return {
+        "holds": None,
+        "argument": "undecided: no proof found and no counterexample at the probe points",
+        "counterexample": None,
+    }
 
 
 def _sign_by_zeros(expr: sp.Expr, interval: sp.Interval) -> dict | None:
@@ -329,8 +353,7 @@ def _sign_by_zeros(expr: sp.Expr, interval: sp.Interval) -> dict | None:
             zeros = sp.solveset(expr, r, interval)
     except Exception:  # SymPy may fail anywhere inside on exotic input; treat as undecided
         return None
-    if zeros is not sp.S.EmptySet and (not isinstance(zeros, sp.FiniteSet)
-                                       or not all(z.is_real for z in zeros)):
+    if zeros is not sp.S.EmptySet and (not isinstance(zeros, sp.FiniteSet) or not all(z.is_real for z in zeros)):
         return None
     roots = sorted(zeros, key=lambda z: sp.N(z)) if zeros is not sp.S.EmptySet else []
     for point in _test_points(roots, interval):
@@ -340,9 +363,14 @@ def _sign_by_zeros(expr: sp.Expr, interval: sp.Interval) -> dict | None:
         if sign < 0:
             return {"holds": False, "argument": f"negative at r = {sp.sstr(point)}", "counterexample": point}
     where = ", ".join(sp.sstr(z) for z in roots) or "none"
-    return {"holds": True, "argument": (f"continuous on {sp.sstr(interval)} with zeros at {{{where}}}; "
-                                        "non-negative at a point between consecutive zeros"),
-            "counterexample": None}
+    return {
+        "holds": True,
+        "argument": (
+            f"continuous on {sp.sstr(interval)} with zeros at {{{where}}}; "
+            "non-negative at a point between consecutive zeros"
+        ),
+        "counterexample": None,
+    }
 
 
 def _piecewise_sign(expr: sp.Piecewise, interval: sp.Interval) -> dict:
@@ -351,18 +379,24 @@ def _piecewise_sign(expr: sp.Piecewise, interval: sp.Interval) -> dict:
         try:
             region = condition.as_set().intersect(remaining)
         except NotImplementedError:
-            return {"holds": None, "argument": f"undecided: condition {condition} not reducible",
-                    "counterexample": None}
+            return {
+                "holds": None,
+                "argument": f"undecided: condition {condition} not reducible",
+                "counterexample": None,
+            }
         remaining = remaining - region
-        for part in (region.args if isinstance(region, sp.Union) else [region]):
+        for part in region.args if isinstance(region, sp.Union) else [region]:
             if part is sp.S.EmptySet:
                 continue
             if isinstance(part, sp.FiniteSet):
                 signs = {z: _sign_at(piece, z) for z in part}
                 negative = [z for z, sign in signs.items() if sign == -1]
                 holds = False if negative else (None if None in signs.values() else True)
-                verdict = {"holds": holds, "argument": f"values at {sp.sstr(part)}",
-                           "counterexample": negative[0] if negative else None}
+                verdict = {
+                    "holds": holds,
+                    "argument": f"values at {sp.sstr(part)}",
+                    "counterexample": negative[0] if negative else None,
+                }
             else:
                 verdict = sign_verdict(piece, part)
             if verdict["holds"] is not True:
@@ -372,6 +406,7 @@ def _piecewise_sign(expr: sp.Piecewise, interval: sp.Interval) -> dict:
 
 
 # --- derivatives, identification ----------------------------------------------------------------
+
 
 def derivatives_at_one(expr: sp.Expr, order: int = 3) -> list[sp.Expr | None]:
     r"""Exact :math:`f(1), f'(1), \ldots, f^{(order)}(1)`; None where f is not differentiable at 1.
@@ -438,11 +473,13 @@ def _kinks_convex(pieces: sp.Piecewise) -> dict | None:
         if jump is None:
             return None
         if jump < 0:
-            return {"holds": False, "argument": f"the slope drops at the kink r = {sp.sstr(c)}",
-                    "counterexample": c}
+            return {"holds": False, "argument": f"the slope drops at the kink r = {sp.sstr(c)}", "counterexample": c}
     where = ", ".join(sp.sstr(c) for c in kinks) or "none"
-    return {"holds": True, "argument": (f"convex on each piece, continuous with a non-decreasing slope at the "
-                                        f"kinks r = {where}"), "counterexample": None}
+    return {
+        "holds": True,
+        "argument": (f"convex on each piece, continuous with a non-decreasing slope at the kinks r = {where}"),
+        "counterexample": None,
+    }
 
 
 def identify(generator: sp.Expr) -> str | None:
@@ -508,7 +545,7 @@ def implied_gradient_generator(estimator: Estimator, mode: str) -> sp.Expr:
     return _generator_of_coefficient(h)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _generator_of_coefficient(h: sp.Expr) -> sp.Expr:
     """:func:`implied_gradient_generator` for the coefficient h (modes of several estimators share one h)."""
     try:
@@ -539,8 +576,10 @@ def _integral_from_one(integrand: sp.Expr) -> sp.Expr:
         if b == -1:
             antiderivative = sp.log(r) ** (n + 1) / (n + 1)
         else:
-            antiderivative = r ** (b + 1) * sum((-1) ** k * sp.factorial(n) / sp.factorial(n - k)
-                                                * sp.log(r) ** (n - k) / (b + 1) ** (k + 1) for k in range(n + 1))
+            antiderivative = r ** (b + 1) * sum(
+                (-1) ** k * sp.factorial(n) / sp.factorial(n - k) * sp.log(r) ** (n - k) / (b + 1) ** (k + 1)
+                for k in range(n + 1)
+            )
         total += c * (antiderivative - antiderivative.subs(r, 1))
     return total
 
@@ -557,8 +596,11 @@ def implied_gradient_divergence(estimator: Estimator, mode: str) -> dict:
     second = -sp.diff(h, r) / r
     label = identify_second_derivative(second)
     d2g1 = derivatives_at_one(h, 1)[1]
-    return {"generator": implied_gradient_generator(estimator, mode), "divergence": label,
-            "d2g1": None if d2g1 is None else _simplify(-d2g1)}
+    return {
+        "generator": implied_gradient_generator(estimator, mode),
+        "divergence": label,
+        "d2g1": None if d2g1 is None else _simplify(-d2g1),
+    }
 
 
 def value_divergence(estimator: Estimator) -> dict:
@@ -594,8 +636,9 @@ def normal_moment_of_t(n: int, mean: sp.Expr, var: sp.Expr) -> sp.Expr:
     >>> normal_moment_of_t(2, -delta**2 / 2, delta**2)
     delta**4/4 + delta**2
     """
-    return sp.expand(sum(sp.binomial(n, k) * mean ** (n - k) * sp.sqrt(var) ** k * sp.factorial2(k - 1)
-                         for k in range(0, n + 1, 2)))
+    return sp.expand(
+        sum(sp.binomial(n, k) * mean ** (n - k) * sp.sqrt(var) ** k * sp.factorial2(k - 1) for k in range(0, n + 1, 2))
+    )
 
 
 def local_expansion(estimator: Estimator, order: int = 4) -> dict | None:
@@ -618,7 +661,7 @@ def local_expansion(estimator: Estimator, order: int = 4) -> dict | None:
         return None
     if taylor.has(sp.log):
         return None
-    mean, var = -delta**2 / 2, delta**2
+    mean, var = -(delta**2) / 2, delta**2
     normal_moment = {n: normal_moment_of_t(n, mean, var) for n in range(order + 1)}
     poly = sp.Poly(sp.expand(taylor), t)
     expectation = sum(coef * normal_moment[n] for (n,), coef in poly.terms())
@@ -635,7 +678,8 @@ def local_expansion(estimator: Estimator, order: int = 4) -> dict | None:
 
 # --- the whole analysis -----------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+
+@cache
 def convexity(estimator: Estimator) -> dict:
     r"""Is :math:`k''(r) \ge 0` on :math:`(0, \infty)`? A :func:`sign_verdict` of :math:`k''`.
 
@@ -656,12 +700,15 @@ def convexity(estimator: Estimator) -> dict:
     verdict = sign_verdict(sp.diff(pieces, r, 2))
     if verdict["holds"] is True:
         kinks = _kinks_convex(pieces) if isinstance(pieces, sp.Piecewise) else None
-        return kinks or {"holds": None, "argument": "convex on each piece; the kinks are undecided",
-                         "counterexample": None}
+        return kinks or {
+            "holds": None,
+            "argument": "convex on each piece; the kinks are undecided",
+            "counterexample": None,
+        }
     return verdict
 
 
-@lru_cache(maxsize=None)
+@cache
 def nonnegativity(estimator: Estimator) -> dict:
     r"""Is :math:`k(r) \ge 0` on :math:`(0, \infty)`? Proof, counterexample, or undecided.
 
@@ -672,8 +719,11 @@ def nonnegativity(estimator: Estimator) -> dict:
     """
     f1, df1 = derivatives_at_one(estimator.expr, 1)
     if f1 == 0 and df1 == 0 and convexity(estimator)["holds"] is True:
-        return {"holds": True, "argument": ("k(1) = 0, k'(1) = 0 and k convex: k lies above its "
-                                            "tangent at r = 1, which is 0"), "counterexample": None}
+        return {
+            "holds": True,
+            "argument": ("k(1) = 0, k'(1) = 0 and k convex: k lies above its tangent at r = 1, which is 0"),
+            "counterexample": None,
+        }
     return sign_verdict(estimator.expr)
 
 
@@ -698,24 +748,43 @@ def analyze_symbolic(estimator: Estimator, budget: float | None = None) -> dict:
         def fallback(reason):
             undecided.append(reason)
             return value
+
         return fallback
 
     with time_budget(budget):
-        f1, df1, d2f1, d3f1 = guarded("derivatives at r = 1", lambda: derivatives_at_one(estimator.expr, 3),
-                                      nothing([None] * 4))
+        f1, df1, d2f1, d3f1 = guarded(
+            "derivatives at r = 1", lambda: derivatives_at_one(estimator.expr, 3), nothing([None] * 4)
+        )
         convex = guarded("convexity", lambda: convexity(estimator), verdict)
         nonnegative = guarded("non-negativity", lambda: nonnegativity(estimator), verdict)
-        value = guarded("E_q[k]", lambda: value_divergence(estimator),
-                        nothing({"generator": None, "divergence": None, "expectation": None}))
-        gradient = {mode: guarded(f"{mode}-mode gradient", lambda m=mode: implied_gradient_divergence(estimator, m),
-                                  nothing({"generator": None, "divergence": None, "d2g1": None}))
-                    for mode in MODES}
+        value = guarded(
+            "E_q[k]",
+            lambda: value_divergence(estimator),
+            nothing({"generator": None, "divergence": None, "expectation": None}),
+        )
+        gradient = {
+            mode: guarded(
+                f"{mode}-mode gradient",
+                lambda m=mode: implied_gradient_divergence(estimator, m),
+                nothing({"generator": None, "divergence": None, "d2g1": None}),
+            )
+            for mode in MODES
+        }
         expansion = guarded("local expansion", lambda: local_expansion(estimator), nothing(None))
     result = {
-        "name": estimator.name, "expr": estimator.expr, "surrogate": estimator.surrogate_expr,
-        "f1": f1, "df1": df1, "d2f1": d2f1, "d3f1": d3f1,
-        "nonnegative": nonnegative, "convex": convex,
-        "value": value, "gradient": gradient, "local_expansion": expansion, "undecided": undecided,
+        "name": estimator.name,
+        "expr": estimator.expr,
+        "surrogate": estimator.surrogate_expr,
+        "f1": f1,
+        "df1": df1,
+        "d2f1": d2f1,
+        "d3f1": d3f1,
+        "nonnegative": nonnegative,
+        "convex": convex,
+        "value": value,
+        "gradient": gradient,
+        "local_expansion": expansion,
+        "undecided": undecided,
     }
     if not undecided:
         _COMPLETE[estimator] = result
@@ -734,19 +803,26 @@ def _jsonable(result: dict) -> dict:
         "name": result["name"],
         "expr": text(result["expr"]),
         "latex": sp.latex(result["expr"]),
-        "f1": text(result["f1"]), "df1": text(result["df1"]),
-        "d2f1": text(result["d2f1"]), "d3f1": text(result["d3f1"]),
+        "f1": text(result["f1"]),
+        "df1": text(result["df1"]),
+        "d2f1": text(result["d2f1"]),
+        "d3f1": text(result["d3f1"]),
         "nonnegative": result["nonnegative"]["holds"],
         "convex": result["convex"]["holds"],
-        "value": {"generator": text(result["value"]["generator"]),
-                  "divergence": result["value"]["divergence"],
-                  "expectation": result["value"].get("expectation")},
-        "gradient": {mode: {"generator": text(g["generator"]), "divergence": g["divergence"],
-                            "d2g1": text(g["d2g1"])} for mode, g in result["gradient"].items()},
+        "value": {
+            "generator": text(result["value"]["generator"]),
+            "divergence": result["value"]["divergence"],
+            "expectation": result["value"].get("expectation"),
+        },
+        "gradient": {
+            mode: {"generator": text(g["generator"]), "divergence": g["divergence"], "d2g1": text(g["d2g1"])}
+            for mode, g in result["gradient"].items()
+        },
         "surrogate": text(result["surrogate"]),
         "arguments": {"nonnegative": verdict(result["nonnegative"]), "convex": verdict(result["convex"])},
-        "local_expansion": None if expansion is None else {
-            "series": text(expansion["series"]), "bias_leading": text(expansion["bias_leading"])},
+        "local_expansion": None
+        if expansion is None
+        else {"series": text(expansion["series"]), "bias_leading": text(expansion["bias_leading"])},
         "undecided": list(result.get("undecided", [])),
     }
 
@@ -792,13 +868,26 @@ def derivation_rows(estimators=None) -> list[dict]:
 
 
 __all__ = [
-    "MODES", "analyze", "analyze_symbolic", "derivation_rows", "derivatives_at_one", "identify",
-    "implied_gradient_divergence", "implied_gradient_generator", "is_zero", "local_expansion",
-    "mode_coefficient", "sign_verdict", "value_divergence", "convexity", "nonnegativity",
+    "MODES",
+    "analyze",
+    "analyze_symbolic",
+    "derivation_rows",
+    "derivatives_at_one",
+    "identify",
+    "implied_gradient_divergence",
+    "implied_gradient_generator",
+    "is_zero",
+    "local_expansion",
+    "mode_coefficient",
+    "sign_verdict",
+    "value_divergence",
+    "convexity",
+    "nonnegativity",
 ]
 
 
 # --- rendering: Markdown, LaTeX, JSON ------------------------------------------------------------
+
 
 def _md_label(label: str | None) -> str:
     return "—" if label is None else label.replace("|", "\\|")  # a bare | would end the table cell
@@ -810,16 +899,33 @@ def _verdict_text(value) -> str:
 
 def render_markdown(rows: list[dict]) -> str:
     """A Markdown table of derivation rows (formulas as inline LaTeX)."""
-    header = ("| estimator | $k(r)$ | $f(1)$ | $f'(1)$ | $f''(1)$ | $f'''(1)$ | $\\geq 0$ | convex "
-              "| $\\mathbb{E}_q[k]$ | loss | reward | full |")
+    header = (
+        "| estimator | $k(r)$ | $f(1)$ | $f'(1)$ | $f''(1)$ | $f'''(1)$ | $\\geq 0$ | convex "
+        "| $\\mathbb{E}_q[k]$ | loss | reward | full |"
+    )
     lines = [header, "|" + "---|" * 12]
     for row in rows:
-        grads = [f"{_md_label(row['gradient'][m]['divergence'])} ($g''(1)={row['gradient'][m]['d2g1']}$)"
-                 for m in MODES]
-        lines.append("| " + " | ".join([
-            f"`{row['name']}`", f"${row['latex']}$", row["f1"] or "—", row["df1"] or "—",
-            row["d2f1"] or "—", row["d3f1"] or "—", _verdict_text(row["nonnegative"]),
-            _verdict_text(row["convex"]), _md_label(row["value"]["divergence"]), *grads]) + " |")
+        grads = [
+            f"{_md_label(row['gradient'][m]['divergence'])} ($g''(1)={row['gradient'][m]['d2g1']}$)" for m in MODES
+        ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{row['name']}`",
+                    f"${row['latex']}$",
+                    row["f1"] or "—",
+                    row["df1"] or "—",
+                    row["d2f1"] or "—",
+                    row["d3f1"] or "—",
+                    _verdict_text(row["nonnegative"]),
+                    _verdict_text(row["convex"]),
+                    _md_label(row["value"]["divergence"]),
+                    *grads,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -840,18 +946,29 @@ _TEX_STANDALONE = r"""% {comment}
 """
 
 
-def tex_standalone(body: str, comment: str, name: str, needs: str = "amsmath and booktabs",
-                   packages: str = "amsmath,amssymb,booktabs", geometry: str = "landscape,margin=1.5cm") -> str:
+def tex_standalone(
+    body: str,
+    comment: str,
+    name: str,
+    needs: str = "amsmath and booktabs",
+    packages: str = "amsmath,amssymb,booktabs",
+    geometry: str = "landscape,margin=1.5cm",
+) -> str:
     r"""``body`` as a ``.tex`` file that compiles on its own or is ``\input{name}`` into a paper."""
-    return _TEX_STANDALONE.format(comment=comment, name=name, needs=needs, packages=packages, geometry=geometry,
-                                  body=body)
+    return _TEX_STANDALONE.format(
+        comment=comment, name=name, needs=needs, packages=packages, geometry=geometry, body=body
+    )
 
 
 def _tex_label(label: str | None) -> str:
     if label is None:
         return "--"
-    return (label.replace("KL(q||p)", r"$\mathrm{KL}(q\|p)$").replace("KL(p||q)", r"$\mathrm{KL}(p\|q)$")
-            .replace("chi^2", r"$\chi^2$").replace("*", r"$\cdot$"))
+    return (
+        label.replace("KL(q||p)", r"$\mathrm{KL}(q\|p)$")
+        .replace("KL(p||q)", r"$\mathrm{KL}(p\|q)$")
+        .replace("chi^2", r"$\chi^2$")
+        .replace("*", r"$\cdot$")
+    )
 
 
 def render_latex(rows: list[dict]) -> str:
@@ -859,22 +976,27 @@ def render_latex(rows: list[dict]) -> str:
     body = [
         r"\begin{table}[ht]\centering\small",
         r"\caption{Estimators $k(r)$, $r = p(x)/q(x)$, $x \sim q$: derivatives at $r=1$, the divergence "
-        r"$\mathbb{E}_q[k]$ equals, and the divergence whose gradient each mode follows (klsym "
-        + __version__ + r").}",
-        r"\begin{tabular}{lllllllll}", r"\toprule",
+        r"$\mathbb{E}_q[k]$ equals, and the divergence whose gradient each mode follows (klsym " + __version__ + r").}",
+        r"\begin{tabular}{lllllllll}",
+        r"\toprule",
         r"estimator & $k(r)$ & $f''(1)$ & $k \ge 0$ & convex & $\mathbb{E}_q[k]$ & loss & reward & full \\",
         r"\midrule",
     ]
     for row in rows:
-        cells = [r"\texttt{" + row["name"].replace("_", r"\_") + "}", f"${row['latex']}$",
-                 f"${row['d2f1']}$" if row["d2f1"] else "--",
-                 _verdict_text(row["nonnegative"]), _verdict_text(row["convex"]),
-                 _tex_label(row["value"]["divergence"])]
+        cells = [
+            r"\texttt{" + row["name"].replace("_", r"\_") + "}",
+            f"${row['latex']}$",
+            f"${row['d2f1']}$" if row["d2f1"] else "--",
+            _verdict_text(row["nonnegative"]),
+            _verdict_text(row["convex"]),
+            _tex_label(row["value"]["divergence"]),
+        ]
         cells += [_tex_label(row["gradient"][m]["divergence"]) for m in MODES]
         body.append(" & ".join(cells) + r" \\")
     body += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return tex_standalone("\n".join(body), "klsym derivation table (generated by `make report`; do not edit by hand).",
-                          "derivations")
+    return tex_standalone(
+        "\n".join(body), "klsym derivation table (generated by `make report`; do not edit by hand).", "derivations"
+    )
 
 
 def write_renderings(outdir, stem: str, rows: list[dict], markdown, latex) -> list[dict]:

@@ -5,6 +5,7 @@ r"""The symbols every derivation shares, with their assumptions declared.
 >>> r.is_positive, t.is_real
 (True, True)
 """
+
 import sympy as sp
 
 r = sp.Symbol("r", positive=True)

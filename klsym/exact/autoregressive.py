@@ -33,6 +33,7 @@ Traceback (most recent call last):
 ...
 ValueError: autoregressive logits of shape (5, 3): 5 rows is not 1 + V + ... + V^(T-1) for V = 3 and any T ...
 """
+
 from __future__ import annotations
 
 import math
@@ -94,26 +95,35 @@ class Autoregressive:
     def __post_init__(self):
         logits = real_array(self.logits, "autoregressive logits")
         if logits.ndim != 2 or logits.shape[1] < 2 or logits.shape[0] < 1:
-            raise ValueError(f"autoregressive logits must have shape (P, V) with V >= 2 tokens, got shape "
-                             f"{logits.shape}")
+            raise ValueError(
+                f"autoregressive logits must have shape (P, V) with V >= 2 tokens, got shape {logits.shape}"
+            )
         n_rows, vocab = logits.shape
         horizon = horizon_of(n_rows, vocab)
         if horizon is None:
             valid = ", ".join(str(int(v)) for v in prefix_offsets(vocab, 4)[1:]) + ", ..."
-            raise ValueError(f"autoregressive logits of shape {logits.shape}: {n_rows} rows is not "
-                             f"1 + V + ... + V^(T-1) for V = {vocab} and any T >= 1 (valid: {valid})")
-        if vocab ** horizon > MAX_SEQUENCES:
-            raise ValueError(f"V^T = {vocab}^{horizon} = {vocab ** horizon:,} sequences exceed the exact limit "
-                             f"{MAX_SEQUENCES:,}")
+            raise ValueError(
+                f"autoregressive logits of shape {logits.shape}: {n_rows} rows is not "
+                f"1 + V + ... + V^(T-1) for V = {vocab} and any T >= 1 (valid: {valid})"
+            )
+        if vocab**horizon > MAX_SEQUENCES:
+            raise ValueError(
+                f"V^T = {vocab}^{horizon} = {vocab**horizon:,} sequences exceed the exact limit {MAX_SEQUENCES:,}"
+            )
         if np.isnan(logits).any():
             first = int(np.argwhere(np.isnan(logits))[0, 0])
             raise ValueError(f"autoregressive logits contain NaN (first at row {first})")
         if not np.isfinite(logits).all():
-            raise ValueError("autoregressive logits must be finite (an infinite logit makes a sequence KL "
-                             "infinite or a token impossible); use a large finite negative number instead")
+            raise ValueError(
+                "autoregressive logits must be finite (an infinite logit makes a sequence KL "
+                "infinite or a token impossible); use a large finite negative number instead"
+            )
         if self.eos is not None:
-            if isinstance(self.eos, (bool, np.bool_)) or not isinstance(self.eos, (int, np.integer)) \
-                    or not 0 <= self.eos < vocab:
+            if (
+                isinstance(self.eos, (bool, np.bool_))
+                or not isinstance(self.eos, (int, np.integer))
+                or not 0 <= self.eos < vocab
+            ):
                 raise ValueError(f"eos must be a token id in 0..{vocab - 1}, got {self.eos!r}")
             object.__setattr__(self, "eos", int(self.eos))
         logits.setflags(write=False)
@@ -138,7 +148,7 @@ class Autoregressive:
 
     @property
     def n_sequences(self) -> int:
-        return self.vocab_size ** self.horizon
+        return self.vocab_size**self.horizon
 
     @property
     def size(self) -> int:
@@ -191,8 +201,11 @@ class Autoregressive:
         ends = [i for i, a in enumerate(sequence) if a == self.eos]
         complete = len(sequence) == self.horizon if not ends else ends[0] == len(sequence) - 1
         if not (complete and 1 <= len(sequence) <= self.horizon):
-            raise ValueError(f"not a whole sequence: {sequence} (T = {self.horizon} tokens"
-                             + ("" if self.eos is None else f", or fewer ending at the first eos {self.eos}") + ")")
+            raise ValueError(
+                f"not a whole sequence: {sequence} (T = {self.horizon} tokens"
+                + ("" if self.eos is None else f", or fewer ending at the first eos {self.eos}")
+                + ")"
+            )
         return float(sum(self.log_probs[self.row_of(sequence[:i]), a] for i, a in enumerate(sequence)))
 
     def check_pair(self, other, other_name: str = "p") -> None:
@@ -201,11 +214,12 @@ class Autoregressive:
         if not isinstance(other, Autoregressive):
             raise ValueError(f"q and {name} must both be Autoregressive, got {type(other).__name__}")
         if other.logits.shape != self.logits.shape:
-            raise ValueError(f"q and {name} must have the same shape (V, T): q has V={self.vocab_size}, "
-                             f"T={self.horizon}; {name} has V={other.vocab_size}, T={other.horizon}")
+            raise ValueError(
+                f"q and {name} must have the same shape (V, T): q has V={self.vocab_size}, "
+                f"T={self.horizon}; {name} has V={other.vocab_size}, T={other.horizon}"
+            )
         if other.eos != self.eos:
-            raise ValueError(f"q and {name} must have the same end-of-sequence token, got {self.eos} and "
-                             f"{other.eos}")
+            raise ValueError(f"q and {name} must have the same end-of-sequence token, got {self.eos} and {other.eos}")
 
     # --- constructors --------------------------------------------------------------------------
 
@@ -249,8 +263,9 @@ class Autoregressive:
         return cls(np.concatenate(blocks))
 
     @classmethod
-    def zipf(cls, vocab_size: int, horizon: int, exponent: float = 1.1, seed: int = 0,
-             noise: float = 0.0) -> Autoregressive:
+    def zipf(
+        cls, vocab_size: int, horizon: int, exponent: float = 1.1, seed: int = 0, noise: float = 0.0
+    ) -> Autoregressive:
         r"""LLM-shaped: each prefix's logits are :math:`-s \log(\text{rank})` over a random permutation of the
         tokens (every context prefers different tokens, with a Zipf tail), plus optional N(0, noise^2)."""
         vocab_size, horizon = _check_shape(vocab_size, horizon)
@@ -291,13 +306,15 @@ def _check_shape(vocab_size, horizon) -> tuple[int, int]:
     vocab_size, horizon = int(vocab_size), int(horizon)
     if vocab_size < 2 or horizon < 1:
         raise ValueError(f"need V >= 2 tokens and T >= 1 positions, got V={vocab_size}, T={horizon}")
-    if vocab_size ** horizon > MAX_SEQUENCES:
-        raise ValueError(f"V^T = {vocab_size}^{horizon} = {vocab_size ** horizon:,} sequences exceed the exact "
-                         f"limit {MAX_SEQUENCES:,}")
+    if vocab_size**horizon > MAX_SEQUENCES:
+        raise ValueError(
+            f"V^T = {vocab_size}^{horizon} = {vocab_size**horizon:,} sequences exceed the exact limit {MAX_SEQUENCES:,}"
+        )
     return vocab_size, horizon
 
 
 # --- exact sums, depth by depth ----------------------------------------------------------------
+
 
 def prefix_mass(policy: Autoregressive) -> np.ndarray:
     r"""Probability of every prefix under ``policy``, shape (P,): :math:`q(u_1..u_d) = \prod_i q(u_i \mid u_{<i})`."""
@@ -370,8 +387,10 @@ def conditional_kls(q: Autoregressive, p: Autoregressive) -> dict:
     from klsym.derive.estimators import get_estimator  # the registry's stable forms (expm1, Taylor near 0)
 
     t = log_ratio(q, p)
-    return {"KL(q||p)": np.sum(q.probs * get_estimator("k3").numeric(t), axis=-1),
-            "KL(p||q)": np.sum(q.probs * get_estimator("rev_k3").numeric(t), axis=-1)}
+    return {
+        "KL(q||p)": np.sum(q.probs * get_estimator("k3").numeric(t), axis=-1),
+        "KL(p||q)": np.sum(q.probs * get_estimator("rev_k3").numeric(t), axis=-1),
+    }
 
 
 def per_position_kls(q: Autoregressive, p: Autoregressive) -> dict:
@@ -379,8 +398,10 @@ def per_position_kls(q: Autoregressive, p: Autoregressive) -> dict:
     :math:`\mathbb{E}_{y_{<t} \sim p}[KL(p_t \| q_t)]` (the chain rule of KL: they add up to the sequence KLs)."""
     conditional = conditional_kls(q, p)
     weights = {"KL(q||p)": q.prefix_probs, "KL(p||q)": p.prefix_probs}
-    return {label: np.array([float(np.sum((weights[label] * conditional[label])[q.rows(d)]))
-                             for d in range(q.horizon)]) for label in conditional}
+    return {
+        label: np.array([float(np.sum((weights[label] * conditional[label])[q.rows(d)])) for d in range(q.horizon)])
+        for label in conditional
+    }
 
 
 def sequence_kls(q: Autoregressive, p: Autoregressive) -> dict:
@@ -403,7 +424,7 @@ def to_go(policy: Autoregressive, immediate: np.ndarray) -> np.ndarray:
     for depth in range(horizon - 2, -1, -1):
         children = total[policy.rows(depth + 1)]
         expected_child = np.sum(probs[policy.rows(depth + 1)] * children, axis=-1)
-        total[policy.rows(depth)] += expected_child.reshape(vocab ** depth, vocab) * policy.continuing
+        total[policy.rows(depth)] += expected_child.reshape(vocab**depth, vocab) * policy.continuing
     return total
 
 
@@ -454,12 +475,25 @@ def whole_sequence_expectations(q: Autoregressive, p: Autoregressive, function) 
     going_on = q.continuing > 0
     for depth in range(q.horizon - 2, -1, -1):
         children = q.rows(depth + 1)
-        expected = np.sum(probs[children] * out[children], axis=-1).reshape(vocab ** depth, vocab)
+        expected = np.sum(probs[children] * out[children], axis=-1).reshape(vocab**depth, vocab)
         out[q.rows(depth), :] = np.where(going_on, expected, out[q.rows(depth)])
     return out
 
 
-__all__ = ["Autoregressive", "MAX_SEQUENCES", "STABLE_LOG_RATIO_RADIUS", "prefix_offsets", "prefix_mass",
-           "log_ratio", "log_ratio_with_error", "probability_difference", "conditional_kls",
-           "per_position_kls", "sequence_kls", "to_go", "score_gradient", "prefix_sums",
-           "whole_sequence_expectations"]
+__all__ = [
+    "Autoregressive",
+    "MAX_SEQUENCES",
+    "STABLE_LOG_RATIO_RADIUS",
+    "prefix_offsets",
+    "prefix_mass",
+    "log_ratio",
+    "log_ratio_with_error",
+    "probability_difference",
+    "conditional_kls",
+    "per_position_kls",
+    "sequence_kls",
+    "to_go",
+    "score_gradient",
+    "prefix_sums",
+    "whole_sequence_expectations",
+]

@@ -15,6 +15,7 @@ vanishes (``torch.clamp`` passes no gradient outside its range).
 >>> format_region(saturation_region(get_estimator("k3"), input_clamp=20, output_clamp=10))
 't < -10.99998 or t > 2.610869'
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ import math
 import numpy as np
 from scipy.optimize import brentq
 
-from klsym.exact import expectations as exact
 from klsym.derive.estimators import Estimator, get_estimator
+from klsym.exact import expectations as exact
 from klsym.exact.families import Categorical, Gaussian
 
 #: |t| up to which estimators are evaluated (Estimator.numeric is finite there).
@@ -40,8 +41,9 @@ def _check_clamp(value, what: str) -> float | None:
     return value
 
 
-def level_crossings(estimator: Estimator | str, level: float, lower: float = -T_MAX,
-                    upper: float = T_MAX) -> list[float]:
+def level_crossings(
+    estimator: Estimator | str, level: float, lower: float = -T_MAX, upper: float = T_MAX
+) -> list[float]:
     r"""All t in [lower, upper] where :math:`k(e^t) = ` ``level`` (sign changes on a fine grid,
     refined by Brent's method to machine precision).
 
@@ -53,14 +55,18 @@ def level_crossings(estimator: Estimator | str, level: float, lower: float = -T_
     values = k(grid) - level
     roots = []
     for i in np.flatnonzero(np.sign(values[:-1]) * np.sign(values[1:]) < 0):
-        roots.append(brentq(lambda s: float(k(np.array(s))) - level, grid[i], grid[i + 1],
-                            xtol=1e-15, rtol=4 * np.finfo(float).eps))
+        roots.append(
+            brentq(
+                lambda s: float(k(np.array(s))) - level, grid[i], grid[i + 1], xtol=1e-15, rtol=4 * np.finfo(float).eps
+            )
+        )
     roots.extend(float(g) for g in grid[values == 0])
     return sorted(roots)
 
 
-def saturation_region(estimator: Estimator | str, input_clamp: float | None = None,
-                      output_clamp: float | None = None) -> list[tuple[float, float]]:
+def saturation_region(
+    estimator: Estimator | str, input_clamp: float | None = None, output_clamp: float | None = None
+) -> list[tuple[float, float]]:
     r"""The t-intervals where the clamped estimator is constant (its pathwise gradient is zero).
 
     Returns a sorted list of disjoint open intervals ``(lo, hi)`` (``-inf``/``inf`` for
@@ -136,8 +142,8 @@ def format_region(region: list[tuple[float, float]], variable: str = "t") -> str
 
 # --- the clamped estimator and its bias ----------------------------------------------------------
 
-def clamped_numeric(estimator: Estimator | str, input_clamp: float | None = None,
-                    output_clamp: float | None = None):
+
+def clamped_numeric(estimator: Estimator | str, input_clamp: float | None = None, output_clamp: float | None = None):
     r"""Vectorised :math:`t \mapsto \min(\max(k(e^{\operatorname{clip}(t, -a, a)}), -c), c)`.
 
     >>> float(clamped_numeric("k3", 20, 10)(np.array(5.0)))
@@ -152,11 +158,11 @@ def clamped_numeric(estimator: Estimator | str, input_clamp: float | None = None
         inner = t if a is None else np.clip(t, -a, a)
         out = k(inner)
         return out if c is None else np.clip(out, -c, c)
+
     return value
 
 
-def clamped_numeric_dt(estimator: Estimator | str, input_clamp: float | None = None,
-                       output_clamp: float | None = None):
+def clamped_numeric_dt(estimator: Estimator | str, input_clamp: float | None = None, output_clamp: float | None = None):
     r"""Derivative in t of what is differentiated in ``loss`` mode, clamps included.
 
     Zero where a clamp is active (``torch.clamp`` passes no gradient there); a straight-through
@@ -182,6 +188,7 @@ def clamped_numeric_dt(estimator: Estimator | str, input_clamp: float | None = N
         if c is not None:
             live &= np.abs(k(t if a is None else np.clip(t, -a, a))) <= c
         return np.where(live, dk(t), 0.0)
+
     return derivative
 
 
@@ -222,11 +229,13 @@ def _gaussian_region_integral(q: Gaussian, p: Gaussian, region, g) -> tuple[floa
     A, B, C = _gaussian_log_ratio_coefficients(q, p)
     total, error = 0.0, 0.0
     for lo, hi in _z_intervals(q, p, region):
+
         def log_abs(z):
             z = np.asarray(z, dtype=np.float64)
             with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
                 values = g(A * z * z + B * z + C, q.mu + q.sigma * z)
                 return -0.5 * z * z - 0.5 * math.log(2 * math.pi) + np.log(np.abs(values)), np.sign(values)
+
         grid = np.linspace(lo, hi, 2001)
         logs, _ = log_abs(grid)
         finite = np.isfinite(logs)
@@ -284,9 +293,16 @@ def _categorical_weight_gradient(q, p, weight):
     return grad
 
 
-def clamp_bias(estimator: Estimator | str, q, p, input_clamp: float | None = None,
-               output_clamp: float | None = None, *, detach_weight_outside_input_clamp: bool = False,
-               quantities=None) -> dict:
+def clamp_bias(
+    estimator: Estimator | str,
+    q,
+    p,
+    input_clamp: float | None = None,
+    output_clamp: float | None = None,
+    *,
+    detach_weight_outside_input_clamp: bool = False,
+    quantities=None,
+) -> dict:
     r"""Exact effect of clamps on the value and on each mode's expected gradient.
 
     The clamped and unclamped estimators differ only inside :func:`saturation_region`, so each
@@ -354,9 +370,12 @@ def clamp_bias(estimator: Estimator | str, q, p, input_clamp: float | None = Non
             return np.zeros_like(t)
         return np.where(live, 0.0, dk_sur(t))  # -(0 - k'(t)) where a clamp is active
 
-    weights = {"value": value_difference,
-               "loss": loss_difference, "reward": lambda t: reward_difference(t, False),
-               "full": lambda t: loss_difference(t) + reward_difference(t, True)}
+    weights = {
+        "value": value_difference,
+        "loss": loss_difference,
+        "reward": lambda t: reward_difference(t, False),
+        "full": lambda t: loss_difference(t) + reward_difference(t, True),
+    }
     region = saturation_region(estimator, input_clamp, output_clamp)
     result = {"kl": exact.kl_divergences(q, p), "gradient": {}}
     for quantity in quantities:
@@ -372,8 +391,10 @@ def clamp_bias(estimator: Estimator | str, q, p, input_clamp: float | None = Non
             grad_bias = _categorical_weight_gradient(q, p, weights[quantity])
             grad_error = np.zeros_like(unclamped)
         else:
-            parts = [_expect(q, p, region, lambda t, x, i=i, w=weights[quantity]: w(t) * q.score(x)[..., i])
-                     for i in range(len(q.param_names))]
+            parts = [
+                _expect(q, p, region, lambda t, x, i=i, w=weights[quantity]: w(t) * q.score(x)[..., i])
+                for i in range(len(q.param_names))
+            ]
             grad_bias, grad_error = np.array([v for v, _ in parts]), np.array([e for _, e in parts])
         result["gradient"][quantity] = _entry(unclamped, grad_bias, grad_error)
     return result
@@ -385,21 +406,38 @@ def _entry(unclamped, bias, error) -> dict:
     size = float(np.linalg.norm(np.atleast_1d(bias)))
     relative = size / scale if scale > 0 else (0.0 if size == 0 else math.inf)
     as_output = (lambda v: float(v)) if unclamped.ndim == 0 else (lambda v: np.asarray(v))
-    return {"unclamped": as_output(unclamped), "clamped": as_output(unclamped + bias), "bias": as_output(bias),
-            "relative": relative, "error_estimate": as_output(error)}
+    return {
+        "unclamped": as_output(unclamped),
+        "clamped": as_output(unclamped + bias),
+        "bias": as_output(bias),
+        "relative": relative,
+        "error_estimate": as_output(error),
+    }
 
 
-def gaussian_mean_shift_bias(estimator: Estimator | str, deltas, input_clamp: float | None = None,
-                             output_clamp: float | None = None, *, sigma_ratio: float = 1.0,
-                             detach_weight_outside_input_clamp: bool = False, quantities=None) -> list[dict]:
+def gaussian_mean_shift_bias(
+    estimator: Estimator | str,
+    deltas,
+    input_clamp: float | None = None,
+    output_clamp: float | None = None,
+    *,
+    sigma_ratio: float = 1.0,
+    detach_weight_outside_input_clamp: bool = False,
+    quantities=None,
+) -> list[dict]:
     r"""Relative clamp bias along q = N(0, 1), p = N(delta, sigma_ratio): one row per delta
     with the value's and each mode's relative bias (for figures and onset searches)."""
     rows = []
     for delta in np.atleast_1d(deltas):
-        out = clamp_bias(estimator, Gaussian(0.0, 1.0), Gaussian(float(delta), sigma_ratio),
-                         input_clamp, output_clamp,
-                         detach_weight_outside_input_clamp=detach_weight_outside_input_clamp,
-                         quantities=quantities)
+        out = clamp_bias(
+            estimator,
+            Gaussian(0.0, 1.0),
+            Gaussian(float(delta), sigma_ratio),
+            input_clamp,
+            output_clamp,
+            detach_weight_outside_input_clamp=detach_weight_outside_input_clamp,
+            quantities=quantities,
+        )
         row = {"delta": float(delta), "KL(q||p)": out["kl"]["KL(q||p)"]}
         if "value" in out:
             row["value"] = out["value"]["relative"]
@@ -408,9 +446,17 @@ def gaussian_mean_shift_bias(estimator: Estimator | str, deltas, input_clamp: fl
     return rows
 
 
-def onset_distance(estimator: Estimator | str, input_clamp: float | None = None,
-                   output_clamp: float | None = None, *, quantity: str = "value", threshold: float = 1e-6,
-                   deltas=None, sigma_ratio: float = 1.0, **options) -> float:
+def onset_distance(
+    estimator: Estimator | str,
+    input_clamp: float | None = None,
+    output_clamp: float | None = None,
+    *,
+    quantity: str = "value",
+    threshold: float = 1e-6,
+    deltas=None,
+    sigma_ratio: float = 1.0,
+    **options,
+) -> float:
     r"""Smallest mean shift delta (q = N(0,1), p = N(delta, sigma_ratio)) where the clamp's
     relative bias of ``quantity`` ("value", "loss", "reward", "full") exceeds ``threshold``.
 
@@ -423,8 +469,10 @@ def onset_distance(estimator: Estimator | str, input_clamp: float | None = None,
     deltas = np.geomspace(0.05, 20, 27) if deltas is None else np.asarray(deltas, dtype=float)
 
     def relative(delta):
-        return gaussian_mean_shift_bias(estimator, [delta], input_clamp, output_clamp, sigma_ratio=sigma_ratio,
-                                        quantities=[quantity], **options)[0][quantity]
+        return gaussian_mean_shift_bias(
+            estimator, [delta], input_clamp, output_clamp, sigma_ratio=sigma_ratio, quantities=[quantity], **options
+        )[0][quantity]
+
     values = np.array([relative(d) for d in deltas])
     above = np.flatnonzero(values > threshold)
     if above.size == 0:
@@ -439,5 +487,14 @@ def onset_distance(estimator: Estimator | str, input_clamp: float | None = None,
     return hi
 
 
-__all__ = ["T_MAX", "level_crossings", "saturation_region", "format_region", "clamped_numeric",
-           "clamped_numeric_dt", "clamp_bias", "gaussian_mean_shift_bias", "onset_distance"]
+__all__ = [
+    "T_MAX",
+    "level_crossings",
+    "saturation_region",
+    "format_region",
+    "clamped_numeric",
+    "clamped_numeric_dt",
+    "clamp_bias",
+    "gaussian_mean_shift_bias",
+    "onset_distance",
+]

@@ -25,39 +25,41 @@ Gradient modes, with score :math:`s(x) = \nabla_\theta \log q_\theta(x)` and sam
 >>> [round(float(g), 6) for g in estimator_gradient("k3", Gaussian(0, 1), Gaussian(1, 1.1), "loss")]
 [-1.0, -1.21]
 """
+
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import mpmath
 import numpy as np
 import sympy as sp
 
 from klsym.derive import gaussian_closed_form as gcf
-from klsym.exact import quadrature
 from klsym.derive.estimators import MODES, Estimator, get_estimator, gradient_weights, in_logratio
-from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
 from klsym.derive.symbols import t
+from klsym.exact import quadrature
+from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
 
 KL_QP = "KL(q||p)"
 KL_PQ = "KL(p||q)"
 #: Largest number of token sequences enumerated exactly for T positions (V**T).
 MAX_ENUMERATED_SEQUENCES = 4_000_000
 
-_K1 = get_estimator("k1")        # E_q[k1] = KL(q||p); its full-mode gradient is grad KL(q||p)
+_K1 = get_estimator("k1")  # E_q[k1] = KL(q||p); its full-mode gradient is grad KL(q||p)
 _REV_K1 = get_estimator("rev_k1")  # E_q[r log r] = KL(p||q) when p << q
 
 
 # --- helpers -----------------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+
+@cache
 def _terms(estimator: Estimator) -> dict:
     """Closed-form decompositions of k, k^2 and the surrogate (None where no closed form)."""
     _check_no_free_symbols(estimator)
     return {
         "value": gcf.decompose(estimator.expr),
-        "square": gcf.decompose(sp.expand(estimator.expr ** 2)),
+        "square": gcf.decompose(sp.expand(estimator.expr**2)),
         "surrogate": gcf.decompose(estimator.surrogate),
     }
 
@@ -94,7 +96,7 @@ def _method(estimator: Estimator, q, method: str | None, need) -> str:
     return method
 
 
-@lru_cache(maxsize=None)
+@cache
 def _limit_at_minus_inf(expr_in_t: sp.Expr) -> float:
     """k(e^t) as t -> -inf (p(x) = 0 < q(x)): the value where the formula gives inf * 0."""
     return float(sp.limit(expr_in_t, t, -sp.oo))
@@ -173,15 +175,17 @@ def _mp_distribution(q: Categorical, p: Categorical, positions: int = 1):
     return on_q, seq_probs, seq_ratios
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mp_function(expr_in_t: sp.Expr):
     """Elementwise t -> f(t) on mpmath numbers; at t = -inf (p(x) = 0) the limit of f."""
     evaluate = sp.lambdify(t, expr_in_t, modules="mpmath")
     at_minus_inf = mpmath.mpf(_limit_at_minus_inf(expr_in_t))
 
     def apply(log_ratios):
-        return np.array([at_minus_inf if v == -mpmath.inf else mpmath.mpf(evaluate(v)) for v in log_ratios],
-                        dtype=object)
+        return np.array(
+            [at_minus_inf if v == -mpmath.inf else mpmath.mpf(evaluate(v)) for v in log_ratios], dtype=object
+        )
+
     return apply
 
 
@@ -199,6 +203,7 @@ def _mp_expect(probs, values):
 
 
 # --- KL ----------------------------------------------------------------------------------------
+
 
 def kl_divergences(q, p, positions: int = 1) -> dict:
     r"""Both KL directions between q and p, for ``positions`` i.i.d. positions (KL adds).
@@ -227,12 +232,16 @@ def kl_divergences(q, p, positions: int = 1) -> dict:
             kl_pq = math.inf if (on_p & ~on_q).any() else float(np.sum(p.probs[on_p] * (lp - lq)[on_p]))
         return {KL_QP: positions * kl_qp, KL_PQ: positions * kl_pq}
     if isinstance(q, Gaussian):
-        return {label: gcf.expectation(_terms(e)["value"], q.params, p.params, positions)
-                for label, e in ((KL_QP, _K1), (KL_PQ, _REV_K1))}
+        return {
+            label: gcf.expectation(_terms(e)["value"], q.params, p.params, positions)
+            for label, e in ((KL_QP, _K1), (KL_PQ, _REV_K1))
+        }
     if positions != 1:
         raise ValueError("KL by quadrature covers positions=1 only")
-    return {label: quadrature.expect(q, lambda x, e=e: e.numeric(log_ratio(p, q, x)))[0]
-            for label, e in ((KL_QP, _K1), (KL_PQ, _REV_K1))}
+    return {
+        label: quadrature.expect(q, lambda x, e=e: e.numeric(log_ratio(p, q, x)))[0]
+        for label, e in ((KL_QP, _K1), (KL_PQ, _REV_K1))
+    }
 
 
 def _check_positions(positions) -> int:
@@ -242,6 +251,7 @@ def _check_positions(positions) -> int:
 
 
 # --- estimator statistics ------------------------------------------------------------------------
+
 
 def estimator_stats(estimator, q, p, positions: int = 1, method: str | None = None) -> dict:
     r"""Exact moments of an estimator under :math:`x \sim q`.
@@ -300,9 +310,16 @@ def _closed_form_stats(estimator, q, p, positions) -> dict:
         condition[key] = gcf.moment_condition_text(powers_of_r)
         condition[key + "_holds"] = all(gcf.condition_holds(a, q.params, p.params) for _, a, _ in term_list)
     prob_negative = _gaussian_prob_negative(estimator, q, p) if positions == 1 else math.nan
-    return {"mean": float(mean), "second_moment": float(second), "log_second_moment": _log(second),
-            "std": _sqrt(variance), "prob_negative": prob_negative, "method": "closed_form",
-            "error_estimate": 0.0, "condition": condition}
+    return {
+        "mean": float(mean),
+        "second_moment": float(second),
+        "log_second_moment": _log(second),
+        "std": _sqrt(variance),
+        "prob_negative": prob_negative,
+        "method": "closed_form",
+        "error_estimate": 0.0,
+        "condition": condition,
+    }
 
 
 def _log(value) -> float:
@@ -332,11 +349,20 @@ def _quadrature_stats(estimator, q, p) -> dict:
         variance, variance_error = second, second_error
     prob_negative = _gaussian_prob_negative(estimator, q, p) if isinstance(q, Gaussian) else math.nan
     log_second = second if second == 0 or not math.isinf(second) else None
-    log_second = math.log(second) if log_second is not None and second > 0 else \
-        (-math.inf if second == 0 else quadrature.log_expect(q, lambda x: k_of_x(x) ** 2)[0])
-    return {"mean": mean, "second_moment": second, "log_second_moment": log_second,
-            "std": math.sqrt(max(variance, 0.0)), "prob_negative": prob_negative, "method": "quadrature",
-            "error_estimate": {"mean": mean_error, "second_moment": second_error, "variance": variance_error}}
+    log_second = (
+        math.log(second)
+        if log_second is not None and second > 0
+        else (-math.inf if second == 0 else quadrature.log_expect(q, lambda x: k_of_x(x) ** 2)[0])
+    )
+    return {
+        "mean": mean,
+        "second_moment": second,
+        "log_second_moment": log_second,
+        "std": math.sqrt(max(variance, 0.0)),
+        "prob_negative": prob_negative,
+        "method": "quadrature",
+        "error_estimate": {"mean": mean_error, "second_moment": second_error, "variance": variance_error},
+    }
 
 
 def _gaussian_prob_negative(estimator, q: Gaussian, p: Gaussian, zmax: float = 40.0, points: int = 40001):
@@ -378,9 +404,16 @@ def _categorical_stats(estimator, q: Categorical, p: Categorical, positions: int
         mean = float(np.sum(probs * values))
         second = float(np.sum(probs * values**2))
         variance = float(np.sum(probs * (values - mean) ** 2)) if math.isfinite(mean) else math.nan
-    return {"mean": mean, "second_moment": second, "std": math.sqrt(max(variance, 0.0)) if math.isfinite(variance)
-            else (math.inf if math.isinf(second) else math.nan),
-            "prob_negative": float(np.sum(probs[values < 0])), "method": "exact_sum", "error_estimate": 0.0}
+    return {
+        "mean": mean,
+        "second_moment": second,
+        "std": math.sqrt(max(variance, 0.0))
+        if math.isfinite(variance)
+        else (math.inf if math.isinf(second) else math.nan),
+        "prob_negative": float(np.sum(probs[values < 0])),
+        "method": "exact_sum",
+        "error_estimate": 0.0,
+    }
 
 
 def _categorical_stats_mpmath(estimator, q: Categorical, p: Categorical, positions: int) -> dict:
@@ -395,9 +428,15 @@ def _categorical_stats_mpmath(estimator, q: Categorical, p: Categorical, positio
         else:
             variance = second if not mpmath.isnan(mean) else mpmath.nan
         negative = mpmath.fsum(pr for pr, v in zip(probs, values) if v < 0)
-        return {"mean": float(mean), "second_moment": float(second), "log_second_moment": _log(second),
-                "std": _sqrt(variance), "prob_negative": float(negative), "method": "exact_sum",
-                "error_estimate": 0.0}
+        return {
+            "mean": float(mean),
+            "second_moment": float(second),
+            "log_second_moment": _log(second),
+            "std": _sqrt(variance),
+            "prob_negative": float(negative),
+            "method": "exact_sum",
+            "error_estimate": 0.0,
+        }
 
 
 def _sequence_distribution(q: Categorical, p: Categorical, positions: int):
@@ -405,9 +444,10 @@ def _sequence_distribution(q: Categorical, p: Categorical, positions: int):
     _, probs, log_ratios = _categorical_support(q, p)
     if positions == 1:
         return probs, log_ratios
-    if probs.size ** positions > MAX_ENUMERATED_SEQUENCES:
-        raise ValueError(f"{probs.size}**{positions} token sequences exceed the exact-enumeration limit "
-                         f"{MAX_ENUMERATED_SEQUENCES}")
+    if probs.size**positions > MAX_ENUMERATED_SEQUENCES:
+        raise ValueError(
+            f"{probs.size}**{positions} token sequences exceed the exact-enumeration limit {MAX_ENUMERATED_SEQUENCES}"
+        )
     seq_probs, seq_ratios = probs, log_ratios
     for _ in range(positions - 1):
         seq_probs = np.multiply.outer(seq_probs, probs).ravel()
@@ -416,6 +456,7 @@ def _sequence_distribution(q: Categorical, p: Categorical, positions: int):
 
 
 # --- gradients ---------------------------------------------------------------------------------
+
 
 def estimator_gradient(estimator, q, p, mode: str, positions: int = 1, method: str | None = None) -> np.ndarray:
     r"""Expected gradient of the estimator wrt q's parameters in ``mode`` (loss, reward, full).
@@ -433,8 +474,9 @@ def estimator_gradient(estimator, q, p, mode: str, positions: int = 1, method: s
     if mode == "full":
         if all(_method(estimator, q, method, need) == "closed_form" for need in ("surrogate", "value")):
             return _closed_form_full_gradient(estimator, q, p, positions)
-        return (estimator_gradient(estimator, q, p, "loss", positions, method)
-                + estimator_gradient(estimator, q, p, "reward", positions, method))
+        return estimator_gradient(estimator, q, p, "loss", positions, method) + estimator_gradient(
+            estimator, q, p, "reward", positions, method
+        )
     need = "surrogate" if mode == "loss" else "value"
     chosen = _method(estimator, q, method, need)
     if chosen == "exact_sum":
@@ -463,16 +505,20 @@ def _closed_form_full_gradient(estimator, q, p, positions) -> np.ndarray:
 
 def _gradient_weight(estimator: Estimator, mode: str):
     r"""t -> w(t), the per-sample gradient being :math:`w(t(x))\, s(x)` (:func:`gradient_weights`)."""
+
     def weight(log_ratios):
         return np.asarray(gradient_weights(estimator.numeric, estimator.numeric_dt, log_ratios, (mode,))[mode])
+
     return weight
 
 
 def _quadrature_gradient(estimator, q, p, mode):
     """Per-parameter E_q[weight(t) * score(x)] by quadrature, with error estimates."""
     weight = _gradient_weight(estimator, mode)
-    results = [quadrature.expect(q, lambda x, i=i: weight(log_ratio(p, q, x)) * q.score(x)[..., i])
-               for i in range(len(q.param_names))]
+    results = [
+        quadrature.expect(q, lambda x, i=i: weight(log_ratio(p, q, x)) * q.score(x)[..., i])
+        for i in range(len(q.param_names))
+    ]
     return np.array([v for v, _ in results]), np.array([e for _, e in results])
 
 
@@ -498,8 +544,10 @@ def estimator_gradient_std(estimator, q, p, mode: str) -> np.ndarray:
         second = np.zeros(q.size)
         second[support] = probs * w**2 * (1 - 2 * probs) + probs**2 * np.sum(probs * w**2)
         return np.sqrt(np.maximum(second - mean**2, 0.0))
-    variances = [quadrature.expect(q, lambda x, i=i: (weight(log_ratio(p, q, x)) * q.score(x)[..., i]
-                                                      - mean[i]) ** 2)[0] for i in range(len(q.param_names))]
+    variances = [
+        quadrature.expect(q, lambda x, i=i: (weight(log_ratio(p, q, x)) * q.score(x)[..., i] - mean[i]) ** 2)[0]
+        for i in range(len(q.param_names))
+    ]
     return np.sqrt(np.array(variances))
 
 
@@ -514,8 +562,12 @@ def _categorical_gradient(estimator, q: Categorical, p: Categorical, mode: str) 
             grad[on_q] = [float(pr * (w - mean)) for pr, w in zip(probs, weights)]
         return grad
     support, probs, log_ratios = _categorical_support(q, p)
-    weights = gradient_weights(lambda lr: _values_on_support(estimator, lr),
-                               lambda lr: _values_on_support(estimator, lr, derivative=True), log_ratios, (mode,))[mode]
+    weights = gradient_weights(
+        lambda lr: _values_on_support(estimator, lr),
+        lambda lr: _values_on_support(estimator, lr, derivative=True),
+        log_ratios,
+        (mode,),
+    )[mode]
     with np.errstate(invalid="ignore"):
         grad = np.zeros(q.size)
         grad[support] = probs * (weights - np.sum(probs * weights))
@@ -542,6 +594,7 @@ def true_gradients(q, p, positions: int = 1) -> dict:
 
 
 # --- summaries for the CLI and notebooks -----------------------------------------------------------
+
 
 def _bias(mean: float, kl: dict) -> tuple[dict, dict]:
     """Bias ``mean - KL`` per direction, and why it is undefined where it is (``None`` in the first dict).
@@ -596,14 +649,21 @@ def gradient_summary(q, p, estimators, positions: int = 1) -> dict:
     def label(vector):
         return label_gradient(q, vector)
 
-    out = {"family": q.name, "q": _params(q), "p": _params(p), "positions": positions,
-           "true": {k: label(v) for k, v in true_gradients(q, p, positions).items()}, "estimators": {}}
+    out = {
+        "family": q.name,
+        "q": _params(q),
+        "p": _params(p),
+        "positions": positions,
+        "true": {k: label(v) for k, v in true_gradients(q, p, positions).items()},
+        "estimators": {},
+    }
     for estimator in estimators:
         entry = {}
         for mode in MODES:
             entry[mode] = label(estimator_gradient(estimator, q, p, mode, positions))
-        entry["method"] = {mode: _method(estimator, q, None, "surrogate" if mode == "loss" else "value")
-                           for mode in ("loss", "reward")}
+        entry["method"] = {
+            mode: _method(estimator, q, None, "surrogate" if mode == "loss" else "value") for mode in ("loss", "reward")
+        }
         out["estimators"][estimator.name] = entry
     return out
 
@@ -612,6 +672,17 @@ def _params(family):
     return list(family.params) if isinstance(family, Gaussian) else family.logits
 
 
-__all__ = ["KL_QP", "KL_PQ", "MODES", "label_gradient", "kl_divergences", "estimator_stats", "estimator_gradient",
-           "estimator_gradient_std",
-           "true_gradients", "exact_summary", "gradient_summary", "MAX_ENUMERATED_SEQUENCES"]
+__all__ = [
+    "KL_QP",
+    "KL_PQ",
+    "MODES",
+    "label_gradient",
+    "kl_divergences",
+    "estimator_stats",
+    "estimator_gradient",
+    "estimator_gradient_std",
+    "true_gradients",
+    "exact_summary",
+    "gradient_summary",
+    "MAX_ENUMERATED_SEQUENCES",
+]

@@ -18,6 +18,7 @@ Traceback (most recent call last):
 ...
 ValueError: Gaussian sigma must be positive and finite, got -1.0
 """
+
 from __future__ import annotations
 
 import math
@@ -157,7 +158,7 @@ class Categorical:
         object.__setattr__(self, "log_probs", log_probs)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Categorical":
+    def from_file(cls, path: str | Path) -> Categorical:
         """Read logits from a ``.npy`` file (1-D) or a text file of whitespace-separated numbers."""
         path = Path(path)
         if not path.exists():
@@ -168,8 +169,10 @@ class Categorical:
             raise ValueError(f"cannot read logits from {path}: {err}") from None
         data = np.asarray(data)
         if data.ndim != 1:  # a (batch, vocab) array is many distributions, not one: never flatten it
-            raise ValueError(f"logits file {path} holds an array of shape {data.shape}; one distribution "
-                             "needs a 1-D array of logits (one per token)")
+            raise ValueError(
+                f"logits file {path} holds an array of shape {data.shape}; one distribution "
+                "needs a 1-D array of logits (one per token)"
+            )
         return cls(data)
 
     @property

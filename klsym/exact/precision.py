@@ -18,6 +18,7 @@ Everything here is computed exactly over the vocabulary (sums weighted by q, no 
 >>> round_to(np.array([1/3]), "bfloat16")
 array([0.33398438])
 """
+
 from __future__ import annotations
 
 import ml_dtypes
@@ -26,11 +27,15 @@ import sympy as sp
 from scipy.special import log_softmax
 
 from klsym.derive.estimators import get_estimators, in_logratio
-from klsym.rl.logprob import estimate_from_logratio
 from klsym.derive.symbols import t as _t
+from klsym.rl.logprob import estimate_from_logratio
 
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
-          "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+DTYPES = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+}
 LOW_PRECISION = ("bfloat16", "float16", "float32")
 
 #: How t and k are computed from log-probabilities held in a low-precision dtype.
@@ -68,8 +73,7 @@ def round_to(values, dtype: str) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).astype(get_dtype(dtype)).astype(np.float64)
 
 
-def zipf_logits(vocab_size: int, rng: np.random.Generator, exponent: float = 1.1,
-                noise: float = 1.0) -> np.ndarray:
+def zipf_logits(vocab_size: int, rng: np.random.Generator, exponent: float = 1.1, noise: float = 1.0) -> np.ndarray:
     r"""Zipf-like logits: :math:`-s \log(\text{rank}) + \text{noise}\cdot N(0, 1)` over a random
     ranking of the vocabulary (token probabilities fall off like rank^-s, as in LM outputs).
 
@@ -82,8 +86,9 @@ def zipf_logits(vocab_size: int, rng: np.random.Generator, exponent: float = 1.1
     return -exponent * np.log(ranks) + noise * rng.standard_normal(vocab_size)
 
 
-def policy_pair(vocab_size: int, rng: np.random.Generator, perturbation: float = 0.1,
-                exponent: float = 1.1) -> tuple[np.ndarray, np.ndarray]:
+def policy_pair(
+    vocab_size: int, rng: np.random.Generator, perturbation: float = 0.1, exponent: float = 1.1
+) -> tuple[np.ndarray, np.ndarray]:
     """``(logits_q, logits_p)``: a Zipf-like reference p and a policy q = p + perturbation * N(0, 1)."""
     logits_p = zipf_logits(vocab_size, rng, exponent)
     return logits_p + perturbation * rng.standard_normal(vocab_size), logits_p
@@ -122,8 +127,7 @@ def _q_weighted(q: np.ndarray, error: np.ndarray) -> tuple[float, float, float]:
     return bias, spread, 1.0 - mass
 
 
-def token_level_error(logits_q, logits_p, dtype: str, estimators="k1,k2,k3",
-                      pipeline: str = "stable") -> list[dict]:
+def token_level_error(logits_q, logits_p, dtype: str, estimators="k1,k2,k3", pipeline: str = "stable") -> list[dict]:
     r"""Exact q-weighted error of per-token estimates computed in low precision.
 
     The float64 log-softmax of each logit vector is the truth. For each estimator the row holds
@@ -147,10 +151,19 @@ def token_level_error(logits_q, logits_p, dtype: str, estimators="k1,k2,k3",
         exact = float(np.sum(q * exact_values))
         error = lowp_estimates(estimator, log_p, log_q, dtype, pipeline) - exact_values
         bias, spread, nonfinite = _q_weighted(q, error)
-        rows.append({"estimator": estimator.name, "dtype": dtype, "pipeline": pipeline,
-                     "exact": exact, "bias": bias, "relative_bias": bias / exact if exact else float("nan"),
-                     "spread": spread, "max_abs_error": float(np.max(np.abs(error[np.isfinite(error)]), initial=0.0)),
-                     "nonfinite_mass": nonfinite})
+        rows.append(
+            {
+                "estimator": estimator.name,
+                "dtype": dtype,
+                "pipeline": pipeline,
+                "exact": exact,
+                "bias": bias,
+                "relative_bias": bias / exact if exact else float("nan"),
+                "spread": spread,
+                "max_abs_error": float(np.max(np.abs(error[np.isfinite(error)]), initial=0.0)),
+                "nonfinite_mass": nonfinite,
+            }
+        )
     return rows
 
 
@@ -175,7 +188,7 @@ def log_softmax_kernel(logits, dtype: str, kernel: str = "fused") -> np.ndarray:
         elif kernel == "unfused":
             out = x - np.asarray(_logsumexp32(x32)).astype(low)
         elif kernel == "chunked":
-            blocks = [_logsumexp32(x32[i:i + 1024]) for i in range(0, x32.size, 1024)][::-1]
+            blocks = [_logsumexp32(x32[i : i + 1024]) for i in range(0, x32.size, 1024)][::-1]
             lse = np.float32(blocks[0])
             for block in blocks[1:]:
                 lse = np.logaddexp(lse, block, dtype=np.float32)
@@ -189,9 +202,10 @@ def log_softmax_kernel(logits, dtype: str, kernel: str = "fused") -> np.ndarray:
     return np.asarray(out).astype(np.float64)
 
 
-def identical_logits_kl(logits, dtype: str, policy_kernel: str = "fused", reference_kernel: str = "unfused",
-                        estimators="k1,k2,k3") -> dict:
-    r""""KL" between a policy and a bit-identical reference whose log-softmax uses another kernel.
+def identical_logits_kl(
+    logits, dtype: str, policy_kernel: str = "fused", reference_kernel: str = "unfused", estimators="k1,k2,k3"
+) -> dict:
+    r""" "KL" between a policy and a bit-identical reference whose log-softmax uses another kernel.
 
     Both models produce the same ``dtype`` logits; the policy q's log-probs come from
     ``policy_kernel``, the reference p's from ``reference_kernel``. Then
@@ -210,10 +224,29 @@ def identical_logits_kl(logits, dtype: str, policy_kernel: str = "fused", refere
     t = log_p - log_q  # exact: both are dtype numbers
     q = np.exp(log_softmax(round_to(logits, dtype)))
     estimates = {e.name: float(np.sum(q * e.numeric(t))) for e in get_estimators(estimators)}
-    return {"dtype": dtype, "policy_kernel": policy_kernel, "reference_kernel": reference_kernel,
-            "mismatch_mass": float(q[t != 0].sum()), "max_abs_t": float(np.max(np.abs(t))),
-            "estimates": estimates, "t": t, "q": q}
+    return {
+        "dtype": dtype,
+        "policy_kernel": policy_kernel,
+        "reference_kernel": reference_kernel,
+        "mismatch_mass": float(q[t != 0].sum()),
+        "max_abs_t": float(np.max(np.abs(t))),
+        "estimates": estimates,
+        "t": t,
+        "q": q,
+    }
 
 
-__all__ = ["DTYPES", "LOW_PRECISION", "PIPELINES", "KERNELS", "get_dtype", "round_to", "zipf_logits",
-           "policy_pair", "lowp_estimates", "token_level_error", "log_softmax_kernel", "identical_logits_kl"]
+__all__ = [
+    "DTYPES",
+    "LOW_PRECISION",
+    "PIPELINES",
+    "KERNELS",
+    "get_dtype",
+    "round_to",
+    "zipf_logits",
+    "policy_pair",
+    "lowp_estimates",
+    "token_level_error",
+    "log_softmax_kernel",
+    "identical_logits_kl",
+]

@@ -12,6 +12,7 @@ error estimate.
 >>> round(value, 12), error < 1e-12
 (1.0, True)
 """
+
 from __future__ import annotations
 
 import math

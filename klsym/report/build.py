@@ -24,6 +24,7 @@ notebook leaves the previous report untouched; the failing executed copy is kept
 >>> find_external_references('<script src="https://cdn.example/x.js"></script><img src="data:image/png;base64,AA">')
 ['https://cdn.example/x.js']
 """
+
 from __future__ import annotations
 
 import ast
@@ -82,8 +83,16 @@ class NotebookFailure(RuntimeError):
     ``.ipynb`` file), ``exec_count`` its ``In [n]`` number in the executed copy.
     """
 
-    def __init__(self, notebook: str, cell_index: int | None, ename: str, evalue: str,
-                 executed_copy: Path | None, source: str = "", exec_count: int | None = None):
+    def __init__(
+        self,
+        notebook: str,
+        cell_index: int | None,
+        ename: str,
+        evalue: str,
+        executed_copy: Path | None,
+        source: str = "",
+        exec_count: int | None = None,
+    ):
         self.notebook, self.cell_index, self.ename, self.evalue = notebook, cell_index, ename, evalue
         self.executed_copy, self.source, self.exec_count = executed_copy, source, exec_count
         first_line = source.strip().splitlines()[0] if source.strip() else ""
@@ -123,8 +132,14 @@ class PageRecord:
         return ", ".join(f"{key}={value!r}" for key, value in self.parameters.items())
 
     def state(self) -> dict[str, Any]:
-        return {"hash": self.input_hash, "seconds": self.seconds, "executed_at": self.executed_at,
-                "title": self.title, "parameters": self.parameters, "overrides": self.overrides}
+        return {
+            "hash": self.input_hash,
+            "seconds": self.seconds,
+            "executed_at": self.executed_at,
+            "title": self.title,
+            "parameters": self.parameters,
+            "overrides": self.overrides,
+        }
 
 
 @dataclass
@@ -217,8 +232,11 @@ def default_parameters(notebook: dict) -> dict[str, Any]:
         return {}
     values = {}
     for statement in ast.parse(cell_source(cell)).body:
-        if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1
-                and isinstance(statement.targets[0], ast.Name)):
+        if not (
+            isinstance(statement, ast.Assign)
+            and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name)
+        ):
             raise ValueError(f"parameters cell may only assign literals to names, got {ast.unparse(statement)!r}")
         try:
             values[statement.targets[0].id] = ast.literal_eval(statement.value)
@@ -241,10 +259,17 @@ def notebook_title(notebook: dict, fallback: str) -> str:
 def git_commit(root: Path = ROOT) -> tuple[str, bool | None]:
     """``(commit, dirty)`` of the repository at ``root``; ``("unknown", None)`` outside git."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, check=True, timeout=10).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown", None
     return commit or "unknown", bool(status.strip())
@@ -258,8 +283,11 @@ def _hash_files(digest: hashlib._Hash, paths: Iterable[Path]) -> None:
 
 def source_files(package_dir: Path = PACKAGE_DIR) -> list[Path]:
     """klsym's Python sources and report templates (inputs of every notebook)."""
-    return [path for path in Path(package_dir).rglob("*")
-            if path.is_file() and path.suffix in {".py", ".j2", ".json"} and "__pycache__" not in path.parts]
+    return [
+        path
+        for path in Path(package_dir).rglob("*")
+        if path.is_file() and path.suffix in {".py", ".j2", ".json"} and "__pycache__" not in path.parts
+    ]
 
 
 def data_files(data_dir: Path = DATA_DIR) -> list[Path]:
@@ -316,8 +344,10 @@ def copy_mathjax(destination: Path) -> Path:
     shutil.copytree(source, destination, ignore=ignore, dirs_exist_ok=True)
     shutil.copytree(source / "localization" / "en", destination / "localization" / "en", dirs_exist_ok=True)
     # Fonts as data: URIs: browsers block @font-face loads from file: pages (see offline_mathjax.html.j2).
-    fonts = {path.stem: "data:font/woff;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-             for path in sorted((source / "fonts" / "HTML-CSS" / WEB_FONT / "woff").glob("*.woff"))}
+    fonts = {
+        path.stem: "data:font/woff;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        for path in sorted((source / "fonts" / "HTML-CSS" / WEB_FONT / "woff").glob("*.woff"))
+    }
     (destination / "klsym-webfonts.js").write_text(f"window.klsymWebFonts = {json.dumps(fonts)};\n")
     return destination
 
@@ -348,8 +378,10 @@ def notebook_to_html(executed_path: Path, html_path: Path, provenance: dict[str,
 def _template_environment():
     import jinja2
 
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR / TEMPLATE_NAME)),
-                              autoescape=jinja2.select_autoescape(["html", "j2"]))
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR / TEMPLATE_NAME)),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+    )
 
 
 def write_derivation_tables(outdir: Path) -> tuple[list | None, str, str]:
@@ -371,8 +403,7 @@ def write_derivation_tables(outdir: Path) -> tuple[list | None, str, str]:
 
 
 # ----------------------------------------------------------------------------- execution
-def execute_notebook(source: Path, executed: Path, overrides: dict[str, Any], cwd: Path,
-                     failed_dir: Path) -> float:
+def execute_notebook(source: Path, executed: Path, overrides: dict[str, Any], cwd: Path, failed_dir: Path) -> float:
     """Run one notebook with papermill; return its wall time in seconds.
 
     Raises
@@ -385,9 +416,16 @@ def execute_notebook(source: Path, executed: Path, overrides: dict[str, Any], cw
 
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(str(source), str(executed), parameters=overrides, kernel_name=KERNEL_NAME,
-                                   cwd=str(cwd), progress_bar=False, log_output=False,
-                                   kernel_manager_class=_ipc_kernel_manager())
+        papermill.execute_notebook(
+            str(source),
+            str(executed),
+            parameters=overrides,
+            kernel_name=KERNEL_NAME,
+            cwd=str(cwd),
+            progress_bar=False,
+            log_output=False,
+            kernel_manager_class=_ipc_kernel_manager(),
+        )
     except PapermillExecutionError as err:
         kept = _keep_failed(executed, failed_dir, source.name)
         # papermill counts cells of the executed copy (with its injected-parameters cell): map back
@@ -468,9 +506,16 @@ def _swap_in(build_dir: Path, output: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int = 2,
-                 only: Iterable[str] | None = None, notebooks_dir: Path = NOTEBOOKS_DIR,
-                 log=print, findings: dict | None = None) -> BuildResult:
+def build_report(
+    output: Path = REPORTS_DIR,
+    *,
+    small: bool = False,
+    jobs: int = 2,
+    only: Iterable[str] | None = None,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+    log=print,
+    findings: dict | None = None,
+) -> BuildResult:
     """Execute the notebooks (only those whose inputs changed), convert them, write ``index.html``.
 
     Parameters
@@ -526,15 +571,26 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
             overrides = dict(small_parameters.get(path.stem, {}))
             digest = input_hash(path, overrides, sources, data)
             old = previous.get(path.name)
-            reusable = (old and old.get("hash") == digest and (output / Path(path.name).with_suffix(".html")).exists()
-                        and (output / "executed" / path.name).exists())
+            reusable = (
+                old
+                and old.get("hash") == digest
+                and (output / Path(path.name).with_suffix(".html")).exists()
+                and (output / "executed" / path.name).exists()
+            )
             if path not in selected and not reusable:
                 continue  # not asked for and no up-to-date page to keep
             notebook = nbformat.read(path, as_version=4)
             parameters = {**default_parameters(notebook), **overrides}
-            record = PageRecord(path.name, notebook_title(notebook, path.stem), parameters, overrides, digest,
-                                seconds=old["seconds"] if reusable else 0.0, executed=not reusable,
-                                executed_at=old.get("executed_at", "") if reusable else "")
+            record = PageRecord(
+                path.name,
+                notebook_title(notebook, path.stem),
+                parameters,
+                overrides,
+                digest,
+                seconds=old["seconds"] if reusable else 0.0,
+                executed=not reusable,
+                executed_at=old.get("executed_at", "") if reusable else "",
+            )
             pages[path.name] = record
             if reusable:
                 shutil.copy2(output / record.html, build_dir / record.html)
@@ -542,8 +598,10 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
             else:
                 to_run.append((path, record))
 
-        log(f"klsym report: {len(to_run)} notebook(s) to execute, {len(pages) - len(to_run)} unchanged "
-            f"({'small' if small else 'default'} parameters, {jobs} worker(s))")
+        log(
+            f"klsym report: {len(to_run)} notebook(s) to execute, {len(pages) - len(to_run)} unchanged "
+            f"({'small' if small else 'default'} parameters, {jobs} worker(s))"
+        )
 
         log_lock = threading.Lock()
 
@@ -551,9 +609,16 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
             executed = build_dir / "executed" / path.name
             record.seconds = execute_notebook(path, executed, record.overrides, notebooks_dir, output / "failed")
             record.executed_at = _now()
-            provenance = {"version": __version__, "commit": commit, "dirty": dirty, "parameters": record.parameters,
-                          "parameters_text": record.parameters_text, "seed": record.seed, "small": small,
-                          "executed_at": record.executed_at}
+            provenance = {
+                "version": __version__,
+                "commit": commit,
+                "dirty": dirty,
+                "parameters": record.parameters,
+                "parameters_text": record.parameters_text,
+                "seed": record.seed,
+                "small": small,
+                "executed_at": record.executed_at,
+            }
             notebook_to_html(executed, build_dir / record.html, provenance)
             with log_lock:  # print() from two workers at once interleaves text and newlines
                 log(f"  {path.name}: {record.seconds:.1f} s")
@@ -570,9 +635,11 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
 
         ordered = [pages[name] for name in sorted(pages)]
         try:
-            findings, skipped = resolve_findings({Path(page.name).stem: build_dir / "executed" / page.name
-                                                  for page in ordered},
-                                                 {Path(page.name).stem: page.html for page in ordered}, findings)
+            findings, skipped = resolve_findings(
+                {Path(page.name).stem: build_dir / "executed" / page.name for page in ordered},
+                {Path(page.name).stem: page.html for page in ordered},
+                findings,
+            )
         except MissingRecord as err:  # keep what ran, as for a failing notebook
             for name in err.notebooks:
                 _keep_failed(build_dir / "executed" / name, output / "failed", name)
@@ -583,11 +650,29 @@ def build_report(output: Path = REPORTS_DIR, *, small: bool = False, jobs: int =
             log(f"klsym report: warning: {derivations_error}")
         write_closed_forms(build_dir)
         references = copy_citation_files(build_dir)
-        _write_index(build_dir, ordered, derivations_html, derivations_error, commit, dirty, small,
-                     findings=findings, references=references)
-        (build_dir / STATE_FILE).write_text(json.dumps(
-            {"klsym_version": __version__, "commit": commit, "small": small,
-             "pages": {page.name: page.state() for page in ordered}}, indent=2, sort_keys=True))
+        _write_index(
+            build_dir,
+            ordered,
+            derivations_html,
+            derivations_error,
+            commit,
+            dirty,
+            small,
+            findings=findings,
+            references=references,
+        )
+        (build_dir / STATE_FILE).write_text(
+            json.dumps(
+                {
+                    "klsym_version": __version__,
+                    "commit": commit,
+                    "small": small,
+                    "pages": {page.name: page.state() for page in ordered},
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
         _swap_in(build_dir, output)
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -616,33 +701,59 @@ def copy_citation_files(outdir: Path) -> list:
     return load_references()
 
 
-def _write_index(build_dir: Path, pages: list[PageRecord], derivations_html: str, derivations_error: str,
-                 commit: str, dirty: bool | None, small: bool, *, findings: list, references: list) -> None:
+def _write_index(
+    build_dir: Path,
+    pages: list[PageRecord],
+    derivations_html: str,
+    derivations_error: str,
+    commit: str,
+    dirty: bool | None,
+    small: bool,
+    *,
+    findings: list,
+    references: list,
+) -> None:
     from markupsafe import Markup
 
     from klsym.cli.cite import plain_text
 
-    provenance = {"version": __version__, "commit": commit, "dirty": dirty, "executed_at": _now(),
-                  "small": small}
+    provenance = {"version": __version__, "commit": commit, "dirty": dirty, "executed_at": _now(), "small": small}
     derivation_files = sorted(p.name for p in build_dir.glob("derivations.*"))
     closed_form_files = sorted(p.name for p in build_dir.glob("closed_forms.*"))
     citation_files = [name for name in ("references.bib", CITATION_FILE) if (build_dir / name).exists()]
     klsym_entry = next((entry.text for entry in references if entry.key == "klsym"), "")
-    html = _template_environment().get_template("report_index.html.j2").render(
-        pages=pages, provenance=provenance, mathjax_root=MATHJAX_DIR.as_posix(),
-        derivations_html=Markup(derivations_html), derivations_error=derivations_error,
-        derivation_files=derivation_files, closed_form_files=closed_form_files,
-        findings=[Markup(finding.html()) for finding in findings], finding_names=[f.name for f in findings],
-        references=[{"key": entry.key, **{name: plain_text(entry.fields.get(name, ""))
-                                          for name in ("author", "title", "year")}}
-                    for entry in references if entry.key != "klsym"],
-        klsym_entry=klsym_entry, citation_files=citation_files)
+    html = (
+        _template_environment()
+        .get_template("report_index.html.j2")
+        .render(
+            pages=pages,
+            provenance=provenance,
+            mathjax_root=MATHJAX_DIR.as_posix(),
+            derivations_html=Markup(derivations_html),
+            derivations_error=derivations_error,
+            derivation_files=derivation_files,
+            closed_form_files=closed_form_files,
+            findings=[Markup(finding.html()) for finding in findings],
+            finding_names=[f.name for f in findings],
+            references=[
+                {
+                    "key": entry.key,
+                    **{name: plain_text(entry.fields.get(name, "")) for name in ("author", "title", "year")},
+                }
+                for entry in references
+                if entry.key != "klsym"
+            ],
+            klsym_entry=klsym_entry,
+            citation_files=citation_files,
+        )
+    )
     (build_dir / "index.html").write_text(strip_external_references(html), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- checking a built report
-def check_report(output: Path = REPORTS_DIR, notebooks_dir: Path = NOTEBOOKS_DIR, *,
-                 min_findings: int = 8) -> list[str]:
+def check_report(
+    output: Path = REPORTS_DIR, notebooks_dir: Path = NOTEBOOKS_DIR, *, min_findings: int = 8
+) -> list[str]:
     """Problems of a built report (an empty list when it is complete); what CI checks after ``make report``.
 
     Every ``NN-*.ipynb`` of ``notebooks_dir`` has a page and an executed copy with every code cell
@@ -680,8 +791,13 @@ def check_report(output: Path = REPORTS_DIR, notebooks_dir: Path = NOTEBOOKS_DIR
     if index.find('id="key-findings"') > index.find('id="notebooks"') >= 0:
         problems.append("index.html does not open with its key findings")
     try:
-        resolve_findings({path.stem: output / "executed" / path.name for path in notebooks
-                          if (output / "executed" / path.name).exists()})
+        resolve_findings(
+            {
+                path.stem: output / "executed" / path.name
+                for path in notebooks
+                if (output / "executed" / path.name).exists()
+            }
+        )
     except MissingRecord as err:
         problems.append(str(err))
     for name in ("derivations.tex", "closed_forms.tex", "references.bib"):
@@ -695,28 +811,55 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m klsym.report.build",
-                                     description="Check a built klsym report (CI runs this after make report).")
+    parser = argparse.ArgumentParser(
+        prog="python -m klsym.report.build", description="Check a built klsym report (CI runs this after make report)."
+    )
     parser.add_argument("--check", action="store_true", required=True, help="check the report")
     parser.add_argument("output", nargs="?", type=Path, default=REPORTS_DIR, help="report folder (default reports/)")
     parser.add_argument("--min-findings", type=int, default=8, help="key findings the index must show (default 8)")
-    parser.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, metavar="DIR",
-                        help="folder of the NN-name.ipynb notebooks (default notebooks/)")
+    parser.add_argument(
+        "--notebooks",
+        type=Path,
+        default=NOTEBOOKS_DIR,
+        metavar="DIR",
+        help="folder of the NN-name.ipynb notebooks (default notebooks/)",
+    )
     args = parser.parse_args(argv)
     problems = check_report(args.output, args.notebooks, min_findings=args.min_findings)
     for problem in problems:
         print(f"klsym report check: {problem}", file=sys.stderr)
     if not problems:
-        print(f"klsym report check: {args.output / 'index.html'} is complete "
-              f"({len(discover_notebooks(args.notebooks))} notebooks executed, key findings present, offline)")
+        print(
+            f"klsym report check: {args.output / 'index.html'} is complete "
+            f"({len(discover_notebooks(args.notebooks))} notebooks executed, key findings present, offline)"
+        )
     return 1 if problems else 0
 
 
-__all__ = ["NotebookFailure", "PageRecord", "BuildResult", "discover_notebooks", "select_notebooks",
-           "notebook_key", "load_small_parameters", "parameters_cell", "default_parameters", "notebook_title",
-           "git_commit", "input_hash", "find_external_references", "strip_external_references", "copy_mathjax",
-           "notebook_to_html", "write_derivation_tables", "write_closed_forms", "copy_citation_files",
-           "execute_notebook", "build_report", "check_report"]
+__all__ = [
+    "NotebookFailure",
+    "PageRecord",
+    "BuildResult",
+    "discover_notebooks",
+    "select_notebooks",
+    "notebook_key",
+    "load_small_parameters",
+    "parameters_cell",
+    "default_parameters",
+    "notebook_title",
+    "git_commit",
+    "input_hash",
+    "find_external_references",
+    "strip_external_references",
+    "copy_mathjax",
+    "notebook_to_html",
+    "write_derivation_tables",
+    "write_closed_forms",
+    "copy_citation_files",
+    "execute_notebook",
+    "build_report",
+    "check_report",
+]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,7 @@ Rules the report builder applies (:func:`resolve_findings`):
 >>> FINDINGS["k3_reward_gradient_error"].sentence(0.25)
 'k3 in the reward (`reward` mode) follows no KL: its expected gradient is 25% away from ∇KL(q||p).'
 """
+
 from __future__ import annotations
 
 import html
@@ -62,46 +63,89 @@ def _findings(*entries: Finding) -> dict[str, Finding]:
 
 #: The report's key findings, in the order they are shown. Values are recorded by the notebooks.
 FINDINGS: dict[str, Finding] = _findings(
-    Finding("estimators_unbiased", "01-overview", "Three-way evidence for the value: SymPy, exact, Monte Carlo",
-            "{value[unbiased]} of the {value[total]} built-in estimators are unbiased for a KL direction "
-            "(derived by SymPy, confirmed by the exact layer and by Monte Carlo)."),
-    Finding("schulman_published_match", "02-value-estimators",
-            "3. Schulman's two experiments: published vs exact vs Monte Carlo",
-            "{value[matching]} of the {value[total]} numbers in Schulman's (2020) tables equal the exact "
-            "value to the digits printed."),
-    Finding("k2_bias_far", "02-value-estimators", "4. Bias and spread as p moves away from q",
-            "k2 is biased far from q: at mu_p = {value[mu_p]:g} its mean is off KL(q||p) by "
-            "{value[relative_bias]:+.1%}, while k1 and k3 stay unbiased."),
-    Finding("k3_loss_gradient_error", "04-gradients", "5. Where published and exact differ, and why",
-            "k3 as a loss (`loss` mode, as in Yang's experiment) does not follow ∇KL(q||p): its exact expected "
-            "gradient is {value:.0%} away from it (it follows ∇KL(p||q))."),
-    Finding("k3_reward_gradient_error", "04-gradients",
-            "2. Exact expected gradients vs the true gradients vs Monte Carlo",
-            "k3 in the reward (`reward` mode) follows no KL: its expected gradient is {value:.0%} away "
-            "from ∇KL(q||p)."),
-    Finding("k4_mean_over_kl_near", "06-k4-audit", "3. What E_q[k4] tracks, near and far",
-            "k4 estimates twice the KL near p = q: E_q[k4]/KL(q||p) = {value:.3f} at the nearest pair of the "
-            "sweep, and Zhang's \"true\" value is KL(p||q), not the RL penalty KL(q||p)."),
-    Finding("token_batch_spike", "07-token-level", "3. Spikes: the largest value in a batch of B tokens",
-            "On an LLM-shaped vocabulary, the median largest k3 value in a batch is {value:.3g} times "
-            "the per-token KL(q||p) (exact quantiles)."),
-    Finding("k2_shift_std_reduction", "08-variance-reduction", "3. Seed 003: an optimal shift for k2 gradients",
-            "The derived optimal shift of k2 cuts the per-sample standard deviation of its `loss` gradient "
-            "w.r.t. mu by {value:.0%}."),
-    Finding("defaults_following_reverse_kl", "09-framework-crosswalk", "Three-way check of each default's gradient",
-            "{value[following]} of the {value[total]} framework defaults have an expected gradient equal "
-            "to ∇KL(q||p), the gradient of the penalty they are meant to apply."),
-    Finding("sequence_paper_claims", "10-sequences", "5. The two papers' claims, checked by number",
-            "At the sequence level, {value[holds]} of the {value[total]} statements checked here (consequences of "
-            "Tang & Munos (2025) and Liu et al. (2025) as summarised in issue 12) hold by exact enumeration."),
-    Finding("off_policy_unbiased", "11-off-policy",
-            "5. Sequences: which weighting gives $\\nabla KL(q\\|p)$ of the sequences",
-            "Off-policy, {value[unbiased]} of the {value[total]} weighting × placement × estimator combinations "
-            "give an unbiased gradient of the sequence KL(q||p)."),
-    Finding("fixed_point_at_optimum", "12-where-training-ends-up",
-            "4. The end point against β for each framework's default setting",
-            "{value[at_optimum]} of the {value[total]} framework defaults converge to the intended optimum "
-            "q* ∝ p·exp(R/β)."),
+    Finding(
+        "estimators_unbiased",
+        "01-overview",
+        "Three-way evidence for the value: SymPy, exact, Monte Carlo",
+        "{value[unbiased]} of the {value[total]} built-in estimators are unbiased for a KL direction "
+        "(derived by SymPy, confirmed by the exact layer and by Monte Carlo).",
+    ),
+    Finding(
+        "schulman_published_match",
+        "02-value-estimators",
+        "3. Schulman's two experiments: published vs exact vs Monte Carlo",
+        "{value[matching]} of the {value[total]} numbers in Schulman's (2020) tables equal the exact "
+        "value to the digits printed.",
+    ),
+    Finding(
+        "k2_bias_far",
+        "02-value-estimators",
+        "4. Bias and spread as p moves away from q",
+        "k2 is biased far from q: at mu_p = {value[mu_p]:g} its mean is off KL(q||p) by "
+        "{value[relative_bias]:+.1%}, while k1 and k3 stay unbiased.",
+    ),
+    Finding(
+        "k3_loss_gradient_error",
+        "04-gradients",
+        "5. Where published and exact differ, and why",
+        "k3 as a loss (`loss` mode, as in Yang's experiment) does not follow ∇KL(q||p): its exact expected "
+        "gradient is {value:.0%} away from it (it follows ∇KL(p||q)).",
+    ),
+    Finding(
+        "k3_reward_gradient_error",
+        "04-gradients",
+        "2. Exact expected gradients vs the true gradients vs Monte Carlo",
+        "k3 in the reward (`reward` mode) follows no KL: its expected gradient is {value:.0%} away from ∇KL(q||p).",
+    ),
+    Finding(
+        "k4_mean_over_kl_near",
+        "06-k4-audit",
+        "3. What E_q[k4] tracks, near and far",
+        "k4 estimates twice the KL near p = q: E_q[k4]/KL(q||p) = {value:.3f} at the nearest pair of the "
+        'sweep, and Zhang\'s "true" value is KL(p||q), not the RL penalty KL(q||p).',
+    ),
+    Finding(
+        "token_batch_spike",
+        "07-token-level",
+        "3. Spikes: the largest value in a batch of B tokens",
+        "On an LLM-shaped vocabulary, the median largest k3 value in a batch is {value:.3g} times "
+        "the per-token KL(q||p) (exact quantiles).",
+    ),
+    Finding(
+        "k2_shift_std_reduction",
+        "08-variance-reduction",
+        "3. Seed 003: an optimal shift for k2 gradients",
+        "The derived optimal shift of k2 cuts the per-sample standard deviation of its `loss` gradient "
+        "w.r.t. mu by {value:.0%}.",
+    ),
+    Finding(
+        "defaults_following_reverse_kl",
+        "09-framework-crosswalk",
+        "Three-way check of each default's gradient",
+        "{value[following]} of the {value[total]} framework defaults have an expected gradient equal "
+        "to ∇KL(q||p), the gradient of the penalty they are meant to apply.",
+    ),
+    Finding(
+        "sequence_paper_claims",
+        "10-sequences",
+        "5. The two papers' claims, checked by number",
+        "At the sequence level, {value[holds]} of the {value[total]} statements checked here (consequences of "
+        "Tang & Munos (2025) and Liu et al. (2025) as summarised in issue 12) hold by exact enumeration.",
+    ),
+    Finding(
+        "off_policy_unbiased",
+        "11-off-policy",
+        "5. Sequences: which weighting gives $\\nabla KL(q\\|p)$ of the sequences",
+        "Off-policy, {value[unbiased]} of the {value[total]} weighting × placement × estimator combinations "
+        "give an unbiased gradient of the sequence KL(q||p).",
+    ),
+    Finding(
+        "fixed_point_at_optimum",
+        "12-where-training-ends-up",
+        "4. The end point against β for each framework's default setting",
+        "{value[at_optimum]} of the {value[total]} framework defaults converge to the intended optimum "
+        "q* ∝ p·exp(R/β).",
+    ),
 )
 
 
@@ -212,8 +256,9 @@ def read_records(notebook: Mapping | str | Path, notebook_key: str | None = None
             if isinstance(payload, str):  # some writers keep JSON MIME data as text
                 payload = json.loads(payload)
             name = payload["name"]
-            records[name] = Record(name, _restore(payload.get("value")), notebook_key or "",
-                                   payload.get("section") or heading)
+            records[name] = Record(
+                name, _restore(payload.get("value")), notebook_key or "", payload.get("section") or heading
+            )
     return records
 
 
@@ -250,8 +295,9 @@ def section_anchor(heading: str) -> str:
     return html.unescape(match.group(1)) if match else ""
 
 
-def resolve_findings(executed: Mapping[str, Path], pages: Mapping[str, str] | None = None,
-                     findings: Mapping[str, Finding] | None = None) -> tuple[list[ResolvedFinding], list[str]]:
+def resolve_findings(
+    executed: Mapping[str, Path], pages: Mapping[str, str] | None = None, findings: Mapping[str, Finding] | None = None
+) -> tuple[list[ResolvedFinding], list[str]]:
     """Fill the findings from executed notebooks.
 
     Parameters
@@ -288,24 +334,52 @@ def resolve_findings(executed: Mapping[str, Path], pages: Mapping[str, str] | No
         try:
             sentence = finding.sentence(entry.value)
         except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise MissingRecord(f"finding {finding.name!r}: recorded value {entry.value!r} does not fit its "
-                                f"sentence template ({type(err).__name__}: {err})",
-                                (Path(executed[finding.notebook]).name,)) from None
+            raise MissingRecord(
+                f"finding {finding.name!r}: recorded value {entry.value!r} does not fit its "
+                f"sentence template ({type(err).__name__}: {err})",
+                (Path(executed[finding.notebook]).name,),
+            ) from None
         page = (pages or {}).get(finding.notebook) or Path(executed[finding.notebook]).with_suffix(".html").name
-        resolved.append(ResolvedFinding(finding.name, sentence, entry.value, finding.notebook, page,
-                                        entry.section, section_anchor(entry.section)))
+        resolved.append(
+            ResolvedFinding(
+                finding.name,
+                sentence,
+                entry.value,
+                finding.notebook,
+                page,
+                entry.section,
+                section_anchor(entry.section),
+            )
+        )
     if missing:
-        raise MissingRecord("executed notebooks did not record these key findings: " + ", ".join(missing)
-                            + " (call klsym.report.findings.record(name, value) in the notebook)",
-                            tuple(dict.fromkeys(at_fault)))
+        raise MissingRecord(
+            "executed notebooks did not record these key findings: "
+            + ", ".join(missing)
+            + " (call klsym.report.findings.record(name, value) in the notebook)",
+            tuple(dict.fromkeys(at_fault)),
+        )
     return resolved, skipped
 
 
 def registry_table(findings: Iterable[Finding] | None = None) -> list[dict[str, str]]:
     """The registry as rows (name, notebook, section, template), for docs and the CLI."""
-    return [{"name": f.name, "notebook": f.notebook, "section": f.section, "template": f.template}
-            for f in (FINDINGS.values() if findings is None else findings)]
+    return [
+        {"name": f.name, "notebook": f.notebook, "section": f.section, "template": f.template}
+        for f in (FINDINGS.values() if findings is None else findings)
+    ]
 
 
-__all__ = ["RECORD_MIME", "Finding", "FINDINGS", "record", "record_payload", "Record", "MissingRecord",
-           "read_records", "ResolvedFinding", "section_anchor", "resolve_findings", "registry_table"]
+__all__ = [
+    "RECORD_MIME",
+    "Finding",
+    "FINDINGS",
+    "record",
+    "record_payload",
+    "Record",
+    "MissingRecord",
+    "read_records",
+    "ResolvedFinding",
+    "section_anchor",
+    "resolve_findings",
+    "registry_table",
+]

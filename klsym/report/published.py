@@ -9,11 +9,12 @@ error the published Monte Carlo number carries, so a difference can be read as a
 >>> sorted({row["seed_file"][:3] for row in rows})
 ['000', '001', '003']
 """
+
 from __future__ import annotations
 
 import csv
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -45,8 +46,7 @@ def load_rows(tables=TABLES) -> list[dict]:
 
 
 def pair(row) -> tuple[Gaussian, Gaussian]:
-    return (Gaussian(float(row["q_mu"]), float(row["q_sigma"])),
-            Gaussian(float(row["p_mu"]), float(row["p_sigma"])))
+    return (Gaussian(float(row["q_mu"]), float(row["q_sigma"])), Gaussian(float(row["p_mu"]), float(row["p_sigma"])))
 
 
 def half_unit(printed: str) -> float:
@@ -56,7 +56,7 @@ def half_unit(printed: str) -> float:
     return 0.5 * 10.0 ** (-decimals + (int(exponent) if exponent else 0))
 
 
-@lru_cache(maxsize=None)
+@cache
 def log_ratio_range(q: Gaussian, p: Gaussian) -> tuple[float, float]:
     r"""The range of :math:`t(x)` over the real line (it is quadratic in x)."""
     curvature = 1 / q.sigma**2 - 1 / p.sigma**2
@@ -175,19 +175,38 @@ def reproduction_rows() -> list[dict]:
         exact = exact_value(row)
         se = monte_carlo_se(row)
         published = float(row["published_value"])
-        entry = {"seed": row["seed_file"][:3], "table": row["table"], "estimator": row["estimator"],
-                 "param": row["parameter"] or "", "quantity": row["quantity"], "published": row["published_value"],
-                 "exact": exact, "z": (published - exact) / se if se and math.isfinite(se) else None,
-                 "true_is": row["published_true_direction"].split(" ")[0], "estimates": row["estimator_direction"]}
+        entry = {
+            "seed": row["seed_file"][:3],
+            "table": row["table"],
+            "estimator": row["estimator"],
+            "param": row["parameter"] or "",
+            "quantity": row["quantity"],
+            "published": row["published_value"],
+            "exact": exact,
+            "z": (published - exact) / se if se and math.isfinite(se) else None,
+            "true_is": row["published_true_direction"].split(" ")[0],
+            "estimates": row["estimator_direction"],
+        }
         if row["file"] == "zhang2025_k4.csv" and row["quantity"] in ("bias", "std"):
             q, p = pair(row)
             stats = estimator_stats(row["estimator"], q, p)
             kl_qp = kl_divergences(q, p)[KL_QP]
-            entry[f"vs {KL_QP}"] = ((stats["mean"] - kl_qp) / kl_qp if row["quantity"] == "bias"
-                                    else stats["std"] / kl_qp)
+            entry[f"vs {KL_QP}"] = (
+                (stats["mean"] - kl_qp) / kl_qp if row["quantity"] == "bias" else stats["std"] / kl_qp
+            )
         out.append(entry)
     return out
 
 
-__all__ = ["TABLES", "load_rows", "pair", "half_unit", "exact_value", "monte_carlo_se", "support_bounds",
-           "log_ratio_range", "reproduction_rows", "KL_PQ"]
+__all__ = [
+    "TABLES",
+    "load_rows",
+    "pair",
+    "half_unit",
+    "exact_value",
+    "monte_carlo_se",
+    "support_bounds",
+    "log_ratio_range",
+    "reproduction_rows",
+    "KL_PQ",
+]

@@ -35,6 +35,7 @@ Traceback (most recent call last):
 ...
 klsym.rl.expressions.ExpressionError: malformed expression "__import__('os')": function '__import__' is not allowed (allowed: abs, clamp, exp, expm1, inside, log, max, min, sg)
 """
+
 from __future__ import annotations
 
 import math
@@ -104,9 +105,17 @@ class inside(sp.Function):
         return sp.S.Zero
 
 
-_FUNCTIONS = {"sg": (sg, 1), "clamp": (clamp, 3), "inside": (inside, 3), "exp": (sp.exp, 1),
-              "log": (sp.log, 1), "expm1": (expm1, 1), "abs": (sp.Abs, 1), "max": (sp.Max, 2),
-              "min": (sp.Min, 2)}
+_FUNCTIONS = {
+    "sg": (sg, 1),
+    "clamp": (clamp, 3),
+    "inside": (inside, 3),
+    "exp": (sp.exp, 1),
+    "log": (sp.log, 1),
+    "expm1": (expm1, 1),
+    "abs": (sp.Abs, 1),
+    "max": (sp.Max, 2),
+    "min": (sp.Min, 2),
+}
 _NAMES = {"logq": logq, "logp": logp, "logb": logb}
 
 
@@ -116,8 +125,16 @@ def _check_bounds(name: str, args) -> None:
 
 
 #: The grammar of framework expressions: logq, logp, logb and the functions above (numbers of any size).
-GRAMMAR = Grammar(_NAMES, _FUNCTIONS, ExpressionError, "expression", max_length=MAX_LENGTH, max_number=None,
-                  max_depth=60, check_call=_check_bounds)
+GRAMMAR = Grammar(
+    _NAMES,
+    _FUNCTIONS,
+    ExpressionError,
+    "expression",
+    max_length=MAX_LENGTH,
+    max_number=None,
+    max_depth=60,
+    check_call=_check_bounds,
+)
 
 
 def parse_expression(text: str) -> sp.Expr:
@@ -134,6 +151,7 @@ def parse_expression(text: str) -> sp.Expr:
 
 
 # --- derivatives and numeric forms -------------------------------------------------------------
+
 
 def surrogate(expr: sp.Expr, enters: str) -> sp.Expr:
     """The per-token loss whose gradient the framework takes: the expression, or ``sg(k) * logq``."""
@@ -179,11 +197,14 @@ def numeric(expr: sp.Expr):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             out = body(lq, lp, lb, lq if lq0 is None else lq0)
         return np.broadcast_to(out, np.broadcast_shapes(np.shape(lq), np.shape(lp), np.shape(lb))).astype(
-            np.result_type(lq, np.float64))
+            np.result_type(lq, np.float64)
+        )
+
     return evaluate
 
 
 # --- on-policy views: functions of t ----------------------------------------------------------------
+
 
 def _on_policy(expr: sp.Expr) -> sp.Expr:
     on = expr.subs(logb, logq).replace(sg, lambda arg: arg).subs(logp, logq + t)
@@ -208,8 +229,12 @@ def on_policy(expr: sp.Expr, enters: str = "loss") -> dict:
     -t
     """
     bare = unclamped(expr)
-    return {"value": _on_policy(expr), "coefficient": _on_policy(coefficient(expr, enters)),
-            "value_unclamped": _on_policy(bare), "coefficient_unclamped": _on_policy(coefficient(bare, enters))}
+    return {
+        "value": _on_policy(expr),
+        "coefficient": _on_policy(coefficient(expr, enters)),
+        "value_unclamped": _on_policy(bare),
+        "coefficient_unclamped": _on_policy(coefficient(bare, enters)),
+    }
 
 
 _PROBES = (-2.3, -0.4, 0.6, 1.7)
@@ -249,8 +274,15 @@ def _active_region_edges(argument_t: sp.Expr, lo: float, hi: float) -> list[floa
     for level in (lo, hi):
         shifted = values - level
         for i in np.flatnonzero(np.sign(shifted[:-1]) * np.sign(shifted[1:]) < 0):
-            edges.append(brentq(lambda s, level=level: float(f(np.array(s))) - level, grid[i], grid[i + 1],
-                                xtol=1e-15, rtol=4 * np.finfo(float).eps))
+            edges.append(
+                brentq(
+                    lambda s, level=level: float(f(np.array(s))) - level,
+                    grid[i],
+                    grid[i + 1],
+                    xtol=1e-15,
+                    rtol=4 * np.finfo(float).eps,
+                )
+            )
     return edges
 
 
@@ -265,8 +297,9 @@ def clamp_region(expr: sp.Expr) -> list[tuple[float, float]]:
     nodes = clamp_nodes(expr)
     if not nodes:
         return []
-    arguments = [(_on_policy(node.args[0]), float(node.args[1]), float(node.args[2]), isinstance(node, inside))
-                 for node in nodes]
+    arguments = [
+        (_on_policy(node.args[0]), float(node.args[1]), float(node.args[2]), isinstance(node, inside)) for node in nodes
+    ]
     edges = sorted({e for argument, lo, hi, _ in arguments for e in _active_region_edges(argument, lo, hi)})
     points = [-math.inf, *edges, math.inf]
 
@@ -279,8 +312,11 @@ def clamp_region(expr: sp.Expr) -> list[tuple[float, float]]:
 
     region = []
     for a, b in zip(points[:-1], points[1:]):
-        middle = (a + b) / 2 if math.isfinite(a) and math.isfinite(b) else (
-            (b - 1.0) if math.isfinite(b) else (a + 1.0) if math.isfinite(a) else 0.0)
+        middle = (
+            (a + b) / 2
+            if math.isfinite(a) and math.isfinite(b)
+            else ((b - 1.0) if math.isfinite(b) else (a + 1.0) if math.isfinite(a) else 0.0)
+        )
         if active(middle):
             if region and region[-1][1] == a:
                 region[-1] = (region[-1][0], b)
@@ -290,6 +326,7 @@ def clamp_region(expr: sp.Expr) -> list[tuple[float, float]]:
 
 
 # --- derived views: estimator, mode, clamps, weights ----------------------------------------------
+
 
 def _as_ratio(expr_t: sp.Expr) -> sp.Expr:
     return sp.expand(sp.expand_log(expr_t.subs(t, sp.log(r)), force=True))
@@ -364,8 +401,13 @@ def weights(expr: sp.Expr) -> list[dict]:
     for node in sp.preorder_traversal(expr):
         if isinstance(node, sp.exp) and node.args[0].has(logq) and not node.args[0].has(logp):
             if _on_policy(node.args[0]) == 0 and not isinstance(node, sg):
-                found.append({"weight": sp.sstr(node), "differentiable": sp.diff(node, logq) != 0,
-                              "uses_behaviour": node.has(logb)})
+                found.append(
+                    {
+                        "weight": sp.sstr(node),
+                        "differentiable": sp.diff(node, logq) != 0,
+                        "uses_behaviour": node.has(logb),
+                    }
+                )
     return list({w["weight"]: w for w in found}.values())
 
 
@@ -410,7 +452,29 @@ def _probe(lo: float, hi: float) -> float:
     return hi - 1.0 if math.isfinite(hi) else lo + 1.0 if math.isfinite(lo) else 0.0
 
 
-__all__ = ["logq", "logp", "logb", "logq0", "ENTERS", "ExpressionError", "sg", "clamp", "inside",
-           "parse_expression", "surrogate", "coefficient", "numeric", "on_policy", "unclamped",
-           "same_function_of_t", "clamp_nodes", "clamp_region", "T_MAX", "identify", "clamps", "weights",
-           "offpolicy_weighting", "clamp_effect"]
+__all__ = [
+    "logq",
+    "logp",
+    "logb",
+    "logq0",
+    "ENTERS",
+    "ExpressionError",
+    "sg",
+    "clamp",
+    "inside",
+    "parse_expression",
+    "surrogate",
+    "coefficient",
+    "numeric",
+    "on_policy",
+    "unclamped",
+    "same_function_of_t",
+    "clamp_nodes",
+    "clamp_region",
+    "T_MAX",
+    "identify",
+    "clamps",
+    "weights",
+    "offpolicy_weighting",
+    "clamp_effect",
+]

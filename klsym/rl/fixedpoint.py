@@ -30,11 +30,12 @@ low-reward tokens die out, the rest settles at an interior point of that face: `
 >>> fixed_point(REFERENCE_PROBLEM, "k1", "loss")["status"]      # zero KL gradient
 'collapse'
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 
 import numpy as np
 import pandas as pd
@@ -45,12 +46,12 @@ from scipy.special import log_softmax, logsumexp, softmax
 
 from klsym.derive import symbolic as symbolic_module
 from klsym.derive.diskcache import cache_key, cached_json
-from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, in_logratio, gradient_weights
+from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, gradient_weights, in_logratio
 from klsym.derive.symbolic import analyze, is_zero, mode_coefficient, sign_verdict
 from klsym.derive.symbols import r, t
+from klsym.exact.autoregressive import Autoregressive, prefix_mass, score_gradient, sequence_kls, to_go
 from klsym.exact.clamps import clamped_numeric, clamped_numeric_dt
 from klsym.exact.expectations import KL_PQ, KL_QP, MODES, kl_divergences
-from klsym.exact.autoregressive import Autoregressive, prefix_mass, score_gradient, sequence_kls, to_go
 from klsym.exact.families import Categorical
 from klsym.rl.sequences import PLACEMENTS as SEQUENCE_PLACEMENTS
 from klsym.rl.sequences import placement_gradient
@@ -70,6 +71,7 @@ _SPREAD_LIMIT = 500.0
 
 
 # --- the problem ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, eq=False)
 class FixedPointProblem:
@@ -106,11 +108,17 @@ class FixedPointProblem:
         with np.errstate(over="ignore"):
             spread = (float(reward.max()) - float(reward.min())) / beta  # inf when it overflows
         if spread > _SPREAD_LIMIT:
-            raise ValueError(f"(max reward - min reward) / beta = {spread:.3g} exceeds {_SPREAD_LIMIT:g}: "
-                             f"q* = p e^{{R/beta}}/Z would put e^-{_SPREAD_LIMIT:g} or less on a token, below what "
-                             "the float64 dynamics resolve; rescale the reward or raise beta")
-        for name, value in (("p_logits", logits), ("reward", reward), ("beta", beta),
-                            ("reference", Categorical(logits))):
+            raise ValueError(
+                f"(max reward - min reward) / beta = {spread:.3g} exceeds {_SPREAD_LIMIT:g}: "
+                f"q* = p e^{{R/beta}}/Z would put e^-{_SPREAD_LIMIT:g} or less on a token, below what "
+                "the float64 dynamics resolve; rescale the reward or raise beta"
+            )
+        for name, value in (
+            ("p_logits", logits),
+            ("reward", reward),
+            ("beta", beta),
+            ("reference", Categorical(logits)),
+        ):
             object.__setattr__(self, name, value)
 
     @property
@@ -121,7 +129,7 @@ class FixedPointProblem:
     def size(self) -> int:
         return int(self.p_logits.size)
 
-    def with_beta(self, beta: float) -> "FixedPointProblem":
+    def with_beta(self, beta: float) -> FixedPointProblem:
         return FixedPointProblem(self.p_logits, self.reward, beta)
 
 
@@ -163,6 +171,7 @@ def optimum_log_probs(problem: FixedPointProblem) -> np.ndarray:
 
 # --- the expected update ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class KLTerm:
     """A KL term as training applies it: estimator, mode, and a framework's clamps (None: none)."""
@@ -178,8 +187,10 @@ class KLTerm:
 
     @cached_property
     def _functions(self):
-        return (clamped_numeric(self.estimator, self.input_clamp, self.output_clamp),
-                clamped_numeric_dt(self.estimator, self.input_clamp, self.output_clamp))
+        return (
+            clamped_numeric(self.estimator, self.input_clamp, self.output_clamp),
+            clamped_numeric_dt(self.estimator, self.input_clamp, self.output_clamp),
+        )
 
     def weight(self, log_ratios: np.ndarray) -> np.ndarray:
         r"""Per-sample coefficient w(t) of the score: the KL gradient of one sample is :math:`w\,s`."""
@@ -231,8 +242,7 @@ def expected_update(problem: FixedPointProblem, logits, estimator, mode: str | N
     return score_expectation(probs, problem.reward) - problem.beta * kl_gradient(problem, logits, term)
 
 
-def update_jacobian(problem: FixedPointProblem, logits, term: KLTerm, step: float = 1e-6,
-                    support=None) -> np.ndarray:
+def update_jacobian(problem: FixedPointProblem, logits, term: KLTerm, step: float = 1e-6, support=None) -> np.ndarray:
     r"""Eigenvalues of the expected dynamics' Jacobian on the simplex (V - 1 of them).
 
     Logits are defined up to a shift, so the last logit is held at 0; central differences.
@@ -242,8 +252,14 @@ def update_jacobian(problem: FixedPointProblem, logits, term: KLTerm, step: floa
     """
     reduced = _reduced(np.asarray(logits, dtype=np.float64))
     bumps = step * np.eye(reduced.size)
-    columns = [(_reduced_field(problem, term, reduced + bump, support)
-                - _reduced_field(problem, term, reduced - bump, support)) / (2 * step) for bump in bumps]
+    columns = [
+        (
+            _reduced_field(problem, term, reduced + bump, support)
+            - _reduced_field(problem, term, reduced - bump, support)
+        )
+        / (2 * step)
+        for bump in bumps
+    ]
     eigenvalues = np.linalg.eigvals(np.array(columns).T) if columns else np.zeros(0)
     return eigenvalues[np.argsort(-eigenvalues.real)]
 
@@ -282,7 +298,8 @@ def _face_update(problem, term, support, logits):
 
 # --- SymPy: the stationarity condition --------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+
+@cache
 def stationarity_condition(estimator, mode: str) -> dict:
     r"""The condition :math:`R_j - \beta\,\varphi(r_j) = \lambda` of a mode's implied divergence.
 
@@ -300,8 +317,10 @@ def stationarity_condition(estimator, mode: str) -> dict:
     1 - y
     """
     estimator = get_estimator(estimator)
-    key = cache_key([sp.srepr(estimator.expr), sp.srepr(estimator.surrogate_expr), estimator.name, mode],
-                    [__file__, symbolic_module.__file__])
+    key = cache_key(
+        [sp.srepr(estimator.expr), sp.srepr(estimator.surrogate_expr), estimator.name, mode],
+        [__file__, symbolic_module.__file__],
+    )
     stored = cached_json("stationarity", key, lambda: _to_json(_derive_stationarity(estimator, mode)))
     return _from_json(stored)
 
@@ -323,8 +342,15 @@ def _from_json(stored: dict) -> dict:
 def _derive_stationarity(estimator: Estimator, mode: str) -> dict:
     derived = analyze(estimator)["gradient"][mode]
     g = sp.sympify(derived["generator"], locals={"r": r})
-    out = {"divergence": derived["divergence"], "generator": g, "phi": None, "convex": False,
-           "constant": False, "inverse": None, "range": None}
+    out = {
+        "divergence": derived["divergence"],
+        "generator": g,
+        "phi": None,
+        "convex": False,
+        "constant": False,
+        "inverse": None,
+        "range": None,
+    }
     if g.has(sp.Integral):  # SymPy could not integrate the ODE: no generator to differentiate
         return out
     phi = sp.simplify(g - r * sp.diff(g, r))
@@ -360,8 +386,9 @@ def stationary_point(problem: FixedPointProblem, estimator, mode: str) -> dict |
     >>> bool(np.allclose(sp_["probs"], optimum(REFERENCE_PROBLEM), atol=1e-12))
     True
     """
-    condition = stationarity_condition(get_estimator(estimator).name if not isinstance(estimator, Estimator)
-                                       else estimator, mode)
+    condition = stationarity_condition(
+        get_estimator(estimator).name if not isinstance(estimator, Estimator) else estimator, mode
+    )
     if not condition["convex"] or condition["constant"]:
         return None
     phi_inf, phi_zero = condition["range"]
@@ -387,13 +414,16 @@ def _inverse_function(condition: dict):
     y = condition["y"]
     if condition["inverse"] is not None:
         closed = sp.lambdify(y, condition["inverse"], modules="numpy")
-        return lambda values: np.asarray(closed(np.asarray(values, dtype=np.float64)), dtype=np.float64) \
-            * np.ones_like(values)
+        return lambda values: (
+            np.asarray(closed(np.asarray(values, dtype=np.float64)), dtype=np.float64) * np.ones_like(values)
+        )
     phi_t = sp.lambdify(t, in_logratio(condition["phi"]), modules="numpy")
 
     def numeric(values):  # phi decreasing in r: one root in t per value
-        return np.array([brentq(lambda s, v=v: phi_t(s) - v, -_T_LIMIT, _T_LIMIT, xtol=1e-14)
-                         for v in np.atleast_1d(values)])
+        return np.array(
+            [brentq(lambda s, v=v: phi_t(s) - v, -_T_LIMIT, _T_LIMIT, xtol=1e-14) for v in np.atleast_1d(values)]
+        )
+
     return numeric
 
 
@@ -418,8 +448,16 @@ def _bracket(fn, lower: float, upper: float, scale: float):
 
 # --- the expected dynamics ------------------------------------------------------------------------
 
-def integrate_dynamics(problem: FixedPointProblem, estimator, mode: str | None = None, *,
-                       time: float = DYNAMICS_TIME, points: int = 200, start=None) -> dict:
+
+def integrate_dynamics(
+    problem: FixedPointProblem,
+    estimator,
+    mode: str | None = None,
+    *,
+    time: float = DYNAMICS_TIME,
+    points: int = 200,
+    start=None,
+) -> dict:
     r"""Integrate :math:`\dot\theta = u(\theta)` from q = p (exact expected dynamics; LSODA).
 
     Returns ``times`` (log-spaced) and ``probs`` (one row per time); ``finite`` is False when the
@@ -429,13 +467,19 @@ def integrate_dynamics(problem: FixedPointProblem, estimator, mode: str | None =
     start = problem.p_logits if start is None else np.asarray(start, dtype=np.float64)
     times = np.concatenate([[0.0], np.geomspace(1e-2, time, points - 1)])
     with np.errstate(all="ignore"):
-        solution = solve_ivp(lambda _, z: _reduced_field(problem, term, z), (0.0, time), _reduced(start),
-                             method="LSODA", t_eval=times, rtol=1e-6, atol=1e-9)  # interior ends get polished
+        solution = solve_ivp(
+            lambda _, z: _reduced_field(problem, term, z),
+            (0.0, time),
+            _reduced(start),
+            method="LSODA",
+            t_eval=times,
+            rtol=1e-6,
+            atol=1e-9,
+        )  # interior ends get polished
     reduced = solution.y.T
     finite = solution.success and np.isfinite(reduced).all()
     probs = softmax(np.column_stack([reduced, np.zeros(len(reduced))]), axis=1)
-    return {"times": solution.t, "probs": probs, "logits": reduced, "finite": bool(finite),
-            "message": solution.message}
+    return {"times": solution.t, "probs": probs, "logits": reduced, "finite": bool(finite), "message": solution.message}
 
 
 def _clamps_idle(problem, term, probs) -> bool:
@@ -457,8 +501,7 @@ def _polish(problem, term, logits, support=None):
     if len(logits) < 2:
         return np.asarray(logits, dtype=np.float64)  # a vertex: nothing to refine
     with np.errstate(all="ignore"):
-        solution = root(lambda z: _reduced_field(problem, term, z, support), _reduced(logits), method="hybr",
-                        tol=1e-14)
+        solution = root(lambda z: _reduced_field(problem, term, z, support), _reduced(logits), method="hybr", tol=1e-14)
         if not solution.success or not np.isfinite(solution.x).all():
             return None
         if np.max(np.abs(_reduced_field(problem, term, solution.x, support))) > 1e-10:
@@ -491,8 +534,14 @@ def _settle_on_face(problem, term, limit):
     return settled
 
 
-def fixed_point(problem: FixedPointProblem, estimator, mode: str, *, input_clamp: float | None = None,
-                output_clamp: float | None = None) -> dict:
+def fixed_point(
+    problem: FixedPointProblem,
+    estimator,
+    mode: str,
+    *,
+    input_clamp: float | None = None,
+    output_clamp: float | None = None,
+) -> dict:
     r"""Where training with this KL term ends up, with how it was found.
 
     Returns ``probs``, ``KL(q||p)``, ``KL(p||q)``, ``reward`` (:math:`\mathbb{E}_q[R]`),
@@ -514,9 +563,16 @@ def fixed_point(problem: FixedPointProblem, estimator, mode: str, *, input_clamp
     best = problem.reward >= problem.reward.max()
     if condition["constant"] and not term.clamped and best.sum() == 1:
         # no restoring force: pure reward ascent, which ends on the unique maximiser
-        return _report(problem, best.astype(float), "collapse", True, term, condition["divergence"],
-                       "SymPy: the mode's implied divergence has no restoring force (phi constant); "
-                       "reward ascent ends on the unique reward maximiser")
+        return _report(
+            problem,
+            best.astype(float),
+            "collapse",
+            True,
+            term,
+            condition["divergence"],
+            "SymPy: the mode's implied divergence has no restoring force (phi constant); "
+            "reward ascent ends on the unique reward maximiser",
+        )
     dynamics = integrate_dynamics(problem, term)
     end = dynamics["probs"][-1]
     if condition["constant"] and not term.clamped:
@@ -525,9 +581,13 @@ def fixed_point(problem: FixedPointProblem, estimator, mode: str, *, input_clamp
         if status == "boundary":
             probs = _settle_on_face(problem, term, probs)
     else:
-        method = ("numeric: stable fixed point of the exact expected dynamics from q = p"
-                  + (" (implied divergence not convex)" if exact is None
-                     else " (no interior stationary point)" if exact["probs"] is None else " (clamps bite)"))
+        method = "numeric: stable fixed point of the exact expected dynamics from q = p" + (
+            " (implied divergence not convex)"
+            if exact is None
+            else " (no interior stationary point)"
+            if exact["probs"] is None
+            else " (clamps bite)"
+        )
         polished = _polish(problem, term, np.log(np.maximum(end, 1e-300))) if end.min() > DROPPED_MASS else None
         if not dynamics["finite"]:
             probs, status = end, "diverges"
@@ -550,20 +610,28 @@ def _report(problem, probs, status, stable, term, follows, method) -> dict:
     if status != "diverges":
         support = probs > 0
         with np.errstate(divide="ignore"):
-            eigenvalues = update_jacobian(problem, np.log(probs[support]), term,
-                                          support=None if support.all() else support)
+            eigenvalues = update_jacobian(
+                problem, np.log(probs[support]), term, support=None if support.all() else support
+            )
         stable = bool(np.all(eigenvalues.real < 0))
     with np.errstate(divide="ignore"):
         q = Categorical(np.log(probs))
     star = Categorical(optimum_log_probs(problem))
     kl = kl_divergences(q, problem.reference)
     distance = max(kl_divergences(q, star)[KL_QP], 0.0)  # rounding can make it -1e-17
-    return {"probs": np.asarray(probs), KL_QP: kl[KL_QP], KL_PQ: kl[KL_PQ],
-            "reward": float(np.dot(probs, problem.reward)), "distance_to_optimum": distance,
-            "status": status, "stable": stable,
-            "eigenvalues": None if eigenvalues is None else _real_if_close(eigenvalues),
-            "equals_optimum": bool(status == "interior" and distance < 1e-10),
-            "follows": follows, "method": method}
+    return {
+        "probs": np.asarray(probs),
+        KL_QP: kl[KL_QP],
+        KL_PQ: kl[KL_PQ],
+        "reward": float(np.dot(probs, problem.reward)),
+        "distance_to_optimum": distance,
+        "status": status,
+        "stable": stable,
+        "eigenvalues": None if eigenvalues is None else _real_if_close(eigenvalues),
+        "equals_optimum": bool(status == "interior" and distance < 1e-10),
+        "follows": follows,
+        "method": method,
+    }
 
 
 def _real_if_close(values: np.ndarray):
@@ -571,20 +639,33 @@ def _real_if_close(values: np.ndarray):
     return values.tolist() if np.isrealobj(values) else [[v.real, v.imag] for v in values]
 
 
-def fixed_point_summary(problem: FixedPointProblem, estimators=None, modes=MODES, *,
-                        input_clamp: float | None = None, output_clamp: float | None = None) -> dict:
+def fixed_point_summary(
+    problem: FixedPointProblem,
+    estimators=None,
+    modes=MODES,
+    *,
+    input_clamp: float | None = None,
+    output_clamp: float | None = None,
+) -> dict:
     """The ``klsym fixedpoint`` JSON object: the optimum and each estimator's end point per mode."""
     estimators = [get_estimator(e) for e in (estimators if estimators is not None else BUILTINS)]
     star = optimum(problem)
-    out = {"p": problem.p, "reward_vector": problem.reward, "beta": problem.beta,
-           "optimum": {"probs": star,
-                       KL_QP: kl_divergences(Categorical(optimum_log_probs(problem)), problem.reference)[KL_QP],
-                       "reward": float(np.dot(star, problem.reward))},
-           "estimators": {}}
+    out = {
+        "p": problem.p,
+        "reward_vector": problem.reward,
+        "beta": problem.beta,
+        "optimum": {
+            "probs": star,
+            KL_QP: kl_divergences(Categorical(optimum_log_probs(problem)), problem.reference)[KL_QP],
+            "reward": float(np.dot(star, problem.reward)),
+        },
+        "estimators": {},
+    }
     for estimator in estimators:
         out["estimators"][estimator.name] = {
             mode: fixed_point(problem, estimator, mode, input_clamp=input_clamp, output_clamp=output_clamp)
-            for mode in modes}
+            for mode in modes
+        }
     return out
 
 
@@ -600,15 +681,38 @@ def summary_rows(summary: dict) -> list[dict]:
     star = np.asarray(summary["optimum"]["probs"])
     with np.errstate(divide="ignore"):
         star_kl_pq = kl_divergences(Categorical(np.log(star)), Categorical(np.log(summary["p"])))[KL_PQ]
-    rows = [{"estimator": "optimum q*", "mode": "-", "status": "-", "probs": _fmt(star),
-             KL_QP: summary["optimum"][KL_QP], KL_PQ: star_kl_pq, "reward": summary["optimum"]["reward"],
-             DISTANCE_LABEL: 0.0, "stable": True, "equals q*": True, "follows": "KL(q||p)"}]
+    rows = [
+        {
+            "estimator": "optimum q*",
+            "mode": "-",
+            "status": "-",
+            "probs": _fmt(star),
+            KL_QP: summary["optimum"][KL_QP],
+            KL_PQ: star_kl_pq,
+            "reward": summary["optimum"]["reward"],
+            DISTANCE_LABEL: 0.0,
+            "stable": True,
+            "equals q*": True,
+            "follows": "KL(q||p)",
+        }
+    ]
     for name, entry in summary["estimators"].items():
-        rows += [{"estimator": name, "mode": mode, "status": point["status"], "probs": _fmt(point["probs"]),
-                  KL_QP: point[KL_QP], KL_PQ: point[KL_PQ], "reward": point["reward"],
-                  DISTANCE_LABEL: point["distance_to_optimum"], "stable": point["stable"],
-                  "equals q*": point["equals_optimum"], "follows": point["follows"]}
-                 for mode, point in entry.items()]
+        rows += [
+            {
+                "estimator": name,
+                "mode": mode,
+                "status": point["status"],
+                "probs": _fmt(point["probs"]),
+                KL_QP: point[KL_QP],
+                KL_PQ: point[KL_PQ],
+                "reward": point["reward"],
+                DISTANCE_LABEL: point["distance_to_optimum"],
+                "stable": point["stable"],
+                "equals q*": point["equals_optimum"],
+                "follows": point["follows"],
+            }
+            for mode, point in entry.items()
+        ]
     return rows
 
 
@@ -618,8 +722,17 @@ def _fmt(probs) -> str:
 
 # --- simulated training --------------------------------------------------------------------------
 
-def expected_ascent(problem: FixedPointProblem, estimator, mode: str | None = None, *, lr: float = 1.0,
-                    steps: int = 2000, input_clamp=None, output_clamp=None) -> np.ndarray:
+
+def expected_ascent(
+    problem: FixedPointProblem,
+    estimator,
+    mode: str | None = None,
+    *,
+    lr: float = 1.0,
+    steps: int = 2000,
+    input_clamp=None,
+    output_clamp=None,
+) -> np.ndarray:
     r"""Exact expected-gradient ascent from q = p: :math:`\theta \leftarrow \theta + \eta\,u(\theta)`.
 
     Returns the probabilities after each step, shape (steps + 1, V).
@@ -635,9 +748,19 @@ def expected_ascent(problem: FixedPointProblem, estimator, mode: str | None = No
     return path
 
 
-def stochastic_training(problem: FixedPointProblem, estimator, mode: str | None = None, *, batch: int = 64,
-                        lr: float = 0.5, steps: int = 2000, seeds=(0,), decay: float = 0.6,
-                        input_clamp=None, output_clamp=None) -> dict:
+def stochastic_training(
+    problem: FixedPointProblem,
+    estimator,
+    mode: str | None = None,
+    *,
+    batch: int = 64,
+    lr: float = 0.5,
+    steps: int = 2000,
+    seeds=(0,),
+    decay: float = 0.6,
+    input_clamp=None,
+    output_clamp=None,
+) -> dict:
     r"""Training with per-sample updates as a framework computes them, B tokens a step.
 
     Each step samples :math:`x_1..x_B \sim q` and ascends
@@ -677,17 +800,19 @@ def stochastic_training(problem: FixedPointProblem, estimator, mode: str | None 
             if term.mode != "reward":
                 coefficient = coefficient - problem.beta * term.weight(log_ratio)
             # mean_i c_i (onehot(x_i) - q)
-            counts = np.bincount((tokens + offsets).ravel(), weights=coefficient.ravel(), minlength=offsets.size
-                                 * problem.size).reshape(probs.shape)
+            counts = np.bincount(
+                (tokens + offsets).ravel(), weights=coefficient.ravel(), minlength=offsets.size * problem.size
+            ).reshape(probs.shape)
             update = counts / batch - probs * coefficient.mean(axis=1, keepdims=True)
             logits = logits + lr / (1 + step / 100) ** decay * update
             logits -= logits.max(axis=1, keepdims=True)
             path[:, step + 1] = np.exp(_log_softmax(logits))
-    averages = path[:, steps // 2 + 1:].mean(axis=1)
+    averages = path[:, steps // 2 + 1 :].mean(axis=1)
     return {"probs": averages, "last": path[:, -1].copy(), "path": path}
 
 
 # --- sequences: a terminal reward on the autoregressive family ---------------------------------------
+
 
 @dataclass(frozen=True, eq=False)
 class SequenceProblem:
@@ -706,8 +831,9 @@ class SequenceProblem:
             raise ValueError(f"the reference must be Autoregressive, got {type(self.reference).__name__}")
         reward = _finite_vector(self.reward, "reward")
         if reward.size != self.reference.n_sequences:
-            raise ValueError(f"reward has {reward.size} entries but there are V^T = {self.reference.n_sequences} "
-                             "sequences")
+            raise ValueError(
+                f"reward has {reward.size} entries but there are V^T = {self.reference.n_sequences} sequences"
+            )
         beta = FixedPointProblem(np.zeros(2), np.zeros(2), self.beta).beta  # one check of beta
         object.__setattr__(self, "reward", reward)
         object.__setattr__(self, "beta", beta)
@@ -766,8 +892,7 @@ def sequence_update(problem: SequenceProblem, logits: np.ndarray, estimator, pla
     return reward - problem.beta * placement_gradient(estimator, q, p, placement)
 
 
-def sequence_fixed_point(problem: SequenceProblem, estimator, placement: str, *,
-                         time: float = DYNAMICS_TIME) -> dict:
+def sequence_fixed_point(problem: SequenceProblem, estimator, placement: str, *, time: float = DYNAMICS_TIME) -> dict:
     r"""Where exact expected-gradient training of a placement ends, compared with :math:`q^*`.
 
     The expected dynamics are integrated from q = p (LSODA) for ``time``; ``converged`` says whether
@@ -779,8 +904,14 @@ def sequence_fixed_point(problem: SequenceProblem, estimator, placement: str, *,
     p = problem.reference
     star = sequence_optimum(problem)
     with np.errstate(all="ignore"):
-        solution = solve_ivp(lambda _, z: sequence_update(problem, z, estimator, placement), (0.0, time),
-                             p.log_probs.ravel(), method="LSODA", rtol=1e-8, atol=1e-10)  # converged is checked
+        solution = solve_ivp(
+            lambda _, z: sequence_update(problem, z, estimator, placement),
+            (0.0, time),
+            p.log_probs.ravel(),
+            method="LSODA",
+            rtol=1e-8,
+            atol=1e-10,
+        )  # converged is checked
     end_logits = solution.y[:, -1].reshape(p.logits.shape)
     finite = solution.success and np.isfinite(end_logits).all()
     end = Autoregressive(np.maximum(end_logits - end_logits.max(axis=1, keepdims=True), -_FLOOR)) if finite else p
@@ -796,34 +927,66 @@ def sequence_fixed_point(problem: SequenceProblem, estimator, placement: str, *,
         status, _ = _boundary_status(sequences, probs)
     kl = sequence_kls(end, p)
     distance = max(sequence_kls(end, star)[KL_QP], 0.0)
-    return {"probs": probs, KL_QP: kl[KL_QP], KL_PQ: kl[KL_PQ], "reward": float(probs @ problem.reward),
-            "distance_to_optimum": distance, "status": status, "converged": converged, "residual": residual,
-            "max_conditional_difference": float(np.max(np.abs(end.probs - star.probs))),
-            "equals_optimum": bool(status == "interior" and distance < 1e-10)}
+    return {
+        "probs": probs,
+        KL_QP: kl[KL_QP],
+        KL_PQ: kl[KL_PQ],
+        "reward": float(probs @ problem.reward),
+        "distance_to_optimum": distance,
+        "status": status,
+        "converged": converged,
+        "residual": residual,
+        "max_conditional_difference": float(np.max(np.abs(end.probs - star.probs))),
+        "equals_optimum": bool(status == "interior" and distance < 1e-10),
+    }
 
 
-def sequence_table(problem: SequenceProblem = REFERENCE_SEQUENCE_PROBLEM, estimators=("k1", "k2", "k3"),
-                   placements=SEQUENCE_PLACEMENTS) -> pd.DataFrame:
+def sequence_table(
+    problem: SequenceProblem = REFERENCE_SEQUENCE_PROBLEM, estimators=("k1", "k2", "k3"), placements=SEQUENCE_PLACEMENTS
+) -> pd.DataFrame:
     """:func:`sequence_fixed_point` for each estimator x placement, with what the placement follows."""
     star = sequence_optimum(problem)
     optimum_kl = sequence_kls(star, problem.reference)[KL_QP]
-    rows = [{"estimator": "optimum q*", "placement": "-", "status": "-", KL_QP: optimum_kl,
-             "reward": float(sequence_probs(star) @ problem.reward), "distance_to_optimum": 0.0}]
+    rows = [
+        {
+            "estimator": "optimum q*",
+            "placement": "-",
+            "status": "-",
+            KL_QP: optimum_kl,
+            "reward": float(sequence_probs(star) @ problem.reward),
+            "distance_to_optimum": 0.0,
+        }
+    ]
     for estimator in estimators:
         for placement in placements:
             point = sequence_fixed_point(problem, estimator, placement)
-            rows.append({"estimator": get_estimator(estimator).name, "placement": placement,
-                         "status": point["status"], KL_QP: point[KL_QP], "reward": point["reward"],
-                         "distance_to_optimum": point["distance_to_optimum"],
-                         "max |q(a|u) - q*(a|u)|": point["max_conditional_difference"],
-                         "equals q*": point["equals_optimum"], "converged": point["converged"]})
+            rows.append(
+                {
+                    "estimator": get_estimator(estimator).name,
+                    "placement": placement,
+                    "status": point["status"],
+                    KL_QP: point[KL_QP],
+                    "reward": point["reward"],
+                    "distance_to_optimum": point["distance_to_optimum"],
+                    "max |q(a|u) - q*(a|u)|": point["max_conditional_difference"],
+                    "equals q*": point["equals_optimum"],
+                    "converged": point["converged"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
 # --- tables and helpers for notebooks and the crosswalk --------------------------------------------
 
-def converges_to(estimator, mode: str, problem: FixedPointProblem = REFERENCE_PROBLEM, *,
-                 input_clamp: float | None = None, output_clamp: float | None = None) -> str:
+
+def converges_to(
+    estimator,
+    mode: str,
+    problem: FixedPointProblem = REFERENCE_PROBLEM,
+    *,
+    input_clamp: float | None = None,
+    output_clamp: float | None = None,
+) -> str:
     r"""One phrase for the crosswalk: where training with this term ends up at ``problem``.
 
     >>> converges_to("k1", "reward")
@@ -840,8 +1003,9 @@ def converges_to(estimator, mode: str, problem: FixedPointProblem = REFERENCE_PR
             return "collapse onto the reward maximiser(s)"
         return f"collapse to the boundary {_fmt(point['probs'])}"
     if point["status"] == "boundary":
-        return (f"boundary {_fmt(point['probs'])} (low-reward tokens die), "
-                f"KL(end||q*) = {point['distance_to_optimum']:.3g}")
+        return (
+            f"boundary {_fmt(point['probs'])} (low-reward tokens die), KL(end||q*) = {point['distance_to_optimum']:.3g}"
+        )
     if point["status"] == "diverges":
         return "diverges"
     stable = "" if point["stable"] else ", unstable"
@@ -859,14 +1023,21 @@ def endpoint_table(problem: FixedPointProblem = REFERENCE_PROBLEM, estimators=No
     return frame
 
 
-def trajectory_frame(problem: FixedPointProblem = REFERENCE_PROBLEM, estimators=None, modes=MODES, *,
-                     lr: float = 1.0, steps: int = 2000, every: int = 10) -> pd.DataFrame:
+def trajectory_frame(
+    problem: FixedPointProblem = REFERENCE_PROBLEM,
+    estimators=None,
+    modes=MODES,
+    *,
+    lr: float = 1.0,
+    steps: int = 2000,
+    every: int = 10,
+) -> pd.DataFrame:
     """Exact expected-gradient ascent from q = p for each estimator x mode, long format.
 
     Columns: estimator, mode, step, ``q[j]``, KL(q||p), KL(q||q*), reward.
     """
     frames = []
-    for estimator in (estimators if estimators is not None else BUILTINS):
+    for estimator in estimators if estimators is not None else BUILTINS:
         for mode in modes:
             path = expected_ascent(problem, estimator, mode, lr=lr, steps=steps)[::every]
             frames.append(_path_frame(problem, path, every, estimator=get_estimator(estimator).name, mode=mode))
@@ -901,21 +1072,41 @@ def _path_frame(problem, path, every, **labels) -> pd.DataFrame:
     return frame
 
 
-def stochastic_frame(problem: FixedPointProblem, runs, *, batch: int = 64, lr: float = 0.5, steps: int = 2000,
-                     seeds=(0, 1, 2), every: int = 10) -> pd.DataFrame:
+def stochastic_frame(
+    problem: FixedPointProblem,
+    runs,
+    *,
+    batch: int = 64,
+    lr: float = 0.5,
+    steps: int = 2000,
+    seeds=(0, 1, 2),
+    every: int = 10,
+) -> pd.DataFrame:
     """Stochastic training paths (long format, one run per seed) for each (estimator, mode) in ``runs``."""
     frames = []
     for estimator, mode in runs:
         result = stochastic_training(problem, estimator, mode, batch=batch, lr=lr, steps=steps, seeds=seeds)
         for seed, path in zip(seeds, result["path"]):
-            frames.append(_path_frame(problem, path[::every], every, estimator=get_estimator(estimator).name,
-                                      mode=mode, seed=seed))
+            frames.append(
+                _path_frame(
+                    problem, path[::every], every, estimator=get_estimator(estimator).name, mode=mode, seed=seed
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
-def simulation_check(problem: FixedPointProblem, estimator, mode: str, *, batch: int = 64, lr: float = 0.5,
-                     steps: int = 4000, seeds=tuple(range(8)), ascent_lr: float = 1.0,
-                     ascent_steps: int = 20000) -> dict:
+def simulation_check(
+    problem: FixedPointProblem,
+    estimator,
+    mode: str,
+    *,
+    batch: int = 64,
+    lr: float = 0.5,
+    steps: int = 4000,
+    seeds=tuple(range(8)),
+    ascent_lr: float = 1.0,
+    ascent_steps: int = 20000,
+) -> dict:
     r"""Predicted end point vs exact expected ascent vs stochastic training (z per token across seeds).
 
     ``z`` = (seed mean of the Polyak averages - predicted) / (their standard error, floored at 1e-12:
@@ -932,24 +1123,40 @@ def simulation_check(problem: FixedPointProblem, estimator, mode: str, *, batch:
     if predicted["status"] != "interior":
         z = np.full_like(z, np.nan)
     support = predicted["probs"] > 0
-    return {"predicted": predicted["probs"], "status": predicted["status"], "ascent": ascent,
-            "ascent_error": float(np.max(np.abs(ascent - predicted["probs"]))),
-            "stochastic": mean, "stochastic_se": se, "z": z, "max_abs_z": float(np.max(np.abs(z))),
-            "off_limit": {"ascent": float(ascent[~support].sum()), "stochastic": float(mean[~support].sum())}}
+    return {
+        "predicted": predicted["probs"],
+        "status": predicted["status"],
+        "ascent": ascent,
+        "ascent_error": float(np.max(np.abs(ascent - predicted["probs"]))),
+        "stochastic": mean,
+        "stochastic_se": se,
+        "z": z,
+        "max_abs_z": float(np.max(np.abs(z))),
+        "off_limit": {"ascent": float(ascent[~support].sum()), "stochastic": float(mean[~support].sum())},
+    }
 
 
-def simulation_table(problem: FixedPointProblem = REFERENCE_PROBLEM, runs=(("k3", "full"), ("k3", "loss")),
-                     **options) -> pd.DataFrame:
+def simulation_table(
+    problem: FixedPointProblem = REFERENCE_PROBLEM, runs=(("k3", "full"), ("k3", "loss")), **options
+) -> pd.DataFrame:
     """:func:`simulation_check` for each (estimator, mode), one row each."""
     rows = []
     for estimator, mode in runs:
         check = simulation_check(problem, estimator, mode, **options)
-        rows.append({"estimator": get_estimator(estimator).name, "mode": mode, "status": check["status"],
-                     "predicted": _fmt(check["predicted"]), "expected ascent": _fmt(check["ascent"]),
-                     "max |ascent - predicted|": check["ascent_error"],
-                     "stochastic (mean of seeds)": _fmt(check["stochastic"]), "max |z|": check["max_abs_z"],
-                     "mass off the limit (ascent)": check["off_limit"]["ascent"],
-                     "mass off the limit (stochastic)": check["off_limit"]["stochastic"]})
+        rows.append(
+            {
+                "estimator": get_estimator(estimator).name,
+                "mode": mode,
+                "status": check["status"],
+                "predicted": _fmt(check["predicted"]),
+                "expected ascent": _fmt(check["ascent"]),
+                "max |ascent - predicted|": check["ascent_error"],
+                "stochastic (mean of seeds)": _fmt(check["stochastic"]),
+                "max |z|": check["max_abs_z"],
+                "mass off the limit (ascent)": check["off_limit"]["ascent"],
+                "mass off the limit (stochastic)": check["off_limit"]["stochastic"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -960,17 +1167,32 @@ def plot_simplex(trajectories: pd.DataFrame, problem: FixedPointProblem = REFERE
     """
     import seaborn as sns
 
-    grid = sns.relplot(data=trajectories, x="x", y="y", hue="mode", col="estimator", kind="line", sort=False,
-                       **{"col_wrap": 3, "height": 3.2, **options})
+    grid = sns.relplot(
+        data=trajectories,
+        x="x",
+        y="y",
+        hue="mode",
+        col="estimator",
+        kind="line",
+        sort=False,
+        **{"col_wrap": 3, "height": 3.2, **options},
+    )
     start, star = simplex_xy(problem.p[None]), simplex_xy(optimum(problem)[None])
     for axis in grid.axes.flat:
         axis.plot(*SIMPLEX_CORNERS.T, color="grey", linewidth=1)
         axis.scatter(*start.T, color="grey", zorder=3)
         axis.scatter(*star.T, marker="*", s=160, color="black", zorder=3)
-        for token, (x, y), align, offset in zip(range(3), SIMPLEX_CORNERS[:3], ("left", "right", "left"),
-                                                ((0, -10), (0, -10), (8, -6))):
-            axis.annotate(f"token {token}, R = {problem.reward[token]:g}", (x, y), xytext=offset,
-                          textcoords="offset points", ha=align, fontsize="x-small")
+        for token, (x, y), align, offset in zip(
+            range(3), SIMPLEX_CORNERS[:3], ("left", "right", "left"), ((0, -10), (0, -10), (8, -6))
+        ):
+            axis.annotate(
+                f"token {token}, R = {problem.reward[token]:g}",
+                (x, y),
+                xytext=offset,
+                textcoords="offset points",
+                ha=align,
+                fontsize="x-small",
+            )
         axis.set_aspect("equal")
         axis.set_axis_off()
     return grid
@@ -988,12 +1210,25 @@ def plot_training(exact: pd.DataFrame, stochastic: pd.DataFrame, problem: FixedP
     stochastic = stochastic.assign(term=stochastic.estimator + " " + stochastic["mode"])
     order = exact.term.unique()
     star = optimum(problem)
-    targets = {KL_QP: float(np.sum(star * (np.log(star) - log_softmax(problem.p_logits)))),
-               "reward": float(star @ problem.reward)}
+    targets = {
+        KL_QP: float(np.sum(star * (np.log(star) - log_softmax(problem.p_logits)))),
+        "reward": float(star @ problem.reward),
+    }
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for axis, (column, target) in zip(axes, targets.items()):
-        sns.lineplot(data=stochastic, x="step", y=column, hue="term", hue_order=order, units="seed", estimator=None,
-                     alpha=0.4, linewidth=0.8, ax=axis, legend=False)
+        sns.lineplot(
+            data=stochastic,
+            x="step",
+            y=column,
+            hue="term",
+            hue_order=order,
+            units="seed",
+            estimator=None,
+            alpha=0.4,
+            linewidth=0.8,
+            ax=axis,
+            legend=False,
+        )
         sns.lineplot(data=exact, x="step", y=column, hue="term", hue_order=order, linewidth=2, ax=axis)
         axis.axhline(target, color="black", linestyle="--", linewidth=1, label="q*")
         axis.set_xscale("symlog", linthresh=10)
@@ -1032,10 +1267,19 @@ def beta_sweep(betas, settings=None, problem: FixedPointProblem = REFERENCE_PROB
             if key not in points:
                 points[key] = fixed_point(problem.with_beta(beta), term, term.mode)
             point = points[key]
-            rows.append({"setting": setting.key, "estimator": term.estimator.name, "mode": term.mode,
-                         "beta": float(beta), "status": point["status"], KL_QP: point[KL_QP],
-                         "reward": point["reward"], "distance_to_optimum": point["distance_to_optimum"],
-                         **{f"q[{j}]": v for j, v in enumerate(point["probs"])}})
+            rows.append(
+                {
+                    "setting": setting.key,
+                    "estimator": term.estimator.name,
+                    "mode": term.mode,
+                    "beta": float(beta),
+                    "status": point["status"],
+                    KL_QP: point[KL_QP],
+                    "reward": point["reward"],
+                    "distance_to_optimum": point["distance_to_optimum"],
+                    **{f"q[{j}]": v for j, v in enumerate(point["probs"])},
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -1050,19 +1294,58 @@ def converges_to_table(settings=None, problem: FixedPointProblem = REFERENCE_PRO
         term = _setting_term(setting)
         if term not in phrases:  # settings sharing estimator, mode and clamps are computed once
             phrases[term] = converges_to(term, term.mode, problem)
-        rows.append({"setting": setting.key, "estimator": term.estimator.name, "mode": term.mode,
-                     "input_clamp": term.input_clamp, "output_clamp": term.output_clamp,
-                     "converges to": phrases[term]})
+        rows.append(
+            {
+                "setting": setting.key,
+                "estimator": term.estimator.name,
+                "mode": term.mode,
+                "input_clamp": term.input_clamp,
+                "output_clamp": term.output_clamp,
+                "converges to": phrases[term],
+            }
+        )
     return pd.DataFrame(rows)
 
 
 __all__ = [
-    "STATUSES", "DYNAMICS_TIME", "DROPPED_MASS", "FixedPointProblem", "REFERENCE_PROBLEM", "KLTerm", "kl_term",
-    "optimum", "score_expectation", "kl_gradient", "expected_update", "update_jacobian", "stationarity_condition",
-    "stationary_point", "integrate_dynamics", "fixed_point", "fixed_point_summary", "summary_rows",
-    "expected_ascent", "stochastic_training", "converges_to", "endpoint_table", "trajectory_frame",
-    "stochastic_frame", "simulation_check", "simulation_table", "beta_sweep", "converges_to_table",
-    "framework_defaults", "SIMPLEX_CORNERS", "simplex_xy", "plot_simplex", "plot_training",
-    "SequenceProblem", "REFERENCE_SEQUENCE_PROBLEM", "sequence_probs", "sequence_optimum", "sequence_update",
-    "sequence_fixed_point", "sequence_table",
+    "STATUSES",
+    "DYNAMICS_TIME",
+    "DROPPED_MASS",
+    "FixedPointProblem",
+    "REFERENCE_PROBLEM",
+    "KLTerm",
+    "kl_term",
+    "optimum",
+    "score_expectation",
+    "kl_gradient",
+    "expected_update",
+    "update_jacobian",
+    "stationarity_condition",
+    "stationary_point",
+    "integrate_dynamics",
+    "fixed_point",
+    "fixed_point_summary",
+    "summary_rows",
+    "expected_ascent",
+    "stochastic_training",
+    "converges_to",
+    "endpoint_table",
+    "trajectory_frame",
+    "stochastic_frame",
+    "simulation_check",
+    "simulation_table",
+    "beta_sweep",
+    "converges_to_table",
+    "framework_defaults",
+    "SIMPLEX_CORNERS",
+    "simplex_xy",
+    "plot_simplex",
+    "plot_training",
+    "SequenceProblem",
+    "REFERENCE_SEQUENCE_PROBLEM",
+    "sequence_probs",
+    "sequence_optimum",
+    "sequence_update",
+    "sequence_fixed_point",
+    "sequence_table",
 ]

@@ -16,6 +16,7 @@ follows.
 >>> get_setting("nemo-rl", "loss").input_clamp, get_setting("nemo-rl", "loss").mode
 (20.0, 'full')
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,9 @@ class FrameworkSetting:
     @property
     def citation(self) -> str:
         """``repo@commit:file (function)``, plus the commit it was re-read at."""
-        return (f"{self.repo}@{self.commit}:{self.file} ({self.function}); "
-                f"re-read in code at {self.verified_at_commit[:7]}")
+        return (
+            f"{self.repo}@{self.commit}:{self.file} ({self.function}); re-read in code at {self.verified_at_commit[:7]}"
+        )
 
     @cached_property
     def expr(self) -> sp.Expr:
@@ -160,8 +162,10 @@ def _validate(row: dict, path: Path) -> FrameworkSetting:
     if row["enters"] not in ex.ENTERS:
         raise ValueError(f"{where}: enters {row['enters']!r} is not one of {', '.join(ex.ENTERS)}")
     if row["aggregation"] not in AGGREGATIONS[row["enters"]]:
-        raise ValueError(f"{where}: aggregation {row['aggregation']!r} of a {row['enters']} term is not one of "
-                         f"{', '.join(AGGREGATIONS[row['enters']])}")
+        raise ValueError(
+            f"{where}: aggregation {row['aggregation']!r} of a {row['enters']} term is not one of "
+            f"{', '.join(AGGREGATIONS[row['enters']])}"
+        )
     try:
         ex.parse_expression(row["expression"])
     except ex.ExpressionError as err:
@@ -212,15 +216,15 @@ def get_setting(framework: str, setting: str | None = None) -> FrameworkSetting:
     name = framework.strip().lower()
     rows = [s for s in load_settings() if s.framework == name]
     if not rows:
-        raise UnknownFrameworkError(
-            f"unknown framework {framework!r}; known: {', '.join(framework_names())}")
+        raise UnknownFrameworkError(f"unknown framework {framework!r}; known: {', '.join(framework_names())}")
     if setting is None:
         return next(s for s in rows if s.default)
     for s in rows:
         if s.setting == setting:
             return s
     raise UnknownFrameworkError(
-        f"unknown setting {setting!r} for {name}; settings: {', '.join(s.setting for s in rows)}")
+        f"unknown setting {setting!r} for {name}; settings: {', '.join(s.setting for s in rows)}"
+    )
 
 
 def clamp_effect(setting: FrameworkSetting) -> str:
@@ -283,9 +287,15 @@ def crosswalk(setting: FrameworkSetting, derive: bool = True, answers: bool | No
         "notes": setting.notes,
     }
     where = sequence_placement(setting)
-    row.update({"aggregation": setting.aggregation, "importance_weight_kind": where["weight"],
-                "sequence_placement": where["placement"], "sequence_scale": where["scale"],
-                "sequence_note": where["note"]})
+    row.update(
+        {
+            "aggregation": setting.aggregation,
+            "importance_weight_kind": where["weight"],
+            "sequence_placement": where["placement"],
+            "sequence_scale": where["scale"],
+            "sequence_note": where["note"],
+        }
+    )
     if derive:
         row.update(_derived(estimator, setting.mode))
     if derive if answers is None else answers:
@@ -377,9 +387,11 @@ def sequence_answer(setting: FrameworkSetting) -> dict:
 def describe_sequence_reference() -> str:
     """:data:`SEQUENCE_REFERENCE` in words (the crosswalk's ``sequence_reference``)."""
     ref = SEQUENCE_REFERENCE  # klsym.rl.sequences.pair draws q's noise with seed + 1
-    return (f"sequences of T = {ref['horizon']} over V = {ref['vocab_size']} tokens: p with N(0, 1) logits per "
-            f"prefix (seed {ref['seed']}), q = p + N(0, {ref['distance']}^2) logit noise (seed {ref['seed'] + 1}); "
-            "klsym.rl.frameworks.SEQUENCE_REFERENCE")
+    return (
+        f"sequences of T = {ref['horizon']} over V = {ref['vocab_size']} tokens: p with N(0, 1) logits per "
+        f"prefix (seed {ref['seed']}), q = p + N(0, {ref['distance']}^2) logit noise (seed {ref['seed'] + 1}); "
+        "klsym.rl.frameworks.SEQUENCE_REFERENCE"
+    )
 
 
 def describe_fixed_point_reference() -> str:
@@ -388,8 +400,11 @@ def describe_fixed_point_reference() -> str:
 
     def numbers(values):
         return "(" + ", ".join(f"{v:g}" for v in values) + ")"
-    return (f"one token, V = {ref.size}: p = {numbers(ref.p)}, reward R = {numbers(ref.reward)}, "
-            f"beta = {ref.beta:g}; q* = p e^(R/beta)/Z; klsym.rl.fixedpoint.REFERENCE_PROBLEM")
+
+    return (
+        f"one token, V = {ref.size}: p = {numbers(ref.p)}, reward R = {numbers(ref.reward)}, "
+        f"beta = {ref.beta:g}; q* = p e^(R/beta)/Z; klsym.rl.fixedpoint.REFERENCE_PROBLEM"
+    )
 
 
 def expression_term(setting: FrameworkSetting):
@@ -397,8 +412,9 @@ def expression_term(setting: FrameworkSetting):
     :class:`klsym.rl.fixedpoint.KLTerm` whose per-sample score coefficient is the expression's on-policy
     coefficient :math:`\partial L / \partial \log q` (clamps and weights as the framework computes them).
     """
-    return _expression_term_class()(setting.get_estimator(), setting.mode, setting.input_clamp,
-                                    setting.output_clamp, setting.expr, setting.enters)
+    return _expression_term_class()(
+        setting.get_estimator(), setting.mode, setting.input_clamp, setting.output_clamp, setting.expr, setting.enters
+    )
 
 
 @lru_cache(maxsize=1)
@@ -455,8 +471,11 @@ def _derived(estimator: Estimator, mode: str) -> dict:
         reason = f"not derived ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
         return {"value_divergence": reason, "gradient_divergence": reason, "gradient_generator": None}
     if mode not in analysis["gradient"]:
-        return {"value_divergence": analysis["value"]["divergence"], "gradient_divergence": None,
-                "gradient_generator": None}
+        return {
+            "value_divergence": analysis["value"]["divergence"],
+            "gradient_divergence": None,
+            "gradient_generator": None,
+        }
     gradient = analysis["gradient"][mode]
     return {
         "value_divergence": analysis["value"]["divergence"],
@@ -471,8 +490,18 @@ def crosswalk_table(defaults_only: bool = False, derive: bool = True, answers: b
 
 
 #: Columns of :func:`answers_table`.
-ANSWER_COLUMNS = ("setting", "estimator", "enters", "mode", "aggregation", "importance_weight_kind",
-                  "sequence_placement", "sequence_scale", "sequence_follows", "converges_to")
+ANSWER_COLUMNS = (
+    "setting",
+    "estimator",
+    "enters",
+    "mode",
+    "aggregation",
+    "importance_weight_kind",
+    "sequence_placement",
+    "sequence_scale",
+    "sequence_follows",
+    "converges_to",
+)
 
 
 def answers_table(defaults_only: bool = True):
@@ -482,8 +511,11 @@ def answers_table(defaults_only: bool = True):
     """
     import pandas as pd
 
-    rows = [crosswalk(s, derive=False, answers=True) | {"setting": s.key}
-            for s in load_settings() if s.default or not defaults_only]
+    rows = [
+        crosswalk(s, derive=False, answers=True) | {"setting": s.key}
+        for s in load_settings()
+        if s.default or not defaults_only
+    ]
     return pd.DataFrame([{c: row[c] for c in ANSWER_COLUMNS} for row in rows]).fillna({"sequence_follows": "-"})
 
 
@@ -504,9 +536,17 @@ def gradient_check_table(q, p, n: int = 200_000, seed: int = 0, settings=None):
         exact = exact_expression(setting.expr, setting.enters, q, p, q)
         mc = monte_carlo(setting.expr, setting.enters, q, p, q, n, seed)
         z = (mc["gradient"] - exact["gradient"]) / np.where(mc["gradient_se"] > 0, mc["gradient_se"], np.inf)
-        rows.append({"setting": setting.key, "mode": setting.mode, "exact gradient": np.round(exact["gradient"], 6),
-                     "MC gradient": np.round(mc["gradient"], 6), "max |z|": float(np.max(np.abs(z))),
-                     f"grad {KL_QP}": np.round(truth[KL_QP], 6), f"grad {KL_PQ}": np.round(truth[KL_PQ], 6)})
+        rows.append(
+            {
+                "setting": setting.key,
+                "mode": setting.mode,
+                "exact gradient": np.round(exact["gradient"], 6),
+                "MC gradient": np.round(mc["gradient"], 6),
+                "max |z|": float(np.max(np.abs(z))),
+                f"grad {KL_QP}": np.round(truth[KL_QP], 6),
+                f"grad {KL_PQ}": np.round(truth[KL_PQ], 6),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -530,18 +570,45 @@ def offpolicy_crosswalk(q, p, behaviours: dict, settings=None):
         on = exact_expression(expr, setting.enters, q, p, q)["gradient"]
         for label, b in behaviours.items():
             off = exact_expression(expr, setting.enters, q, p, b)["gradient"]
-            rows.append({"setting": setting.key, "enters": setting.enters, "mode": setting.mode,
-                         "weighting": setting.offpolicy_weighting, "behaviour": label, "drift KL(b||q)": drift(q, b),
-                         "bias vs on-policy": float(np.linalg.norm(off - on)),
-                         "relative bias vs on-policy": relative_bias(off, on),
-                         "relative error vs grad KL(q||p)": float(np.linalg.norm(off - truth) / np.linalg.norm(truth))})
+            rows.append(
+                {
+                    "setting": setting.key,
+                    "enters": setting.enters,
+                    "mode": setting.mode,
+                    "weighting": setting.offpolicy_weighting,
+                    "behaviour": label,
+                    "drift KL(b||q)": drift(q, b),
+                    "bias vs on-policy": float(np.linalg.norm(off - on)),
+                    "relative bias vs on-policy": relative_bias(off, on),
+                    "relative error vs grad KL(q||p)": float(np.linalg.norm(off - truth) / np.linalg.norm(truth)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 __all__ = [
-    "gradient_check_table", "offpolicy_crosswalk", "FRAMEWORKS_FILE", "MODES", "AGGREGATIONS", "FrameworkSetting",
-    "UnknownFrameworkError", "load_settings", "framework_names", "get_setting", "clamp_effect", "crosswalk",
-    "crosswalk_table", "SEQUENCE_REFERENCE", "importance_weight_kind", "sequence_placement", "sequence_reference",
-    "sequence_answer", "describe_sequence_reference", "describe_fixed_point_reference", "expression_term",
-    "converges_to", "ANSWER_COLUMNS", "answers_table",
+    "gradient_check_table",
+    "offpolicy_crosswalk",
+    "FRAMEWORKS_FILE",
+    "MODES",
+    "AGGREGATIONS",
+    "FrameworkSetting",
+    "UnknownFrameworkError",
+    "load_settings",
+    "framework_names",
+    "get_setting",
+    "clamp_effect",
+    "crosswalk",
+    "crosswalk_table",
+    "SEQUENCE_REFERENCE",
+    "importance_weight_kind",
+    "sequence_placement",
+    "sequence_reference",
+    "sequence_answer",
+    "describe_sequence_reference",
+    "describe_fixed_point_reference",
+    "expression_term",
+    "converges_to",
+    "ANSWER_COLUMNS",
+    "answers_table",
 ]

@@ -20,6 +20,7 @@ array([0.193147, 0.306853, 0.      ])
 >>> float(estimate("k3", np.array(-5.0), np.array(-15.0)))   # NeMo-RL's anchor: e^10 - 11
 22015.465794806718
 """
+
 from __future__ import annotations
 
 import operator
@@ -33,10 +34,13 @@ from sympy.codegen.cfunctions import expm1, log1p
 from klsym.derive.estimators import Estimator, get_estimator, get_estimators, make_numeric
 from klsym.derive.symbols import t as _t
 
-_RELATIONS = {sp.StrictLessThan: operator.lt, sp.LessThan: operator.le,
-              sp.StrictGreaterThan: operator.gt, sp.GreaterThan: operator.ge}
-_FUNCTIONS = {sp.exp: "exp", sp.log: "log", expm1: "expm1", log1p: "log1p", sp.Abs: "abs",
-              sp.sign: "sign"}
+_RELATIONS = {
+    sp.StrictLessThan: operator.lt,
+    sp.LessThan: operator.le,
+    sp.StrictGreaterThan: operator.gt,
+    sp.GreaterThan: operator.ge,
+}
+_FUNCTIONS = {sp.exp: "exp", sp.log: "log", expm1: "expm1", log1p: "log1p", sp.Abs: "abs", sp.sign: "sign"}
 
 
 def _compile(expr: sp.Expr):
@@ -55,6 +59,7 @@ def _compile(expr: sp.Expr):
             for part in parts[1:]:
                 out = combine(out, part(xp, t))
             return out
+
         return nary
     if isinstance(expr, sp.Pow):
         base, exponent = _compile(expr.base), expr.exp
@@ -71,14 +76,14 @@ def _compile(expr: sp.Expr):
         compare, lhs, rhs = _RELATIONS[type(expr)], _compile(expr.lhs), _compile(expr.rhs)
         return lambda xp, t: compare(lhs(xp, t), rhs(xp, t))
     if isinstance(expr, sp.Piecewise):
-        pieces = [(_compile(value), None if cond == sp.true else _compile(cond))
-                  for value, cond in expr.args]
+        pieces = [(_compile(value), None if cond == sp.true else _compile(cond)) for value, cond in expr.args]
 
         def piecewise(xp, t):
             out = pieces[-1][0](xp, t) + xp.zeros_like(t)
             for value, cond in reversed(pieces[:-1]):
                 out = xp.where(cond(xp, t), value(xp, t) + xp.zeros_like(t), out)
             return out
+
         return piecewise
     raise ValueError(f"cannot evaluate {type(expr).__name__} ({expr}) on arrays")
 
@@ -125,8 +130,14 @@ def _stop_gradient(x):
     return x.detach() if _is_autograd(x) else x
 
 
-def estimate_from_logratio(estimator: Estimator | str, t, *, input_clamp: float | None = None,
-                           output_clamp: float | None = None, straight_through: bool = True):
+def estimate_from_logratio(
+    estimator: Estimator | str,
+    t,
+    *,
+    input_clamp: float | None = None,
+    output_clamp: float | None = None,
+    straight_through: bool = True,
+):
     r"""Per-token values :math:`k(e^t)` of ``estimator`` from log-ratios ``t`` (any array API).
 
     Parameters
@@ -163,8 +174,16 @@ def estimate_from_logratio(estimator: Estimator | str, t, *, input_clamp: float 
     return value
 
 
-def estimate(estimator: Estimator | str, log_p, log_q, *, input_clamp: float | None = None,
-             output_clamp: float | None = None, straight_through: bool = True, dtype=None):
+def estimate(
+    estimator: Estimator | str,
+    log_p,
+    log_q,
+    *,
+    input_clamp: float | None = None,
+    output_clamp: float | None = None,
+    straight_through: bool = True,
+    dtype=None,
+):
     r"""Per-token values of ``estimator`` from reference log-probs ``log_p`` and sampler log-probs
     ``log_q`` (note the order: p is the reference, q the policy that sampled the tokens).
 
@@ -174,8 +193,9 @@ def estimate(estimator: Estimator | str, log_p, log_q, *, input_clamp: float | N
     array([1.])
     """
     t = log_ratio(log_p, log_q, dtype=dtype)
-    return estimate_from_logratio(estimator, t, input_clamp=input_clamp, output_clamp=output_clamp,
-                                  straight_through=straight_through)
+    return estimate_from_logratio(
+        estimator, t, input_clamp=input_clamp, output_clamp=output_clamp, straight_through=straight_through
+    )
 
 
 def estimate_all(log_p, log_q, estimators="k1,k2,k3", **options) -> dict:

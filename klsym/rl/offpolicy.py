@@ -36,10 +36,11 @@ quadrature detects (``variance_finite``).
 >>> bool(np.allclose(exact["gradient"], true_gradient(q, p)))     # token-is k1 reward = grad KL(q||p)
 True
 """
+
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pandas as pd
@@ -51,19 +52,26 @@ from klsym.exact import quadrature
 from klsym.exact.expectations import KL_QP, MODES, kl_divergences, true_gradients
 from klsym.exact.families import Categorical, Gaussian, check_same_family
 from klsym.rl import expressions as ex
-from klsym.rl.weightings import (DEFAULT_CLIP, DEFAULT_TRUNCATION, SEQUENCE_PLACEMENTS, SEQUENCE_WEIGHTINGS,
-                                 UNBIASED_WEIGHTINGS, WEIGHTINGS)
-
+from klsym.rl.weightings import (
+    DEFAULT_CLIP,
+    DEFAULT_TRUNCATION,
+    SEQUENCE_PLACEMENTS,
+    SEQUENCE_WEIGHTINGS,
+    UNBIASED_WEIGHTINGS,
+    WEIGHTINGS,
+)
 
 # --- the expression of (estimator, mode, weighting) --------------------------------------------------
+
 
 def _in_logprobs(expr_t: sp.Expr) -> sp.Expr:
     return expr_t.subs(t, ex.logp - ex.logq)
 
 
-@lru_cache(maxsize=None)
-def term_expression(estimator, mode: str, weighting: str = "none", truncation: float = DEFAULT_TRUNCATION,
-                    clip: float = DEFAULT_CLIP) -> tuple[sp.Expr, str, sp.Expr]:
+@cache
+def term_expression(
+    estimator, mode: str, weighting: str = "none", truncation: float = DEFAULT_TRUNCATION, clip: float = DEFAULT_CLIP
+) -> tuple[sp.Expr, str, sp.Expr]:
     r"""``(expression, enters, value)`` of one weighted KL term (see the module table); ``value`` is the
     weighted estimate of the KL the term carries (the expression itself, except in ``full`` mode).
 
@@ -86,10 +94,13 @@ def term_expression(estimator, mode: str, weighting: str = "none", truncation: f
         if mode != "reward":
             raise ValueError("ppo-clip weights the reward (advantage -k) only: use mode 'reward'")
         eps = sp.nsimplify(clip)
-        return (sp.Max(w * ex.sg(value), ex.clamp(w, 1 - eps, 1 + eps) * ex.sg(value)), "loss",
-                ex.sg(w) * value)
-    factor = {"none": sp.S.One, "token-is": ex.sg(w), "token-is-differentiable": ex.sg(w),
-              "truncated-is": sp.Min(ex.sg(w), sp.nsimplify(truncation))}[weighting]
+        return (sp.Max(w * ex.sg(value), ex.clamp(w, 1 - eps, 1 + eps) * ex.sg(value)), "loss", ex.sg(w) * value)
+    factor = {
+        "none": sp.S.One,
+        "token-is": ex.sg(w),
+        "token-is-differentiable": ex.sg(w),
+        "truncated-is": sp.Min(ex.sg(w), sp.nsimplify(truncation)),
+    }[weighting]
     loss_factor = sp.exp(ex.logq - ex.sg(ex.logb)) if weighting == "token-is-differentiable" else factor
     if mode == "reward":
         return factor * value, "reward", factor * value
@@ -111,6 +122,7 @@ def _positive(value, what: str) -> float:
 
 # --- the three distributions -------------------------------------------------------------------
 
+
 def check_triple(q, p, b) -> None:
     """q, p and b of one family; b must put mass wherever q does (and q wherever b samples)."""
     check_same_family(q, p)
@@ -119,8 +131,10 @@ def check_triple(q, p, b) -> None:
         on_q, on_b = np.isfinite(q.log_probs), np.isfinite(b.log_probs)
         missing = np.flatnonzero(on_q & ~on_b)
         if missing.size:
-            raise ValueError(f"behaviour b has zero probability on tokens where q has mass (token {missing[0]}): "
-                             "the importance weight q/b is infinite there")
+            raise ValueError(
+                f"behaviour b has zero probability on tokens where q has mass (token {missing[0]}): "
+                "the importance weight q/b is infinite there"
+            )
         extra = np.flatnonzero(on_b & ~on_q)
         if extra.size:
             raise ValueError(f"q has zero probability on tokens b samples (token {extra[0]}): log q = -inf there")
@@ -152,9 +166,13 @@ def exact_expression(expr: sp.Expr, enters: str, q, p, b, value_expr: sp.Expr | 
             second = q.probs**2 * float(np.sum(probs * c**2))
             second[x] += probs * c**2 * (1 - 2 * q.probs[x])
             variance = second - gradient**2
-        return {"value": float(np.sum(probs * value)), "gradient": gradient,
-                "gradient_std": np.sqrt(np.maximum(variance, 0.0)),
-                "variance_finite": bool(np.all(np.isfinite(second))), "method": "exact_sum"}
+        return {
+            "value": float(np.sum(probs * value)),
+            "gradient": gradient,
+            "gradient_std": np.sqrt(np.maximum(variance, 0.0)),
+            "variance_finite": bool(np.all(np.isfinite(second))),
+            "method": "exact_sum",
+        }
     if not isinstance(q, Gaussian):
         raise ValueError(f"unsupported family {type(q).__name__}")
     value_fn = ex.numeric(expr if value_expr is None else value_expr)
@@ -165,16 +183,21 @@ def exact_expression(expr: sp.Expr, enters: str, q, p, b, value_expr: sp.Expr | 
 
     value = quadrature.expect(b, lambda z: value_fn(q.log_prob(z), p.log_prob(z), b.log_prob(z)))[0]
     gradient = np.array([quadrature.expect(b, lambda z, i=i: c_of(z) * q.score(z)[..., i])[0] for i in range(2)])
-    second = np.array([quadrature.expect(b, lambda z, i=i: (c_of(z) * q.score(z)[..., i]) ** 2)[0]
-                       for i in range(2)])
+    second = np.array([quadrature.expect(b, lambda z, i=i: (c_of(z) * q.score(z)[..., i]) ** 2)[0] for i in range(2)])
     finite = bool(np.all(np.isfinite(second)))
     variance = second - gradient**2 if finite else np.full(2, math.inf)
-    return {"value": float(value), "gradient": gradient, "gradient_std": np.sqrt(np.maximum(variance, 0.0)),
-            "variance_finite": finite, "method": "quadrature"}
+    return {
+        "value": float(value),
+        "gradient": gradient,
+        "gradient_std": np.sqrt(np.maximum(variance, 0.0)),
+        "variance_finite": finite,
+        "method": "quadrature",
+    }
 
 
-def offpolicy_gradient(estimator, mode: str, weighting: str, q, p, b, truncation: float = DEFAULT_TRUNCATION,
-                       clip: float = DEFAULT_CLIP) -> dict:
+def offpolicy_gradient(
+    estimator, mode: str, weighting: str, q, p, b, truncation: float = DEFAULT_TRUNCATION, clip: float = DEFAULT_CLIP
+) -> dict:
     """:func:`exact_expression` of :func:`term_expression` (one estimator, mode, weighting)."""
     expr, enters, value = term_expression(get_estimator(estimator), mode, weighting, truncation, clip)
     out = exact_expression(expr, enters, q, p, b, value)
@@ -192,7 +215,8 @@ def offpolicy_gradient(estimator, mode: str, weighting: str, q, p, b, truncation
 # (a, m, s) give every moment needed: E_b[r^a t^n] = d^n M / da^n, E_b[r^a t^n (x - m)] = s^2 d/dm (.),
 # E_b[r^a t^n (x - m)^2] = s^3 d/ds (.) + s^2 (.), and the score of q is a polynomial in x - m.
 
-@lru_cache(maxsize=None)
+
+@cache
 def _behaviour_term_function(a, n: int):
     """Lambdified (m, s, mu, sigma, mu_p, sigma_p) -> [E r^a t^n, E r^a t^n s_mu, E r^a t^n s_sigma] under N(m, s)."""
     from klsym.derive.gaussian_closed_form import log_mgf
@@ -201,8 +225,8 @@ def _behaviour_term_function(a, n: int):
     names = {str(symbol): symbol for symbol in log_m.free_symbols}
     a_, m, s_, mu, sigma = (names[k] for k in ("a", "m", "s", "mu_q", "sigma_q"))
     moment = sp.diff(sp.exp(log_m), a_, n)
-    first = s_**2 * sp.diff(moment, m)                       # E[f (x - m)]
-    second = s_**3 * sp.diff(moment, s_) + s_**2 * moment    # E[f (x - m)^2]
+    first = s_**2 * sp.diff(moment, m)  # E[f (x - m)]
+    second = s_**3 * sp.diff(moment, s_) + s_**2 * moment  # E[f (x - m)^2]
     d = m - mu
     score_mu = (first + d * moment) / sigma**2
     score_sigma = ((second + 2 * d * first + d**2 * moment) / sigma**2 - moment) / sigma
@@ -232,12 +256,15 @@ def _behaviour_expectations(terms, q: Gaussian, p: Gaussian, b: Gaussian) -> np.
         mpf = mpmath.mpf
         total = [mpf(0)] * 3
         for c, a, n in terms:
-            values = _behaviour_term_function(a, n)(mpf(b.mu), mpf(b.sigma), mpf(q.mu), mpf(q.sigma), mpf(p.mu),
-                                                    mpf(p.sigma))
-            coefficient = mpmath.mpf(sp.Rational(c).p) / sp.Rational(c).q if sp.sympify(c).is_Rational \
-                else mpmath.mpf(float(c))
+            values = _behaviour_term_function(a, n)(
+                mpf(b.mu), mpf(b.sigma), mpf(q.mu), mpf(q.sigma), mpf(p.mu), mpf(p.sigma)
+            )
+            coefficient = (
+                mpmath.mpf(sp.Rational(c).p) / sp.Rational(c).q if sp.sympify(c).is_Rational else mpmath.mpf(float(c))
+            )
             total = [x + coefficient * v for x, v in zip(total, values)]
         return total
+
     return np.array([float(v) for v in precise(compute)])
 
 
@@ -284,8 +311,10 @@ def drift(q, b) -> float:
 
 # --- Monte Carlo from b ---------------------------------------------------------------------------
 
-def monte_carlo(expr: sp.Expr, enters: str, q, p, b, n: int = 200_000, seed: int = 0,
-                value_expr: sp.Expr | None = None) -> dict:
+
+def monte_carlo(
+    expr: sp.Expr, enters: str, q, p, b, n: int = 200_000, seed: int = 0, value_expr: sp.Expr | None = None
+) -> dict:
     r"""Mean and standard error of the value and of the gradient sample :math:`c(x)\, s_q(x)`, x ~ b."""
     check_triple(q, p, b)
     if isinstance(n, bool) or int(n) != n or n < 2:
@@ -294,11 +323,17 @@ def monte_carlo(expr: sp.Expr, enters: str, q, p, b, n: int = 200_000, seed: int
     x = b.sample(rng, int(n))
     value, c = _per_token(expr, enters, q, p, b, x, value_expr)
     samples = c[:, None] * q.score(x)
-    return {"value": float(value.mean()), "value_se": float(value.std(ddof=1) / math.sqrt(n)),
-            "gradient": samples.mean(0), "gradient_se": samples.std(0, ddof=1) / math.sqrt(n), "n": int(n)}
+    return {
+        "value": float(value.mean()),
+        "value_se": float(value.std(ddof=1) / math.sqrt(n)),
+        "gradient": samples.mean(0),
+        "gradient_se": samples.std(0, ddof=1) / math.sqrt(n),
+        "n": int(n),
+    }
 
 
 # --- summaries and tables -------------------------------------------------------------------------
+
 
 def _estimators(estimators) -> list[Estimator]:
     if isinstance(estimators, str):
@@ -313,8 +348,16 @@ def relative_bias(a, b) -> float:
     return difference / scale if scale > 1e-12 * max(1.0, difference) else math.nan
 
 
-def offpolicy_rows(q, p, b, estimators="k1,k2,k3", modes=MODES, weightings=WEIGHTINGS,
-                   truncation: float = DEFAULT_TRUNCATION, clip: float = DEFAULT_CLIP) -> list[dict]:
+def offpolicy_rows(
+    q,
+    p,
+    b,
+    estimators="k1,k2,k3",
+    modes=MODES,
+    weightings=WEIGHTINGS,
+    truncation: float = DEFAULT_TRUNCATION,
+    clip: float = DEFAULT_CLIP,
+) -> list[dict]:
     """One row per (estimator, mode, weighting): exact value and gradient under b, and their bias
     against the on-policy value/gradient (b = q) and against grad KL(q||p)."""
     check_triple(q, p, b)
@@ -328,54 +371,104 @@ def offpolicy_rows(q, p, b, estimators="k1,k2,k3", modes=MODES, weightings=WEIGH
                 if weighting == "ppo-clip" and mode != "reward":
                     continue
                 off = offpolicy_gradient(estimator, mode, weighting, q, p, b, truncation, clip)
-                rows.append({"estimator": estimator.name, "mode": mode, "weighting": weighting,
-                             "value": off["value"], "value bias vs on-policy": off["value"] - on["value"],
-                             f"value bias vs {KL_QP}": off["value"] - kl,
-                             "gradient": off["gradient"], "on-policy gradient": on["gradient"],
-                             "gradient bias vs on-policy": float(np.linalg.norm(off["gradient"] - on["gradient"])),
-                             "relative gradient bias vs on-policy": relative_bias(off["gradient"], on["gradient"]),
-                             f"relative error vs grad {KL_QP}": relative_bias(off["gradient"], truth),
-                             "gradient std (per sample)": off["gradient_std"],
-                             "variance finite": off["variance_finite"], "method": off["method"]})
+                rows.append(
+                    {
+                        "estimator": estimator.name,
+                        "mode": mode,
+                        "weighting": weighting,
+                        "value": off["value"],
+                        "value bias vs on-policy": off["value"] - on["value"],
+                        f"value bias vs {KL_QP}": off["value"] - kl,
+                        "gradient": off["gradient"],
+                        "on-policy gradient": on["gradient"],
+                        "gradient bias vs on-policy": float(np.linalg.norm(off["gradient"] - on["gradient"])),
+                        "relative gradient bias vs on-policy": relative_bias(off["gradient"], on["gradient"]),
+                        f"relative error vs grad {KL_QP}": relative_bias(off["gradient"], truth),
+                        "gradient std (per sample)": off["gradient_std"],
+                        "variance finite": off["variance_finite"],
+                        "method": off["method"],
+                    }
+                )
     return rows
 
 
-def offpolicy_summary(q, p, b, estimators="k1,k2,k3", weightings=WEIGHTINGS, truncation: float = DEFAULT_TRUNCATION,
-                      clip: float = DEFAULT_CLIP) -> dict:
+def offpolicy_summary(
+    q,
+    p,
+    b,
+    estimators="k1,k2,k3",
+    weightings=WEIGHTINGS,
+    truncation: float = DEFAULT_TRUNCATION,
+    clip: float = DEFAULT_CLIP,
+) -> dict:
     """The ``--behaviour`` JSON object of ``klsym gradient``: drift, truths and one entry per row."""
     rows = offpolicy_rows(q, p, b, estimators, MODES, weightings, truncation, clip)
-    return {"family": q.name, "q": _params(q), "p": _params(p), "b": _params(b), "positions": 1,
-            f"drift KL(b||q)": drift(q, b), "kl": kl_divergences(q, p),
-            "true": {KL_QP: true_gradient(q, p)}, "truncation": truncation, "clip": clip,
-            "rows": rows}
+    return {
+        "family": q.name,
+        "q": _params(q),
+        "p": _params(p),
+        "b": _params(b),
+        "positions": 1,
+        "drift KL(b||q)": drift(q, b),
+        "kl": kl_divergences(q, p),
+        "true": {KL_QP: true_gradient(q, p)},
+        "truncation": truncation,
+        "clip": clip,
+        "rows": rows,
+    }
 
 
 def _params(family):
     return list(family.params) if isinstance(family, Gaussian) else family.logits
 
 
-def value_rows(q, p, b, estimators="k1,k2,k3", weightings=("none", "token-is", "truncated-is"),
-               truncation: float = DEFAULT_TRUNCATION) -> list[dict]:
+def value_rows(
+    q,
+    p,
+    b,
+    estimators="k1,k2,k3",
+    weightings=("none", "token-is", "truncated-is"),
+    truncation: float = DEFAULT_TRUNCATION,
+) -> list[dict]:
     """Exact :math:`\\mathbb{E}_b[\\text{weight}\\cdot k]` per estimator and weighting, with its bias vs KL(q||p)."""
     kl = kl_divergences(q, p)[KL_QP]
     rows = []
     for estimator in _estimators(estimators):
         for weighting in weightings:
             out = offpolicy_gradient(estimator, "loss", weighting, q, p, b, truncation)
-            rows.append({"estimator": estimator.name, "weighting": weighting, "mean": out["value"],
-                         f"bias vs {KL_QP}": out["value"] - kl})
+            rows.append(
+                {
+                    "estimator": estimator.name,
+                    "weighting": weighting,
+                    "mean": out["value"],
+                    f"bias vs {KL_QP}": out["value"] - kl,
+                }
+            )
     return rows
 
 
-def drift_table(q, p, behaviours: dict, estimators="k1,k2,k3", modes=("loss", "reward", "full"),
-                weightings=WEIGHTINGS, truncation: float = DEFAULT_TRUNCATION, clip: float = DEFAULT_CLIP) -> pd.DataFrame:
+def drift_table(
+    q,
+    p,
+    behaviours: dict,
+    estimators="k1,k2,k3",
+    modes=("loss", "reward", "full"),
+    weightings=WEIGHTINGS,
+    truncation: float = DEFAULT_TRUNCATION,
+    clip: float = DEFAULT_CLIP,
+) -> pd.DataFrame:
     """Gradient bias (vs on-policy) of every weighting for each behaviour ``{label: b}``, long format."""
     rows = []
     for label, b in behaviours.items():
         for row in offpolicy_rows(q, p, b, estimators, modes, weightings, truncation, clip):
-            rows.append({"behaviour": label, "drift KL(b||q)": drift(q, b),
-                         **{k: v for k, v in row.items() if not isinstance(v, np.ndarray)},
-                         "max per-sample std": float(np.max(row["gradient std (per sample)"]))})
+            rows.append(
+                {
+                    "behaviour": label,
+                    "drift KL(b||q)": drift(q, b),
+                    **{k: v for k, v in row.items() if not isinstance(v, np.ndarray)},
+                    "max per-sample std": float(np.max(row["gradient std (per sample)"])),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -386,13 +479,25 @@ def behaviours(q: Categorical, epoch_scales=(0.05, 0.3), seed: int = 0, engine_d
 
     rng = np.random.default_rng(seed)
     names = ("one PPO epoch", "several epochs") + tuple(f"epochs x{i}" for i in range(3, len(epoch_scales) + 1))
-    out = {name: Categorical(q.logits - scale * rng.standard_normal(q.size)) for name, scale in zip(names, epoch_scales)}
+    out = {
+        name: Categorical(q.logits - scale * rng.standard_normal(q.size)) for name, scale in zip(names, epoch_scales)
+    }
     out[f"{engine_dtype} engine"] = Categorical(round_to(q.logits, engine_dtype))
     return out
 
 
-def mc_check_table(q, p, b, estimators="k1,k2,k3", modes=MODES, weightings=WEIGHTINGS, n: int = 200_000,
-                   seed: int = 0, truncation: float = DEFAULT_TRUNCATION, clip: float = DEFAULT_CLIP) -> pd.DataFrame:
+def mc_check_table(
+    q,
+    p,
+    b,
+    estimators="k1,k2,k3",
+    modes=MODES,
+    weightings=WEIGHTINGS,
+    n: int = 200_000,
+    seed: int = 0,
+    truncation: float = DEFAULT_TRUNCATION,
+    clip: float = DEFAULT_CLIP,
+) -> pd.DataFrame:
     """Exact vs Monte Carlo (x ~ b) gradients with the largest |z| per row."""
     rows = []
     for estimator in _estimators(estimators):
@@ -404,10 +509,17 @@ def mc_check_table(q, p, b, estimators="k1,k2,k3", modes=MODES, weightings=WEIGH
                 exact = exact_expression(expr, enters, q, p, b, value)
                 mc = monte_carlo(expr, enters, q, p, b, n, seed, value)
                 z = (mc["gradient"] - exact["gradient"]) / np.where(mc["gradient_se"] > 0, mc["gradient_se"], np.inf)
-                rows.append({"estimator": estimator.name, "mode": mode, "weighting": weighting,
-                             "exact |grad|": float(np.linalg.norm(exact["gradient"])),
-                             "MC |grad|": float(np.linalg.norm(mc["gradient"])), "max |z|": float(np.max(np.abs(z))),
-                             "variance finite": exact["variance_finite"]})
+                rows.append(
+                    {
+                        "estimator": estimator.name,
+                        "mode": mode,
+                        "weighting": weighting,
+                        "exact |grad|": float(np.linalg.norm(exact["gradient"])),
+                        "MC |grad|": float(np.linalg.norm(mc["gradient"])),
+                        "max |z|": float(np.max(np.abs(z))),
+                        "variance finite": exact["variance_finite"],
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -432,8 +544,9 @@ def _check_sequence_triple(q, p, b) -> None:
     q.check_pair(p)
     q.check_pair(b, "the behaviour b")
     if q.n_sequences > MAX_OFFPOLICY_SEQUENCES:
-        raise ValueError(f"V^T = {q.n_sequences:,} sequences exceed the off-policy enumeration limit "
-                         f"{MAX_OFFPOLICY_SEQUENCES:,}")
+        raise ValueError(
+            f"V^T = {q.n_sequences:,} sequences exceed the off-policy enumeration limit {MAX_OFFPOLICY_SEQUENCES:,}"
+        )
 
 
 def _rows_of(policy, tokens: np.ndarray) -> np.ndarray:
@@ -462,8 +575,14 @@ def _sequence_coefficients(estimator, placement: str, weighting: str, lq, lp, lb
     zeros = np.zeros_like(k)
     loss_on = placement in ("loss", "full", "loss+reward")
     to_go = np.cumsum(k[:, ::-1], axis=1)[:, ::-1]
-    reward = {"loss": zeros, "reward": k, "reward-to-go": to_go, "full": to_go, "loss+reward": k,
-              "sequence-reward": np.broadcast_to(k.sum(1, keepdims=True), k.shape)}[placement]
+    reward = {
+        "loss": zeros,
+        "reward": k,
+        "reward-to-go": to_go,
+        "full": to_go,
+        "loss+reward": k,
+        "sequence-reward": np.broadcast_to(k.sum(1, keepdims=True), k.shape),
+    }[placement]
     loss = h if loss_on else zeros
     if weighting == "none":
         return loss + reward
@@ -502,8 +621,9 @@ def _gradient_from_coefficients(q, rows, tokens, coefficients, weights):
 def _squared_norms(q, rows, tokens, coefficients):
     """||g(y)||^2 per sequence: positions sit in different rows, so no cross terms."""
     qrow = q.probs[rows]
-    per_position = 1.0 - 2.0 * qrow[np.arange(rows.shape[0])[:, None], np.arange(rows.shape[1]), tokens] \
-        + np.sum(qrow**2, axis=-1)
+    per_position = (
+        1.0 - 2.0 * qrow[np.arange(rows.shape[0])[:, None], np.arange(rows.shape[1]), tokens] + np.sum(qrow**2, axis=-1)
+    )
     return np.sum(coefficients**2 * per_position, axis=1)
 
 
@@ -512,8 +632,9 @@ def _all_sequences(policy) -> np.ndarray:
     return grids.T.copy()
 
 
-def sequence_offpolicy_gradients(estimator, q, p, b, placements=SEQUENCE_PLACEMENTS,
-                                 weightings=SEQUENCE_WEIGHTINGS) -> dict:
+def sequence_offpolicy_gradients(
+    estimator, q, p, b, placements=SEQUENCE_PLACEMENTS, weightings=SEQUENCE_WEIGHTINGS
+) -> dict:
     r"""Exact :math:`\mathbb{E}_{y\sim b}[g(y)]` (flat) and the per-sequence variance :math:`\mathbb{E}\|g\|^2 -
     \|\mathbb{E} g\|^2` for every placement x weighting: ``{(placement, weighting): {"gradient", "variance"}}``."""
     estimator = get_estimator(estimator)
@@ -559,8 +680,16 @@ def sequence_monte_carlo(estimator, q, p, b, placement: str, weighting: str, n: 
     return {"gradient": mean, "se": np.sqrt(variance / n), "n": int(n)}
 
 
-def sequence_offpolicy_table(q, p, b, estimators="k1,k3", placements=SEQUENCE_PLACEMENTS,
-                             weightings=SEQUENCE_WEIGHTINGS, mc: int | None = None, seed: int = 0) -> pd.DataFrame:
+def sequence_offpolicy_table(
+    q,
+    p,
+    b,
+    estimators="k1,k3",
+    placements=SEQUENCE_PLACEMENTS,
+    weightings=SEQUENCE_WEIGHTINGS,
+    mc: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
     r"""One row per estimator x placement x weighting: what the exact expected gradient under b follows
     (:func:`klsym.rl.sequences.follows`), its relative error vs :math:`\nabla KL(q\|p)` of the sequences,
     ``unbiased`` (follows KL(q||p)), the per-sequence variance; with ``mc``, max |z| of n sequences from b."""
@@ -574,15 +703,21 @@ def sequence_offpolicy_table(q, p, b, estimators="k1,k3", placements=SEQUENCE_PL
         exact = sequence_offpolicy_gradients(estimator, q, p, b, placements, weightings)
         for (placement, weighting), entry in exact.items():
             label = follows(entry["gradient"], references)
-            row = {"estimator": estimator.name, "placement": placement, "weighting": weighting,
-                   "follows": label or "-", "unbiased": label == SEQ_KL_QP,
-                   "relative error vs grad KL(q||p)": relative_error(entry["gradient"], target),
-                   "variance (per sequence)": entry["variance"]}
+            row = {
+                "estimator": estimator.name,
+                "placement": placement,
+                "weighting": weighting,
+                "follows": label or "-",
+                "unbiased": label == SEQ_KL_QP,
+                "relative error vs grad KL(q||p)": relative_error(entry["gradient"], target),
+                "variance (per sequence)": entry["variance"],
+            }
             if mc:
                 sampled = sequence_monte_carlo(estimator, q, p, b, placement, weighting, mc, seed)
                 live = sampled["se"] > 0
-                row["MC max |z|"] = float(np.max(np.abs(sampled["gradient"] - entry["gradient"])[live]
-                                                 / sampled["se"][live]))
+                row["MC max |z|"] = float(
+                    np.max(np.abs(sampled["gradient"] - entry["gradient"])[live] / sampled["se"][live])
+                )
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -595,9 +730,16 @@ def recommend(table: pd.DataFrame) -> dict:
     return unbiased.sort_values("variance (per sequence)").iloc[0].to_dict()
 
 
-def variance_vs_horizon(vocab_size: int, horizons, drift_scale: float, distance: float = 0.5, seed: int = 0,
-                        estimators="k1,k3", placements=("full", "reward-to-go"),
-                        weightings=("sequence-is", "per-decision")) -> pd.DataFrame:
+def variance_vs_horizon(
+    vocab_size: int,
+    horizons,
+    drift_scale: float,
+    distance: float = 0.5,
+    seed: int = 0,
+    estimators="k1,k3",
+    placements=("full", "reward-to-go"),
+    weightings=("sequence-is", "per-decision"),
+) -> pd.DataFrame:
     """Per-sequence variance of unbiased options as T grows: p random, q = p + noise(distance),
     b = q + noise(drift_scale) (the policy before an update), same seeds at every T."""
     from klsym.exact.autoregressive import Autoregressive
@@ -613,8 +755,33 @@ def variance_vs_horizon(vocab_size: int, horizons, drift_scale: float, distance:
     return pd.concat(frames, ignore_index=True)
 
 
-__all__ = ["WEIGHTINGS", "UNBIASED_WEIGHTINGS", "DEFAULT_TRUNCATION", "DEFAULT_CLIP", "term_expression",
-           "check_triple", "exact_expression", "offpolicy_gradient", "gaussian_closed_form", "behaviour_condition_holds", "true_gradient", "drift", "monte_carlo",
-           "relative_bias", "offpolicy_rows", "offpolicy_summary", "value_rows", "drift_table", "behaviours", "mc_check_table",
-           "SEQUENCE_WEIGHTINGS", "SEQUENCE_PLACEMENTS", "sequence_offpolicy_gradients", "sample_sequences",
-           "sequence_monte_carlo", "sequence_offpolicy_table", "recommend", "variance_vs_horizon"]
+__all__ = [
+    "WEIGHTINGS",
+    "UNBIASED_WEIGHTINGS",
+    "DEFAULT_TRUNCATION",
+    "DEFAULT_CLIP",
+    "term_expression",
+    "check_triple",
+    "exact_expression",
+    "offpolicy_gradient",
+    "gaussian_closed_form",
+    "behaviour_condition_holds",
+    "true_gradient",
+    "drift",
+    "monte_carlo",
+    "relative_bias",
+    "offpolicy_rows",
+    "offpolicy_summary",
+    "value_rows",
+    "drift_table",
+    "behaviours",
+    "mc_check_table",
+    "SEQUENCE_WEIGHTINGS",
+    "SEQUENCE_PLACEMENTS",
+    "sequence_offpolicy_gradients",
+    "sample_sequences",
+    "sequence_monte_carlo",
+    "sequence_offpolicy_table",
+    "recommend",
+    "variance_vs_horizon",
+]

@@ -48,6 +48,7 @@ reference norm or its rounding, else None. Log-ratios are computed without cance
 >>> table.loc["k3", ["loss", "loss+reward"]].tolist()
 ['partial KL(p||q)', 'partial KL(q||p)']
 """
+
 from __future__ import annotations
 
 import math
@@ -89,6 +90,7 @@ FOLLOWS_ORDER = (KL_QP, KL_PQ, PARTIAL_QP, PARTIAL_PQ)
 
 # --- reference gradients ---------------------------------------------------------------------
 
+
 def _check_pair(q, p) -> None:
     if not isinstance(q, Autoregressive):
         raise ValueError(f"q must be an Autoregressive policy, got {type(q).__name__}")
@@ -99,6 +101,7 @@ def _check_pair(q, p) -> None:
 # Alongside W we carry A >= |W|, the sum of the absolute values of the terms that made W (errors of the log-ratio
 # propagated through each function included), so that W is exact to a few eps * A; the gradient is then exact to
 # a few eps * m q (A + E_q[A]) (the centring adds the row mean). _rounding turns that into a norm.
+
 
 def _rounding_units(q: Autoregressive) -> float:
     """How many eps of error per unit of magnitude: a few per summation level (tokens, depths, centring)."""
@@ -117,8 +120,9 @@ def _magnitude(function, t: np.ndarray, error: np.ndarray) -> np.ndarray:
     value = np.asarray(function(t), dtype=np.float64)
     step = 1e-6 * (1.0 + np.abs(t))
     with np.errstate(all="ignore"):
-        slope = (np.asarray(function(t + step), dtype=np.float64)
-                 - np.asarray(function(t - step), dtype=np.float64)) / (2.0 * step)
+        slope = (
+            np.asarray(function(t + step), dtype=np.float64) - np.asarray(function(t - step), dtype=np.float64)
+        ) / (2.0 * step)
     return np.abs(value) + np.nan_to_num(np.abs(slope), nan=0.0, posinf=0.0) * error
 
 
@@ -161,14 +165,16 @@ def missing_future_term(q: Autoregressive, p: Autoregressive) -> np.ndarray:
 
 # --- placements --------------------------------------------------------------------------------
 
+
 def _check_placements(placements) -> tuple[str, ...]:
     if isinstance(placements, str):
         placements = [name.strip() for name in placements.split(",") if name.strip()]
     placements = tuple(placements)
     unknown = [name for name in placements if name not in ALL_PLACEMENTS]
     if unknown or not placements:
-        raise ValueError(f"unknown placement(s) {unknown or list(placements)}; "
-                         f"choose from: {', '.join(ALL_PLACEMENTS)}")
+        raise ValueError(
+            f"unknown placement(s) {unknown or list(placements)}; choose from: {', '.join(ALL_PLACEMENTS)}"
+        )
     return placements
 
 
@@ -193,10 +199,17 @@ def placement_gradients(estimator, q: Autoregressive, p: Autoregressive, placeme
 
 
 #: The weight arrays (components) whose expected-score gradients add up to each placement.
-_COMPONENTS = {"loss": ("pathwise",), "reward": ("value",), "reward-to-go": ("to-go",),
-               "sequence-reward": ("to-go", "collected"), "full": ("pathwise", "to-go"),
-               "loss+reward": ("pathwise", "value"), "sequence-ratio-loss": ("ratio-loss",),
-               "sequence-ratio-reward": ("ratio-reward",), "sequence-ratio-full": ("ratio-loss", "ratio-reward")}
+_COMPONENTS = {
+    "loss": ("pathwise",),
+    "reward": ("value",),
+    "reward-to-go": ("to-go",),
+    "sequence-reward": ("to-go", "collected"),
+    "full": ("pathwise", "to-go"),
+    "loss+reward": ("pathwise", "value"),
+    "sequence-ratio-loss": ("ratio-loss",),
+    "sequence-ratio-reward": ("ratio-reward",),
+    "sequence-ratio-full": ("ratio-loss", "ratio-reward"),
+}
 
 
 def _placements(estimator, q: Autoregressive, p: Autoregressive, placements=ALL_PLACEMENTS) -> dict:
@@ -217,13 +230,14 @@ def _placements(estimator, q: Autoregressive, p: Autoregressive, placements=ALL_
     def weights(name):  # (W, A): a weight array and its magnitude (W exact to a few eps * A)
         if name not in cache:
             if name in functions:
-                cache[name] = (np.asarray(functions[name](token_t), dtype=np.float64),
-                               _magnitude(functions[name], token_t, error))
+                cache[name] = (
+                    np.asarray(functions[name](token_t), dtype=np.float64),
+                    _magnitude(functions[name], token_t, error),
+                )
             elif name == "to-go":
                 cache[name] = tuple(to_go(q, part) for part in weights("value"))
             elif name == "collected":  # the penalty before this position: constant over the row
-                cache[name] = tuple(prefix_sums(q, part)[:, None] * np.ones(q.vocab_size)
-                                    for part in weights("value"))
+                cache[name] = tuple(prefix_sums(q, part)[:, None] * np.ones(q.vocab_size) for part in weights("value"))
             else:  # k of the whole-sequence ratio: log R sums T log-ratios, and their errors add
                 function = functions["pathwise" if name == "ratio-loss" else "value"]
                 reach = q.horizon * float(np.max(error))
@@ -237,8 +251,10 @@ def _placements(estimator, q: Autoregressive, p: Autoregressive, placements=ALL_
                 expected = whole_sequence_expectations(q, p, recorded)
                 if min(low for low, _ in leaves) == max(high for _, high in leaves):
                     expected = np.full(expected.shape, leaves[0][0])
-                cache[name] = (expected,
-                               whole_sequence_expectations(q, p, lambda t: _magnitude(function, t, np.abs(t) + reach)))
+                cache[name] = (
+                    expected,
+                    whole_sequence_expectations(q, p, lambda t: _magnitude(function, t, np.abs(t) + reach)),
+                )
         return cache[name]
 
     def component(name):
@@ -254,8 +270,10 @@ def _placements(estimator, q: Autoregressive, p: Autoregressive, placements=ALL_
     out = {}
     for name in placements:
         parts = [component(part) for part in _COMPONENTS[name]]
-        out[name] = (sum(part[0] for part in parts[1:]) + parts[0][0] if len(parts) > 1 else parts[0][0],
-                     sum(part[1] for part in parts))
+        out[name] = (
+            sum(part[0] for part in parts[1:]) + parts[0][0] if len(parts) > 1 else parts[0][0],
+            sum(part[1] for part in parts),
+        )
     return out
 
 
@@ -265,6 +283,7 @@ def placement_gradient(estimator, q: Autoregressive, p: Autoregressive, placemen
 
 
 # --- comparisons -------------------------------------------------------------------------------
+
 
 def _norm(a: np.ndarray) -> float:
     return math.sqrt(float(np.einsum("i,i", a, a)))  # einsum: BLAS dot/norm contend for cores on a busy machine
@@ -309,8 +328,13 @@ def reference_rounding(q: Autoregressive, p: Autoregressive) -> dict:
     return _references(q, p)[1]
 
 
-def follows(gradient, references: dict, tolerance: float = FOLLOWS_TOLERANCE, rounding: float | None = None,
-            reference_rounding: dict | None = None) -> str | None:
+def follows(
+    gradient,
+    references: dict,
+    tolerance: float = FOLLOWS_TOLERANCE,
+    rounding: float | None = None,
+    reference_rounding: dict | None = None,
+) -> str | None:
     r"""What ``gradient`` follows: a reference label of :data:`FOLLOWS_ORDER`, ``"zero"``, an
     ``"indistinguishable (A, B, ...)"`` verdict, or None.
 
@@ -347,8 +371,16 @@ def follows(gradient, references: dict, tolerance: float = FOLLOWS_TOLERANCE, ro
 
 # --- the summary (JSON of `python -m klsym sequence`) --------------------------------------------
 
-def sequence_summary(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", placements=ALL_PLACEMENTS,
-                     mc: int | None = None, seed: int = 0, **mc_options) -> dict:
+
+def sequence_summary(
+    q: Autoregressive,
+    p: Autoregressive,
+    estimators="k1,k2,k3",
+    placements=ALL_PLACEMENTS,
+    mc: int | None = None,
+    seed: int = 0,
+    **mc_options,
+) -> dict:
     r"""The ``klsym sequence`` JSON object.
 
     Keys: ``V``, ``T``, ``eos``, ``sequences`` (V^T enumerated), ``parameters``; ``kl`` {KL(q||p), KL(p||q)};
@@ -363,17 +395,29 @@ def sequence_summary(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"
     estimators, placements = _estimators(estimators), _check_placements(placements)
     references, reference_errors = _references(q, p)
     target = references[KL_QP]
-    out = {"V": q.vocab_size, "T": q.horizon, "eos": q.eos, "sequences": q.n_sequences, "parameters": q.size,
-           "kl": sequence_kls(q, p), "per_position": per_position_kls(q, p),
-           "true_gradient": {KL_QP: references[KL_QP], KL_PQ: references[KL_PQ]},
-           "partial_gradient": {KL_QP: references[PARTIAL_QP], KL_PQ: references[PARTIAL_PQ]},
-           "missing_future_term": relative_error(references[PARTIAL_QP], target), "estimators": {}}
+    out = {
+        "V": q.vocab_size,
+        "T": q.horizon,
+        "eos": q.eos,
+        "sequences": q.n_sequences,
+        "parameters": q.size,
+        "kl": sequence_kls(q, p),
+        "per_position": per_position_kls(q, p),
+        "true_gradient": {KL_QP: references[KL_QP], KL_PQ: references[KL_PQ]},
+        "partial_gradient": {KL_QP: references[PARTIAL_QP], KL_PQ: references[PARTIAL_PQ]},
+        "missing_future_term": relative_error(references[PARTIAL_QP], target),
+        "estimators": {},
+    }
     for estimator in estimators:
         entry = {}
         for name, (gradient, rounding) in _placements(estimator, q, p, placements).items():
             label = follows(gradient, references, rounding=rounding, reference_rounding=reference_errors)
-            entry[name] = {"gradient": gradient, "follows": label, "relative_error": relative_error(gradient, target),
-                           "cosine": math.nan if label == ZERO else cosine(gradient, target)}  # no direction
+            entry[name] = {
+                "gradient": gradient,
+                "follows": label,
+                "relative_error": relative_error(gradient, target),
+                "cosine": math.nan if label == ZERO else cosine(gradient, target),
+            }  # no direction
         out["estimators"][estimator.name] = entry
     if mc is not None:
         from klsym.simulate.sequences import crosscheck  # only a Monte Carlo run needs the engine
@@ -384,15 +428,25 @@ def sequence_summary(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"
 
 # --- tables for notebooks --------------------------------------------------------------------
 
+
 def placement_table(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", placements=ALL_PLACEMENTS):
     """One row per (estimator, placement): ``follows`` ("-" for None), ``relative_error``, ``cosine`` (a DataFrame)."""
     import pandas as pd
 
     summary = sequence_summary(q, p, estimators, placements)
-    return pd.DataFrame([{"estimator": name, "placement": placement, "follows": entry["follows"] or "-",
-                          "relative_error": entry["relative_error"], "cosine": entry["cosine"]}
-                         for name, by_placement in summary["estimators"].items()
-                         for placement, entry in by_placement.items()])
+    return pd.DataFrame(
+        [
+            {
+                "estimator": name,
+                "placement": placement,
+                "follows": entry["follows"] or "-",
+                "relative_error": entry["relative_error"],
+                "cosine": entry["cosine"],
+            }
+            for name, by_placement in summary["estimators"].items()
+            for placement, entry in by_placement.items()
+        ]
+    )
 
 
 def follows_table(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", placements=ALL_PLACEMENTS):
@@ -400,7 +454,8 @@ def follows_table(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", p
     table = placement_table(q, p, estimators, placements)
     wide = table.pivot(index="estimator", columns="placement", values="follows")
     return wide.loc[list(dict.fromkeys(table["estimator"])), list(dict.fromkeys(table["placement"]))].rename_axis(
-        columns=None)
+        columns=None
+    )
 
 
 def pair(kind: str, vocab_size: int, horizon: int, distance: float, seed: int = 0):
@@ -432,12 +487,18 @@ def future_term_table(kind: str, vocab_size: int, horizons, distances, seed: int
         for distance in distances:
             q, p = pair(kind, vocab_size, horizon, distance, seed)
             true, partial = true_gradients(q, p)[KL_QP], partial_gradients(q, p)[KL_QP]
-            row = {"T": horizon, "distance": distance, KL_QP: sequence_kls(q, p)[KL_QP],
-                   "|grad KL(q||p)|": _norm(true), "future / |grad|": relative_error(partial, true),
-                   "cos(partial, true)": cosine(partial, true)}
+            row = {
+                "T": horizon,
+                "distance": distance,
+                KL_QP: sequence_kls(q, p)[KL_QP],
+                "|grad KL(q||p)|": _norm(true),
+                "future / |grad|": relative_error(partial, true),
+                "cos(partial, true)": cosine(partial, true),
+            }
             for estimator in _estimators(estimators):
                 row[f"{estimator.name} loss: rel. error"] = relative_error(
-                    placement_gradient(estimator, q, p, "loss"), true)
+                    placement_gradient(estimator, q, p, "loss"), true
+                )
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -459,35 +520,77 @@ def paper_claims(q: Autoregressive, p: Autoregressive):
     true_norm = _norm(references[KL_QP])
     tol = FOLLOWS_TOLERANCE
     rows = [
-        ("A", "k2 in the loss gives the partial gradient of KL(q||p) (states frozen), not the gradient",
-         "rel. difference k2 loss vs partial KL(q||p)",
-         relative_difference(grads["k2"]["loss"], references[PARTIAL_QP]), lambda v: v < tol),
-        ("A", "what it misses is each token's score times the KL still to come: nonzero for T > 1",
-         "|grad KL(q||p) - partial| / |grad KL(q||p)|", _norm(future) / true_norm,
-         lambda v: v > tol if q.horizon > 1 else v < tol),
-        ("A", "k3 in the loss gives at best the partial gradient of KL(p||q)",
-         "rel. difference k3 loss vs partial KL(p||q)",
-         relative_difference(grads["k3"]["loss"], references[PARTIAL_PQ]), lambda v: v < tol),
-        ("A", "a per-token weight exp(log q_t - sg log q_t) on k3 (loss+reward) still gives only the partial "
-         "gradient of KL(q||p)", "rel. difference k3 loss+reward vs partial KL(q||p)",
-         relative_difference(grads["k3"]["loss+reward"], references[PARTIAL_QP]), lambda v: v < tol),
-        ("B", "k1 as a per-token reward with undiscounted reward-to-go gives grad KL(q||p) exactly",
-         "rel. difference k1 reward-to-go vs grad KL(q||p)",
-         relative_difference(grads["k1"]["reward-to-go"], references[KL_QP]), lambda v: v < tol),
-        ("B", "the summed k1 as a sequence-level reward gives grad KL(q||p) in expectation",
-         "rel. difference k1 sequence-reward vs grad KL(q||p)",
-         relative_difference(grads["k1"]["sequence-reward"], references[KL_QP]), lambda v: v < tol),
-        ("B", "k3 in the loss plus k3 in the reward with reward-to-go (full) gives grad KL(q||p)",
-         "rel. difference k3 full vs grad KL(q||p)",
-         relative_difference(grads["k3"]["full"], references[KL_QP]), lambda v: v < tol),
-        ("related", "k1 in the loss (pathwise, samples fixed) has zero expected gradient",
-         "|k1 loss| / |grad KL(q||p)|", _norm(grads["k1"]["loss"]) / true_norm, lambda v: v < tol),
-        ("related", "k2 in the loss and k1 as each token's own reward have the same expected gradient",
-         "rel. difference k2 loss vs k1 reward", relative_difference(grads["k2"]["loss"], grads["k1"]["reward"]),
-         lambda v: v < tol),
+        (
+            "A",
+            "k2 in the loss gives the partial gradient of KL(q||p) (states frozen), not the gradient",
+            "rel. difference k2 loss vs partial KL(q||p)",
+            relative_difference(grads["k2"]["loss"], references[PARTIAL_QP]),
+            lambda v: v < tol,
+        ),
+        (
+            "A",
+            "what it misses is each token's score times the KL still to come: nonzero for T > 1",
+            "|grad KL(q||p) - partial| / |grad KL(q||p)|",
+            _norm(future) / true_norm,
+            lambda v: v > tol if q.horizon > 1 else v < tol,
+        ),
+        (
+            "A",
+            "k3 in the loss gives at best the partial gradient of KL(p||q)",
+            "rel. difference k3 loss vs partial KL(p||q)",
+            relative_difference(grads["k3"]["loss"], references[PARTIAL_PQ]),
+            lambda v: v < tol,
+        ),
+        (
+            "A",
+            "a per-token weight exp(log q_t - sg log q_t) on k3 (loss+reward) still gives only the partial "
+            "gradient of KL(q||p)",
+            "rel. difference k3 loss+reward vs partial KL(q||p)",
+            relative_difference(grads["k3"]["loss+reward"], references[PARTIAL_QP]),
+            lambda v: v < tol,
+        ),
+        (
+            "B",
+            "k1 as a per-token reward with undiscounted reward-to-go gives grad KL(q||p) exactly",
+            "rel. difference k1 reward-to-go vs grad KL(q||p)",
+            relative_difference(grads["k1"]["reward-to-go"], references[KL_QP]),
+            lambda v: v < tol,
+        ),
+        (
+            "B",
+            "the summed k1 as a sequence-level reward gives grad KL(q||p) in expectation",
+            "rel. difference k1 sequence-reward vs grad KL(q||p)",
+            relative_difference(grads["k1"]["sequence-reward"], references[KL_QP]),
+            lambda v: v < tol,
+        ),
+        (
+            "B",
+            "k3 in the loss plus k3 in the reward with reward-to-go (full) gives grad KL(q||p)",
+            "rel. difference k3 full vs grad KL(q||p)",
+            relative_difference(grads["k3"]["full"], references[KL_QP]),
+            lambda v: v < tol,
+        ),
+        (
+            "related",
+            "k1 in the loss (pathwise, samples fixed) has zero expected gradient",
+            "|k1 loss| / |grad KL(q||p)|",
+            _norm(grads["k1"]["loss"]) / true_norm,
+            lambda v: v < tol,
+        ),
+        (
+            "related",
+            "k2 in the loss and k1 as each token's own reward have the same expected gradient",
+            "rel. difference k2 loss vs k1 reward",
+            relative_difference(grads["k2"]["loss"], grads["k1"]["reward"]),
+            lambda v: v < tol,
+        ),
     ]
-    return pd.DataFrame([{"claim": claim, "statement": statement, "quantity": quantity, "value": value,
-                          "holds": bool(check(value))} for claim, statement, quantity, value, check in rows])
+    return pd.DataFrame(
+        [
+            {"claim": claim, "statement": statement, "quantity": quantity, "value": value, "holds": bool(check(value))}
+            for claim, statement, quantity, value, check in rows
+        ]
+    )
 
 
 # --- framework crosswalk: which placement a setting implements -----------------------------------
@@ -501,12 +604,20 @@ FRAMEWORK_PLACEMENTS = {
     ("loss", "token-mean"): ("loss", "1/T", "k_t in the loss averaged over all tokens of the batch"),
     ("loss", "sequence-mean"): ("loss", "1/T", "mean over each sequence's tokens, then over sequences"),
     ("loss", "sum"): ("loss", "1", "summed over tokens (seq-mean-token-sum)"),
-    ("reward", "per-token"): ("reward-to-go", "1", "k1 per token in the reward, GAE with gamma = lambda = 1 or "
-                              "Monte Carlo returns; a critic or baseline changes variance, not the expectation"),
+    ("reward", "per-token"): (
+        "reward-to-go",
+        "1",
+        "k1 per token in the reward, GAE with gamma = lambda = 1 or "
+        "Monte Carlo returns; a critic or baseline changes variance, not the expectation",
+    ),
     ("reward", "sequence"): ("sequence-reward", "1", "summed penalty as one sequence-level reward (RLOO, GRPO)"),
     ("reward", "sequence-mean"): ("sequence-reward", "1/T", "token-mean penalty subtracted from the sequence reward"),
-    ("full", "per-token"): ("loss+reward", "1/T", "k_t exp(logq_t - sg logq_t) in a token-mean loss: the weight "
-                            "adds each token's own score term, not the reward-to-go"),
+    ("full", "per-token"): (
+        "loss+reward",
+        "1/T",
+        "k_t exp(logq_t - sg logq_t) in a token-mean loss: the weight "
+        "adds each token's own score term, not the reward-to-go",
+    ),
     ("full", "sequence"): ("full", "1/T", "k_t exp(log q(y) - sg log q(y)) with the whole-sequence weight"),
 }
 
@@ -540,8 +651,9 @@ def _setting_key(mode: str, aggregation: str, weight: str = "per-token") -> tupl
     raise ValueError(f"unknown KL mode {mode!r}; choose loss, reward or full (one mode per setting)")
 
 
-def sequence_answer(estimator, mode: str, aggregation: str, q: Autoregressive, p: Autoregressive,
-                    weight: str = "per-token") -> dict:
+def sequence_answer(
+    estimator, mode: str, aggregation: str, q: Autoregressive, p: Autoregressive, weight: str = "per-token"
+) -> dict:
     """The sequence-level answer for one framework setting: ``placement``, ``scale``, ``follows`` (on (q, p)).
 
     >>> from klsym.exact.autoregressive import Autoregressive
@@ -553,8 +665,12 @@ def sequence_answer(estimator, mode: str, aggregation: str, q: Autoregressive, p
     placement, scale, note = FRAMEWORK_PLACEMENTS[key]
     gradient, rounding = _placements(estimator, q, p, [placement])[placement]
     references, reference_errors = _references(q, p)
-    return {"placement": placement, "scale": scale, "note": note,
-            "follows": follows(gradient, references, rounding=rounding, reference_rounding=reference_errors)}
+    return {
+        "placement": placement,
+        "scale": scale,
+        "note": note,
+        "follows": follows(gradient, references, rounding=rounding, reference_rounding=reference_errors),
+    }
 
 
 def framework_answers(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3"):
@@ -566,17 +682,52 @@ def framework_answers(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3
     for estimator in _estimators(estimators):
         gradients = _placements(estimator, q, p, PLACEMENTS)
         for (mode, aggregation), (placement, scale, note) in FRAMEWORK_PLACEMENTS.items():
-            rows.append({"mode": mode, "aggregation": aggregation, "estimator": estimator.name,
-                         "placement": placement, "scale": scale,
-                         "follows": follows(gradients[placement][0], references, rounding=gradients[placement][1],
-                                            reference_rounding=reference_errors) or "-",
-                         "note": note})
+            rows.append(
+                {
+                    "mode": mode,
+                    "aggregation": aggregation,
+                    "estimator": estimator.name,
+                    "placement": placement,
+                    "scale": scale,
+                    "follows": follows(
+                        gradients[placement][0],
+                        references,
+                        rounding=gradients[placement][1],
+                        reference_rounding=reference_errors,
+                    )
+                    or "-",
+                    "note": note,
+                }
+            )
     return pd.DataFrame(rows)
 
 
-__all__ = ["PLACEMENTS", "RATIO_PLACEMENTS", "ALL_PLACEMENTS", "FOLLOWS_TOLERANCE", "FOLLOWS_ORDER",
-           "FRAMEWORK_PLACEMENTS", "true_gradients", "partial_gradients", "missing_future_term",
-           "placement_gradients", "placement_gradient", "relative_difference", "relative_error", "cosine",
-           "reference_gradients", "reference_rounding", "follows", "INDISTINGUISHABLE", "sequence_summary",
-           "placement_table", "follows_table", "pair",
-           "future_term_table", "paper_claims", "placement_of_setting", "sequence_answer", "framework_answers"]
+__all__ = [
+    "PLACEMENTS",
+    "RATIO_PLACEMENTS",
+    "ALL_PLACEMENTS",
+    "FOLLOWS_TOLERANCE",
+    "FOLLOWS_ORDER",
+    "FRAMEWORK_PLACEMENTS",
+    "true_gradients",
+    "partial_gradients",
+    "missing_future_term",
+    "placement_gradients",
+    "placement_gradient",
+    "relative_difference",
+    "relative_error",
+    "cosine",
+    "reference_gradients",
+    "reference_rounding",
+    "follows",
+    "INDISTINGUISHABLE",
+    "sequence_summary",
+    "placement_table",
+    "follows_table",
+    "pair",
+    "future_term_table",
+    "paper_claims",
+    "placement_of_setting",
+    "sequence_answer",
+    "framework_answers",
+]

@@ -2,6 +2,7 @@
 
 The computations live in :mod:`klsym.rl.offpolicy`, which imports these names from here.
 """
+
 from __future__ import annotations
 
 #: Per-token weightings of a KL term on tokens drawn from a behaviour policy b.
@@ -13,9 +14,21 @@ DEFAULT_TRUNCATION = 2.0
 #: epsilon of ppo-clip.
 DEFAULT_CLIP = 0.2
 #: Weightings and placements of ``klsym sequence --behaviour-model``.
-SEQUENCE_WEIGHTINGS = ("none", "token-is", "token-is-differentiable", "sequence-is", "sequence-mean-is-differentiable",
-                       "per-decision")
+SEQUENCE_WEIGHTINGS = (
+    "none",
+    "token-is",
+    "token-is-differentiable",
+    "sequence-is",
+    "sequence-mean-is-differentiable",
+    "per-decision",
+)
 SEQUENCE_PLACEMENTS = ("loss", "reward", "reward-to-go", "sequence-reward", "full", "loss+reward")
 
-__all__ = ["WEIGHTINGS", "UNBIASED_WEIGHTINGS", "DEFAULT_TRUNCATION", "DEFAULT_CLIP", "SEQUENCE_WEIGHTINGS",
-           "SEQUENCE_PLACEMENTS"]
+__all__ = [
+    "WEIGHTINGS",
+    "UNBIASED_WEIGHTINGS",
+    "DEFAULT_TRUNCATION",
+    "DEFAULT_CLIP",
+    "SEQUENCE_WEIGHTINGS",
+    "SEQUENCE_PLACEMENTS",
+]

@@ -19,6 +19,7 @@ Statistics (``width`` = number of estimators, vectorised):
 - :class:`GradientSums` -- sums of :math:`w s` and :math:`(w s)^2` per (estimator, mode);
 - :class:`TrialGradients` -- one gradient estimate per block (a trial).
 """
+
 from __future__ import annotations
 
 import math
@@ -69,6 +70,7 @@ class Accumulator:
 
 # --- values ------------------------------------------------------------------------------------
 
+
 def block_moments(xp, values):
     """Per-row (mean, M2) of a (rows, size) array, accumulated in float64."""
     size = values.shape[-1]
@@ -88,7 +90,6 @@ class Moments(Accumulator):
         self.count = 0.0
         self.mean = np.zeros(width)
         self.m2 = np.zeros(width)
-
 
     def partials(self, chunk):
         xp, host = chunk.stream.xp, chunk.stream.backend.host
@@ -134,7 +135,6 @@ class Extremes(_PerChunk):
         self.max = np.full(width, -np.inf)
         self.negative = np.zeros(width)
         self.nonfinite = np.zeros(width)
-
 
     def partials(self, chunk):
         xp = chunk.stream.xp
@@ -209,7 +209,6 @@ class Histogram(_PerChunk):
         self.width = width
         self.counts = np.zeros((width, HIST_BINS), dtype=np.int64)
 
-
     @staticmethod
     def summarise(xp, values):
         finite = xp.isfinite(values)
@@ -234,21 +233,26 @@ class BatchSpread(Accumulator):
         self.moments = Moments(width)
         self.negative = np.zeros(width)
 
-
     def partials(self, chunk):
         xp, host = chunk.stream.xp, chunk.stream.backend.host
         per_block = chunk.t.shape[1] // self.batch_size
         shape = (chunk.rows, per_block, self.batch_size)
-        batch_values = xp.stack([chunk.values(i)[:, :per_block * self.batch_size].reshape(shape).mean(
-            axis=-1, dtype=xp.float64) for i in range(self.width)])  # (width, rows, batches): small
+        batch_values = xp.stack(
+            [
+                chunk.values(i)[:, : per_block * self.batch_size].reshape(shape).mean(axis=-1, dtype=xp.float64)
+                for i in range(self.width)
+            ]
+        )  # (width, rows, batches): small
         if per_block:
             means, m2s = block_moments(xp, batch_values)
         else:
             means = m2s = xp.zeros((self.width, chunk.rows))
         negative = (batch_values < 0).sum(axis=(1, 2))
         means, m2s, negative = host(means), host(m2s), host(negative)
-        return [(size // self.batch_size, means[:, row], m2s[:, row], negative if row == 0 else 0)
-                for row, size in enumerate(chunk.sizes)]
+        return [
+            (size // self.batch_size, means[:, row], m2s[:, row], negative if row == 0 else 0)
+            for row, size in enumerate(chunk.sizes)
+        ]
 
     def fold(self, partial) -> None:
         count, mean, m2, negative = partial
@@ -259,7 +263,6 @@ class BatchSpread(Accumulator):
     def count(self) -> float:
         self._fold_pending()
         return self.moments.count
-
 
 
 class LogRatioHistogram(Accumulator):
@@ -285,7 +288,7 @@ class LogRatioHistogram(Accumulator):
 
     def fold(self, partial) -> None:
         first, counts = partial
-        self.counts[first:first + counts.size] += counts
+        self.counts[first : first + counts.size] += counts
 
     def coalesce(self) -> LogRatioHistogram:
         """Sum the pending partials into one (integer counts: exact), e.g. before shipping them elsewhere."""
@@ -293,7 +296,7 @@ class LogRatioHistogram(Accumulator):
             first = min(start for start, _ in self._partials)
             counts = np.zeros(max(start + c.size for start, c in self._partials) - first, dtype=np.int64)
             for start, c in self._partials:
-                counts[start - first:start - first + c.size] += c
+                counts[start - first : start - first + c.size] += c
             self._partials = [(first, counts)]
         return self
 
@@ -366,7 +369,9 @@ def _solve_uniform_mixture(a, b, c, target, low, high, steps: int = 64) -> float
             low = x
     return float(high)
 
+
 # --- gradients ---------------------------------------------------------------------------------
+
 
 class GradientSums(Accumulator):
     r"""Sums of the per-sample gradients :math:`w(t)\, s(x)` and of their squares, per (estimator, mode).
@@ -384,7 +389,6 @@ class GradientSums(Accumulator):
         self.squares = np.zeros((labels, size))
         self.weight_sums = np.zeros((labels, 2))  # categorical: sum w, sum w^2
 
-
     def _weights(self, chunk):
         for i in range(self.width):
             weights = chunk.weights(i, self.modes)
@@ -399,10 +403,21 @@ class GradientSums(Accumulator):
             firsts, seconds = [], []
             for w in self._weights(chunk):  # one block at a time: the bits do not depend on the chunk
                 squared = w * w
-                firsts.append(xp.stack([xp.einsum("n,pn->p", w[row], score[:, row], dtype=xp.float64)
-                                        for row in range(chunk.rows)], axis=-1))
-                seconds.append(xp.stack([xp.einsum("n,pn->p", squared[row], score_squared[:, row],
-                                                   dtype=xp.float64) for row in range(chunk.rows)], axis=-1))
+                firsts.append(
+                    xp.stack(
+                        [xp.einsum("n,pn->p", w[row], score[:, row], dtype=xp.float64) for row in range(chunk.rows)],
+                        axis=-1,
+                    )
+                )
+                seconds.append(
+                    xp.stack(
+                        [
+                            xp.einsum("n,pn->p", squared[row], score_squared[:, row], dtype=xp.float64)
+                            for row in range(chunk.rows)
+                        ],
+                        axis=-1,
+                    )
+                )
             firsts, seconds = host(xp.stack(firsts)), host(xp.stack(seconds))
             return [(firsts[:, :, row], seconds[:, :, row]) for row in range(chunk.rows)]
         ws = xp.stack(list(self._weights(chunk)))  # (labels, rows, size); categorical runs are small
@@ -448,7 +463,6 @@ class TrialGradients(Accumulator):
         self.result = np.zeros((width * len(self.modes), trials, size))
         self._next = 0
 
-
     def partials(self, chunk):
         xp, host = chunk.stream.xp, chunk.stream.backend.host
         n, rows = chunk.t.shape[1], chunk.rows
@@ -468,10 +482,24 @@ class TrialGradients(Accumulator):
 
     def fold(self, partial) -> None:
         rows = partial.shape[1]
-        self.result[:, self._next:self._next + rows] = partial
+        self.result[:, self._next : self._next + rows] = partial
         self._next += rows
 
 
-__all__ = ["Accumulator", "Moments", "Extremes", "Histogram", "LogRatioHistogram", "BatchSpread", "GradientSums",
-           "TrialGradients", "block_moments", "histogram_keys", "bin_edges", "quantiles_from_histogram",
-           "quantiles_of_function", "HIST_BINS", "T_HIST_BITS"]
+__all__ = [
+    "Accumulator",
+    "Moments",
+    "Extremes",
+    "Histogram",
+    "LogRatioHistogram",
+    "BatchSpread",
+    "GradientSums",
+    "TrialGradients",
+    "block_moments",
+    "histogram_keys",
+    "bin_edges",
+    "quantiles_from_histogram",
+    "quantiles_of_function",
+    "HIST_BINS",
+    "T_HIST_BITS",
+]

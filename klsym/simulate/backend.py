@@ -12,6 +12,7 @@ Traceback (most recent call last):
 ...
 ValueError: unknown backend 'torch'; choose one of: numpy, cupy
 """
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,7 @@ class Backend:
         if key not in self._compiled:
             # The SymPy body built by make_numeric does not depend on the array module.
             reference = estimator.numeric if kind == "value" else estimator.numeric_dt
-            self._compiled[key] = compile_logratio_function(reference.expression, self.lambdify_module,
-                                                            xp=self.xp)
+            self._compiled[key] = compile_logratio_function(reference.expression, self.lambdify_module, xp=self.xp)
         return self._compiled[key]
 
 
@@ -99,6 +99,7 @@ def _numpy_generator(seed_sequence: np.random.SeedSequence) -> np.random.Generat
 
 def integer_seeded(default_rng: Callable) -> Callable:
     """A generator factory for libraries seeded by one integer (CuPy): 64 bits of the SeedSequence."""
+
     def factory(seed_sequence: np.random.SeedSequence):
         return default_rng(int(seed_sequence.generate_state(1, np.uint64)[0]))
 
@@ -108,11 +109,13 @@ def integer_seeded(default_rng: Callable) -> Callable:
 def _cupy_backend() -> Backend:
     try:
         import cupy  # lazily: only a GPU run needs it
+
         cupy.cuda.runtime.getDeviceCount()
     except ImportError:
         raise BackendUnavailableError(
             "backend 'cupy' requested but CuPy is not installed; install it with "
-            "pip install 'klsym[gpu]' (needs an NVIDIA GPU with CUDA 12)") from None
+            "pip install 'klsym[gpu]' (needs an NVIDIA GPU with CUDA 12)"
+        ) from None
     except Exception as err:  # CUDA driver missing or no device
         raise BackendUnavailableError(f"backend 'cupy' requested but no CUDA device is usable: {err}") from None
 
@@ -136,10 +139,19 @@ def get_backend(name: str | Backend | None = None) -> Backend:
     if chosen not in BACKENDS:
         raise ValueError(f"unknown backend {chosen!r}; choose one of: {', '.join(BACKENDS)}")
     if chosen not in _BACKENDS:
-        _BACKENDS[chosen] = (Backend("numpy", np, "numpy", NUMPY_BLOCK, _numpy_generator)
-                             if chosen == "numpy" else _cupy_backend())
+        _BACKENDS[chosen] = (
+            Backend("numpy", np, "numpy", NUMPY_BLOCK, _numpy_generator) if chosen == "numpy" else _cupy_backend()
+        )
     return _BACKENDS[chosen]
 
 
-__all__ = ["Backend", "BackendUnavailableError", "BACKEND_ENV", "BACKENDS", "NUMPY_BLOCK", "CUPY_BLOCK",
-           "get_backend", "integer_seeded"]
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "BACKEND_ENV",
+    "BACKENDS",
+    "NUMPY_BLOCK",
+    "CUPY_BLOCK",
+    "get_backend",
+    "integer_seeded",
+]

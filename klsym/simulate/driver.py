@@ -9,6 +9,7 @@ thread merges the partials in block order, so a result depends only on ``(seed, 
 many blocks a chunk holds nor on the number of threads. At most ``2 x threads`` chunks are in flight,
 so memory does not depend on ``n``.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -32,6 +33,7 @@ TRIALS_STREAM = 1
 
 
 # --- samplers ----------------------------------------------------------------------------------
+
 
 def _rows(xp, generators, draw):
     """``draw(generator)`` for each block's generator, as one (rows, size) array (no copy for one row)."""
@@ -94,6 +96,7 @@ def make_sampler(q, p, backend: Backend, dtype):
 
 # --- argument checks ---------------------------------------------------------------------------
 
+
 def check_count(value, what: str) -> int:
     try:
         number = float(value)
@@ -120,13 +123,16 @@ def check_modes(modes) -> tuple[str, ...]:
 
 # --- the stream: what is sampled, and the chunks it is cut into --------------------------------
 
+
 class Stream:
     """One Monte Carlo experiment: the pair, the estimators (compiled for the backend) and the seed."""
 
-    def __init__(self, q, p, estimators, seed: int = 0, backend: str | Backend | None = None,
-                 dtype: str = "float64"):
-        estimators = get_estimators(estimators) if isinstance(estimators, str) else [
-            e if isinstance(e, Estimator) else get_estimators([e])[0] for e in estimators]
+    def __init__(self, q, p, estimators, seed: int = 0, backend: str | Backend | None = None, dtype: str = "float64"):
+        estimators = (
+            get_estimators(estimators)
+            if isinstance(estimators, str)
+            else [e if isinstance(e, Estimator) else get_estimators([e])[0] for e in estimators]
+        )
         if not estimators:
             raise ValueError("no estimators given")
         if dtype not in DTYPES:
@@ -231,13 +237,15 @@ def keep_freed_blocks() -> None:
         pass
 
 
-def stream_through(stream: Stream, plan, accumulators, threads: int | None = None, progress: bool = False,
-                   total: int | None = None):
+def stream_through(
+    stream: Stream, plan, accumulators, threads: int | None = None, progress: bool = False, total: int | None = None
+):
     """Feed every chunk of ``plan`` to fresh copies of ``accumulators`` on worker threads and merge them
     into ``accumulators`` in block order. Returns the accumulators."""
     from tqdm import tqdm  # text bar: notebooks have no ipywidgets, and HTML reports keep text
 
     keep_freed_blocks()
+
     def work(blocks):
         chunk = stream.draw(blocks)
         parts = []
@@ -267,5 +275,15 @@ def stream_through(stream: Stream, plan, accumulators, threads: int | None = Non
     return accumulators
 
 
-__all__ = ["Stream", "Chunk", "stream_through", "make_sampler", "check_count", "check_seed", "check_modes",
-           "DTYPES", "DEFAULT_CHUNK", "TRIALS_STREAM"]
+__all__ = [
+    "Stream",
+    "Chunk",
+    "stream_through",
+    "make_sampler",
+    "check_count",
+    "check_seed",
+    "check_modes",
+    "DTYPES",
+    "DEFAULT_CHUNK",
+    "TRIALS_STREAM",
+]

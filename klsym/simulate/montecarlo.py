@@ -29,13 +29,13 @@ Gradient modes (score :math:`s = \nabla_\theta \log q_\theta(x)`, samples held f
 >>> abs(result["estimators"]["k1"]["mean"] - 0.5) < 5 * result["estimators"]["k1"]["se"]
 True
 """
+
 from __future__ import annotations
 
 import math
 import time
 
 import numpy as np
-
 import sympy as sp
 
 from klsym.derive.estimators import MODES, in_logratio
@@ -65,10 +65,23 @@ def _header(stream: Stream, n: int, seconds: float) -> dict:
 
 # --- values ------------------------------------------------------------------------------------
 
-def run(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, chunk: int = DEFAULT_CHUNK,
-        backend: str | Backend | None = None, dtype: str = "float64", quantiles=DEFAULT_QUANTILES,
-        batch_size: int | None = DEFAULT_BATCH, threads: int | None = None, progress: bool = False,
-        square_moments: bool = False) -> dict:
+
+def run(
+    q,
+    p,
+    estimators="k1,k2,k3",
+    n: int = 1_000_000,
+    seed: int = 0,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    backend: str | Backend | None = None,
+    dtype: str = "float64",
+    quantiles=DEFAULT_QUANTILES,
+    batch_size: int | None = DEFAULT_BATCH,
+    threads: int | None = None,
+    progress: bool = False,
+    square_moments: bool = False,
+) -> dict:
     r"""Stream ``n`` samples of ``x ~ q`` and summarise each estimator :math:`k(r(x))`.
 
     Parameters
@@ -114,8 +127,11 @@ def run(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, chunk
     n = check_count(n, "n")
     statistics = ValueStatistics(stream, quantiles, batch_size, square_moments)
     seconds, done = _interruptible(stream, stream.streaming_plan(n, chunk), statistics, threads, progress, n)
-    out = {**_header(stream, done, seconds), "block_size": stream.backend.block_size,
-           "estimators": statistics.summary(done)}
+    out = {
+        **_header(stream, done, seconds),
+        "block_size": stream.backend.block_size,
+        "estimators": statistics.summary(done),
+    }
     if done < n:
         out["interrupted"] = {"requested": n, "done": done}
     return out
@@ -145,8 +161,7 @@ def limits_at_zero_probability(stream: Stream) -> Stream:
         return stream
     for i, estimator in enumerate(stream.estimators):
         stream.values[i] = _with_limit(stream.values[i], in_logratio(estimator.expr), stream.xp)
-        stream.slopes[i] = _with_limit(stream.slopes[i], sp.diff(in_logratio(estimator.surrogate), t_symbol),
-                                       stream.xp)
+        stream.slopes[i] = _with_limit(stream.slopes[i], sp.diff(in_logratio(estimator.surrogate), t_symbol), stream.xp)
     return stream
 
 
@@ -178,8 +193,13 @@ class ValueStatistics:
     merged in block order); :meth:`summary` is the ``estimators`` entry of :func:`run`'s result.
     """
 
-    def __init__(self, stream: Stream, quantiles=DEFAULT_QUANTILES, batch_size: int | None = DEFAULT_BATCH,
-                 square_moments: bool = False):
+    def __init__(
+        self,
+        stream: Stream,
+        quantiles=DEFAULT_QUANTILES,
+        batch_size: int | None = DEFAULT_BATCH,
+        square_moments: bool = False,
+    ):
         width = len(stream.estimators)
         self.stream = stream
         self.levels = tuple(float(level) for level in quantiles or ())
@@ -194,8 +214,9 @@ class ValueStatistics:
         self.histogram = LogRatioHistogram() if self.levels else None  # one histogram of t serves every estimator
         self.batches = BatchSpread(width, batch_size) if batch_size is not None else None
         self.square = Moments(width, square=True) if square_moments else None
-        self.accumulators = [a for a in (self.moments, self.extremes, self.histogram, self.batches, self.square)
-                             if a is not None]
+        self.accumulators = [
+            a for a in (self.moments, self.extremes, self.histogram, self.batches, self.square) if a is not None
+        ]
 
     def summary(self, n: int) -> dict:
         """``{name: {target, mean, std, se, min, max, frac_negative, n_nonfinite, quantiles, batch}}``."""
@@ -215,19 +236,29 @@ class ValueStatistics:
             quantiles = histogram.quantiles(_host_value_function(stream, estimator), levels) if levels else {}
             entry = {
                 "target": estimator.target,
-                "mean": mean, "std": spread, "se": spread / math.sqrt(n),
-                "min": low, "max": high,
-                "frac_negative": float(extremes.negative[i] / n), "n_nonfinite": int(extremes.nonfinite[i]),
-                "quantiles": {level: min(max(value, low), high) if math.isfinite(value) else value
-                              for level, value in quantiles.items()},
+                "mean": mean,
+                "std": spread,
+                "se": spread / math.sqrt(n),
+                "min": low,
+                "max": high,
+                "frac_negative": float(extremes.negative[i] / n),
+                "n_nonfinite": int(extremes.nonfinite[i]),
+                "quantiles": {
+                    level: min(max(value, low), high) if math.isfinite(value) else value
+                    for level, value in quantiles.items()
+                },
                 "batch": None,
             }
             if batches is not None and batches.count:
                 batch_spread = float(batches.moments.std()[i])
                 if math.isinf(high) != math.isinf(low):  # batch means at one infinity: no finite spread
                     batch_spread = math.inf
-                entry["batch"] = {"size": batch_size, "count": int(batches.count), "mean_std": batch_spread,
-                                  "frac_negative": float(batches.negative[i] / batches.count)}
+                entry["batch"] = {
+                    "size": batch_size,
+                    "count": int(batches.count),
+                    "mean_std": batch_spread,
+                    "frac_negative": float(batches.negative[i] / batches.count),
+                }
             if square is not None:
                 entry["square"] = {"mean": float(square.mean[i]), "se": float(square.std()[i] / math.sqrt(n))}
             results[estimator.name] = entry
@@ -235,6 +266,7 @@ class ValueStatistics:
 
 
 # --- gradients ---------------------------------------------------------------------------------
+
 
 def _by_label(stream: Stream, modes, rows) -> dict:
     """``{name: {mode: rows[label]}}`` for labels ordered estimator-major."""
@@ -245,9 +277,20 @@ def _by_label(stream: Stream, modes, rows) -> dict:
     return out
 
 
-def gradient(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, modes=GRADIENT_MODES,
-             chunk: int = DEFAULT_CHUNK, backend: str | Backend | None = None, dtype: str = "float64",
-             threads: int | None = None, progress: bool = False) -> dict:
+def gradient(
+    q,
+    p,
+    estimators="k1,k2,k3",
+    n: int = 1_000_000,
+    seed: int = 0,
+    *,
+    modes=GRADIENT_MODES,
+    chunk: int = DEFAULT_CHUNK,
+    backend: str | Backend | None = None,
+    dtype: str = "float64",
+    threads: int | None = None,
+    progress: bool = False,
+) -> dict:
     r"""Monte Carlo gradients w.r.t. q's parameters, per estimator and mode, with standard errors.
 
     The per-sample gradient is :math:`w(t)\, s(x)` with :math:`w = -\frac{d k_{sur}}{dt}` (``loss``),
@@ -271,8 +314,11 @@ def gradient(q, p, estimators="k1,k2,k3", n: int = 1_000_000, seed: int = 0, *, 
     n, modes, sampler = check_count(n, "n"), check_modes(modes), stream.sampler
     sums = gradient_sums(stream, modes)
     seconds = _timed(stream, stream.streaming_plan(n, chunk), [sums], threads, progress, n)
-    return {**_header(stream, n, seconds), "params": sampler.param_names or sampler.size,
-            "gradients": gradient_summary(stream, sums, n)}
+    return {
+        **_header(stream, n, seconds),
+        "params": sampler.param_names or sampler.size,
+        "gradients": gradient_summary(stream, sums, n),
+    }
 
 
 def gradient_sums(stream: Stream, modes) -> GradientSums:
@@ -288,9 +334,20 @@ def gradient_summary(stream: Stream, sums: GradientSums, n: int) -> dict:
     return _by_label(stream, sums.modes, lambda k: {"mean": means[k], "se": se[k]})
 
 
-def gradient_trials(q, p, estimators="k1,k2,k3", n: int = 50_000, trials: int = 1000, seed: int = 0, *,
-                    modes=GRADIENT_MODES, backend: str | Backend | None = None, dtype: str = "float64",
-                    threads: int | None = None, progress: bool = False) -> dict:
+def gradient_trials(
+    q,
+    p,
+    estimators="k1,k2,k3",
+    n: int = 50_000,
+    trials: int = 1000,
+    seed: int = 0,
+    *,
+    modes=GRADIENT_MODES,
+    backend: str | Backend | None = None,
+    dtype: str = "float64",
+    threads: int | None = None,
+    progress: bool = False,
+) -> dict:
     r"""Independent gradient estimates, one per trial of ``n`` samples (Yang's violin plots).
 
     Trial ``i`` draws from ``SeedSequence(seed, spawn_key=(1, i))``; trials are processed in
@@ -312,18 +369,38 @@ def gradient_trials(q, p, estimators="k1,k2,k3", n: int = 50_000, trials: int = 
     stream = limits_at_zero_probability(Stream(q, p, estimators, seed, backend, dtype))
     n, trials, modes, sampler = check_count(n, "n"), check_count(trials, "trials"), check_modes(modes), stream.sampler
     if sampler.categorical and trials * sampler.size > MAX_TRIAL_ENTRIES:
-        raise ValueError(f"trials x V = {trials * sampler.size} exceeds {MAX_TRIAL_ENTRIES}; use fewer trials "
-                         "or the streaming gradient()")
+        raise ValueError(
+            f"trials x V = {trials * sampler.size} exceeds {MAX_TRIAL_ENTRIES}; use fewer trials "
+            "or the streaming gradient()"
+        )
     group = max(1, min(trials, (1 << 17) // n))  # trials per task: arrays of ~1 MiB stay in cache
     per_trial = TrialGradients(len(stream.estimators), modes, sampler.size, sampler.categorical, trials)
     seconds = _timed(stream, stream.trials_plan(n, trials, group), [per_trial], threads, progress, n * trials)
-    return {**_header(stream, n, seconds), "trials": trials, "params": sampler.param_names or sampler.size,
-            "gradients": _by_label(stream, modes, lambda k: per_trial.result[k])}
+    return {
+        **_header(stream, n, seconds),
+        "trials": trials,
+        "params": sampler.param_names or sampler.size,
+        "gradients": _by_label(stream, modes, lambda k: per_trial.result[k]),
+    }
 
 
-__all__ = ["run", "gradient", "gradient_trials", "crosscheck", "z_score", "ValueStatistics", "gradient_sums", "gradient_summary",
-           "DTYPES", "GRADIENT_MODES", "DEFAULT_QUANTILES", "DEFAULT_BATCH", "DEFAULT_CHUNK", "TRIALS_STREAM",
-           "MAX_TRIAL_ENTRIES"]
+__all__ = [
+    "run",
+    "gradient",
+    "gradient_trials",
+    "crosscheck",
+    "z_score",
+    "ValueStatistics",
+    "gradient_sums",
+    "gradient_summary",
+    "DTYPES",
+    "GRADIENT_MODES",
+    "DEFAULT_QUANTILES",
+    "DEFAULT_BATCH",
+    "DEFAULT_CHUNK",
+    "TRIALS_STREAM",
+    "MAX_TRIAL_ENTRIES",
+]
 
 
 # --- cross-check against the exact layer -------------------------------------------------------
@@ -343,8 +420,9 @@ def z_score(estimate, exact, se):
     return np.where(estimate == exact, 0.0, z)  # equal, infinities included: no deviation
 
 
-def crosscheck(q, p, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0, *, modes=(),
-               z_limit: float = 5.0, **options) -> dict:
+def crosscheck(
+    q, p, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0, *, modes=(), z_limit: float = 5.0, **options
+) -> dict:
     r"""z-scores of Monte Carlo means (and second moments, gradients) against :mod:`klsym.exact.expectations`.
 
     The mean's z uses the exact standard error :math:`\sqrt{\mathrm{Var}_q[k]/n}`; where
@@ -383,17 +461,28 @@ def crosscheck(q, p, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0, *, 
         # E[k^2] = inf by its existence condition; a finite E[k^2] beyond float64 has a finite log
         infinite = not math.isfinite(reference.get("log_second_moment", reference["second_moment"]))
         se = mc["se"] if infinite else max(reference["std"], 0.0) / math.sqrt(n)
-        entry = {"target": estimator.target, "infinite_variance": infinite,
-                 "mean": {"mc": mc["mean"], "exact": reference["mean"], "se": se,
-                          "z": float(z_score(mc["mean"], reference["mean"], se))},
-                 "second_moment": None, "gradients": {}}
+        entry = {
+            "target": estimator.target,
+            "infinite_variance": infinite,
+            "mean": {
+                "mc": mc["mean"],
+                "exact": reference["mean"],
+                "se": se,
+                "z": float(z_score(mc["mean"], reference["mean"], se)),
+            },
+            "second_moment": None,
+            "gradients": {},
+        }
         if not infinite:
             counted.append(entry["mean"]["z"])
         if math.isfinite(reference["second_moment"]):
             square = mc["square"]
-            entry["second_moment"] = {"mc": square["mean"], "exact": reference["second_moment"],
-                                      "se": square["se"],
-                                      "z": float(z_score(square["mean"], reference["second_moment"], square["se"]))}
+            entry["second_moment"] = {
+                "mc": square["mean"],
+                "exact": reference["second_moment"],
+                "se": square["se"],
+                "z": float(z_score(square["mean"], reference["second_moment"], square["se"])),
+            }
         for mode in modes:
             mc_grad = grads[estimator.name][mode]
             exact_grad = np.asarray(exact.estimator_gradient(estimator, q, p, mode), dtype=np.float64)

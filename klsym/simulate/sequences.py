@@ -17,6 +17,7 @@ standard error follow (each sequence visits one row per depth, so coordinates of
 >>> out["gradients"]["k1"]["reward-to-go"]["mean"].shape
 (6,)
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,12 @@ DEFAULT_CHUNK = 1 << 16
 
 
 def _positive_integer(value, what: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float)) or value != int(value) \
-            or value < (0 if what == "seed" else 1):
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer, float))
+        or value != int(value)
+        or value < (0 if what == "seed" else 1)
+    ):
         kind = "a non-negative" if what == "seed" else "a positive"
         raise ValueError(f"{what} must be {kind} integer, got {value!r}")
     return int(value)
@@ -52,7 +57,7 @@ def _blocks(n: int, chunk: int):
     per_task = max(1, chunk // NUMPY_BLOCK)
     sizes = [(b, min(NUMPY_BLOCK, n - b * NUMPY_BLOCK)) for b in range(-(-n // NUMPY_BLOCK))]
     for start in range(0, len(sizes), per_task):
-        yield sizes[start:start + per_task]
+        yield sizes[start : start + per_task]
 
 
 def _stream_blocks(work, merge, n: int, chunk: int, threads: int | None) -> None:
@@ -105,13 +110,30 @@ def _placement_weights(estimator: Estimator, log_ratios: np.ndarray, alive: np.n
                 whole = whole + np.asarray(estimator.numeric(total), dtype=np.float64)
             yield name, whole * alive
         else:
-            yield name, {"loss": lambda: pathwise, "reward": lambda: value, "reward-to-go": lambda: to_go,
-                         "sequence-reward": lambda: value.sum(axis=1, keepdims=True) * alive,
-                         "full": lambda: pathwise + to_go, "loss+reward": lambda: pathwise + value}[name]()
+            yield (
+                name,
+                {
+                    "loss": lambda: pathwise,
+                    "reward": lambda: value,
+                    "reward-to-go": lambda: to_go,
+                    "sequence-reward": lambda: value.sum(axis=1, keepdims=True) * alive,
+                    "full": lambda: pathwise + to_go,
+                    "loss+reward": lambda: pathwise + value,
+                }[name](),
+            )
 
 
-def gradient(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0, *,
-             placements=None, chunk: int = DEFAULT_CHUNK, threads: int | None = None) -> dict:
+def gradient(
+    q: Autoregressive,
+    p: Autoregressive,
+    estimators="k1,k2,k3",
+    n: int = 200_000,
+    seed: int = 0,
+    *,
+    placements=None,
+    chunk: int = DEFAULT_CHUNK,
+    threads: int | None = None,
+) -> dict:
     r"""Monte Carlo mean and standard error of every placement's gradient (flat, length P V).
 
     Returns
@@ -123,15 +145,18 @@ def gradient(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: int
     """
     q.check_pair(p)
     placements = _check_placements(ALL_PLACEMENTS if placements is None else placements)
-    estimators = get_estimators(estimators) if isinstance(estimators, str) else [
-        e if isinstance(e, Estimator) else get_estimators([e])[0] for e in estimators]
+    estimators = (
+        get_estimators(estimators)
+        if isinstance(estimators, str)
+        else [e if isinstance(e, Estimator) else get_estimators([e])[0] for e in estimators]
+    )
     if not estimators:
         raise ValueError("no estimators given")
     n, seed = _positive_integer(n, "n"), _positive_integer(seed, "seed")
     backend = get_backend("numpy")
     labels = [(e.name, name) for e in estimators for name in placements]
     width, n_rows = q.size, q.n_prefixes
-    sums = np.zeros((len(labels), 2, width))     # sum w, sum w^2 per (prefix, token)
+    sums = np.zeros((len(labels), 2, width))  # sum w, sum w^2 per (prefix, token)
     row_sums = np.zeros((len(labels), 2, n_rows))  # sum w, sum w^2 per prefix
     visits = np.zeros(n_rows)
     kl = np.zeros(2)  # sum and sum of squares of sum_t k1_t
@@ -151,14 +176,19 @@ def gradient(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: int
                 for _, w in _placement_weights(estimator, log_ratios, alive, placements):
                     w = np.ascontiguousarray(w).ravel()
                     squared = w * w
-                    per_label.append((np.bincount(cell_index, w, cell_keys.size),
-                                      np.bincount(cell_index, squared, cell_keys.size),
-                                      np.bincount(row_index, w, row_keys.size),
-                                      np.bincount(row_index, squared, row_keys.size)))
+                    per_label.append(
+                        (
+                            np.bincount(cell_index, w, cell_keys.size),
+                            np.bincount(cell_index, squared, cell_keys.size),
+                            np.bincount(row_index, w, row_keys.size),
+                            np.bincount(row_index, squared, row_keys.size),
+                        )
+                    )
             penalty = -np.sum(log_ratios * alive, axis=1)
             visited = np.bincount(row_index, alive.ravel().astype(np.float64), row_keys.size)
-            reduced.append((cell_keys, row_keys, visited, per_label,
-                            (float(penalty.sum()), float(np.dot(penalty, penalty)))))
+            reduced.append(
+                (cell_keys, row_keys, visited, per_label, (float(penalty.sum()), float(np.dot(penalty, penalty))))
+            )
         return reduced
 
     def merge(reduced):
@@ -185,12 +215,29 @@ def gradient(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: int
         out.setdefault(name, {})[placement] = {"mean": mean, "se": np.sqrt(variance / n)}
     kl_mean = kl[0] / n
     kl_se = math.sqrt(max(kl[1] / n - kl_mean**2, 0.0) * (n / max(n - 1, 1)) / n)
-    return {"n": n, "seed": seed, "seconds": seconds, "block_size": NUMPY_BLOCK, "visits": visits,
-            "kl": {"KL(q||p)": {"mean": kl_mean, "se": kl_se}}, "gradients": out}
+    return {
+        "n": n,
+        "seed": seed,
+        "seconds": seconds,
+        "block_size": NUMPY_BLOCK,
+        "visits": visits,
+        "kl": {"KL(q||p)": {"mean": kl_mean, "se": kl_se}},
+        "gradients": out,
+    }
 
 
-def crosscheck(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0, *,
-               placements=None, z_limit: float = 5.0, exact: dict | None = None, **options) -> dict:
+def crosscheck(
+    q: Autoregressive,
+    p: Autoregressive,
+    estimators="k1,k2,k3",
+    n: int = 200_000,
+    seed: int = 0,
+    *,
+    placements=None,
+    z_limit: float = 5.0,
+    exact: dict | None = None,
+    **options,
+) -> dict:
     r"""z-scores of the Monte Carlo gradients against the exact ones (:func:`klsym.rl.sequences.sequence_summary`).
 
     A coordinate counts where its prefix had at least :data:`MIN_VISITS` sequences and a positive standard error
@@ -208,8 +255,14 @@ def crosscheck(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: i
         exact = sequence_summary(q, p, estimators, placements)
     sampled = gradient(q, p, estimators, n, seed, placements=placements, **options)
     visited = np.repeat(sampled["visits"] >= MIN_VISITS, q.vocab_size)
-    out = {"n": sampled["n"], "seed": sampled["seed"], "seconds": sampled["seconds"], "z_limit": z_limit,
-           "min_visits": MIN_VISITS, "estimators": {}}
+    out = {
+        "n": sampled["n"],
+        "seed": sampled["seed"],
+        "seconds": sampled["seconds"],
+        "z_limit": z_limit,
+        "min_visits": MIN_VISITS,
+        "estimators": {},
+    }
     counted = []
     for name, by_placement in sampled["gradients"].items():
         entry = out["estimators"][name] = {}
@@ -217,8 +270,11 @@ def crosscheck(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: i
             z = z_score(mc["mean"], exact["estimators"][name][placement]["gradient"], mc["se"])
             mask = visited & (mc["se"] > 0)
             counted.append(z[mask])
-            entry[placement] = {"gradient": mc["mean"], "se": mc["se"],
-                                "max_abs_z": float(np.max(np.abs(z[mask]))) if mask.any() else 0.0}
+            entry[placement] = {
+                "gradient": mc["mean"],
+                "se": mc["se"],
+                "max_abs_z": float(np.max(np.abs(z[mask]))) if mask.any() else 0.0,
+            }
     kl = sampled["kl"]["KL(q||p)"]
     kl_z = float(z_score(kl["mean"], exact["kl"]["KL(q||p)"], kl["se"]))
     out["kl"] = {"KL(q||p)": {"mc": kl["mean"], "se": kl["se"], "exact": exact["kl"]["KL(q||p)"], "z": kl_z}}
@@ -229,21 +285,31 @@ def crosscheck(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: i
     return out
 
 
-def mc_table(q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0,
-             placements=None):
+def mc_table(
+    q: Autoregressive, p: Autoregressive, estimators="k1,k2,k3", n: int = 200_000, seed: int = 0, placements=None
+):
     """One row per (estimator, placement): |exact gradient|, |MC - exact|, mean se, max |z| (a DataFrame)."""
     import pandas as pd
 
     placements = ALL_PLACEMENTS if placements is None else placements
     exact = sequence_summary(q, p, estimators, placements)
     check = crosscheck(q, p, estimators, n, seed, placements=placements, exact=exact)
-    return pd.DataFrame([{"estimator": name, "placement": placement,
-                          "|exact|": float(np.linalg.norm(exact["estimators"][name][placement]["gradient"])),
-                          "|MC - exact|": float(np.linalg.norm(entry["gradient"]
-                                                               - exact["estimators"][name][placement]["gradient"])),
-                          "mean se": float(np.mean(entry["se"])), "max |z|": entry["max_abs_z"]}
-                         for name, by_placement in check["estimators"].items()
-                         for placement, entry in by_placement.items()])
+    return pd.DataFrame(
+        [
+            {
+                "estimator": name,
+                "placement": placement,
+                "|exact|": float(np.linalg.norm(exact["estimators"][name][placement]["gradient"])),
+                "|MC - exact|": float(
+                    np.linalg.norm(entry["gradient"] - exact["estimators"][name][placement]["gradient"])
+                ),
+                "mean se": float(np.mean(entry["se"])),
+                "max |z|": entry["max_abs_z"],
+            }
+            for name, by_placement in check["estimators"].items()
+            for placement, entry in by_placement.items()
+        ]
+    )
 
 
 __all__ = ["sample", "gradient", "crosscheck", "mc_table", "MIN_VISITS"]

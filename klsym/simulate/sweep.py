@@ -25,6 +25,7 @@ mean, se, std, min, max, frac_negative, n_nonfinite, q<level>..., batch_mean_std
 ``exact_grad_<mode>``, ``true_grad`` (of the target KL) and the relative errors ``grad_error_<mode>``,
 ``exact_grad_error_<mode>``; plus the pair's ``tags`` (e.g. ``mean_gap``, ``temperature``).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,6 +53,7 @@ DEFAULT_RETRIES = 2
 
 
 # --- the spec ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, eq=False)
 class Point:
@@ -92,7 +94,7 @@ def _family_pair(entry: dict, base: Path):
             (q_mu, q_sigma), (p_mu, p_sigma) = entry["q"], entry["p"]
             numbers = [float(q_mu), float(q_sigma)], [float(p_mu), float(p_sigma)]
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"a Gaussian pair needs \"q\": [mu, sigma] and \"p\": [mu, sigma], got {entry}") from None
+            raise ValueError(f'a Gaussian pair needs "q": [mu, sigma] and "p": [mu, sigma], got {entry}') from None
         try:  # well-formed numbers that are not a Gaussian (sigma <= 0, nan): the family's own message
             q, p = Gaussian(*numbers[0]), Gaussian(*numbers[1])
         except ValueError as err:
@@ -129,7 +131,7 @@ def load_spec(spec, base: str | Path | None = None) -> Spec:
         raise ValueError(f"unknown spec keys: {', '.join(sorted(unknown))}")
     pairs = spec.get("pairs")
     if not isinstance(pairs, list) or not pairs:
-        raise ValueError("spec needs a non-empty list \"pairs\"")
+        raise ValueError('spec needs a non-empty list "pairs"')
     estimators = spec.get("estimators", "k1,k2,k3")
     names = tuple(e.name for e in get_estimators(estimators))
     if not names:
@@ -153,11 +155,12 @@ def load_spec(spec, base: str | Path | None = None) -> Spec:
 
 # --- tasks (run on the workers) --------------------------------------------------------------------
 
+
 def plan_tasks(point: Point, task_size: int) -> list[list]:
     """The point's streaming plan (:meth:`Stream.streaming_plan`) cut into tasks of consecutive blocks."""
     stream_plan = list(point.stream().streaming_plan(point.n, DEFAULT_CHUNK))
     per_task = max(1, task_size // DEFAULT_CHUNK)
-    return [stream_plan[i:i + per_task] for i in range(0, len(stream_plan), per_task)]
+    return [stream_plan[i : i + per_task] for i in range(0, len(stream_plan), per_task)]
 
 
 def run_blocks(point: Point, chunks) -> list:
@@ -188,13 +191,18 @@ def exact_point(point: Point) -> dict:
             return {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in value.items()}
         return np.asarray(value, dtype=np.float64).tolist() if isinstance(value, np.ndarray) else value
 
-    out = {"kl": attempt(exact.kl_divergences), "estimators": {},
-           "true_gradients": attempt(exact.true_gradients) if point.modes else None}
+    out = {
+        "kl": attempt(exact.kl_divergences),
+        "estimators": {},
+        "true_gradients": attempt(exact.true_gradients) if point.modes else None,
+    }
     for name in point.estimators:
         stats = attempt(exact.estimator_stats, name) or {}
-        out["estimators"][name] = {"mean": stats.get("mean"), "std": stats.get("std"),
-                                   "gradients": {mode: attempt(_estimator_gradient, name, mode)
-                                                 for mode in point.modes}}
+        out["estimators"][name] = {
+            "mean": stats.get("mean"),
+            "std": stats.get("std"),
+            "gradients": {mode: attempt(_estimator_gradient, name, mode) for mode in point.modes},
+        }
     return out
 
 
@@ -205,6 +213,7 @@ def _estimator_gradient(name, mode, q, p):
 
 
 # --- the client ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class SweepResult:
@@ -223,13 +232,22 @@ def _client(workers: int | None, scheduler: str | None):
 
     if scheduler:
         return Client(scheduler), None
-    cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=40)
+    cluster = LocalCluster(
+        n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+    )
     return Client(cluster), cluster
 
 
-def sweep(spec, *, client=None, workers: int | None = None, scheduler: str | None = None,
-          retries: int = DEFAULT_RETRIES, progress: bool = True, exact: bool = True) -> SweepResult:
+def sweep(
+    spec,
+    *,
+    client=None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    retries: int = DEFAULT_RETRIES,
+    progress: bool = True,
+    exact: bool = True,
+) -> SweepResult:
     """Run a sweep on Dask: ``client`` (an existing one), else ``scheduler`` (an address), else a
     LocalCluster of ``workers`` processes. Returns rows (see the module notes) and the failures."""
     from distributed import as_completed
@@ -269,9 +287,16 @@ def sweep(spec, *, client=None, workers: int | None = None, scheduler: str | Non
                 else:
                     error = future.exception()
                     final = attempt >= retries
-                    failures.append({"point": point.index, "pair": point.label, "task": f"{kind} {index}",
-                                     "attempt": attempt + 1, "error": f"{type(error).__name__}: {error}",
-                                     "final": final})
+                    failures.append(
+                        {
+                            "point": point.index,
+                            "pair": point.label,
+                            "task": f"{kind} {index}",
+                            "attempt": attempt + 1,
+                            "error": f"{type(error).__name__}: {error}",
+                            "final": final,
+                        }
+                    )
                     if final:
                         bar.update(1)
                     else:
@@ -320,9 +345,18 @@ def point_rows(point: Point, parts, exact: dict | None) -> list[dict]:
     values, gradients = merge_point(point, parts)
     rows = []
     for name, entry in values.items():
-        row = {"point": point.index, "pair": point.label, "family": type(point.q).__name__.lower(),
-               "q": _params(point.q), "p": _params(point.p), **point.tags, "estimator": name,
-               "target": entry["target"], "n": point.n, "seed": point.seed}
+        row = {
+            "point": point.index,
+            "pair": point.label,
+            "family": type(point.q).__name__.lower(),
+            "q": _params(point.q),
+            "p": _params(point.p),
+            **point.tags,
+            "estimator": name,
+            "target": entry["target"],
+            "n": point.n,
+            "seed": point.seed,
+        }
         row.update({key: entry[key] for key in ("mean", "se", "std", "min", "max", "frac_negative", "n_nonfinite")})
         row.update({f"q{level}": value for level, value in entry["quantiles"].items()})
         row["batch_mean_std"] = entry["batch"]["mean_std"] if entry["batch"] else None
@@ -331,8 +365,9 @@ def point_rows(point: Point, parts, exact: dict | None) -> list[dict]:
         row["exact_mean"], row["exact_std"], row["kl"] = reference.get("mean"), reference.get("std"), kl
         row["bias"] = row["mean"] - kl if kl is not None else None
         row["exact_bias"] = row["exact_mean"] - kl if kl is not None and row["exact_mean"] is not None else None
-        row["z"] = ((row["mean"] - row["exact_mean"]) / row["se"]
-                    if row["exact_mean"] is not None and row["se"] > 0 else None)
+        row["z"] = (
+            (row["mean"] - row["exact_mean"]) / row["se"] if row["exact_mean"] is not None and row["se"] > 0 else None
+        )
         if gradients is not None:
             true = ((exact or {}).get("true_gradients") or {}).get(entry["target"])
             row["true_grad"] = true
@@ -351,6 +386,7 @@ def _params(family) -> list:
 
 
 # --- grids and tables for notebooks ---------------------------------------------------------------
+
 
 def gaussian_pairs(mean_gaps, scale_ratios) -> list[dict]:
     r"""Spec pairs :math:`q = \mathcal{N}(0, 1)`, :math:`p = \mathcal{N}(\Delta, \rho^2)` over the grid
@@ -375,9 +411,16 @@ def llm_pairs(temperatures, perturbations, vocab: int = 64, zipf: float = 1.1, s
     rng = np.random.default_rng(seed)
     base = -zipf * np.log(np.arange(1, vocab + 1)) + 0.3 * rng.standard_normal(vocab)
     direction = rng.standard_normal(vocab)
-    return [{"q_logits": ((base + eps * direction) / temp).tolist(), "p_logits": (base / temp).tolist(),
-             "label": f"T={temp:g} eps={eps:g}", "tags": {"temperature": float(temp), "perturbation": float(eps)}}
-            for temp in temperatures for eps in perturbations]
+    return [
+        {
+            "q_logits": ((base + eps * direction) / temp).tolist(),
+            "p_logits": (base / temp).tolist(),
+            "label": f"T={temp:g} eps={eps:g}",
+            "tags": {"temperature": float(temp), "perturbation": float(eps)},
+        }
+        for temp in temperatures
+        for eps in perturbations
+    ]
 
 
 def sweep_frame(spec, **options):
@@ -412,8 +455,9 @@ def side_by_side(frame, quantity: str, x: str, y: str):
         values = pd.to_numeric(frame[column], errors="coerce")
         if scale is not None:
             values = values / pd.to_numeric(frame[scale], errors="coerce")
-        parts.append(pd.DataFrame({"estimator": frame["estimator"], x: frame[x], y: frame[y],
-                                   "source": source, "value": values}))
+        parts.append(
+            pd.DataFrame({"estimator": frame["estimator"], x: frame[x], y: frame[y], "source": source, "value": values})
+        )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -426,21 +470,52 @@ def heatmaps(frame, quantity: str, x: str, y: str, center: float | None = 0.0):
     estimators, sources = list(dict.fromkeys(table["estimator"])), ["exact", "Monte Carlo"]
     finite = table["value"].replace([np.inf, -np.inf], np.nan).abs()
     limit = float(finite.max()) if finite.notna().any() else 1.0
-    figure, axes = plt.subplots(len(sources), len(estimators), squeeze=False,
-                                figsize=(2.6 * len(estimators) + 1, 2.4 * len(sources)), sharex=True, sharey=True)
+    figure, axes = plt.subplots(
+        len(sources),
+        len(estimators),
+        squeeze=False,
+        figsize=(2.6 * len(estimators) + 1, 2.4 * len(sources)),
+        sharex=True,
+        sharey=True,
+    )
     for row, source in enumerate(sources):
         for col, name in enumerate(estimators):
             part = table[(table["source"] == source) & (table["estimator"] == name)]
             grid = part.pivot_table(index=y, columns=x, values="value", aggfunc="first").sort_index(ascending=False)
-            sns.heatmap(grid, ax=axes[row, col], cmap="RdBu_r" if center is not None else "viridis",
-                        center=center, vmin=-limit if center is not None else 0, vmax=limit,
-                        cbar=col == len(estimators) - 1, annot=grid.size <= 16, fmt=".2g")
+            sns.heatmap(
+                grid,
+                ax=axes[row, col],
+                cmap="RdBu_r" if center is not None else "viridis",
+                center=center,
+                vmin=-limit if center is not None else 0,
+                vmax=limit,
+                cbar=col == len(estimators) - 1,
+                annot=grid.size <= 16,
+                fmt=".2g",
+            )
             axes[row, col].set_title(f"{name} ({source})", fontsize=9)
     figure.suptitle(quantity)
     figure.tight_layout()
     return figure
 
 
-__all__ = ["Point", "Spec", "SweepResult", "load_spec", "plan_tasks", "run_blocks", "exact_point", "sweep",
-           "merge_point", "point_rows", "gaussian_pairs", "llm_pairs", "sweep_frame", "side_by_side", "heatmaps",
-           "QUANTITIES", "DEFAULT_TASK", "DEFAULT_RETRIES"]
+__all__ = [
+    "Point",
+    "Spec",
+    "SweepResult",
+    "load_spec",
+    "plan_tasks",
+    "run_blocks",
+    "exact_point",
+    "sweep",
+    "merge_point",
+    "point_rows",
+    "gaussian_pairs",
+    "llm_pairs",
+    "sweep_frame",
+    "side_by_side",
+    "heatmaps",
+    "QUANTITIES",
+    "DEFAULT_TASK",
+    "DEFAULT_RETRIES",
+]
