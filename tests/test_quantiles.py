@@ -12,7 +12,7 @@ from klsym.simulate.montecarlo import run
 
 LEVELS = (0.0, 0.01, 0.05, 0.25, 0.5, 0.95, 0.99, 1.0)
 INTERIOR = LEVELS[1:-1]
-_ZERO_MASS = np.log([0.5, 0.3, 0.2, 1e-3, 0.0])  # a token p never emits: t = -inf there
+_ZERO_MASS = np.append(np.log([0.5, 0.3, 0.2, 1e-3]), -np.inf)  # a token p never emits: t = -inf there
 PAIRS = {
     "close": (Gaussian(0.0, 1.0), Gaussian(0.1, 1.0)),
     "far": (Gaussian(0.0, 1.0), Gaussian(2.0, 1.0)),

@@ -690,6 +690,7 @@ def convexity(estimator: Estimator) -> dict:
     disproves convexity; with convex pieces, k is convex iff it is continuous at every kink and its
     slope does not drop there (None where SymPy cannot decide that).
 
+    >>> from klsym.derive.estimators import from_formula
     >>> convexity(from_formula("Abs(r - 1)"))["holds"], convexity(from_formula("-Abs(r - 1)"))["holds"]
     (True, False)
     """

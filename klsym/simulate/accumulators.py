@@ -33,6 +33,11 @@ HIST_BINS = 1 << _HIST_BITS
 T_HIST_BITS = 18
 
 
+#: Infinite and undefined values are counted and reported explicitly (``n_nonfinite``, ``inf`` means), so the
+#: arithmetic on them runs without NumPy's RuntimeWarnings.
+_QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
+
+
 class Accumulator:
     """Base class: subclasses define ``partials(chunk)`` (one per block), ``fold(partial)`` and ``result()``."""
 
@@ -52,20 +57,23 @@ class Accumulator:
 
     def update(self, chunk) -> Accumulator:
         """Add a chunk of RNG blocks (kept as per-block partials until merged)."""
-        self._partials.extend(self.partials(chunk))
+        with np.errstate(**_QUIET):
+            self._partials.extend(self.partials(chunk))
         return self
 
     def merge(self, other: Accumulator) -> Accumulator:
         """Fold ``other``'s blocks, which come after this accumulator's, into this one."""
         self._fold_pending()
-        for partial in other._partials:
-            self.fold(partial)
+        with np.errstate(**_QUIET):
+            for partial in other._partials:
+                self.fold(partial)
         return self
 
     def _fold_pending(self) -> None:
         pending, self._partials = self._partials, []
-        for partial in pending:
-            self.fold(partial)
+        with np.errstate(**_QUIET):
+            for partial in pending:
+                self.fold(partial)
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -171,7 +179,8 @@ def bin_edges(keys, bits: int = _HIST_BITS) -> tuple[np.ndarray, np.ndarray]:
     shift = 32 - bits
     monotone = np.stack([keys << shift, ((keys + 1) << shift) - 1]).astype(np.int32)
     pattern = monotone ^ ((monotone >> 31) & 0x7FFFFFFF)
-    first, last = pattern.view(np.float32).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # the NaN bins' patterns
+        first, last = pattern.view(np.float32).astype(np.float64)
     return np.fmin(first, last), np.fmax(first, last)
 
 
@@ -444,13 +453,14 @@ class GradientSums(Accumulator):
     def result(self, n: int, probs=None) -> tuple[np.ndarray, np.ndarray]:
         """Mean gradient and its standard error, (labels, params), labels ordered estimator-major."""
         self._fold_pending()
-        if self.categorical:
-            means = (self.sums - probs * self.weight_sums[:, :1]) / n
-            second = ((1.0 - 2.0 * probs) * self.squares + probs * probs * self.weight_sums[:, 1:]) / n
-        else:
-            means, second = self.sums / n, self.squares / n
-        variance = np.maximum(second - means * means, 0.0) * (n / max(n - 1, 1))
-        return means, np.sqrt(variance / n)
+        with np.errstate(**_QUIET):
+            if self.categorical:
+                means = (self.sums - probs * self.weight_sums[:, :1]) / n
+                second = ((1.0 - 2.0 * probs) * self.squares + probs * probs * self.weight_sums[:, 1:]) / n
+            else:
+                means, second = self.sums / n, self.squares / n
+            variance = np.maximum(second - means * means, 0.0) * (n / max(n - 1, 1))
+            return means, np.sqrt(variance / n)
 
 
 class TrialGradients(Accumulator):
