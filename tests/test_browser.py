@@ -109,8 +109,22 @@ def requested_urls(driver) -> list[str]:
     return urls
 
 
+def wait_for_page(driver, uri: str) -> None:
+    """Wait until ``uri`` (fragment aside) is the current, fully loaded document: chromedriver can return
+    from a file: navigation before the new document is current."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script(
+            "return location.href.split('#')[0] === arguments[0] && document.readyState === 'complete';",
+            uri.split("#")[0],
+        )
+    )
+
+
 def open_page(driver, path: Path, screenshot: str) -> tuple[dict, list[str]]:
     driver.get(path.as_uri())
+    wait_for_page(driver, path.as_uri())
     assert driver.execute_async_script(WAIT_FOR_MATHJAX) == "typeset"
     facts = driver.execute_script(PAGE_FACTS)
     (REPORTS_DIR / "screenshots").mkdir(parents=True, exist_ok=True)
@@ -172,6 +186,7 @@ def test_index_opens_with_key_findings_that_link_to_their_sections(report, brows
     assert len(links) == len(expected) and len(result.findings) == len(expected)
     for href in links:
         browser.get(href)
+        wait_for_page(browser, href)
         target = browser.execute_script(
             "return document.getElementById(decodeURIComponent(location.hash.slice(1))) !== null;"
         )
