@@ -7,7 +7,8 @@ A worker draws a *chunk* (consecutive blocks of one size) as ``(rows, size)`` ar
 accumulator (:mod:`klsym.simulate.accumulators`) reduces it to one partial result per block. The main
 thread merges the partials in block order, so a result depends only on ``(seed, plan)``: not on how
 many blocks a chunk holds nor on the number of threads. At most ``2 x threads`` chunks are in flight,
-so memory does not depend on ``n``.
+so memory does not depend on ``n``. On the NumPy backend in float64 the draws and the histogram of t run as
+compiled kernels (:mod:`klsym.simulate.kernels`, numba) that give the array code's numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -42,6 +43,23 @@ def _rows(xp, generators, draw):
     return xp.stack([draw(generator) for generator in generators])
 
 
+#: ``KLSYM_KERNELS=0`` runs the array code instead of the compiled kernels (same results; for comparison).
+KERNELS_ENV = "KLSYM_KERNELS"
+
+
+def compiled_kernels(backend: Backend, dtype):
+    """:mod:`klsym.simulate.kernels` where it applies (NumPy backend, float64, numba importable), else None."""
+    if backend.name != "numpy" or backend.xp is not np or dtype is not np.float64:
+        return None
+    if os.environ.get(KERNELS_ENV, "1").strip() in ("0", "false", "no", "off"):
+        return None
+    try:
+        from klsym.simulate import kernels
+    except ImportError:  # no numba wheel for this platform: the array code gives the same numbers
+        return None
+    return kernels
+
+
 class GaussianSampler:
     """Draws x = mu + sigma z from q and returns (t, x) as (rows, size) arrays; the score comes from the family."""
 
@@ -53,6 +71,9 @@ class GaussianSampler:
         self.size = len(q.param_names)
 
     def draw(self, generators, size):
+        kernels = compiled_kernels(self.backend, self.dtype)
+        if kernels is not None:  # one compiled loop, the same bits as the array code below
+            return kernels.gaussian_draw(generators, size, self.q, self.p)
         z = _rows(self.backend.xp, generators, lambda g: g.standard_normal(size, dtype=self.dtype))
         x = self.q.mu + self.q.sigma * z  # elementwise: the same bits as block by block
         return log_ratio(self.p, self.q, x), x
@@ -79,6 +100,9 @@ class CategoricalSampler:
         self.table = xp.asarray((p.log_probs - q.log_probs).astype(dtype))
 
     def draw(self, generators, size):
+        kernels = compiled_kernels(self.backend, self.dtype)
+        if kernels is not None:
+            return kernels.categorical_draw(generators, size, self.cdf, self.last_token, self.table)
         xp = self.backend.xp
         u = _rows(xp, generators, lambda g: g.random(size))
         tokens = xp.minimum(xp.searchsorted(self.cdf, u, side="right"), self.last_token)
@@ -180,6 +204,8 @@ class Chunk:
             raise ValueError("a chunk holds RNG blocks of one size")
         generators = [stream.backend.generator(stream.seed, *key) for key, _ in blocks]
         self.t, self.data = stream.sampler.draw(generators, self.sizes[0])
+        #: :mod:`klsym.simulate.kernels` where it applies, else None (the accumulators' array code runs)
+        self.kernels = compiled_kernels(stream.backend, stream.sampler.dtype)
         self._values: dict = {}
         self._weights: dict = {}
         self._score = None
