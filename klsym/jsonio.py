@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 import numpy as np
-import sympy as sp
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -33,8 +33,9 @@ def to_jsonable(obj: Any) -> Any:
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
         return value
-    if isinstance(obj, sp.Basic):
-        return sp.sstr(obj)
+    sympy = sys.modules.get("sympy")  # a SymPy object exists only where SymPy was imported
+    if sympy is not None and isinstance(obj, sympy.Basic):
+        return sympy.sstr(obj)
     return obj
 
 

@@ -58,7 +58,7 @@ def add_time_budget_argument(parser: argparse.ArgumentParser) -> None:
 
 def within_budget(args, compute, what):
     """``compute()`` within the command's time budget; past it, one clear error naming ``what()``."""
-    from klsym.derive.symbolic import BudgetExceeded, time_budget, time_budget_seconds
+    from klsym.derive.budget import BudgetExceeded, time_budget, time_budget_seconds
 
     seconds = time_budget_seconds(args.time_budget)
     try:

@@ -14,10 +14,9 @@ Categorical pair (logits from ``.npy`` or whitespace text files)::
 from __future__ import annotations
 
 import numpy as np
-import sympy as sp
 
 from klsym.cli import UserError, add_format_argument, add_time_budget_argument, parse_pair, within_budget
-from klsym.derive.estimators import BUILTINS, from_formula, get_estimators
+from klsym.derive.registry import BUILTIN_INFO, split_names
 from klsym.exact.expectations import KL_PQ, KL_QP, exact_summary
 from klsym.exact.families import Categorical, Gaussian, check_same_family
 from klsym.jsonio import dumps, format_table
@@ -32,7 +31,7 @@ def add_pair_arguments(
     parser.add_argument("--q-logits", metavar="FILE", help="categorical sampler: logits (.npy or text)")
     parser.add_argument("--p-logits", metavar="FILE", help="categorical reference: logits (.npy or text)")
     parser.add_argument(
-        "--estimators", default=",".join(BUILTINS), help="comma-separated estimator names (default: all built-ins)"
+        "--estimators", default=",".join(BUILTIN_INFO), help="comma-separated estimator names (default: all built-ins)"
     )
     parser.add_argument(
         "--expr",
@@ -65,11 +64,28 @@ def pair_from_args(args):
 
 
 def estimators_from_args(args):
+    from klsym.derive.estimators import from_formula, get_estimators
+
     estimators = get_estimators(args.estimators) if args.estimators else []
     estimators += [from_formula(text) for text in args.expr]
     if not estimators:
         raise UserError("no estimators selected")
     return estimators
+
+
+def plans_from_args(args):
+    """The estimators of :func:`estimators_from_args` as the exact layer's plans (:mod:`klsym.exact.plans`):
+    built-in names resolve without SymPy; only ``--expr`` formulas are parsed by it."""
+    from klsym.exact.plans import plan_of
+
+    plans = [plan_of(name) for name in split_names(args.estimators or "")]
+    if args.expr:
+        from klsym.derive.estimators import from_formula
+
+        plans += [plan_of(from_formula(text)) for text in args.expr]
+    if not plans:
+        raise UserError("no estimators selected")
+    return plans
 
 
 def register(subparsers) -> None:
@@ -134,7 +150,7 @@ def bias_cell(stats: dict, label: str):
 
 def summarise(args, summary_of, q, p, doing: str) -> dict:
     """``summary_of(q, p, estimators, positions)`` one estimator at a time within the time budget."""
-    estimators = estimators_from_args(args)
+    estimators = plans_from_args(args)
     current = [estimators[0].name]
 
     def compute():
@@ -156,7 +172,18 @@ def check_evaluable(estimator) -> None:
     """Compile the estimator's numeric forms now, so a formula SymPy cannot compile is one clear error."""
     try:
         _ = estimator.numeric, estimator.numeric_dt
-    except (
+    except Exception as err:
+        if not isinstance(err, _compile_errors()):
+            raise
+        raise UserError(
+            f"estimator {estimator.name!r} cannot be compiled for numeric evaluation ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _compile_errors() -> tuple:
+    import sympy as sp  # loaded already: only a formula SymPy compiled fails here
+
+    return (
         ValueError,
         TypeError,
         ArithmeticError,
@@ -165,10 +192,7 @@ def check_evaluable(estimator) -> None:
         RecursionError,
         sp.SympifyError,
         sp.PolynomialError,
-    ) as err:
-        raise UserError(
-            f"estimator {estimator.name!r} cannot be compiled for numeric evaluation ({type(err).__name__}: {err})"
-        ) from None
+    )
 
 
 def print_pair_header(summary: dict) -> None:

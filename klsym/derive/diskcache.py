@@ -1,5 +1,6 @@
 """A JSON disk cache for derivations: keyed by the klsym and SymPy versions, the inputs, and the
-source of the modules that derive them (so a derivation is recomputed when its code changes).
+source of the modules that derive them (so a derivation is recomputed when its code changes). SymPy's
+version is read from its ``release.py`` without importing SymPy, so a warm read costs no SymPy import.
 
 Location: ``$KLSYM_CACHE_DIR``, default ``~/.cache/klsym``. A cache that cannot be written (a
 read-only home) is skipped silently; the callers keep their own in-process caches.
@@ -12,14 +13,13 @@ read-only home) is skipped silently; the callers keep their own in-process cache
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
-
-import sympy as sp
 
 from klsym import __version__
 
@@ -34,9 +34,15 @@ def source_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@cache
+def sympy_release() -> str:
+    """Digest of SymPy's ``release.py`` (its version), found without importing SymPy."""
+    return source_digest(str(Path(importlib.util.find_spec("sympy").origin).with_name("release.py")))
+
+
 def cache_key(parts: Iterable[str], sources: Iterable[str]) -> str:
     """Hash of the versions, ``parts`` (the inputs) and the source files ``sources``."""
-    text = "|".join([__version__, sp.__version__, *parts, *(source_digest(str(s)) for s in sources)])
+    text = "|".join([__version__, sympy_release(), *parts, *(source_digest(str(s)) for s in sources)])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -58,4 +64,4 @@ def cached_json(prefix: str, key: str, compute: Callable[[], Any]) -> Any:
     return result
 
 
-__all__ = ["cache_dir", "source_digest", "cache_key", "cached_json"]
+__all__ = ["cache_dir", "source_digest", "sympy_release", "cache_key", "cached_json"]

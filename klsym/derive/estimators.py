@@ -28,21 +28,13 @@ from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
 
 from klsym.derive.divergences import Divergence, get_divergence
 from klsym.derive.formula import parse_formula
+from klsym.derive.generated import TAYLOR_RADIUS, NotCacheable, globals_of, logratio_function
+from klsym.derive.modes import MODES, gradient_weights
+from klsym.derive.registry import ALIASES, BUILTIN_INFO, UnknownEstimatorError, canonical_name, split_names
 from klsym.derive.symbols import lam as _lam_symbol
 from klsym.derive.symbols import r, t
 
-#: |t| below which the Taylor polynomial of k(e^t) replaces the closed form (cancellation).
-TAYLOR_RADIUS = 1e-3
 TAYLOR_ORDER = 8
-#: Gradient modes, theta the parameters of q and samples held fixed (see :func:`gradient_weights`).
-MODES = ("loss", "reward", "full")
-
-
-class UnknownEstimatorError(KeyError):
-    """An estimator name that is neither built in nor an alias."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; print it plainly
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -93,7 +85,7 @@ class Estimator:
         >>> float(get_estimator("k3").numeric(np.array(700.0)))   # e^700 - 701, no overflow
         1.0142320547350045e+304
         """
-        return make_numeric(self.expr, self.stable_expr)
+        return make_numeric(**self.numeric_forms["value"])
 
     @cached_property
     def numeric_dt(self):
@@ -102,9 +94,17 @@ class Estimator:
         The pathwise (``loss``) gradient of one sample is ``-numeric_dt(t) * score`` because
         :math:`\nabla_\theta t = -\nabla_\theta \log q_\theta(x)`.
         """
+        return make_numeric(**self.numeric_forms["slope"])
+
+    @property
+    def numeric_forms(self) -> dict:
+        """The keyword arguments of :func:`make_numeric` for ``value`` (:attr:`numeric`) and ``slope`` (:attr:`numeric_dt`)."""
         stable = self.stable_expr if self.surrogate_expr is None else None
         stable_dt = None if stable is None else sp.diff(stable, t)
-        return make_numeric(sp.diff(in_logratio(self.surrogate), t), stable_dt, variable_is_t=True)
+        return {
+            "value": {"expr": self.expr, "stable": self.stable_expr},
+            "slope": {"expr": sp.diff(in_logratio(self.surrogate), t), "stable": stable_dt, "variable_is_t": True},
+        }
 
     def describe(self) -> dict:
         return {
@@ -140,6 +140,21 @@ def make_numeric(expr: sp.Expr, stable: sp.Expr | None = None, *, variable_is_t:
     -t + expm1(t)
     """
     e_t = expr if variable_is_t else in_logratio(expr)
+    xp = np if module == "numpy" else __import__(module)
+    # warm: generated code read from disk and compiled, no sympify/lambdify; the body only when asked for
+    plan = numeric_code(e_t, stable, variable_is_t=True, module=module)
+    if plan is None:
+        return compile_logratio_function(_numeric_body(e_t, stable), module, xp=xp)
+    return logratio_function(plan, xp, lambda: _numeric_body(e_t, stable))
+
+
+def numeric_code(
+    expr: sp.Expr, stable: sp.Expr | None = None, *, variable_is_t: bool = False, module: str = "numpy"
+) -> dict | None:
+    """The generated code :func:`make_numeric` compiles, as JSON data (:func:`klsym.derive.generated.logratio_function`
+    runs it), kept on disk keyed by the expressions, the versions and this module's source; ``None`` where the code
+    reads a global klsym cannot name again."""
+    e_t = expr if variable_is_t else in_logratio(expr)
     free = e_t.free_symbols - {t}
     if free:
         names = ", ".join(sorted(map(str, free)))
@@ -151,14 +166,10 @@ def make_numeric(expr: sp.Expr, stable: sp.Expr | None = None, *, variable_is_t:
     def generate():
         try:
             return _plan(_numeric_body(e_t, stable), xp, module)
-        except _NotCacheable:
+        except NotCacheable:
             return None
 
-    # warm: generated code read from disk and compiled, no sympify/lambdify; the body only when asked for
-    plan = cached_json("logratio-code", cache_key([sp.srepr(e_t), sp.srepr(stable), module], [__file__]), generate)
-    if plan is None:
-        return compile_logratio_function(_numeric_body(e_t, stable), module, xp=xp)
-    return _from_plan(plan, xp, lambda: _numeric_body(e_t, stable))
+    return cached_json("logratio-code", cache_key([sp.srepr(e_t), sp.srepr(stable), module], [__file__]), generate)
 
 
 def _numeric_body(e_t: sp.Expr, stable: sp.Expr | None) -> sp.Expr:
@@ -189,25 +200,7 @@ def compile_logratio_function(body: sp.Expr, module: str = "numpy", *, xp=None):
     """
     if xp is None:
         xp = np if module == "numpy" else __import__(module)
-    return _from_plan(_plan(body, xp, module, cacheable=False), xp, lambda: body)
-
-
-class _NotCacheable(Exception):
-    """Generated code that uses a global klsym cannot name again (then the body is compiled every time)."""
-
-
-class LogratioFunction:
-    """A compiled t -> k(e^t); ``.expression`` is the SymPy body it evaluates (rebuilt only when asked for)."""
-
-    def __init__(self, evaluate, expression):
-        self._evaluate, self._expression = evaluate, expression
-
-    def __call__(self, values):
-        return self._evaluate(values)
-
-    @cached_property
-    def expression(self) -> sp.Expr:
-        return self._expression()
+    return logratio_function(_plan(body, xp, module, cacheable=False), xp, lambda: body)
 
 
 def _plan(body: sp.Expr, xp, module: str | None = None, cacheable: bool = True) -> dict:
@@ -234,91 +227,12 @@ def _piece_plan(expr: sp.Expr, xp, mapping, cacheable: bool) -> dict:
 def _code(expr: sp.Expr, xp, mapping, cacheable: bool) -> dict:
     """lambdify's source for t -> expr and where each global it reads comes from (the array module, a module,
     a builtin); with ``cacheable=False`` the compiled function itself rides along."""
-    import builtins
     import inspect
 
     fn = sp.lambdify(t, expr, modules=mapping)
     if not cacheable:
         return {"compiled": fn}
-    sources = {}
-    for name in fn.__code__.co_names:
-        value = fn.__globals__.get(name)
-        if isinstance(value, type(np)):
-            sources[name] = ["module", value.__name__]
-        elif value is not None and getattr(xp, name, None) is value:
-            sources[name] = ["xp", name]
-        elif getattr(builtins, name, None) is value:
-            sources[name] = ["builtin", name]
-        else:
-            raise _NotCacheable(name)
-    return {"source": inspect.getsource(fn), "name": fn.__name__, "globals": sources}
-
-
-def _function(code: dict, xp):
-    """Compile the generated code of :func:`_code` (source klsym wrote itself, never a user's text)."""
-    import builtins
-    import importlib
-
-    if "compiled" in code:
-        return code["compiled"]
-    namespace = {
-        name: getattr(xp, where)
-        if kind == "xp"
-        else importlib.import_module(where)
-        if kind == "module"
-        else getattr(builtins, where)
-        for name, (kind, where) in code["globals"].items()
-    }
-    exec(code["source"], namespace)  # noqa: S102 - code generated by sympy.lambdify, cached by klsym
-    return namespace[code["name"]]
-
-
-def _from_plan(plan: dict, xp, expression) -> LogratioFunction:
-    """The vectorised function of a plan: the closed form everywhere, the Taylor polynomial where |t| is tiny."""
-    taylor_fn = None if plan["taylor"] is None else _function(plan["taylor"], xp)
-    closed_fn = _compile_pieces(plan["closed"], xp)
-
-    def evaluate(values):
-        values = xp.asarray(values)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-            out = closed_fn(values)
-            if taylor_fn is not None:
-                small = xp.abs(values) < TAYLOR_RADIUS
-                if values.ndim == 0:
-                    out = xp.where(small, taylor_fn(values), out)
-                elif bool(small.any()):  # the polynomial runs only on the few elements near 0
-                    out[small] = taylor_fn(values[small])
-        return out
-
-    return LogratioFunction(evaluate, expression)
-
-
-def _compile_pieces(piece: dict, xp):
-    """The function of a piece plan; a two-piece Piecewise runs its second piece only where the first does not apply."""
-    if "condition" in piece:
-        first, second = _compile_pieces(piece["first"], xp), _compile_pieces(piece["second"], xp)
-        condition = _function(piece["condition"], xp)
-
-        def pieces(values):
-            chosen = condition(values)
-            if xp.ndim(values) == 0:
-                return xp.where(chosen, first(values), second(values))
-            if bool(chosen.all()):  # the usual case (k4: t <= 40): one piece, no select
-                return first(values)
-            out, rest = first(values), ~chosen
-            out[rest] = second(values[rest])
-            return out
-
-        return pieces
-    fn = _function(piece["function"], xp)
-
-    def whole(values):
-        out = fn(values)
-        if xp.ndim(out) < xp.ndim(values):  # a constant (k1's derivative): broadcast
-            return xp.full(values.shape, out, dtype=values.dtype)
-        return out.copy() if out is values else out  # identity (k2's derivative): callers may write into it
-
-    return whole
+    return {"source": inspect.getsource(fn), "name": fn.__name__, "globals": globals_of(fn, xp)}
 
 
 def _taylor(e_t: sp.Expr) -> sp.Expr | None:
@@ -343,9 +257,6 @@ def _powers_of_t(poly: sp.Expr):
 # --- built-ins ---------------------------------------------------------------------------------
 
 _log_r = sp.log(r)
-_SCHULMAN = "Schulman (2020), Approximating KL Divergence (seeds 001, 002)"
-_YANG = "Yang (2025), Gradient Estimation of KL Divergence in LLM RL (seed 003)"
-_VERL = "verl core_algos.kl_penalty: value of the base estimator, gradient of k2 (straight-through)"
 
 # k4 = log((r-1)^2 + 1): past t = 40 factor out e^{2t} so nothing overflows at t = 700 (40 keeps
 # expm1(t)^2 and the derivative's e^t expm1(t) finite in float32 too); the first form is exact below.
@@ -354,35 +265,24 @@ _K4_STABLE = sp.Piecewise(
     (2 * t + log1p(2 * sp.exp(-2 * t) - 2 * sp.exp(-t)), True),
 )
 
-BUILTINS: dict[str, Estimator] = {
-    e.name: e
-    for e in [
-        Estimator("k1", -_log_r, "KL(q||p)", _SCHULMAN),
-        Estimator("k2", _log_r**2 / 2, "KL(q||p)", _SCHULMAN),
-        Estimator("k3", r - 1 - _log_r, "KL(q||p)", _SCHULMAN),
-        Estimator(
-            "k4",
-            sp.log((r - 1) ** 2 + 1),
-            "KL(q||p)",
-            "Zhang (2025), Yet another new KL estimator (seed 000)",
-            stable_expr=_K4_STABLE,
-        ),
-        Estimator("rev_k1", r * _log_r, "KL(p||q)", _YANG + ", reverse_k1"),
-        Estimator("rev_k2", r, "KL(p||q)", _YANG + ", reverse_k2 (for gradients of KL(p||q))"),
-        Estimator("rev_k3", r * _log_r - (r - 1), "KL(p||q)", _SCHULMAN + ", reverse estimator"),
-        Estimator("k1+", -_log_r, "KL(q||p)", _VERL, surrogate_expr=_log_r**2 / 2),
-        Estimator("k3+", r - 1 - _log_r, "KL(q||p)", _VERL, surrogate_expr=_log_r**2 / 2),
-    ]
+#: name -> (value k(r), surrogate differentiated in ``loss`` mode if straight-through, stable form in t)
+_EXPRESSIONS = {
+    "k1": (-_log_r, None, None),
+    "k2": (_log_r**2 / 2, None, None),
+    "k3": (r - 1 - _log_r, None, None),
+    "k4": (sp.log((r - 1) ** 2 + 1), None, _K4_STABLE),
+    "rev_k1": (r * _log_r, None, None),
+    "rev_k2": (r, None, None),
+    "rev_k3": (r * _log_r - (r - 1), None, None),
+    "k1+": (-_log_r, _log_r**2 / 2, None),
+    "k3+": (r - 1 - _log_r, _log_r**2 / 2, None),
 }
 
-#: Names RL frameworks use for the built-ins (verl ``kl_penalty``; Yang's code).
-ALIASES: dict[str, str] = {
-    "kl": "k1",  # verl, ROLL
-    "mse": "k2",  # verl, ROLL
-    "low_var_kl": "k3",  # verl, slime
-    "low_var_kl+": "k3+",  # verl straight-through
-    "reverse_k1": "rev_k1",  # Yang (2025)
-    "reverse_k2": "rev_k2",  # Yang (2025)
+#: The built-ins in the order of :data:`klsym.derive.registry.BUILTIN_INFO` (their targets and sources).
+BUILTINS: dict[str, Estimator] = {
+    name: Estimator(name, expr, info.target, info.source, surrogate_expr=surrogate, stable_expr=stable)
+    for name, info in BUILTIN_INFO.items()
+    for expr, surrogate, stable in [_EXPRESSIONS[name]]
 }
 
 
@@ -392,23 +292,16 @@ def get_estimator(name: str | Estimator) -> Estimator:
     >>> get_estimator("k5")
     Traceback (most recent call last):
     ...
-    klsym.derive.estimators.UnknownEstimatorError: unknown estimator 'k5'; built-ins: k1, k2, k3, k4, rev_k1, rev_k2, rev_k3, k1+, k3+; aliases: kl, mse, low_var_kl, low_var_kl+, reverse_k1, reverse_k2
+    klsym.derive.registry.UnknownEstimatorError: unknown estimator 'k5'; built-ins: k1, k2, k3, k4, rev_k1, rev_k2, rev_k3, k1+, k3+; aliases: kl, mse, low_var_kl, low_var_kl+, reverse_k1, reverse_k2
     """
     if isinstance(name, Estimator):
         return name
-    key = ALIASES.get(name, name)
-    if key in BUILTINS:
-        return BUILTINS[key]
-    raise UnknownEstimatorError(
-        f"unknown estimator {name!r}; built-ins: {', '.join(BUILTINS)}; aliases: {', '.join(ALIASES)}"
-    )
+    return BUILTINS[canonical_name(name)]
 
 
 def get_estimators(names) -> list[Estimator]:
     """Resolve a list of names, or a comma-separated string, to estimators."""
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    return [get_estimator(n) for n in names]
+    return [get_estimator(n) for n in split_names(names)]
 
 
 def bregman(f: sp.Expr | Divergence | str, name: str | None = None) -> Estimator:
@@ -458,46 +351,6 @@ def from_formula(text: str, name: str | None = None, target: str | None = None) 
     return Estimator(name or text.strip(), parse_formula(text), target, "user formula")
 
 
-def gradient_weights(value, slope, t, modes=MODES) -> dict:
-    r"""The weight :math:`w(t)` of the per-sample gradient :math:`w(t)\, \nabla_\theta \log q_\theta(x)`, per mode.
-
-    With :math:`t = \log p(x) - \log q_\theta(x)`, :math:`\nabla_\theta t = -\nabla_\theta \log q_\theta`, so
-
-    .. math::
-
-        w_{loss} = -\frac{d k_{sur}}{dt}(t), \qquad w_{reward} = k(e^t), \qquad w_{full} = w_{loss} + w_{reward}.
-
-    The one place this rule is written: the exact layer and the Monte Carlo engine both call it.
-
-    Parameters
-    ----------
-    value, slope : callable
-        :math:`t \mapsto k(e^t)` and :math:`t \mapsto \frac{d}{dt} k_{sur}(e^t)`, compiled for the array's
-        library (:attr:`Estimator.numeric`, :attr:`Estimator.numeric_dt` or a backend's).
-    t : array
-        Log-ratios.
-    modes : sequence of str
-        Any of ``loss``, ``reward``, ``full``.
-
-    >>> import numpy as np
-    >>> k3 = get_estimator("k3")
-    >>> w = gradient_weights(k3.numeric, k3.numeric_dt, np.array([0.0, np.log(2.0)]))
-    >>> [float(v) for v in w["loss"]], [round(float(v), 6) for v in w["full"]]
-    ([-0.0, -1.0], [0.0, -0.693147])
-    """
-    unknown = [mode for mode in modes if mode not in MODES]
-    if unknown:
-        raise ValueError(f"unknown gradient mode(s) {unknown}; choose from: {', '.join(MODES)}")
-    out = {}
-    if "loss" in modes or "full" in modes:
-        out["loss"] = -slope(t)
-    if "reward" in modes or "full" in modes:
-        out["reward"] = value(t)
-    if "full" in modes:
-        out["full"] = out["loss"] + out["reward"]
-    return {mode: out[mode] for mode in modes}
-
-
 __all__ = [
     "MODES",
     "gradient_weights",
@@ -512,5 +365,6 @@ __all__ = [
     "from_formula",
     "in_logratio",
     "make_numeric",
+    "numeric_code",
     "compile_logratio_function",
 ]

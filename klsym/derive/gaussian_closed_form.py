@@ -29,15 +29,14 @@ sigma_p**2 < 2*sigma_q**2
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 from functools import cache, lru_cache
 
-import mpmath
-import numpy as np
 import sympy as sp
 
 from klsym.derive.symbols import r, t
+from klsym.exact import closed_form
+from klsym.exact.closed_form import QUANTITIES, Term, Tracked, digits_lost, precise
 
 # Symbols of the derivation: a (power of r), T (positions), sampler (m, s), ratio's q (mu, sigma),
 # reference p (mu_p, sigma_p).
@@ -50,10 +49,6 @@ _sig = sp.Symbol("sigma_q", positive=True)
 _mup = sp.Symbol("mu_p", real=True)
 _sigp = sp.Symbol("sigma_p", positive=True)
 _x = sp.Symbol("x", real=True)
-
-#: Derivatives available for each term: value, then d/dmu and d/dsigma moving the sampler
-#: (reward), then moving the ratio's q (loss).
-QUANTITIES = ("value", "reward_mu", "reward_sigma", "loss_mu", "loss_sigma")
 
 
 def _log_normal(x, mean, sd):
@@ -116,13 +111,12 @@ def moment_condition_text(powers) -> str:
 def condition_holds(a, q: tuple[float, float], p: tuple[float, float]) -> bool:
     r"""Whether :math:`\mathbb{E}_q[r^a]` is finite: :math:`(a-1)\sigma_p^2 < a \sigma_q^2`.
 
-    Decided in exact rational arithmetic, so sigmas of 1e-300 or 1e300 neither overflow nor round.
+    Decided in exact rational arithmetic (:func:`klsym.exact.closed_form.condition_holds`).
 
-    >>> condition_holds(2, (0.0, 1e300), (0.0, 1.0)), condition_holds(2, (0.0, 1.0), (0.0, 1e300))
-    (True, False)
+    >>> condition_holds(sp.Rational(1, 2), (0.0, 1.0), (0.0, 1e300))
+    True
     """
-    a = _fraction(a)
-    return (a - 1) * Fraction(p[1]) ** 2 < a * Fraction(q[1]) ** 2
+    return closed_form.condition_holds(_fraction(a), q, p)
 
 
 def _fraction(number) -> Fraction:
@@ -172,18 +166,45 @@ def decompose(expr: sp.Expr) -> list[tuple] | None:
 
 @cache
 def _term_function(a, n: int):
-    r"""Lambdified ``(mu, sigma, mu_p, sigma_p, T) -> [value, reward_mu, reward_sigma, loss_mu, loss_sigma]``.
+    r"""Compiled ``(mu, sigma, mu_p, sigma_p, T) -> [value, reward_mu, reward_sigma, loss_mu, loss_sigma]``
 
     of :math:`\mathbb{E}[r^a t^n]_T`; derived once per ``(a, n)``. It runs on mpmath numbers at the
     working precision (:func:`precise` picks it), so neither cancellation near p = q nor the range
-    of float64 limits the result. The generated code is kept on disk (:mod:`klsym.derive.diskcache`,
-    keyed by ``(a, n)``, the klsym and SymPy versions and this module's source), so a new process
+    of float64 limits the result. The generated code is kept on disk (:func:`term_code`), so a new process
     compiles it in milliseconds instead of differentiating again.
     """
+    return closed_form.Term.from_data(term_data(1, a, n)).function
+
+
+def term_code(a, n: int) -> dict:
+    r"""Generated code of the quantities of :math:`\mathbb{E}[r^a t^n]_T` as JSON data (source and the mpmath
+    globals it reads), kept on disk (:mod:`klsym.derive.diskcache`, keyed by ``(a, n)``, the versions and this
+    module's source)."""
     from klsym.derive.diskcache import cache_key, cached_json
 
     key = cache_key([sp.srepr(sp.sympify(a)), str(int(n))], [__file__])
-    return _compile_mpmath(cached_json("gaussian-term", key, lambda: _term_source(a, n)))
+    return cached_json("gaussian-term", key, lambda: _term_code(_term_source(a, n)))
+
+
+def term_data(c, a, n: int) -> dict:
+    r"""One term :math:`c\, r^a t^n` as JSON data for :class:`klsym.exact.closed_form.Term`: c exact (a rational
+    as ``[num, den]``, else its ``srepr``), the power a as a fraction, n, the generated code.
+    :class:`ValueError` when a is not rational (then the estimator has no closed form here)."""
+    c = sp.sympify(c)
+    power = _fraction(a)
+    exact = {"rational": [int(c.p), int(c.q)]} if c.is_Rational else {"srepr": sp.srepr(c)}
+    return {
+        "c": exact,
+        "c_float": float(c),
+        "a": [power.numerator, power.denominator],
+        "n": int(n),
+        "code": term_code(a, n),
+    }
+
+
+def terms_data(terms) -> list[dict] | None:
+    """:func:`decompose`'s terms as JSON data (``None`` stays ``None``: no closed form)."""
+    return None if terms is None else [term_data(c, a, n) for c, a, n in terms]
 
 
 def _term_source(a, n: int) -> str:
@@ -197,189 +218,50 @@ def _term_source(a, n: int) -> str:
     return inspect.getsource(sp.lambdify((_mu, _sig, _mup, _sigp, _T), exprs, modules="mpmath", cse=True))
 
 
-def _compile_mpmath(source: str):
-    """The function defined by lambdify's ``source``, in lambdify's own mpmath namespace."""
+def _term_code(source: str) -> dict:
+    """lambdify's mpmath ``source`` and where each global it reads comes from (mpmath: no SymPy to run it)."""
+    import mpmath
     from sympy.utilities.lambdify import MODULES, _import
+
+    from klsym.derive.generated import globals_of
 
     _import("mpmath")
     namespace = dict(MODULES["mpmath"][0])
     exec(compile(source, "<klsym.derive.gaussian_closed_form term>", "exec"), namespace)  # code klsym generated
-    return namespace["_lambdifygenerated"]
+    return {
+        "source": source,
+        "name": "_lambdifygenerated",
+        "globals": globals_of(namespace["_lambdifygenerated"], mpmath),
+    }
 
 
-def _term_values(a, n, q, p, positions) -> list:
-    """The five quantities of one term as mpmath numbers at the working precision (inputs exact)."""
-    mpf = mpmath.mpf
-    return list(_term_function(a, n)(mpf(q[0]), mpf(q[1]), mpf(p[0]), mpf(p[1]), mpf(positions)))
-
-
-#: Working precisions tried in turn (decimal digits) by :func:`precise`.
-PRECISIONS = (30, 60, 120, 240, 480, 960)
-#: Relative agreement between two precisions at which a value is accepted.
-AGREEMENT = 1e-17
-#: Digits kept in reserve: a value smaller than its terms' scale times 10**(GUARD - digits) is noise.
-GUARD = 8
-
-
-class Tracked:
-    r"""An mpmath number with the scale of the terms that were summed into it.
-
-    ``value`` is resolved at ``digits`` working digits only if it exceeds
-    ``scale * 10**(GUARD - digits)``: below that it may be pure cancellation noise
-    (e.g. :math:`\mathbb{E}[k^2] - \mathbb{E}[k]^2` with both terms near :math:`10^{800}`).
-    """
-
-    __slots__ = ("value", "scale")
-
-    def __init__(self, value, scale=None):
-        self.value = mpmath.mpf(value)
-        self.scale = abs(self.value) if scale is None else scale
-
-    @staticmethod
-    def of(other) -> Tracked:
-        return other if isinstance(other, Tracked) else Tracked(other)
-
-    def __add__(self, other):
-        other = Tracked.of(other)
-        return Tracked(self.value + other.value, self.scale + other.scale)
-
-    __radd__ = __add__
-
-    def __neg__(self):
-        return Tracked(-self.value, self.scale)
-
-    def __sub__(self, other):
-        return self + (-Tracked.of(other))
-
-    def __rsub__(self, other):
-        return Tracked.of(other) - self
-
-    def __mul__(self, other):
-        other = Tracked.of(other)
-        return Tracked(self.value * other.value, self.scale * other.scale)
-
-    __rmul__ = __mul__
-
-    def __pow__(self, power: int):
-        return Tracked(self.value**power, self.scale**power)
-
-    def resolved(self) -> bool:
-        if not mpmath.isfinite(self.value) or not mpmath.isfinite(self.scale):
-            return True
-        return abs(self.value) > self.scale * mpmath.mpf(10) ** (GUARD - mpmath.mp.dps)
-
-
-def digits_lost(q, p) -> int:
-    r"""Decimal digits the terms' own arithmetic can cancel for these parameters.
-
-    The lambdified terms hold powers of :math:`1/\sigma` (up to the fourth) and of
-    :math:`\mu / \sigma`; with :math:`\sigma_q = 10^{-300}` they reach :math:`10^{1200}` and cancel
-    down to numbers of size 1. Two working precisions that both lose every digit would agree on the
-    same wrong value, so :func:`precise` starts above this.
-
-    >>> digits_lost((0.0, 1.0), (1.0, 1.0)), digits_lost((1.0, 1e-300), (0.0, 1e-8))
-    (2, 2432)
-    """
-    smallest = min(q[1], p[1])
-    scales = sum(abs(math.log10(sigma)) for sigma in (q[1], p[1]))
-    shifts = sum(math.log10(1.0 + abs(mu) / smallest) for mu in (q[0], p[0]))
-    return int(math.ceil(4 * (scales + shifts)))
-
-
-def precise(compute, extra_digits: int = 0):
-    r"""Evaluate ``compute()`` (mpmath arithmetic on exact float inputs) at rising precision.
-
-    ``compute`` returns a list of :class:`Tracked` (or plain mpmath) numbers; ``extra_digits``
-    (:func:`digits_lost`) is added to every working precision. The precision is
-    doubled until every value is resolved and agrees with the previous run to :data:`AGREEMENT`
-    relative: the cancellation of terms of size 1 in moments of size :math:`\delta^4` (p = q shifted
-    by :math:`\delta`) costs digits, not accuracy. A value still below its terms' noise at the highest
-    precision is 0 (exact cancellation, as at p = q); one that resolves but does not settle is NaN.
-
-    >>> v = precise(lambda: [Tracked(mpmath.exp(mpmath.mpf(1e-20))) - 1])[0]
-    >>> float(v)
-    1e-20
-    """
-    previous = None
-    for digits in PRECISIONS:
-        digits += extra_digits
-        with mpmath.workdps(digits):
-            tracked = [Tracked.of(v) for v in compute()]
-            values = [v.value for v in tracked]
-            resolved = [v.resolved() for v in tracked]
-            if previous is not None and all(resolved) and all(map(_agree, values, previous)):
-                return values
-        previous = values
-    return [
-        (new if _agree(new, old) else mpmath.nan) if ok else mpmath.mpf(0)
-        for new, old, ok in zip(values, previous, resolved)
-    ]
-
-
-def _agree(new, old) -> bool:
-    if not (mpmath.isfinite(new) and mpmath.isfinite(old)):
-        return bool(new == old) or bool(mpmath.isnan(new) and mpmath.isnan(old))
-    return abs(new - old) <= AGREEMENT * abs(new)
+@cache
+def _runtime_terms(terms: tuple) -> list[Term]:
+    return [Term.from_data(term_data(c, a, n)) for c, a, n in terms]
 
 
 def expectation(terms, q, p, positions: int = 1) -> float:
-    r""":math:`\mathbb{E}_q[\sum c\, r^a t^n]` over ``positions`` i.i.d. positions.
-
-    Divergent terms (:func:`moment_condition` fails) give ``±inf`` with the sign of the dominant
-    tail, or NaN where divergent tails of both signs compete. A finite value beyond the float range
-    is ``±inf`` here; :func:`combine` gives it exactly (``log`` of it for a log-space field).
-    """
-    return float(precise(lambda: combine(terms, q, p, positions)[:1], digits_lost(q, p))[0])
+    r""":math:`\mathbb{E}_q[\sum c\, r^a t^n]` of :func:`decompose`'s terms (:func:`klsym.exact.closed_form.expectation`)."""
+    return closed_form.expectation(_runtime_terms(tuple(terms)), q, p, positions)
 
 
-def gradient(terms, q, p, moving: str, positions: int = 1) -> np.ndarray:
-    r"""Derivative of :math:`\mathbb{E}[\sum c\, r^a t^n]` wrt :math:`(\mu_q, \sigma_q)`.
-
-    ``moving="sampler"`` differentiates the sampling distribution only (ratio held fixed: the
-    ``reward`` mode of an estimator), ``"ratio"`` the ratio only (``loss`` mode), ``"both"`` the sum.
-    Divergent expectations give NaN.
-    """
-    if moving not in ("sampler", "ratio", "both"):
-        raise ValueError(f"moving must be one of sampler, ratio, both, got {moving!r}")
-    return np.array(
-        [float(v) for v in precise(lambda: gradient_parts(terms, q, p, moving, positions), digits_lost(q, p))]
-    )
+def gradient(terms, q, p, moving: str, positions: int = 1):
+    r"""Derivative wrt :math:`(\mu_q, \sigma_q)` of :func:`decompose`'s terms (:func:`klsym.exact.closed_form.gradient`)."""
+    return closed_form.gradient(_runtime_terms(tuple(terms)), q, p, moving, positions)
 
 
 def gradient_parts(terms, q, p, moving: str, positions: int = 1) -> list:
-    """:func:`gradient` as two :class:`Tracked` numbers at the working precision (inside :func:`precise`)."""
-    values = combine(terms, q, p, positions)
-    if not mpmath.isfinite(values[0].value):
-        return [Tracked(mpmath.nan), Tracked(mpmath.nan)]
-    parts = {"sampler": values[1:3], "ratio": values[3:5], "both": [values[1] + values[3], values[2] + values[4]]}
-    return parts[moving]
+    """:func:`klsym.exact.closed_form.gradient_parts` of :func:`decompose`'s terms."""
+    return closed_form.gradient_parts(_runtime_terms(tuple(terms)), q, p, moving, positions)
 
 
 def combine(terms, q, p, positions: int = 1) -> list:
-    r"""The five :data:`QUANTITIES` of :math:`\sum c\, r^a t^n` as :class:`Tracked` numbers (working precision)."""
-    total = [Tracked(0)] * len(QUANTITIES)
-    divergent = []
-    for c, a, n in terms:
-        if condition_holds(a, q, p):
-            coefficient = mpmath.mpf(sp.sympify(c).evalf(mpmath.mp.dps + 5)._to_mpmath(mpmath.mp.prec + 20))
-            total = [s + Tracked(coefficient * v) for s, v in zip(total, _term_values(a, n, q, p, positions))]
-        else:
-            divergent.append((c, a, n))
-    if divergent:
-        # The tail with the largest x^2 coefficient (largest a * (1/sigma_q^2 - 1/sigma_p^2)), then the
-        # highest power of t, dominates; r^a t^n there has the sign of c * sign(a)^n.
-        growth = 1 / Fraction(q[1]) ** 2 - 1 / Fraction(p[1]) ** 2
-        key = [(_fraction(a) * growth, n) for _, a, n in divergent]
-        top = max(key)
-        signs = {np.sign(float(c)) * np.sign(float(a)) ** n for (c, a, n), k in zip(divergent, key) if k == top}
-        total = [Tracked(mpmath.nan)] * len(QUANTITIES)
-        if len(signs) == 1:
-            total[0] = Tracked(signs.pop() * mpmath.inf)
-    return total
+    """:func:`klsym.exact.closed_form.combine` of :func:`decompose`'s terms."""
+    return closed_form.combine(_runtime_terms(tuple(terms)), q, p, positions)
 
 
 def warm(terms) -> None:
-    """Derive and lambdify every term now (so timing-sensitive callers pay the cost up front)."""
+    """Derive and compile every term now (so timing-sensitive callers pay the cost up front)."""
     for _, a, n in terms:
         _term_function(a, n)
 
@@ -397,5 +279,9 @@ __all__ = [
     "precise",
     "Tracked",
     "QUANTITIES",
+    "digits_lost",
+    "term_code",
+    "term_data",
+    "terms_data",
     "warm",
 ]

@@ -29,46 +29,26 @@ Gradient modes, with score :math:`s(x) = \nabla_\theta \log q_\theta(x)` and sam
 from __future__ import annotations
 
 import math
-from functools import cache
 
 import mpmath
 import numpy as np
-import sympy as sp
 
-from klsym.derive import gaussian_closed_form as gcf
-from klsym.derive.estimators import MODES, Estimator, get_estimator, gradient_weights, in_logratio
-from klsym.derive.symbols import t
-from klsym.exact import quadrature
+from klsym.derive.modes import MODES, gradient_weights
+from klsym.exact import closed_form, quadrature
 from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
+from klsym.exact.plans import Plan, plan_of
+from klsym.exact.plans import limit_at_minus_inf as _limit_at_minus_inf  # noqa: F401 - the MC engine imports it here
 
 KL_QP = "KL(q||p)"
 KL_PQ = "KL(p||q)"
 #: Largest number of token sequences enumerated exactly for T positions (V**T).
 MAX_ENUMERATED_SEQUENCES = 4_000_000
 
-_K1 = get_estimator("k1")  # E_q[k1] = KL(q||p); its full-mode gradient is grad KL(q||p)
-_REV_K1 = get_estimator("rev_k1")  # E_q[r log r] = KL(p||q) when p << q
+_K1 = "k1"  # E_q[k1] = KL(q||p); its full-mode gradient is grad KL(q||p)
+_REV_K1 = "rev_k1"  # E_q[r log r] = KL(p||q) when p << q
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-@cache
-def _terms(estimator: Estimator) -> dict:
-    """Closed-form decompositions of k, k^2 and the surrogate (None where no closed form)."""
-    _check_no_free_symbols(estimator)
-    return {
-        "value": gcf.decompose(estimator.expr),
-        "square": gcf.decompose(sp.expand(estimator.expr**2)),
-        "surrogate": gcf.decompose(estimator.surrogate),
-    }
-
-
-def _check_no_free_symbols(estimator: Estimator) -> None:
-    free = (estimator.expr.free_symbols | estimator.surrogate.free_symbols) - {sp.Symbol("r", positive=True)}
-    if free:
-        names = ", ".join(sorted(map(str, free)))
-        raise ValueError(f"estimator {estimator.name!r} has free parameters ({names}): give them numeric values")
 
 
 def _pair(q, p):
@@ -77,38 +57,31 @@ def _pair(q, p):
         raise ValueError(f"unsupported family {type(q).__name__}")
 
 
-def _method(estimator: Estimator, q, method: str | None, need) -> str:
+def _method(plan: Plan, q, method: str | None, need) -> str:
     """The method for the closed-form decompositions ``need`` (one name or several) of the estimator."""
     if not isinstance(need, str):
-        chosen = {_method(estimator, q, method, one) for one in need}
+        chosen = {_method(plan, q, method, one) for one in need}
         return "quadrature" if "quadrature" in chosen else chosen.pop()
     if isinstance(q, Categorical):
         if method not in (None, "exact_sum"):
             raise ValueError(f"method {method!r} is not available for categorical pairs (use 'exact_sum')")
         return "exact_sum"
     if method is None:
-        closed = isinstance(q, Gaussian) and _terms(estimator)[need] is not None
+        closed = isinstance(q, Gaussian) and plan.terms[need] is not None
         return "closed_form" if closed else "quadrature"
-    if method == "closed_form" and (not isinstance(q, Gaussian) or _terms(estimator)[need] is None):
-        raise ValueError(f"estimator {estimator.name!r} has no Gaussian closed form; use 'quadrature'")
+    if method == "closed_form" and (not isinstance(q, Gaussian) or plan.terms[need] is None):
+        raise ValueError(f"estimator {plan.name!r} has no Gaussian closed form; use 'quadrature'")
     if method not in ("closed_form", "quadrature"):
         raise ValueError(f"unknown method {method!r}; choose closed_form or quadrature")
     return method
 
 
-@cache
-def _limit_at_minus_inf(expr_in_t: sp.Expr) -> float:
-    """k(e^t) as t -> -inf (p(x) = 0 < q(x)): the value where the formula gives inf * 0."""
-    return float(sp.limit(expr_in_t, t, -sp.oo))
-
-
-def _values_on_support(estimator: Estimator, log_ratios: np.ndarray, derivative: bool = False) -> np.ndarray:
-    fn = estimator.numeric_dt if derivative else estimator.numeric
+def _values_on_support(plan: Plan, log_ratios: np.ndarray, derivative: bool = False) -> np.ndarray:
+    fn = plan.numeric_dt if derivative else plan.numeric
     values = np.asarray(fn(log_ratios), dtype=np.float64)
     zero_p = np.isneginf(log_ratios)
     if zero_p.any():
-        expr = in_logratio(estimator.surrogate if derivative else estimator.expr)
-        values = np.where(zero_p, _limit_at_minus_inf(sp.diff(expr, t) if derivative else expr), values)
+        values = np.where(zero_p, plan.limit("slope" if derivative else "value"), values)
     return values
 
 
@@ -175,28 +148,6 @@ def _mp_distribution(q: Categorical, p: Categorical, positions: int = 1):
     return on_q, seq_probs, seq_ratios
 
 
-@cache
-def _mp_function(expr_in_t: sp.Expr):
-    """Elementwise t -> f(t) on mpmath numbers; at t = -inf (p(x) = 0) the limit of f."""
-    evaluate = sp.lambdify(t, expr_in_t, modules="mpmath")
-    at_minus_inf = mpmath.mpf(_limit_at_minus_inf(expr_in_t))
-
-    def apply(log_ratios):
-        return np.array(
-            [at_minus_inf if v == -mpmath.inf else mpmath.mpf(evaluate(v)) for v in log_ratios], dtype=object
-        )
-
-    return apply
-
-
-def _mp_value(estimator: Estimator):
-    return _mp_function(in_logratio(estimator.expr))
-
-
-def _mp_slope(estimator: Estimator):
-    return _mp_function(sp.diff(in_logratio(estimator.surrogate), t))
-
-
 def _mp_expect(probs, values):
     """sum q k in mpmath; an infinite value with positive probability makes it infinite."""
     return mpmath.fsum(p * v for p, v in zip(probs, values) if p != 0)
@@ -233,15 +184,13 @@ def kl_divergences(q, p, positions: int = 1) -> dict:
         return {KL_QP: positions * kl_qp, KL_PQ: positions * kl_pq}
     if isinstance(q, Gaussian):
         return {
-            label: gcf.expectation(_terms(e)["value"], q.params, p.params, positions)
+            label: closed_form.expectation(plan_of(e).terms["value"], q.params, p.params, positions)
             for label, e in ((KL_QP, _K1), (KL_PQ, _REV_K1))
         }
     if positions != 1:
         raise ValueError("KL by quadrature covers positions=1 only")
-    return {
-        label: quadrature.expect(q, lambda x, e=e: e.numeric(log_ratio(p, q, x)))[0]
-        for label, e in ((KL_QP, _K1), (KL_PQ, _REV_K1))
-    }
+    numeric = {label: plan_of(e).numeric for label, e in ((KL_QP, _K1), (KL_PQ, _REV_K1))}
+    return {label: quadrature.expect(q, lambda x, k=k: k(log_ratio(p, q, x)))[0] for label, k in numeric.items()}
 
 
 def _check_positions(positions) -> int:
@@ -279,7 +228,7 @@ def estimator_stats(estimator, q, p, positions: int = 1, method: str | None = No
     >>> s["second_moment"], s["std"], s["condition"]["second_moment"]
     (inf, inf, 'sigma_p**2 < 2*sigma_q**2')
     """
-    estimator = get_estimator(estimator)
+    estimator = plan_of(estimator)
     _pair(q, p)
     positions = _check_positions(positions)
     chosen = _method(estimator, q, method, ("value", "square"))
@@ -292,23 +241,22 @@ def estimator_stats(estimator, q, p, positions: int = 1, method: str | None = No
     return _quadrature_stats(estimator, q, p)
 
 
-def _closed_form_stats(estimator, q, p, positions) -> dict:
-    terms = _terms(estimator)
+def _closed_form_stats(estimator: Plan, q, p, positions) -> dict:
+    terms = estimator.terms
 
     def moments():  # E[k], E[k^2] and Var k at the working precision: no cancellation near p = q
-        mean = gcf.combine(terms["value"], q.params, p.params, positions)[0]
-        second = gcf.combine(terms["square"], q.params, p.params, positions)[0]
+        mean = closed_form.combine(terms["value"], q.params, p.params, positions)[0]
+        second = closed_form.combine(terms["square"], q.params, p.params, positions)[0]
         finite = mpmath.isfinite(second.value) and mpmath.isfinite(mean.value)
         return [mean, second, second - mean**2 if finite else second]
 
-    mean, second, variance = gcf.precise(moments, gcf.digits_lost(q.params, p.params))
+    mean, second, variance = closed_form.precise(moments, closed_form.digits_lost(q.params, p.params))
     powers = {"mean": terms["value"], "second_moment": terms["square"]}
     condition = {}
     for key, term_list in powers.items():
         # (a-1) sigma_p^2 < a sigma_q^2 is strictest at the largest and the smallest power a
-        powers_of_r = [a for _, a, _ in term_list]
-        condition[key] = gcf.moment_condition_text(powers_of_r)
-        condition[key + "_holds"] = all(gcf.condition_holds(a, q.params, p.params) for _, a, _ in term_list)
+        condition[key] = estimator.conditions[key]
+        condition[key + "_holds"] = all(closed_form.condition_holds(term.a, q.params, p.params) for term in term_list)
     prob_negative = _gaussian_prob_negative(estimator, q, p) if positions == 1 else math.nan
     return {
         "mean": float(mean),
@@ -365,27 +313,21 @@ def _quadrature_stats(estimator, q, p) -> dict:
     }
 
 
-def _gaussian_prob_negative(estimator, q: Gaussian, p: Gaussian, zmax: float = 40.0, points: int = 40001):
-    r""":math:`P_q(k < 0)`: sign changes of :math:`k(t(x))` on a fine z-grid, refined by ``brentq``,
-    then Gaussian masses of the negative x-intervals (``ndtr``). Regions narrower than the grid step
-    (0.002 standard deviations) would be missed; mass beyond 40 standard deviations is ignored."""
-    from scipy.optimize import brentq  # only here: the exact path needs it for P(k < 0) alone
+def _gaussian_prob_negative(estimator: Plan, q: Gaussian, p: Gaussian, zmax: float = 40.0, points: int = 40001):
+    r""":math:`P_q(k < 0)`: sign changes of :math:`k(t(x))` on a fine z-grid, refined by bisection to adjacent
+    floats (:func:`_bisect_sign_changes`), then Gaussian masses of the negative x-intervals (``ndtr``). Regions
+    narrower than the grid step (0.002 standard deviations) would be missed; mass beyond 40 standard deviations
+    is ignored."""
 
-    def k_of_z(z):
-        return estimator.numeric(log_ratio(p, q, q.mu + q.sigma * np.asarray(z, dtype=np.float64)))
+    def negative_at(z):
+        return np.asarray(estimator.numeric(log_ratio(p, q, q.mu + q.sigma * z)), dtype=np.float64) < 0
 
     z = np.linspace(-zmax, zmax, points)
-    values = np.asarray(k_of_z(z), dtype=np.float64)
-    negative = values < 0
+    negative = negative_at(z)
     if not negative.any():
         return 0.0
-    edges = [-np.inf]
-    for i in np.flatnonzero(negative[1:] != negative[:-1]):
-        try:
-            edges.append(brentq(lambda s: float(k_of_z(s)), z[i], z[i + 1], xtol=1e-15, rtol=1e-15))
-        except RuntimeError:  # a multiple root drowned in rounding: the grid cell bounds it anyway
-            edges.append((z[i] + z[i + 1]) / 2)
-    edges.append(np.inf)
+    cells = np.flatnonzero(negative[1:] != negative[:-1])
+    edges = [-np.inf, *_bisect_sign_changes(negative_at, z[cells], z[cells + 1]), np.inf]
     total = 0.0
     starts_negative = bool(negative[0])
     for j in range(len(edges) - 1):
@@ -393,6 +335,28 @@ def _gaussian_prob_negative(estimator, q: Gaussian, p: Gaussian, zmax: float = 4
             lo, hi = edges[j], edges[j + 1]
             total += float(q.mass_between(q.mu + q.sigma * lo, q.mu + q.sigma * hi))
     return total
+
+
+def _bisect_sign_changes(negative_at, lo: np.ndarray, hi: np.ndarray, steps: int = 64) -> np.ndarray:
+    r"""Where ``negative_at`` flips inside each bracket ``[lo_i, hi_i]`` (it differs at the two ends), all brackets
+    bisected at once until the ends are adjacent floats (or ``steps`` halvings: a 0.002 bracket is then below
+    1e-21 wide). Returns the midpoints of the final brackets: within one unit in the last place of the flip.
+
+    >>> root = _bisect_sign_changes(lambda z: z * z < 2.0, np.array([1.0]), np.array([2.0]))[0]
+    >>> bool(abs(root - 2**0.5) <= np.spacing(2**0.5))
+    True
+    """
+    lo, hi = lo.copy(), hi.copy()
+    lo_negative = negative_at(lo)
+    for _ in range(steps):
+        mid = lo + (hi - lo) / 2
+        active = (lo < mid) & (mid < hi)
+        if not active.any():
+            break
+        moves_lo = active & (negative_at(mid) == lo_negative)
+        lo = np.where(moves_lo, mid, lo)
+        hi = np.where(active & ~moves_lo, mid, hi)
+    return lo + (hi - lo) / 2
 
 
 def _categorical_stats(estimator, q: Categorical, p: Categorical, positions: int) -> dict:
@@ -420,7 +384,7 @@ def _categorical_stats_mpmath(estimator, q: Categorical, p: Categorical, positio
     """Exact sums in mpmath: E[k], E[k^2], the centred variance, P(k < 0), log E[k^2]."""
     with mpmath.workdps(SUM_DIGITS):
         _, probs, log_ratios = _mp_distribution(q, p, positions)
-        values = _mp_value(estimator)(log_ratios)
+        values = estimator.mp_function("value")(log_ratios)
         mean = _mp_expect(probs, values)
         second = _mp_expect(probs, values * values)
         if mpmath.isfinite(mean) and mpmath.isfinite(second):
@@ -466,7 +430,7 @@ def estimator_gradient(estimator, q, p, mode: str, positions: int = 1, method: s
     >>> [round(float(g), 6) for g in estimator_gradient("k2", Gaussian(0, 1), Gaussian(1, 1.1), "loss")]
     [-0.826446, -0.173554]
     """
-    estimator = get_estimator(estimator)
+    estimator = plan_of(estimator)
     _pair(q, p)
     positions = _check_positions(positions)
     if mode not in MODES:
@@ -485,7 +449,7 @@ def estimator_gradient(estimator, q, p, mode: str, positions: int = 1, method: s
         return _categorical_gradient(estimator, q, p, mode)
     if chosen == "closed_form":
         moving = "ratio" if mode == "loss" else "sampler"
-        return gcf.gradient(_terms(estimator)[need], q.params, p.params, moving, positions)
+        return closed_form.gradient(estimator.terms[need], q.params, p.params, moving, positions)
     if positions != 1:
         raise ValueError(f"estimator {estimator.name!r} has no closed form; quadrature covers positions=1 only")
     return _quadrature_gradient(estimator, q, p, mode)[0]
@@ -493,17 +457,17 @@ def estimator_gradient(estimator, q, p, mode: str, positions: int = 1, method: s
 
 def _closed_form_full_gradient(estimator, q, p, positions) -> np.ndarray:
     """loss + reward summed at the working precision: they cancel where E_q[k] does not move (rev_k2)."""
-    terms = _terms(estimator)
+    terms = estimator.terms
 
     def full():
-        loss = gcf.gradient_parts(terms["surrogate"], q.params, p.params, "ratio", positions)
-        reward = gcf.gradient_parts(terms["value"], q.params, p.params, "sampler", positions)
+        loss = closed_form.gradient_parts(terms["surrogate"], q.params, p.params, "ratio", positions)
+        reward = closed_form.gradient_parts(terms["value"], q.params, p.params, "sampler", positions)
         return [a + b for a, b in zip(loss, reward)]
 
-    return np.array([float(v) for v in gcf.precise(full, gcf.digits_lost(q.params, p.params))])
+    return np.array([float(v) for v in closed_form.precise(full, closed_form.digits_lost(q.params, p.params))])
 
 
-def _gradient_weight(estimator: Estimator, mode: str):
+def _gradient_weight(estimator: Plan, mode: str):
     r"""t -> w(t), the per-sample gradient being :math:`w(t(x))\, s(x)` (:func:`gradient_weights`)."""
 
     def weight(log_ratios):
@@ -531,7 +495,7 @@ def estimator_gradient_std(estimator, q, p, mode: str) -> np.ndarray:
     >>> [round(float(v), 6) for v in estimator_gradient_std("k1", Gaussian(0, 1), Gaussian(1, 1), "loss")]
     [1.0, 1.414214]
     """
-    estimator = get_estimator(estimator)
+    estimator = plan_of(estimator)
     _pair(q, p)
     if mode not in MODES:
         raise ValueError(f"unknown gradient mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -556,7 +520,9 @@ def _categorical_gradient(estimator, q: Categorical, p: Categorical, mode: str) 
     if _uses_mpmath(q):
         with mpmath.workdps(SUM_DIGITS):
             on_q, probs, log_ratios = _mp_distribution(q, p)
-            weights = gradient_weights(_mp_value(estimator), _mp_slope(estimator), log_ratios, (mode,))[mode]
+            weights = gradient_weights(
+                estimator.mp_function("value"), estimator.mp_function("slope"), log_ratios, (mode,)
+            )[mode]
             mean = _mp_expect(probs, weights)
             grad = np.zeros(q.size)
             grad[on_q] = [float(pr * (w - mean)) for pr, w in zip(probs, weights)]
@@ -618,7 +584,7 @@ def _bias(mean: float, kl: dict) -> tuple[dict, dict]:
 
 def exact_summary(q, p, estimators, positions: int = 1) -> dict:
     """The ``klsym exact`` JSON object (see the CLI contract in :mod:`klsym.commands.exact`)."""
-    estimators = [get_estimator(e) for e in estimators]
+    estimators = [plan_of(e) for e in estimators]
     kl = kl_divergences(q, p, positions)
     out = {"family": q.name, "q": _params(q), "p": _params(p), "positions": positions, "kl": kl, "estimators": {}}
     for estimator in estimators:
@@ -644,7 +610,7 @@ def label_gradient(q, vector) -> dict:
 
 def gradient_summary(q, p, estimators, positions: int = 1) -> dict:
     """The ``klsym gradient`` JSON object: true gradients and every estimator's three modes."""
-    estimators = [get_estimator(e) for e in estimators]
+    estimators = [plan_of(e) for e in estimators]
 
     def label(vector):
         return label_gradient(q, vector)

@@ -27,9 +27,38 @@ from pathlib import Path
 
 import numpy as np
 from array_api_compat import array_namespace
-from scipy.special import log_softmax, ndtr
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_SQRT_HALF = math.sqrt(0.5)
+
+
+def _ndtr_scalar(z: float) -> float:
+    """Standard normal CDF, as cephes' ``ndtr``: erf near 0, erfc of |z| in the tails (no cancellation)."""
+    if math.isnan(z):
+        return z
+    x = z * _SQRT_HALF
+    if abs(x) < _SQRT_HALF:
+        return 0.5 + 0.5 * math.erf(x)
+    tail = 0.5 * math.erfc(abs(x))
+    return 1.0 - tail if x > 0 else tail
+
+
+#: The standard normal CDF, elementwise (the exact layer needs it at a few points; SciPy's import costs 0.2 s).
+ndtr = np.vectorize(_ndtr_scalar, otypes=[np.float64])
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    r""":math:`x - \log \sum e^x` of a 1-D array, as ``scipy.special.log_softmax`` computes it (the same numbers):
+    shifted by the largest finite-or-not maximum (0 if that is not finite).
+
+    >>> log_softmax(np.array([1000.0, 1.0]))
+    array([   0., -999.])
+    """
+    top = np.max(logits, keepdims=True)
+    top[~np.isfinite(top)] = 0
+    shifted = logits - top
+    with np.errstate(divide="ignore"):
+        return shifted - np.log(np.sum(np.exp(shifted), keepdims=True))
 
 
 def _finite_float(value, what: str) -> float:
