@@ -1,0 +1,227 @@
+"""The exact layer's plans (klsym.exact.plans): derived by SymPy once, read from disk afterwards with the same
+numbers; a changed formula or deriving module is derived afresh; a warm `exact`/`gradient` imports no SymPy."""
+
+import json
+import subprocess
+import sys
+
+import mpmath
+import numpy as np
+import pytest
+import sympy as sp
+
+from klsym.derive import estimators as est
+from klsym.derive import gaussian_closed_form as gcf
+from klsym.derive.registry import ALIASES, BUILTIN_INFO
+from klsym.exact import plans
+from klsym.exact.expectations import _bisect_sign_changes, estimator_stats
+from klsym.exact.families import Categorical, Gaussian, log_softmax, ndtr
+
+VALUES = np.array([-700.0, -30.0, -1.0, -1e-4, 0.0, 1e-12, 0.5, 30.0, 41.0, 700.0])
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KLSYM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(plans, "_PLANS", {})  # as in a new process
+    return tmp_path
+
+
+def _count_derivations(monkeypatch):
+    calls = []
+    for part, derive in list(plans._DERIVE.items()):
+
+        def counted(estimator, part=part, derive=derive):
+            calls.append((part, estimator.name))
+            return derive(estimator)
+
+        monkeypatch.setitem(plans._DERIVE, part, counted)
+    return calls
+
+
+def _forbid_sympy_steps(monkeypatch):
+    for part in plans._DERIVE:
+        monkeypatch.setitem(plans._DERIVE, part, lambda estimator: pytest.fail("a part was derived again"))
+
+
+def _read_everything(plan):
+    return (
+        plan.numeric(VALUES),
+        plan.numeric_dt(VALUES),
+        {
+            need: None if terms is None else [(t.coefficient(), t.a, t.n) for terms in [terms] for t in terms]
+            for need, terms in plan.terms.items()
+        },
+        plan.conditions,
+        plan.limit("value"),
+        plan.limit("slope"),
+        list(plan.mp_function("value")(np.array([mpmath.mpf("0.25"), -mpmath.inf], dtype=object))),
+    )
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_INFO))
+def test_builtin_plan_is_derived_once_then_read_with_the_same_numbers(cache, monkeypatch, name):
+    calls = _count_derivations(monkeypatch)
+    fresh = _read_everything(plans.plan_of(name))
+    assert sorted(part for part, _ in calls) == sorted(plans._DERIVE)
+    monkeypatch.setattr(plans, "_PLANS", {})
+    _forbid_sympy_steps(monkeypatch)
+    warm = _read_everything(plans.plan_of(name))
+    assert np.array_equal(fresh[0], warm[0], equal_nan=True) and np.array_equal(fresh[1], warm[1], equal_nan=True)
+    assert fresh[2:] == warm[2:]
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_INFO))
+def test_builtin_plan_holds_what_sympy_derives(cache, name):
+    """The plan's numbers are the Estimator's: its numeric forms, decompositions, conditions and limits."""
+    estimator, plan = est.get_estimator(name), plans.plan_of(name)
+    assert plan.name == name and plan.target == estimator.target
+    assert np.array_equal(plan.numeric(VALUES), estimator.numeric(VALUES), equal_nan=True)
+    assert np.array_equal(plan.numeric_dt(VALUES), estimator.numeric_dt(VALUES), equal_nan=True)
+    decomposed = {
+        "value": gcf.decompose(estimator.expr),
+        "square": gcf.decompose(sp.expand(estimator.expr**2)),
+        "surrogate": gcf.decompose(estimator.surrogate),
+    }
+    for need, terms in decomposed.items():
+        got = plan.terms[need]
+        assert (got is None) == (terms is None)
+        if terms is not None:
+            assert [(sp.Rational(t.c_float), sp.Rational(t.a.numerator, t.a.denominator), t.n) for t in got] == [
+                (sp.Rational(c), sp.Rational(a), n) for c, a, n in terms
+            ]
+    if decomposed["value"] is not None:
+        powers = [a for _, a, _ in decomposed["square"]]
+        assert plan.conditions["second_moment"] == gcf.moment_condition_text(powers)
+    t = sp.Symbol("t", real=True)
+    value_in_t = est.in_logratio(estimator.expr)
+    assert plan.limit("value") == float(sp.limit(value_in_t, t, -sp.oo))
+    assert plan.limit("slope") == float(sp.limit(sp.diff(est.in_logratio(estimator.surrogate), t), t, -sp.oo))
+
+
+def test_names_aliases_and_estimators_share_one_plan(cache):
+    for alias, name in ALIASES.items():
+        assert plans.plan_of(alias) is plans.plan_of(name) is plans.plan_of(est.get_estimator(name))
+    assert list(BUILTIN_INFO) == list(est.BUILTINS)
+    impostor = est.Estimator("k3", sp.log(est.r) ** 2, "KL(q||p)")  # a built-in's name, another formula
+    assert plans.plan_of(impostor) is not plans.plan_of("k3")
+    q, p = Gaussian(0.0, 1.0), Gaussian(1.0, 1.1)
+    assert estimator_stats(impostor, q, p)["mean"] == estimator_stats("k2", q, p)["mean"] * 2
+
+
+def test_a_changed_formula_is_derived_afresh(cache, monkeypatch):
+    calls = _count_derivations(monkeypatch)
+    q, p = Gaussian(0.0, 1.0), Gaussian(0.5, 1.2)
+    base = estimator_stats(est.from_formula("r - 1 - log(r)"), q, p)
+    assert base["mean"] == estimator_stats("k3", q, p)["mean"]
+    derived = len(calls)
+    assert derived > 0
+    estimator_stats(est.from_formula("r - 1 - log(r)"), q, p)  # the same formula: read from disk
+    assert len(calls) == derived
+    changed = estimator_stats(est.from_formula("r - 1 - log(r) + log(r)**3 / 6"), q, p)
+    assert len(calls) > derived and changed["mean"] != base["mean"]
+
+
+@pytest.mark.parametrize("edited", ["derive/estimators.py", "derive/gaussian_closed_form.py", "exact/plans.py"])
+def test_a_changed_deriving_module_is_derived_afresh(cache, monkeypatch, tmp_path_factory, edited):
+    _ = plans.plan_of("k3").terms
+    sources = list(plans.DERIVING_SOURCES)
+    index = [i for i, path in enumerate(sources) if path.endswith(edited)][0]
+    copy = tmp_path_factory.mktemp("src") / "module.py"
+    copy.write_text(open(sources[index]).read() + "\n# an edit\n")
+    sources[index] = str(copy)
+    monkeypatch.setattr(plans, "DERIVING_SOURCES", tuple(sources))
+    monkeypatch.setattr(plans, "_PLANS", {})
+    calls = _count_derivations(monkeypatch)
+    _ = plans.plan_of("k3").terms
+    assert calls == [("gaussian", "k3")]
+    assert len(list(cache.glob("plan-gaussian-*.json"))) == 2
+
+
+def _run_cli(args, cache_dir, code_after=""):
+    code = (
+        "import sys; from klsym.cli import main; main(sys.argv[1:]); "
+        "print(sorted(m for m in ('sympy', 'scipy.optimize', 'scipy.special', 'scipy.stats', 'pandas') "
+        "if m in sys.modules), file=sys.stderr)" + code_after
+    )
+    env = {"KLSYM_CACHE_DIR": str(cache_dir), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, env=env)
+    return done.stdout, json.loads(done.stderr.strip().replace("'", '"'))
+
+
+@pytest.mark.parametrize("command", ["exact", "gradient"])
+def test_warm_exact_and_gradient_import_neither_sympy_nor_scipy(tmp_path, command):
+    """Every built-in on a Gaussian pair, once the plans are on disk: no SymPy, scipy.optimize/special, pandas;
+    the output is the cold run's."""
+    args = [command, "--q", "0,1", "--p", "1,1.1", "--format", "json"]
+    cold, cold_modules = _run_cli(args, tmp_path)
+    assert "sympy" in cold_modules  # the first run derives
+    warm, warm_modules = _run_cli(args, tmp_path)
+    assert warm_modules == [] and warm == cold
+    logits = tmp_path / "q.txt"
+    logits.write_text("0.0 1.0 -0.5")
+    categorical = [command, "--q-logits", str(logits), "--p-logits", str(logits), "--format", "json"]
+    _run_cli(categorical, tmp_path)
+    assert _run_cli(categorical, tmp_path)[1] == []
+
+
+# --- P(k < 0) without brentq, normal CDF and log-softmax without SciPy ----------------------------------------
+
+
+def _exact_prob_log_ratio_positive(q, p):
+    """P_q(t > 0) in 50-digit mpmath: t(x) is quadratic in x, its roots in closed form."""
+    with mpmath.workdps(50):
+        mq, sq, mp_, sp_ = (mpmath.mpf(v) for v in (*q, *p))
+        a = 1 / (2 * sq**2) - 1 / (2 * sp_**2)
+        b = -mq / sq**2 + mp_ / sp_**2
+        c = mq**2 / (2 * sq**2) - mp_**2 / (2 * sp_**2) + mpmath.log(sq / sp_)
+
+        def cdf(x):
+            return mpmath.ncdf(x, mq, sq)
+
+        if a == 0:
+            return 1 - cdf(-c / b) if b > 0 else cdf(-c / b)
+        disc = b**2 - 4 * a * c
+        if disc <= 0:
+            return mpmath.mpf(1 if a > 0 else 0)
+        lo, hi = sorted([(-b - mpmath.sqrt(disc)) / (2 * a), (-b + mpmath.sqrt(disc)) / (2 * a)])
+        inside = cdf(hi) - cdf(lo)
+        return 1 - inside if a > 0 else inside
+
+
+@pytest.mark.parametrize(
+    "q, p",
+    [
+        ((0, 1), (1, 1)),
+        ((0, 1), (1, 1.1)),
+        ((0, 1), (0, 1.5)),
+        ((2, 0.5), (-1, 2)),
+        ((0, 1), (5, 3)),
+        ((0, 1), (0.1, 0.95)),
+    ],
+)
+@pytest.mark.parametrize("name", ["k1", "k1+", "rev_k1"])
+def test_prob_negative_is_exact_to_a_few_ulps(q, p, name):
+    """k1 < 0 and r log r < 0 exactly where t > 0 (t < 0): the bisected roots and the erfc-based masses agree
+    with 50-digit arithmetic to a few units in the last place (brentq's and SciPy's ndtr did too)."""
+    exact = _exact_prob_log_ratio_positive(q, p)
+    exact = exact if name != "rev_k1" else 1 - exact
+    got = estimator_stats(name, Gaussian(*q), Gaussian(*p))["prob_negative"]
+    assert abs(got - float(exact)) <= 8 * np.finfo(float).eps * float(exact)
+
+
+def test_bisection_finds_every_flip_at_once():
+    roots = _bisect_sign_changes(lambda z: np.sin(z) < 0, np.array([3.0, 6.0, -0.5]), np.array([3.5, 6.5, 0.5]))
+    assert np.allclose(roots, [np.pi, 2 * np.pi, 0.0], rtol=0, atol=4e-16)
+
+
+def test_ndtr_and_log_softmax_match_scipy():
+    from scipy import special
+
+    rng = np.random.default_rng(7)
+    z = np.concatenate([rng.normal(0, 2, 5000), rng.uniform(-38, 38, 5000), [0.0, -0.0, np.inf, -np.inf, np.nan]])
+    # libm's erfc vs cephes': a few ulps, and libm keeps the subnormal tail below z = -37.5 that cephes flushes to 0
+    np.testing.assert_allclose(ndtr(z), special.ndtr(z), rtol=1e-13, atol=np.finfo(float).tiny)
+    for logits in [rng.normal(0, 5, 50), np.array([0.0, 1.0, -np.inf]), np.array([1000.0, 1.0]), np.full(3, -1e300)]:
+        assert np.array_equal(log_softmax(logits), special.log_softmax(logits))  # the same operations
+    assert np.array_equal(Categorical([0.0, 2.0, -np.inf]).log_probs, special.log_softmax([0.0, 2.0, -np.inf]))
