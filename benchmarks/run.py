@@ -48,7 +48,12 @@ def ensure_torch_venv() -> Path:
     return python
 
 
-def measure(argv: list[str]) -> dict:
+#: klsym's engine with its compiled kernels loaded (in the warm-up, like any process after its first large
+#: run), and with the array code only (what a short run in a fresh process uses): the same numbers.
+KERNELS_ON, KERNELS_OFF = {"KLSYM_KERNELS": "on"}, {"KLSYM_KERNELS": "off"}
+
+
+def measure(argv: list[str], env: dict | None = None) -> dict:
     """Run one measurement in a child process; its JSON line plus the child's own peak RSS."""
     child = subprocess.Popen(
         argv,
@@ -56,7 +61,7 @@ def measure(argv: list[str]) -> dict:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
@@ -92,8 +97,11 @@ def latencies(repeats: int, sweep: bool) -> dict:
         "exact": klsym + ["exact"] + pair,
         "gradient": klsym + ["gradient"] + pair,
         "derive": klsym + ["derive"],
+        "mc 1e7": klsym + ["mc"] + pair + ["--n", "1e7", "--estimators", "k1,k2,k3,k4", "--quiet"],
     }
     out = {"import klsym": min(wall([str(KLSYM_PYTHON), "-c", "import klsym"]) for _ in range(repeats))}
+    seed_script = [str(BENCH_VENV / "bin" / "python"), str(BENCHMARKS_DIR / "torch_baseline.py"), "1e7", "0"]
+    out["torch seed script 1e7 (whole process)"] = min(wall(seed_script) for _ in range(repeats))
     out["import klsym.cli.exact"] = min(
         wall([str(KLSYM_PYTHON), "-c", "import klsym.cli.exact"]) for _ in range(repeats)
     )
@@ -135,14 +143,23 @@ def main() -> int:
     torch_python = ensure_torch_venv()
     worker = str(BENCHMARKS_DIR / "klsym_worker.py")
     baseline = str(BENCHMARKS_DIR / "torch_baseline.py")
-    runs: dict[str, list[dict]] = {"torch_float32": [], "torch_float64": [], "klsym": [], "klsym_defaults": []}
+    runs: dict[str, list[dict]] = {
+        "torch_float32": [],
+        "torch_float64": [],
+        "klsym": [],
+        "klsym_defaults": [],
+        "klsym_array": [],
+        "klsym_defaults_array": [],
+    }
     for _ in range(args.repeats):  # alternate so that load from elsewhere hits every side alike
         runs["torch_float32"].append(measure([str(torch_python), baseline, args.n, args.seed, "float32"]))
         runs["torch_float64"].append(measure([str(torch_python), baseline, args.n, args.seed, "float64"]))
-        runs["klsym"].append(measure([str(KLSYM_PYTHON), worker, "values", args.n, args.seed]))
-        runs["klsym_defaults"].append(measure([str(KLSYM_PYTHON), worker, "defaults", args.n, args.seed]))
-    big = measure([str(KLSYM_PYTHON), worker, "values", args.big_n, args.seed])
-    trials = measure([str(KLSYM_PYTHON), worker, "trials", "50000", "1000", args.seed])
+        for kind, suffix, env in (("values", "", KERNELS_ON), ("defaults", "_defaults", KERNELS_ON)):
+            runs[f"klsym{suffix}"].append(measure([str(KLSYM_PYTHON), worker, kind, args.n, args.seed], env))
+        for kind, suffix, env in (("values", "_array", KERNELS_OFF), ("defaults", "_defaults_array", KERNELS_OFF)):
+            runs[f"klsym{suffix}"].append(measure([str(KLSYM_PYTHON), worker, kind, args.n, args.seed], env))
+    big = measure([str(KLSYM_PYTHON), worker, "values", args.big_n, args.seed])  # auto: loads the kernels
+    trials = measure([str(KLSYM_PYTHON), worker, "trials", "50000", "1000", args.seed], KERNELS_ON)
 
     k, t32, t64 = best(runs["klsym"]), best(runs["torch_float32"]), best(runs["torch_float64"])
     kd = best(runs["klsym_defaults"])
@@ -151,18 +168,20 @@ def main() -> int:
         ("torch 2.13 CPU, float64", t64),
         ("klsym numpy, float64, values only", k),
         ("klsym numpy, float64, defaults (+ quantiles, batch spread)", kd),
+        ("klsym numpy, float64, values only, array code (KLSYM_KERNELS=off)", best(runs["klsym_array"])),
+        ("klsym numpy, float64, defaults, array code (KLSYM_KERNELS=off)", best(runs["klsym_defaults_array"])),
         (f"klsym numpy, float64, n = {big['n']:.0e}", big),
     ]
     print(
         f"Schulman setting q = N(0,1), p = N(1,1), k1..k4 mean/std/min/max, n = {k['n']:.0e}, "
         f"best of {args.repeats}, {os.cpu_count()} cores\n"
     )
-    print("| run | n | seconds | samples/s | peak RSS (MiB) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| run | n | seconds | CPU seconds | samples/s | peak RSS (MiB) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for label, r in rows:
         print(
-            f"| {label} | {r['n']:.0e} | {r['seconds']:.3f} | {r['n'] / r['seconds']:.3g} | "
-            f"{r['child_peak_rss_mib']:.0f} |"
+            f"| {label} | {r['n']:.0e} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
+            f"{r['n'] / r['seconds']:.3g} | {r['child_peak_rss_mib']:.0f} |"
         )
     median = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     print(
@@ -176,6 +195,13 @@ def main() -> int:
         f"{median['torch_float32'] / median['klsym_defaults']:.2f}x median (target >= 3x); values only vs torch "
         f"float32: {t32['seconds'] / k['seconds']:.2f}x best-of, {median['torch_float32'] / median['klsym']:.2f}x "
         f"median (target >= 5x)"
+    )
+    cpu = {name: statistics.median(r["cpu_seconds"] for r in rs) for name, rs in runs.items()}
+    print(
+        "CPU-time ratios (median; load from elsewhere moves these less): torch float32 / klsym values "
+        f"{cpu['torch_float32'] / cpu['klsym']:.2f}x, defaults {cpu['torch_float32'] / cpu['klsym_defaults']:.2f}x; "
+        f"kernels vs array code: values {cpu['klsym_array'] / cpu['klsym']:.2f}x, defaults "
+        f"{cpu['klsym_defaults_array'] / cpu['klsym_defaults']:.2f}x"
     )
     print(
         f"klsym peak RSS at n = {big['n']:.0e}: {big['child_peak_rss_mib']:.0f} MiB (target < 150 MB; "

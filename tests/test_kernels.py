@@ -1,6 +1,9 @@
 """The compiled kernels give the array code's numbers bit for bit (draws, log-ratios, histograms, whole runs)."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -110,8 +113,26 @@ def test_runs_and_gradients_are_identical_with_and_without_kernels(q, p, monkeyp
 
 def test_kernels_apply_to_numpy_float64_only(monkeypatch):
     numpy = get_backend("numpy")
-    assert compiled_kernels(numpy, np.float64) is kernels
+    assert compiled_kernels(numpy, np.float64) is kernels  # loaded in this process: always used
     assert compiled_kernels(numpy, np.float32) is None  # float32 draws stay NumPy's
     assert Stream(Gaussian(0, 1), Gaussian(1, 1), "k1", dtype="float32").draw([((0,), 10)]).kernels is None
     monkeypatch.setenv(KERNELS_ENV, "off")
     assert compiled_kernels(numpy, np.float64) is None
+
+
+def test_a_fresh_process_loads_the_kernels_only_for_a_large_run():
+    """Loading numba costs about a second: a short run (a CLI call) must not pay it, a large one does."""
+    code = (
+        "import sys\n"
+        "from klsym.exact.families import Gaussian\n"
+        "from klsym.simulate.driver import KERNELS_MIN_SAMPLES, Stream\n"
+        "from klsym.simulate.montecarlo import run\n"
+        "run(Gaussian(0, 1), Gaussian(1, 1), 'k1', n=1000)\n"
+        "print('numba' in sys.modules)\n"
+        "stream = Stream(Gaussian(0, 1), Gaussian(1, 1), 'k1')\n"
+        "plan = stream.streaming_plan(KERNELS_MIN_SAMPLES)\n"
+        "print(stream.draw(next(plan)).kernels is not None, 'numba' in sys.modules)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != KERNELS_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "True", "True"]

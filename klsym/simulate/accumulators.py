@@ -285,7 +285,13 @@ class LogRatioHistogram(Accumulator):
     def __init__(self, bits: int = T_HIST_BITS):
         super().__init__(bits)
         self.bits = bits
-        self.counts = np.zeros(1 << bits, dtype=np.int64)
+        self._counts = None  # 2 MiB: allocated when first folded into, not in every worker's empty copy
+
+    @property
+    def counts(self) -> np.ndarray:
+        if self._counts is None:
+            self._counts = np.zeros(1 << self.bits, dtype=np.int64)
+        return self._counts
 
     def partials(self, chunk):
         xp, host = chunk.stream.xp, chunk.stream.backend.host

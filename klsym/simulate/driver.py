@@ -43,20 +43,37 @@ def _rows(xp, generators, draw):
     return xp.stack([draw(generator) for generator in generators])
 
 
-#: ``KLSYM_KERNELS=0`` runs the array code instead of the compiled kernels (same results; for comparison).
+#: ``KLSYM_KERNELS``: ``auto`` (default, see :func:`compiled_kernels`), ``on`` or ``off`` (the array code).
+#: The results are the same bits either way; only the time differs.
 KERNELS_ENV = "KLSYM_KERNELS"
+#: Samples from which a run loads the compiled kernels itself: importing numba and loading its cached
+#: code costs about 0.8 s once per process, and the kernels save about 15 ns of CPU per sample.
+KERNELS_MIN_SAMPLES = 1 << 26
 
 
-def compiled_kernels(backend: Backend, dtype):
-    """:mod:`klsym.simulate.kernels` where it applies (NumPy backend, float64, numba importable), else None."""
+def compiled_kernels(backend: Backend, dtype, samples: int | None = None):
+    """:mod:`klsym.simulate.kernels` where it applies (NumPy backend, float64, numba importable) and pays
+    off, else None: with ``KLSYM_KERNELS=auto`` once a process has loaded them, or for a run of at least
+    :data:`KERNELS_MIN_SAMPLES` samples (a short run in a fresh process, e.g. a CLI call, skips the load)."""
     if backend.name != "numpy" or backend.xp is not np or dtype is not np.float64:
         return None
-    if os.environ.get(KERNELS_ENV, "1").strip() in ("0", "false", "no", "off"):
+    setting = os.environ.get(KERNELS_ENV, "auto").strip().lower()
+    if setting in ("0", "off", "false", "no"):
         return None
+    loaded = "klsym.simulate.kernels" in sys.modules
+    if setting == "auto" and not loaded and (samples or 0) < KERNELS_MIN_SAMPLES:
+        return None
+    return load_kernels()
+
+
+def load_kernels():
+    """Import :mod:`klsym.simulate.kernels` and load its compiled code now (None without numba); afterwards
+    every float64 NumPy run of this process uses them."""
     try:
         from klsym.simulate import kernels
     except ImportError:  # no numba wheel for this platform: the array code gives the same numbers
         return None
+    kernels.warm_up()
     return kernels
 
 
@@ -70,8 +87,7 @@ class GaussianSampler:
         self.param_names = q.param_names
         self.size = len(q.param_names)
 
-    def draw(self, generators, size):
-        kernels = compiled_kernels(self.backend, self.dtype)
+    def draw(self, generators, size, kernels=None):
         if kernels is not None:  # one compiled loop, the same bits as the array code below
             return kernels.gaussian_draw(generators, size, self.q, self.p)
         z = _rows(self.backend.xp, generators, lambda g: g.standard_normal(size, dtype=self.dtype))
@@ -99,8 +115,7 @@ class CategoricalSampler:
         self.last_token = int(np.flatnonzero(self.probs > 0)[-1])  # u past a rounded cdf[-1]
         self.table = xp.asarray((p.log_probs - q.log_probs).astype(dtype))
 
-    def draw(self, generators, size):
-        kernels = compiled_kernels(self.backend, self.dtype)
+    def draw(self, generators, size, kernels=None):
         if kernels is not None:
             return kernels.categorical_draw(generators, size, self.cdf, self.last_token, self.table)
         xp = self.backend.xp
@@ -167,6 +182,12 @@ class Stream:
         self.sampler = make_sampler(q, p, self.backend, DTYPES[dtype])
         self.values = [self.backend.value_function(e) for e in estimators]
         self.slopes = [self.backend.derivative_function(e) for e in estimators]
+        self.samples: int | None = None  # how many the plan draws: whether loading the kernels pays
+
+    @property
+    def kernels(self):
+        """:mod:`klsym.simulate.kernels` when this stream's chunks use them (see :func:`compiled_kernels`)."""
+        return compiled_kernels(self.backend, self.sampler.dtype, self.samples)
 
     @property
     def xp(self):
@@ -174,6 +195,7 @@ class Stream:
 
     def streaming_plan(self, n: int, chunk: int = DEFAULT_CHUNK):
         """Chunks of ``(key, size)``: full blocks grouped by ``chunk``, a partial last block alone."""
+        self.samples = n
         block = self.backend.block_size
         per_chunk = max(1, chunk // block)
         full, rest = divmod(n, block)
@@ -184,6 +206,7 @@ class Stream:
 
     def trials_plan(self, n: int, trials: int, group: int):
         """Chunks of ``group`` trials, trial ``i`` being block ``(TRIALS_STREAM, i)`` of ``n`` samples."""
+        self.samples = n * trials
         for first in range(0, trials, group):
             yield [((TRIALS_STREAM, i), n) for i in range(first, min(trials, first + group))]
 
@@ -202,10 +225,10 @@ class Chunk:
         self.sizes = [size for _, size in blocks]
         if len(set(self.sizes)) != 1:
             raise ValueError("a chunk holds RNG blocks of one size")
+        #: :mod:`klsym.simulate.kernels` where they are used, else None (the array code runs)
+        self.kernels = stream.kernels
         generators = [stream.backend.generator(stream.seed, *key) for key, _ in blocks]
-        self.t, self.data = stream.sampler.draw(generators, self.sizes[0])
-        #: :mod:`klsym.simulate.kernels` where it applies, else None (the accumulators' array code runs)
-        self.kernels = compiled_kernels(stream.backend, stream.sampler.dtype)
+        self.t, self.data = stream.sampler.draw(generators, self.sizes[0], self.kernels)
         self._values: dict = {}
         self._weights: dict = {}
         self._score = None

@@ -167,6 +167,7 @@ def run_blocks(point: Point, chunks) -> list:
     """Draw the task's chunks and return the accumulators, holding their per-block partials unmerged."""
     keep_freed_blocks()
     stream = point.stream()
+    stream.samples = point.n  # the point's size decides whether loading the compiled kernels pays
     values, sums = point.accumulators(stream)
     accumulators = values.accumulators + ([sums] if sums is not None else [])
     for blocks in chunks:
