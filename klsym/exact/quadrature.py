@@ -113,7 +113,8 @@ def expect(q, g, rtol: float = 1e-13, max_rounds: int = 40, log: bool = False) -
     if bounds is None:
         return (-math.inf, 0.0) if log else (0.0, 0.0)
     lo, hi, mode = bounds
-    edges = np.unique(np.concatenate([np.linspace(lo, hi, 65), [mode]]))
+    edges = np.sort(np.concatenate([np.linspace(lo, hi, 65), [mode]]))
+    edges = edges[np.concatenate([[True], edges[1:] != edges[:-1]])]  # np.unique's steps; np.unique imports np.ma
     lo_edges, hi_edges = edges[:-1], edges[1:]
     done_value = done_error = 0.0
     for _ in range(max_rounds):
