@@ -36,7 +36,7 @@ import sympy as sp
 
 from klsym.derive.symbols import r, t
 from klsym.exact import closed_form
-from klsym.exact.closed_form import QUANTITIES, Term, Tracked, digits_lost, precise
+from klsym.exact.closed_form import QUANTITIES, Term, Tracked, digits_lost, precise  # noqa: F401 - re-exported
 
 # Symbols of the derivation: a (power of r), T (positions), sampler (m, s), ratio's q (mu, sigma),
 # reference p (mu_p, sigma_p).
@@ -173,7 +173,7 @@ def _term_function(a, n: int):
     of float64 limits the result. The generated code is kept on disk (:func:`term_code`), so a new process
     compiles it in milliseconds instead of differentiating again.
     """
-    return closed_form.Term.from_data(term_data(1, a, n)).function
+    return closed_form.term_function(term_code(a, n))
 
 
 def term_code(a, n: int) -> dict:
@@ -189,7 +189,7 @@ def term_code(a, n: int) -> dict:
 def term_data(c, a, n: int) -> dict:
     r"""One term :math:`c\, r^a t^n` as JSON data for :class:`klsym.exact.closed_form.Term`: c exact (a rational
     as ``[num, den]``, else its ``srepr``), the power a as a fraction, n, the generated code.
-    :class:`ValueError` when a is not rational (then the estimator has no closed form here)."""
+    ``TypeError`` when a is not rational (then the estimator has no closed form here)."""
     c = sp.sympify(c)
     power = _fraction(a)
     exact = {"rational": [int(c.p), int(c.q)]} if c.is_Rational else {"srepr": sp.srepr(c)}

@@ -64,13 +64,18 @@ class Term(NamedTuple):
                 return mpmath.mpf(num) / den
         else:
             coefficient = _sympy_coefficient(c["srepr"])
-        function = _function(code_key(data["code"]))
+        function = term_function(data["code"])
         return cls(coefficient, float(data["c_float"]), Fraction(*data["a"]), int(data["n"]), function)
 
 
+def term_function(code: dict):
+    """The function of a term's generated code (compiled once per process)."""
+    return _compiled(_code_key(code))
+
+
 @cache
-def _function(code_key: tuple):
-    source, name, names = code_key
+def _compiled(key: tuple):
+    source, name, names = key
     return compile_code({"source": source, "name": name, "globals": dict(names)}, mpmath)
 
 
@@ -85,8 +90,8 @@ def _sympy_coefficient(text: str):
     return coefficient
 
 
-def code_key(code: dict) -> tuple:
-    """A hashable form of generated code (compiled once per process)."""
+def _code_key(code: dict) -> tuple:
+    """A hashable form of generated code."""
     return (code["source"], code["name"], tuple((k, tuple(v)) for k, v in sorted(code["globals"].items())))
 
 
@@ -265,7 +270,7 @@ __all__ = [
     "GUARD",
     "Term",
     "terms_from_data",
-    "code_key",
+    "term_function",
     "condition_holds",
     "Tracked",
     "digits_lost",
