@@ -109,6 +109,22 @@ def test_names_aliases_and_estimators_share_one_plan(cache):
     assert estimator_stats(impostor, q, p)["mean"] == estimator_stats("k2", q, p)["mean"] * 2
 
 
+def test_one_formula_under_two_names_keeps_both_names(cache, monkeypatch):
+    from klsym.exact.expectations import exact_summary
+
+    calls = _count_derivations(monkeypatch)
+    first, second = est.from_formula("r - 1 - log(r)"), est.control_variate(1)  # k3's formula twice
+    summary = exact_summary(Gaussian(0.0, 1.0), Gaussian(0.5, 1.2), [first, second, "k3"])
+    assert list(summary["estimators"]) == ["r - 1 - log(r)", "cv(1)", "k3"]
+    assert (
+        summary["estimators"]["cv(1)"]["target"] == "KL(q||p)"
+        and summary["estimators"]["r - 1 - log(r)"]["target"] is None
+    )
+    assert len({entry["mean"] for entry in summary["estimators"].values()}) == 1
+    shared = [part for part, name in calls if name != "k3"]
+    assert shared and len(shared) == len(set(shared))  # each part derived once for the shared formula
+
+
 def test_a_changed_formula_is_derived_afresh(cache, monkeypatch):
     calls = _count_derivations(monkeypatch)
     q, p = Gaussian(0.0, 1.0), Gaussian(0.5, 1.2)

@@ -62,10 +62,11 @@ def plan_of(estimator) -> Plan:
     builtin = BUILTINS.get(estimator.name)
     if builtin is not None and builtin == estimator and builtin.stable_expr == estimator.stable_expr:
         return _builtin_plan(estimator.name)
-    key = _key(["estimator", *_sreprs(estimator)])
-    if key not in _PLANS:
-        _PLANS[key] = Plan(estimator.name, estimator.target, key, lambda: estimator)
-    return _PLANS[key]
+    key = _key(["estimator", *_sreprs(estimator)])  # on disk: what is derived depends on the expressions only
+    labelled = (key, estimator.name, estimator.target)
+    if labelled not in _PLANS:
+        _PLANS[labelled] = Plan(estimator.name, estimator.target, key, lambda: estimator)
+    return _PLANS[labelled]
 
 
 def _builtin_plan(name: str) -> Plan:
