@@ -371,20 +371,25 @@ def quantiles_of_function(keys, counts, function, levels, bits: int = T_HIST_BIT
     return out
 
 
-def _solve_uniform_mixture(a, b, c, target, low, high, steps: int = 64) -> float:
-    """Bisection for x in [low, high] with sum c clip((x - a) / (b - a), 0, 1) = target."""
-    width = b - a
-    for _ in range(steps):
-        if not low < high:
-            break
-        x = 0.5 * low + 0.5 * high
-        with np.errstate(all="ignore"):
-            fraction = np.where(width > 0, np.clip((x - a) / width, 0.0, 1.0), (x >= a).astype(np.float64))
-        if float(fraction @ c) >= target:
-            high = x
-        else:
-            low = x
-    return float(high)
+def _solve_uniform_mixture(a, b, c, target, low, high) -> float:
+    r"""The smallest x in [low, high] with :math:`F(x) = \sum_j c_j\, \mathrm{clip}((x - a_j) / (b_j - a_j), 0, 1) \ge`
+    ``target`` (a bin with :math:`a_j = b_j` is a step at :math:`a_j`). F is piecewise linear with its kinks and
+    steps at the :math:`a_j, b_j`: evaluated there (value and left limit), the crossing segment is solved exactly."""
+    points = np.unique(np.clip(np.concatenate([[low, high], a, b]), low, high))
+    offsets, width = points[:, None] - a, b - a
+    with np.errstate(all="ignore"):
+        ramps = np.clip(offsets / width, 0.0, 1.0)
+    value = np.where(width > 0, ramps, offsets >= 0) @ c
+    below = np.where(width > 0, ramps, offsets > 0) @ c  # left limits: a step counts from its point on
+    i = int(np.searchsorted(value, target, side="left"))  # F is non-decreasing
+    if i == 0:
+        return float(points[0])
+    if i == points.size:
+        return float(high)
+    x0, x1, f0, f1 = points[i - 1], points[i], value[i - 1], below[i]
+    if f0 < target <= f1:  # continuous on [x0, x1): the straight line crosses the level
+        return float(min(max(x0 + (x1 - x0) * ((target - f0) / (f1 - f0)), x0), x1))
+    return float(x1)  # a step at x1 crosses it
 
 
 # --- gradients ---------------------------------------------------------------------------------
