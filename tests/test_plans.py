@@ -138,7 +138,9 @@ def test_a_changed_formula_is_derived_afresh(cache, monkeypatch):
     assert len(calls) > derived and changed["mean"] != base["mean"]
 
 
-@pytest.mark.parametrize("edited", ["derive/estimators.py", "derive/gaussian_closed_form.py", "exact/plans.py"])
+@pytest.mark.parametrize(
+    "edited", ["derive/estimators.py", "derive/gaussian_closed_form.py", "derive/generated.py", "exact/plans.py"]
+)
 def test_a_changed_deriving_module_is_derived_afresh(cache, monkeypatch, tmp_path_factory, edited):
     _ = plans.plan_of("k3").terms
     sources = list(plans.DERIVING_SOURCES)

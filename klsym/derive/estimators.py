@@ -26,6 +26,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
 
+from klsym.derive import generated
 from klsym.derive.divergences import Divergence, get_divergence
 from klsym.derive.formula import parse_formula
 from klsym.derive.generated import TAYLOR_RADIUS, NotCacheable, globals_of, logratio_function
@@ -169,7 +170,8 @@ def numeric_code(
         except NotCacheable:
             return None
 
-    return cached_json("logratio-code", cache_key([sp.srepr(e_t), sp.srepr(stable), module], [__file__]), generate)
+    key = cache_key([sp.srepr(e_t), sp.srepr(stable), module], [__file__, generated.__file__])  # code, its runner
+    return cached_json("logratio-code", key, generate)
 
 
 def _numeric_body(e_t: sp.Expr, stable: sp.Expr | None) -> sp.Expr:

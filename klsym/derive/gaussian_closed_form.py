@@ -34,6 +34,7 @@ from functools import cache, lru_cache
 
 import sympy as sp
 
+from klsym.derive import generated
 from klsym.derive.symbols import r, t
 from klsym.exact import closed_form
 from klsym.exact.closed_form import QUANTITIES, Term, Tracked, digits_lost, precise  # noqa: F401 - re-exported
@@ -179,10 +180,10 @@ def _term_function(a, n: int):
 def term_code(a, n: int) -> dict:
     r"""Generated code of the quantities of :math:`\mathbb{E}[r^a t^n]_T` as JSON data (source and the mpmath
     globals it reads), kept on disk (:mod:`klsym.derive.diskcache`, keyed by ``(a, n)``, the versions and this
-    module's source)."""
+    module's and :mod:`klsym.derive.generated`'s source)."""
     from klsym.derive.diskcache import cache_key, cached_json
 
-    key = cache_key([sp.srepr(sp.sympify(a)), str(int(n))], [__file__])
+    key = cache_key([sp.srepr(sp.sympify(a)), str(int(n))], [__file__, generated.__file__])  # code, its runner
     return cached_json("gaussian-term", key, lambda: _term_code(_term_source(a, n)))
 
 
@@ -223,15 +224,13 @@ def _term_code(source: str) -> dict:
     import mpmath
     from sympy.utilities.lambdify import MODULES, _import
 
-    from klsym.derive.generated import globals_of
-
     _import("mpmath")
     namespace = dict(MODULES["mpmath"][0])
     exec(compile(source, "<klsym.derive.gaussian_closed_form term>", "exec"), namespace)  # code klsym generated
     return {
         "source": source,
         "name": "_lambdifygenerated",
-        "globals": globals_of(namespace["_lambdifygenerated"], mpmath),
+        "globals": generated.globals_of(namespace["_lambdifygenerated"], mpmath),
     }
 
 
