@@ -239,11 +239,20 @@ def log_ratio(p, q, x):
     True
     """
     if isinstance(p, Gaussian) and isinstance(q, Gaussian):
+        # augmented operations: on arrays they reuse two temporaries (the same IEEE operations, so the same
+        # bits as the formula written out), on scalars they just rebind
         centred = x - q.mu
         with np.errstate(over="ignore", invalid="ignore"):
-            difference = (centred * ((p.sigma - q.sigma) / q.sigma) + (p.mu - q.mu)) / p.sigma  # z_q - z_p
-            zq = centred / q.sigma
-            return _log_sigma_ratio(q.sigma, p.sigma) + 0.5 * difference * (2 * zq - difference)
+            difference = centred * ((p.sigma - q.sigma) / q.sigma)
+            difference += p.mu - q.mu
+            difference /= p.sigma  # z_q - z_p
+            centred /= q.sigma  # z_q
+            centred *= 2
+            centred -= difference
+            difference *= 0.5
+            difference *= centred
+            difference += _log_sigma_ratio(q.sigma, p.sigma)
+            return difference
     return p.log_prob(x) - q.log_prob(x)
 
 

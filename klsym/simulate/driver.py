@@ -90,8 +90,9 @@ class GaussianSampler:
     def draw(self, generators, size, kernels=None):
         if kernels is not None:  # one compiled loop, the same bits as the array code below
             return kernels.gaussian_draw(generators, size, self.q, self.p)
-        z = _rows(self.backend.xp, generators, lambda g: g.standard_normal(size, dtype=self.dtype))
-        x = self.q.mu + self.q.sigma * z  # elementwise: the same bits as block by block
+        x = _rows(self.backend.xp, generators, lambda g: g.standard_normal(size, dtype=self.dtype))
+        x *= self.q.sigma  # x = mu + sigma z in place; elementwise: the same bits as block by block
+        x += self.q.mu
         return log_ratio(self.p, self.q, x), x
 
     def score(self, x):
