@@ -393,20 +393,36 @@ def identify_second_derivative(second: sp.Expr) -> str | None:
     """:func:`identify` for a generator given by its second derivative g''."""
     if is_zero(second):
         return "zero"
+    values = _values_at(second)  # once, not once per registered divergence
     multiples = []
-    for divergence in REGISTRY.values():
-        reference = sp.diff(divergence.generator, r, 2)
-        if is_zero(second - reference):
+    for divergence, reference, reference_values in _second_derivatives(tuple(REGISTRY.values())):
+        numeric = values is not None and reference_values is not None
+        differences = [abs(a - b) for a, b in zip(values, reference_values)] if numeric else None
+        # a difference far above the rounding of 20-digit values proves g'' differs: skip the exact test
+        if not (numeric and max(differences) > 1e-9 * max(1.0, *map(abs, values))) and is_zero(second - reference):
             return divergence.label
         ratio = second / reference
-        values = _values_at(ratio)
-        if values is None or max(values) - min(values) > 1e-12 * max(map(abs, values)):
+        if numeric:
+            ratios = None if 0.0 in reference_values else [a / b for a, b in zip(values, reference_values)]
+        else:
+            ratios = _values_at(ratio)
+        if ratios is None or max(ratios) - min(ratios) > 1e-12 * max(map(abs, ratios)):
             continue  # not a constant multiple (or not evaluable)
         ratio = _simplify(ratio)
         if ratio.is_number and ratio.is_nonzero and ratio.is_finite:
             coefficient = "-" if ratio == -1 else f"{sp.sstr(ratio)}*"
             multiples.append(f"{coefficient}{divergence.label}")
     return multiples[0] if multiples else None
+
+
+@cache
+def _second_derivatives(divergences: tuple) -> tuple:
+    """``(divergence, f'', f'' at the check points or None)`` per divergence, computed once per registry."""
+    out = []
+    for divergence in divergences:
+        second = sp.diff(divergence.generator, r, 2)
+        out.append((divergence, second, _values_at(second)))
+    return tuple(out)
 
 
 def mode_coefficient(estimator: Estimator, mode: str) -> sp.Expr:
