@@ -4,6 +4,7 @@ numbers; a changed formula or deriving module is derived afresh; a warm `exact`/
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mpmath
 import numpy as np
@@ -247,3 +248,30 @@ def test_ndtr_and_log_softmax_match_scipy():
     for logits in [rng.normal(0, 5, 50), np.array([0.0, 1.0, -np.inf]), np.array([1000.0, 1.0]), np.full(3, -1e300)]:
         assert np.array_equal(log_softmax(logits), special.log_softmax(logits))  # the same operations
     assert np.array_equal(Categorical([0.0, 2.0, -np.inf]).log_probs, special.log_softmax([0.0, 2.0, -np.inf]))
+
+
+def test_warm_derive_of_builtins_reads_its_rows_without_sympy(tmp_path):
+    """``klsym derive`` (all built-ins, and a named one): the warm run imports none of :data:`HEAVY` and prints
+    the cold run's table and JSON."""
+    for args in (["derive", "low_var_kl", "k4", "--format", "json"], ["derive"]):
+        cold, cold_modules = _run_cli(args, tmp_path)
+        warm, warm_modules = _run_cli(args, tmp_path)
+        assert "sympy" in cold_modules  # the first run derives (k3 and k4; then the other built-ins)
+        assert warm == cold and warm_modules == []
+
+
+def test_derive_rows_are_derived_afresh_when_a_deriving_module_changes(tmp_path, monkeypatch):
+    from klsym.cli import derive as derive_command
+    from klsym.derive import symbolic
+
+    monkeypatch.setenv("KLSYM_CACHE_DIR", str(tmp_path))
+    calls = []
+    analyze = symbolic.analyze
+    monkeypatch.setattr(symbolic, "analyze", lambda e: calls.append(e.name) or analyze(e))
+    first = derive_command.builtin_row("k3")
+    assert derive_command.builtin_row("k3") == first and calls == ["k3"]  # the second read is the cache's
+    edited = tmp_path / "symbolic.py"
+    edited.write_text(Path(symbolic.__file__).read_text() + "\n# edited\n")
+    sources = tuple(str(edited) if s.endswith("symbolic.py") else s for s in derive_command.DERIVING_SOURCES)
+    monkeypatch.setattr(derive_command, "DERIVING_SOURCES", sources)
+    assert derive_command.builtin_row("k3") == first and calls == ["k3", "k3"]

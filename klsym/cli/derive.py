@@ -7,10 +7,25 @@ q = N(mu_q, sigma_q^2), p = N(mu_p, sigma_p^2) (:mod:`klsym.derive.closed_forms`
 from __future__ import annotations
 
 from klsym.cli import add_time_budget_argument, within_budget
-from klsym.derive.estimators import BUILTINS, from_formula, get_estimator
+from klsym.derive.registry import BUILTIN_INFO, canonical_name
 from klsym.jsonio import dumps, format_table
+from klsym.paths import PACKAGE_DIR
 
 FAMILIES = ("gaussian",)
+#: The modules a built-in's derivation row depends on: its cached row is keyed by their sources (and the name,
+#: klsym's and SymPy's versions), so a warm ``derive`` of built-ins reads rows without importing SymPy.
+DERIVING_SOURCES = tuple(
+    str(PACKAGE_DIR / "derive" / name)
+    for name in (
+        "symbolic.py",
+        "divergences.py",
+        "estimators.py",
+        "registry.py",
+        "symbols.py",
+        "gaussian_closed_form.py",
+        "budget.py",
+    )
+)
 
 
 def register(subparsers) -> None:
@@ -23,7 +38,7 @@ def register(subparsers) -> None:
         "w.r.t. mu_q, sigma_q in each mode (loss, reward, full) for q = N(mu_q, sigma_q^2), "
         "p = N(mu_p, sigma_p^2), with the conditions under which each exists.",
     )
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"estimators ({', '.join(BUILTINS)})")
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"estimators ({', '.join(BUILTIN_INFO)})")
     parser.add_argument(
         "--expr",
         action="append",
@@ -48,20 +63,24 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    estimators = [get_estimator(n) for n in args.names] + [from_formula(f) for f in args.expr]
-    if not estimators:
-        estimators = list(BUILTINS.values())
-    if args.family is not None:
-        return _run_family(args, estimators)
-    from klsym.derive.symbolic import analyze, render_latex, render_markdown  # SymPy-heavy: import when used
+    names = [canonical_name(n) for n in args.names] if args.names or args.expr else list(BUILTIN_INFO)
+    if args.family is not None or args.expr:
+        from klsym.derive.estimators import BUILTINS, from_formula
 
-    rows = within_budget(args, lambda: [analyze(e) for e in estimators], lambda: "deriving")
+        estimators = [BUILTINS[n] for n in names] + [from_formula(f) for f in args.expr]
+        if args.family is not None:
+            return _run_family(args, estimators)
+        from klsym.derive.symbolic import analyze
+
+        rows = within_budget(args, lambda: [analyze(e) for e in estimators], lambda: "deriving")
+    else:
+        rows = within_budget(args, lambda: [builtin_row(n) for n in names], lambda: "deriving")
     if args.format == "json":
         print(dumps(rows))
-    elif args.format == "latex":
-        print(render_latex(rows), end="")
-    elif args.format == "markdown":
-        print(render_markdown(rows), end="")
+    elif args.format in ("latex", "markdown"):
+        from klsym.derive.symbolic import render_latex, render_markdown
+
+        print((render_latex if args.format == "latex" else render_markdown)(rows), end="")
     else:
         print(
             format_table(
@@ -112,3 +131,30 @@ def _run_family(args, estimators) -> int:
     else:
         print(closed_forms.render_markdown(rows), end="")
     return 0
+
+
+def builtin_row(name: str) -> dict:
+    """The derivation row of a built-in (:func:`klsym.derive.symbolic.analyze`), read from the cache by its name
+    (no SymPy); derived on a miss. A row with undecided steps (time budget) is returned, not stored."""
+    from klsym.derive.diskcache import cache_key, cached_json
+
+    unfinished = []
+
+    def derive() -> dict:
+        from klsym.derive.estimators import BUILTINS
+        from klsym.derive.symbolic import analyze
+
+        row = analyze(BUILTINS[name])
+        if row["undecided"]:
+            unfinished.append(row)
+            raise _Unfinished
+        return row
+
+    try:
+        return cached_json("derive-row", cache_key(["derive", name], DERIVING_SOURCES), derive)
+    except _Unfinished:
+        return unfinished[0]
+
+
+class _Unfinished(Exception):
+    """A row cut short by the time budget: returned to the caller, never cached."""
