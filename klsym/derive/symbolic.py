@@ -401,9 +401,9 @@ def identify_second_derivative(second: sp.Expr) -> str | None:
         # a difference far above the rounding of 20-digit values proves g'' differs: skip the exact test
         if not (numeric and max(differences) > 1e-9 * max(1.0, *map(abs, values))) and is_zero(second - reference):
             return divergence.label
-        ratio = second / reference
-        if numeric:
-            ratios = None if 0.0 in reference_values else [a / b for a, b in zip(values, reference_values)]
+        ratio = second / reference  # SymPy cancels common factors: 2*DiracDelta(r - 1) / DiracDelta(r - 1) is 2
+        if numeric and 0.0 not in reference_values:
+            ratios = [a / b for a, b in zip(values, reference_values)]
         else:
             ratios = _values_at(ratio)
         if ratios is None or max(ratios) - min(ratios) > 1e-12 * max(map(abs, ratios)):
