@@ -1,9 +1,11 @@
 """The exact layer's plans (klsym.exact.plans): derived by SymPy once, read from disk afterwards with the same
-numbers; a changed formula or deriving module is derived afresh; a warm `exact`/`gradient` imports no SymPy."""
+numbers; a changed formula or deriving module is derived afresh; a warm `exact`/`gradient`/`mc` imports no SymPy;
+the Monte Carlo engine runs the plans' functions, the SymPy-compiled ones bit for bit."""
 
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import mpmath
@@ -17,6 +19,10 @@ from klsym.derive.registry import ALIASES, BUILTIN_INFO
 from klsym.exact import plans
 from klsym.exact.expectations import _bisect_sign_changes, estimator_stats
 from klsym.exact.families import Categorical, Gaussian, log_softmax, ndtr
+from klsym.jsonio import dumps
+from klsym.simulate.backend import Backend, get_backend
+from klsym.simulate.driver import KERNELS_ENV
+from klsym.simulate.montecarlo import GRADIENT_MODES, gradient, run
 
 VALUES = np.array([-700.0, -30.0, -1.0, -1e-4, 0.0, 1e-12, 0.5, 30.0, 41.0, 700.0])
 
@@ -186,6 +192,94 @@ def test_warm_exact_and_gradient_import_neither_sympy_nor_scipy_nor_pandas(tmp_p
     categorical = [command, "--q-logits", str(logits), "--p-logits", str(logits), "--format", "json"]
     _run_cli(categorical, tmp_path)
     assert _run_cli(categorical, tmp_path)[1] == []
+
+
+def _logits_files(directory):
+    """A categorical pair whose p has a -inf logit on q's support (tokens with p(x) = 0: the limits at t = -inf)."""
+    (directory / "q.txt").write_text("0.0 1.0 -0.5 2.0")
+    (directory / "p.txt").write_text("0.5 -inf 1.0 0.0")
+    return ["--q-logits", str(directory / "q.txt"), "--p-logits", str(directory / "p.txt")]
+
+
+def _without_seconds(output: str) -> dict:
+    result = json.loads(output)
+    del result["seconds"]
+    return result
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [("gaussian", []), ("categorical", []), ("categorical", ["--dtype", "float32", "--chunk", "1"])],
+)
+def test_warm_mc_imports_neither_sympy_nor_scipy_nor_pandas(tmp_path, family, options):
+    """``klsym mc`` on every built-in, values and all gradient modes: once the plans are on disk the warm run imports
+    none of :data:`HEAVY` and prints the cold run's numbers (all but the run time)."""
+    pair = ["--q", "0,1", "--p", "0.1,1"] if family == "gaussian" else _logits_files(tmp_path)
+    args = ["mc", *pair, "--n", "1e5", "--gradient", ",".join(GRADIENT_MODES), *options, "--quiet", "--format", "json"]
+    cold, cold_modules = _run_cli(args, tmp_path / "cache")
+    warm, warm_modules = _run_cli(args, tmp_path / "cache")
+    assert "sympy" in cold_modules  # the first run derives
+    assert warm_modules == [] and _without_seconds(warm) == _without_seconds(cold)
+
+
+#: Log-ratios around the Taylor radius, k4's switch at t = 40, the extremes, the infinities and nan.
+T_GRID = np.concatenate([VALUES, [2e-4, -5e-4, 1e-3, -1e-3, 40.0, 40.5, -np.inf, np.inf, np.nan]])
+
+
+def _bits(values):
+    return values.view(f"u{values.dtype.itemsize}")
+
+
+@pytest.mark.parametrize("name", [*BUILTIN_INFO, "r - 1 - log(r) + log(r)**3 / 6"])
+def test_numpy_backend_runs_the_plans_functions_the_sympy_compiled_ones_bit_for_bit(cache, monkeypatch, name):
+    """The NumPy backend evaluates a plan's function read from disk; the backend compiled the Estimator's SymPy body
+    itself before plans (as it still does for CuPy): the same bits and dtype, in float64 and float32."""
+    estimator = est.get_estimator(name) if name in BUILTIN_INFO else est.from_formula(name)
+    _ = plans.plan_of(estimator).numeric, plans.plan_of(estimator).numeric_dt  # derived, on disk
+    monkeypatch.setattr(plans, "_PLANS", {})
+    plan, backend = plans.plan_of(estimator), get_backend("numpy")
+    assert backend.value_function(estimator) is plan.numeric and backend.derivative_function(plan) is plan.numeric_dt
+    for ours, reference in ((plan.numeric, estimator.numeric), (plan.numeric_dt, estimator.numeric_dt)):
+        compiled = est.compile_logratio_function(reference.expression, "numpy", xp=np)
+        for dtype in (np.float64, np.float32):
+            values = T_GRID.astype(dtype)
+            got, expected = ours(values), compiled(values)
+            assert got.dtype == expected.dtype == dtype and np.array_equal(_bits(got), _bits(expected))
+
+
+def _sympy_compiled_numpy() -> Backend:
+    """NumPy under another module's name: the engine compiles each Estimator's SymPy body for it (the NumPy path
+    before plans, the CuPy path now)."""
+    module = types.ModuleType("numpy_compiled_by_sympy")
+    module.__getattr__ = lambda name: getattr(np, name)
+    numpy_backend = get_backend("numpy")
+    return Backend("numpy", module, "numpy", numpy_backend.block_size, numpy_backend.generator_factory)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("family", ["gaussian", "categorical"])
+def test_mc_on_plans_gives_the_numbers_of_sympy_compiled_estimators(monkeypatch, family, dtype):
+    """run and gradient on built-in names or plans (the plans' functions read from disk) give what they give on
+    Estimator objects whose SymPy bodies the backend compiles: every statistic and gradient, bit for bit. (Both sides
+    take the limits at t = -inf from the plans: SymPy's, see test_builtin_plan_holds_what_sympy_derives.)"""
+    monkeypatch.setenv(KERNELS_ENV, "off")  # the same array code on both sides
+    if family == "gaussian":
+        q, p = Gaussian(0.2, 1.3), Gaussian(1.0, 1.1)
+    else:
+        q, p = Categorical([0.0, 1.0, -0.5, 2.0]), Categorical([0.5, -np.inf, 1.0, 0.0])
+    options = {"n": 150_001, "seed": 3, "dtype": dtype, "chunk": 1 << 17}
+    reference = {"backend": _sympy_compiled_numpy(), **options}
+    estimators = list(est.BUILTINS.values())
+    assert reference["backend"].value_function(estimators[0]) is not plans.plan_of("k1").numeric
+    named = run(q, p, ",".join(BUILTIN_INFO), **options)
+    compiled = run(q, p, estimators, **reference)
+    planned = gradient(q, p, [plans.plan_of(name) for name in BUILTIN_INFO], modes=GRADIENT_MODES, **options)
+    compiled_gradients = gradient(q, p, estimators, modes=GRADIENT_MODES, **reference)
+    for ours, theirs in ((named, compiled), (planned, compiled_gradients)):
+        del ours["seconds"], theirs["seconds"]
+        assert dumps(ours) == dumps(theirs)
+    if family == "categorical":  # where p(x) = 0: k1 = +inf, rev_k1 = 0 log 0 = 0 (the formula gives 0 * -inf = nan)
+        assert named["estimators"]["k1"]["max"] == np.inf and named["estimators"]["rev_k1"]["n_nonfinite"] == 0
 
 
 # --- P(k < 0) without brentq, normal CDF and log-softmax without SciPy ----------------------------------------

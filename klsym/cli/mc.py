@@ -25,9 +25,9 @@ import warnings
 import numpy as np
 
 from klsym.cli import UserError
-from klsym.cli.exact import add_pair_arguments, estimators_from_args, pair_from_args
+from klsym.cli.exact import add_pair_arguments, pair_from_args, plans_from_args
 from klsym.cli.offpolicy import add_behaviour_arguments, behaviour_from_args, run_mc
-from klsym.derive.symbolic import time_budget_seconds
+from klsym.derive.budget import time_budget_seconds
 from klsym.exact.expectations import label_gradient
 from klsym.jsonio import dumps, format_table
 from klsym.simulate.montecarlo import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_QUANTILES, DTYPES, crosscheck, gradient, run
@@ -166,10 +166,10 @@ def _run_command(args) -> int:
     if args.positions != 1:
         raise UserError("mc samples single positions only: --positions must be 1")
     q, p = pair_from_args(args)
-    estimators = estimators_from_args(args)
+    estimators = plans_from_args(args)  # built-in names without SymPy; --expr formulas parsed by it
     behaviour = behaviour_from_args(args, q)
     if behaviour is not None:
-        return run_mc(args, q, p, behaviour, estimators)
+        return run_mc(args, q, p, behaviour, [plan.estimator() for plan in estimators])
     options = {
         "chunk": args.chunk,
         "backend": args.backend,

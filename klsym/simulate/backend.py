@@ -22,7 +22,7 @@ from types import ModuleType
 
 import numpy as np
 
-from klsym.derive.estimators import Estimator, compile_logratio_function
+from klsym.exact.plans import plan_of
 
 #: Environment variable that selects the backend when none is passed.
 BACKEND_ENV = "KLSYM_BACKEND"
@@ -49,7 +49,8 @@ class Backend:
     xp : module
         The array module (``numpy``, ``cupy``).
     lambdify_module : str
-        Module name given to :func:`sympy.lambdify` through :func:`klsym.derive.estimators.make_numeric`.
+        Module name given to :func:`sympy.lambdify` (:func:`klsym.derive.estimators.compile_logratio_function`)
+        for any module but NumPy, whose functions come compiled with the estimator's plan.
     block_size : int
         Samples per RNG block.
     generator_factory : callable
@@ -76,19 +77,29 @@ class Backend:
         """
         return self.generator_factory(np.random.SeedSequence(seed, spawn_key=tuple(key)))
 
-    def value_function(self, estimator: Estimator) -> Callable:
-        r"""Vectorised :math:`t \mapsto k(e^t)` for this backend (see :func:`compile_logratio_function`)."""
+    def value_function(self, estimator) -> Callable:
+        r"""Vectorised :math:`t \mapsto k(e^t)` for this backend.
+
+        ``estimator`` is a plan (:mod:`klsym.exact.plans`), a built-in name or an
+        :class:`~klsym.derive.estimators.Estimator`. On NumPy this is the plan's own function (generated code
+        read from the cache: no SymPy once warm); other modules compile the plan's SymPy body for themselves.
+        """
         return self._compile(estimator, "value")
 
-    def derivative_function(self, estimator: Estimator) -> Callable:
-        r"""Vectorised :math:`t \mapsto \frac{d}{dt} k_{sur}(e^t)` for this backend."""
+    def derivative_function(self, estimator) -> Callable:
+        r"""Vectorised :math:`t \mapsto \frac{d}{dt} k_{sur}(e^t)` for this backend (see :meth:`value_function`)."""
         return self._compile(estimator, "dt")
 
-    def _compile(self, estimator: Estimator, kind: str) -> Callable:
-        key = (estimator, kind)
+    def _compile(self, estimator, kind: str) -> Callable:
+        plan = plan_of(estimator)
+        reference = plan.numeric if kind == "value" else plan.numeric_dt
+        if self.xp is np and self.lambdify_module == "numpy":
+            return reference  # lambdify's NumPy code of the same body, cached: the same bits (test_plans)
+        key = (plan, kind)
         if key not in self._compiled:
+            from klsym.derive.estimators import compile_logratio_function
+
             # The SymPy body built by make_numeric does not depend on the array module.
-            reference = estimator.numeric if kind == "value" else estimator.numeric_dt
             self._compiled[key] = compile_logratio_function(reference.expression, self.lambdify_module, xp=self.xp)
         return self._compiled[key]
 

@@ -22,8 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from klsym.derive.estimators import MODES, Estimator, get_estimators, gradient_weights
+from klsym.derive.modes import MODES, gradient_weights
+from klsym.derive.registry import split_names
 from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
+from klsym.exact.plans import plan_of
 from klsym.simulate.backend import Backend, get_backend
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
@@ -165,14 +167,15 @@ def check_modes(modes) -> tuple[str, ...]:
 
 
 class Stream:
-    """One Monte Carlo experiment: the pair, the estimators (compiled for the backend) and the seed."""
+    """One Monte Carlo experiment: the pair, the estimators (compiled for the backend) and the seed.
+
+    ``estimators`` are names (``"k1,k3"`` or a list), :class:`~klsym.derive.estimators.Estimator` objects or
+    plans; :attr:`estimators` holds their plans (:func:`klsym.exact.plans.plan_of`: ``name``, ``target``,
+    the NumPy functions and the limits at t = -inf), so built-in names need no SymPy once the cache is warm.
+    """
 
     def __init__(self, q, p, estimators, seed: int = 0, backend: str | Backend | None = None, dtype: str = "float64"):
-        estimators = (
-            get_estimators(estimators)
-            if isinstance(estimators, str)
-            else [e if isinstance(e, Estimator) else get_estimators([e])[0] for e in estimators]
-        )
+        estimators = [plan_of(e) for e in (split_names(estimators) if isinstance(estimators, str) else estimators)]
         if not estimators:
             raise ValueError("no estimators given")
         if dtype not in DTYPES:
@@ -245,7 +248,7 @@ class Chunk:
         return self._values[i]
 
     def weights(self, i: int, modes) -> dict:
-        """Gradient weights of estimator ``i`` per mode (see :func:`klsym.derive.estimators.gradient_weights`)."""
+        """Gradient weights of estimator ``i`` per mode (see :func:`klsym.derive.modes.gradient_weights`)."""
         missing = [m for m in modes if m not in self._weights.get(i, {})]
         if missing:
             values = self._values.get(i)

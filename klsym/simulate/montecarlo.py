@@ -3,7 +3,8 @@ r"""Streaming Monte Carlo for KL estimators: values, batch spread and gradients,
 Samples :math:`x \sim q` are drawn in fixed RNG blocks (:data:`klsym.simulate.backend.NUMPY_BLOCK` samples;
 block ``b`` from ``SeedSequence(seed, spawn_key=(b,))``, see :mod:`klsym.simulate.driver`), turned into log-ratios
 :math:`t = \log p(x) - \log q(x)` and into estimator values through the registry's own SymPy
-expressions (:meth:`klsym.derive.estimators.Estimator.numeric` and ``numeric_dt``). Each block is reduced
+expressions, lambdified once and kept with each estimator's plan (:attr:`klsym.exact.plans.Plan.numeric` and
+``numeric_dt``, the functions of :attr:`klsym.derive.estimators.Estimator.numeric`). Each block is reduced
 to a few numbers by the accumulators of :mod:`klsym.simulate.accumulators` (count, mean, sum of squared
 deviations, extremes, histogram, batch spread, gradient sums) and the blocks are merged in block order
 (Chan et al.'s pairwise update), so every result depends only on ``(seed, n)``: not on ``chunk``
@@ -36,10 +37,8 @@ import math
 import time
 
 import numpy as np
-import sympy as sp
 
-from klsym.derive.estimators import MODES, in_logratio
-from klsym.derive.symbols import t as t_symbol
+from klsym.derive.modes import MODES
 from klsym.exact.families import Categorical, Gaussian  # noqa: F401  (doctests and users)
 from klsym.simulate.accumulators import BatchSpread, Extremes, GradientSums, LogRatioHistogram, Moments, TrialGradients
 from klsym.simulate.backend import Backend
@@ -89,7 +88,8 @@ def run(
     q, p : klsym.exact.families.Gaussian or klsym.exact.families.Categorical
         The sampler and the reference (same family).
     estimators : str or list
-        Names (``"k1,k3"``) or :class:`~klsym.derive.estimators.Estimator` objects.
+        Names (``"k1,k3"``), :class:`~klsym.derive.estimators.Estimator` objects or their plans
+        (:func:`klsym.exact.plans.plan_of`); built-in names need no SymPy once the cache is warm.
     n, seed : int
         Sample size and seed; the result depends only on these (and the backend).
     chunk : int
@@ -154,14 +154,15 @@ def limits_at_zero_probability(stream: Stream) -> Stream:
     r"""Make values and slopes at :math:`t = -\infty` (p(x) = 0 < q(x)) the limits of the formulas.
 
     :math:`0 \log 0 = 0`: rev_k1 = :math:`r \log r` is 0 there, not ``0 * -inf = nan``; k1 is
-    ``+inf`` (counted in ``n_nonfinite``), as in the exact layer. Only a categorical p with a -inf
-    logit on q's support has such samples, so only then are the functions wrapped.
+    ``+inf`` (counted in ``n_nonfinite``), as in the exact layer, whose limits these are
+    (:meth:`klsym.exact.plans.Plan.limit`). Only a categorical p with a -inf logit on q's support has
+    such samples, so only then are the functions wrapped.
     """
     if not _zero_probability_on_support(stream.q, stream.p):
         return stream
-    for i, estimator in enumerate(stream.estimators):
-        stream.values[i] = _with_limit(stream.values[i], in_logratio(estimator.expr), stream.xp)
-        stream.slopes[i] = _with_limit(stream.slopes[i], sp.diff(in_logratio(estimator.surrogate), t_symbol), stream.xp)
+    for i, plan in enumerate(stream.estimators):
+        stream.values[i] = _with_limit(stream.values[i], plan.limit("value"), stream.xp)
+        stream.slopes[i] = _with_limit(stream.slopes[i], plan.limit("slope"), stream.xp)
     return stream
 
 
@@ -170,20 +171,17 @@ def _zero_probability_on_support(q, p) -> bool:
     return isinstance(p, Categorical) and bool((np.isneginf(p.log_probs) & np.isfinite(q.log_probs)).any())
 
 
-def _with_limit(function, expr, xp):
-    """``function`` with the value at t = -inf replaced by the limit of ``expr`` (an expression in t)."""
-    from klsym.exact.expectations import _limit_at_minus_inf  # the exact layer's limit, one definition
-
-    limit = _limit_at_minus_inf(expr)
+def _with_limit(function, limit: float, xp):
+    """``function`` with the value at t = -inf replaced by ``limit``."""
     return lambda t: xp.where(xp.isneginf(t), limit, function(t))
 
 
-def _host_value_function(stream: Stream, estimator):
+def _host_value_function(stream: Stream, plan):
     """k(e^t) on host (NumPy) arrays, with the limit at t = -inf where such samples occur: the t-histogram's
     bins are on the host whatever the backend."""
     if _zero_probability_on_support(stream.q, stream.p):
-        return _with_limit(estimator.numeric, in_logratio(estimator.expr), np)
-    return estimator.numeric
+        return _with_limit(plan.numeric, plan.limit("value"), np)
+    return plan.numeric
 
 
 class ValueStatistics:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from klsym.derive.estimators import get_estimators
+from klsym.derive.registry import canonical_name, split_names
 from klsym.exact.families import Categorical, Gaussian, check_same_family
 from klsym.simulate.driver import DEFAULT_CHUNK, Stream, check_count, check_modes, check_seed, keep_freed_blocks
 from klsym.simulate.montecarlo import (
@@ -133,7 +133,7 @@ def load_spec(spec, base: str | Path | None = None) -> Spec:
     if not isinstance(pairs, list) or not pairs:
         raise ValueError('spec needs a non-empty list "pairs"')
     estimators = spec.get("estimators", "k1,k2,k3")
-    names = tuple(e.name for e in get_estimators(estimators))
+    names = tuple(canonical_name(name) for name in split_names(estimators))
     if not names:
         raise ValueError("spec names no estimators")
     n, seed = check_count(spec.get("n", 1_000_000), "n"), check_seed(spec.get("seed", 0))
