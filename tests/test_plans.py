@@ -167,11 +167,11 @@ def test_a_changed_deriving_module_is_derived_afresh(cache, monkeypatch, tmp_pat
 HEAVY = ("sympy", "scipy", "pandas", "numba")
 
 
-def _run_cli(args, cache_dir):
-    """stdout of ``klsym ARGS`` run by klsym.cli.main in a new process, and which of :data:`HEAVY` it imported."""
+def _run_cli(args, cache_dir, watched=HEAVY):
+    """stdout of ``klsym ARGS`` run by klsym.cli.main in a new process, and which of ``watched`` it imported."""
     code = (
         "import sys; from klsym.cli import main; main(sys.argv[1:]); "
-        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
+        f"print(sorted(m for m in {tuple(watched)!r} if m in sys.modules), file=sys.stderr)"
     )
     env = {"KLSYM_CACHE_DIR": str(cache_dir), "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, env=env)
@@ -213,13 +213,26 @@ def _without_seconds(output: str) -> dict:
 )
 def test_warm_mc_imports_neither_sympy_nor_scipy_nor_pandas(tmp_path, family, options):
     """``klsym mc`` on every built-in, values and all gradient modes: once the plans are on disk the warm run imports
-    none of :data:`HEAVY` and prints the cold run's numbers (all but the run time)."""
+    none of :data:`HEAVY` (nor tqdm: ``--quiet``) and prints the cold run's numbers (all but the run time)."""
     pair = ["--q", "0,1", "--p", "0.1,1"] if family == "gaussian" else _logits_files(tmp_path)
     args = ["mc", *pair, "--n", "1e5", "--gradient", ",".join(GRADIENT_MODES), *options, "--quiet", "--format", "json"]
-    cold, cold_modules = _run_cli(args, tmp_path / "cache")
-    warm, warm_modules = _run_cli(args, tmp_path / "cache")
+    cold, cold_modules = _run_cli(args, tmp_path / "cache", (*HEAVY, "tqdm"))
+    warm, warm_modules = _run_cli(args, tmp_path / "cache", (*HEAVY, "tqdm"))
     assert "sympy" in cold_modules  # the first run derives
     assert warm_modules == [] and _without_seconds(warm) == _without_seconds(cold)
+
+
+def test_progress_bar_only_when_asked_and_it_counts_every_sample(monkeypatch):
+    from klsym.simulate import driver
+
+    bars = []
+    make_bar = driver._progress_bar
+    monkeypatch.setattr(driver, "_progress_bar", lambda total: bars.append(make_bar(total)) or bars[-1])
+    q, p = Gaussian(0.0, 1.0), Gaussian(1.0, 1.0)
+    run(q, p, "k1", n=150_001, progress=False)
+    assert bars == []
+    run(q, p, "k1", n=150_001, progress=True)
+    assert [(bar.n, bar.total) for bar in bars] == [(150_001, 150_001)]
 
 
 #: Log-ratios around the Taylor radius, k4's switch at t = 40, the extremes, the infinities and nan.

@@ -290,13 +290,30 @@ def keep_freed_blocks() -> None:
         pass
 
 
+def _progress_bar(total: int | None):
+    from tqdm import tqdm  # text bar: notebooks have no ipywidgets, and HTML reports keep text
+
+    return tqdm(total=total, unit="sample", unit_scale=True, delay=2.0, leave=False)
+
+
+class _NoBar:
+    """The part of a tqdm bar the driver uses, for runs without one (importing tqdm takes ~70 ms of a CLI call)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def update(self, count) -> None:
+        pass
+
+
 def stream_through(
     stream: Stream, plan, accumulators, threads: int | None = None, progress: bool = False, total: int | None = None
 ):
     """Feed every chunk of ``plan`` to fresh copies of ``accumulators`` on worker threads and merge them
     into ``accumulators`` in block order. Returns the accumulators."""
-    from tqdm import tqdm  # text bar: notebooks have no ipywidgets, and HTML reports keep text
-
     keep_freed_blocks()
 
     def work(blocks):
@@ -309,7 +326,7 @@ def stream_through(
         return parts
 
     workers = max(1, threads or min(os.cpu_count() or 1, 8))
-    bar = tqdm(total=total, unit="sample", unit_scale=True, delay=2.0, disable=not progress, leave=False)
+    bar = _progress_bar(total) if progress else _NoBar()
     with ThreadPoolExecutor(workers) as pool, bar:
         pending: deque = deque()
 
