@@ -204,8 +204,11 @@ def main() -> int:
         f"{cpu['klsym_defaults_array'] / cpu['klsym_defaults']:.2f}x"
     )
     print(
-        f"klsym peak RSS at n = {big['n']:.0e}: {big['child_peak_rss_mib']:.0f} MiB (target < 150 MB; "
-        f"{big['import_rss_mib']:.0f} MiB of it is the interpreter with numpy, scipy, sympy imported)"
+        f"klsym peak RSS at n = {big['n']:.0e}: {big['child_peak_rss_mib']:.0f} MiB, at n = {k['n']:.0e}: "
+        f"{k['child_peak_rss_mib']:.0f} MiB (constant in n; both with the compiled kernels loaded: numba and LLVM "
+        f"are ~150 MiB of it); the array code's peak at n = {k['n']:.0e}: "
+        f"{best(runs['klsym_array'])['child_peak_rss_mib']:.0f} MiB (target < 150 MB; "
+        f"{big['import_rss_mib']:.0f} MiB of it is the interpreter with klsym's imports)"
     )
     print(
         f"Yang's gradient experiment (5 estimators x 3 modes, 50k samples x 1000 trials): "
