@@ -455,7 +455,7 @@ def test_ctrl_c_stops_with_what_was_merged():
         "--format",
         "json",
     )
-    time.sleep(10)  # start-up, then a few blocks
+    time.sleep(4)  # start-up (~1 s with numba's kernels, which a run of 1e11 loads), then a few blocks
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert "Traceback" not in err, err

@@ -178,20 +178,26 @@ def _run_cli(args, cache_dir, watched=HEAVY):
     return done.stdout, json.loads(done.stderr.strip().replace("'", '"'))
 
 
+@pytest.fixture(scope="module")
+def plans_cache(tmp_path_factory):
+    """One derivation cache for the warm-subprocess tests below: whichever runs first derives the built-ins' plans
+    (seconds, in a subprocess), the others read them. That a first run derives is tested in-process above."""
+    return tmp_path_factory.mktemp("plans-cache")
+
+
 @pytest.mark.parametrize("command", ["exact", "gradient"])
-def test_warm_exact_and_gradient_import_neither_sympy_nor_scipy_nor_pandas(tmp_path, command):
+def test_warm_exact_and_gradient_import_neither_sympy_nor_scipy_nor_pandas(plans_cache, tmp_path, command):
     """Every built-in on a Gaussian or a categorical pair, once the plans are on disk: none of :data:`HEAVY`
-    (the whole process then takes ~0.3 s); the output is the cold run's."""
+    (the whole process then takes ~0.3 s); the output is the first run's."""
     args = [command, "--q", "0,1", "--p", "1,1.1", "--format", "json"]
-    cold, cold_modules = _run_cli(args, tmp_path)
-    assert "sympy" in cold_modules  # the first run derives
-    warm, warm_modules = _run_cli(args, tmp_path)
-    assert warm_modules == [] and warm == cold
+    first, _ = _run_cli(args, plans_cache)
+    warm, warm_modules = _run_cli(args, plans_cache)
+    assert warm_modules == [] and warm == first
     logits = tmp_path / "q.txt"
     logits.write_text("0.0 1.0 -0.5")
     categorical = [command, "--q-logits", str(logits), "--p-logits", str(logits), "--format", "json"]
-    _run_cli(categorical, tmp_path)
-    assert _run_cli(categorical, tmp_path)[1] == []
+    _run_cli(categorical, plans_cache)
+    assert _run_cli(categorical, plans_cache)[1] == []
 
 
 def _logits_files(directory):
@@ -211,15 +217,14 @@ def _without_seconds(output: str) -> dict:
     "family, options",
     [("gaussian", []), ("categorical", []), ("categorical", ["--dtype", "float32", "--chunk", "1"])],
 )
-def test_warm_mc_imports_neither_sympy_nor_scipy_nor_pandas(tmp_path, family, options):
+def test_warm_mc_imports_neither_sympy_nor_scipy_nor_pandas(plans_cache, tmp_path, family, options):
     """``klsym mc`` on every built-in, values and all gradient modes: once the plans are on disk the warm run imports
-    none of :data:`HEAVY` (nor tqdm: ``--quiet``) and prints the cold run's numbers (all but the run time)."""
+    none of :data:`HEAVY` (nor tqdm: ``--quiet``) and prints the first run's numbers (all but the run time)."""
     pair = ["--q", "0,1", "--p", "0.1,1"] if family == "gaussian" else _logits_files(tmp_path)
     args = ["mc", *pair, "--n", "1e5", "--gradient", ",".join(GRADIENT_MODES), *options, "--quiet", "--format", "json"]
-    cold, cold_modules = _run_cli(args, tmp_path / "cache", (*HEAVY, "tqdm"))
-    warm, warm_modules = _run_cli(args, tmp_path / "cache", (*HEAVY, "tqdm"))
-    assert "sympy" in cold_modules  # the first run derives
-    assert warm_modules == [] and _without_seconds(warm) == _without_seconds(cold)
+    first, _ = _run_cli(args, plans_cache, (*HEAVY, "tqdm"))
+    warm, warm_modules = _run_cli(args, plans_cache, (*HEAVY, "tqdm"))
+    assert warm_modules == [] and _without_seconds(warm) == _without_seconds(first)
 
 
 def test_progress_bar_only_when_asked_and_it_counts_every_sample(monkeypatch):
