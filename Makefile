@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv and install klsym with its dev extras
 
-test: $(STAMP) ## run the test suite (doctests and notebooks included)
-	$(BIN)/python -m pytest
+test: $(STAMP) ## run the test suite (doctests and notebooks included), one worker per core (at most 4)
+	$(BIN)/python -m pytest -n auto --maxprocesses=4
 
 report: $(STAMP) ## build the report into reports/
 	$(BIN)/python -m klsym report
