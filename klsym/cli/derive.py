@@ -136,25 +136,14 @@ def _run_family(args, estimators) -> int:
 def builtin_row(name: str) -> dict:
     """The derivation row of a built-in (:func:`klsym.derive.symbolic.analyze`), read from the cache by its name
     (no SymPy); derived on a miss. A row with undecided steps (time budget) is returned, not stored."""
-    from klsym.derive.diskcache import cache_key, cached_json
-
-    unfinished = []
+    from klsym.derive.diskcache import cache_key, cached_json_if
 
     def derive() -> dict:
         from klsym.derive.estimators import BUILTINS
         from klsym.derive.symbolic import analyze
 
-        row = analyze(BUILTINS[name])
-        if row["undecided"]:
-            unfinished.append(row)
-            raise _Unfinished
-        return row
+        return analyze(BUILTINS[name])
 
-    try:
-        return cached_json("derive-row", cache_key(["derive", name], DERIVING_SOURCES), derive)
-    except _Unfinished:
-        return unfinished[0]
-
-
-class _Unfinished(Exception):
-    """A row cut short by the time budget: returned to the caller, never cached."""
+    return cached_json_if(
+        "derive-row", cache_key(["derive", name], DERIVING_SOURCES), derive, lambda row: not row["undecided"]
+    )

@@ -65,3 +65,25 @@ def cached_json(prefix: str, key: str, compute: Callable[[], Any]) -> Any:
 
 
 __all__ = ["cache_dir", "source_digest", "sympy_release", "cache_key", "cached_json"]
+
+
+class _NotStored(Exception):
+    def __init__(self, result):
+        super().__init__("result not stored")
+        self.result = result
+
+
+def cached_json_if(prefix: str, key: str, compute: Callable[[], Any], store: Callable[[Any], bool]) -> Any:
+    """:func:`cached_json`, except that a computed result for which ``store(result)`` is false is returned without
+    being written (a derivation the time budget cut short must be redone, not read back)."""
+
+    def checked():
+        result = compute()
+        if not store(result):
+            raise _NotStored(result)
+        return result
+
+    try:
+        return cached_json(prefix, key, checked)
+    except _NotStored as not_stored:
+        return not_stored.result

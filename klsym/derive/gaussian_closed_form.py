@@ -23,7 +23,9 @@ the ratio parameters the ``loss`` (pathwise) term.
 [(-1, 0, 0), (-1, 0, 1), (1, 1, 0)]
 >>> moment_condition(2)
 sigma_p**2 < 2*sigma_q**2
->>> round(expectation(decompose(get_estimator("k1").expr), (0.0, 1.0), (1.0, 1.0)), 12)  # KL(q||p) = 1/2
+>>> from klsym.exact import closed_form   # evaluates the terms (generated code, no SymPy)
+>>> terms = closed_form.terms_from_data(terms_data(decompose(get_estimator("k1").expr)))
+>>> round(closed_form.expectation(terms, (0.0, 1.0), (1.0, 1.0)), 12)  # KL(q||p) = 1/2
 0.5
 """
 
@@ -37,7 +39,6 @@ import sympy as sp
 from klsym.derive import generated
 from klsym.derive.symbols import r, t
 from klsym.exact import closed_form
-from klsym.exact.closed_form import QUANTITIES, Term, Tracked, digits_lost, precise  # noqa: F401 - re-exported
 
 # Symbols of the derivation: a (power of r), T (positions), sampler (m, s), ratio's q (mu, sigma),
 # reference p (mu_p, sigma_p).
@@ -109,17 +110,6 @@ def moment_condition_text(powers) -> str:
     )
 
 
-def condition_holds(a, q: tuple[float, float], p: tuple[float, float]) -> bool:
-    r"""Whether :math:`\mathbb{E}_q[r^a]` is finite: :math:`(a-1)\sigma_p^2 < a \sigma_q^2`.
-
-    Decided in exact rational arithmetic (:func:`klsym.exact.closed_form.condition_holds`).
-
-    >>> condition_holds(sp.Rational(1, 2), (0.0, 1.0), (0.0, 1e300))
-    True
-    """
-    return closed_form.condition_holds(_fraction(a), q, p)
-
-
 def _fraction(number) -> Fraction:
     number = sp.Rational(sp.nsimplify(number)) if not isinstance(number, (int, Fraction)) else number
     return Fraction(int(number.p), int(number.q)) if isinstance(number, sp.Rational) else Fraction(number)
@@ -170,7 +160,7 @@ def _term_function(a, n: int):
     r"""Compiled ``(mu, sigma, mu_p, sigma_p, T) -> [value, reward_mu, reward_sigma, loss_mu, loss_sigma]``
 
     of :math:`\mathbb{E}[r^a t^n]_T`; derived once per ``(a, n)``. It runs on mpmath numbers at the
-    working precision (:func:`precise` picks it), so neither cancellation near p = q nor the range
+    working precision (:func:`klsym.exact.closed_form.precise` picks it), so neither cancellation near p = q nor the range
     of float64 limits the result. The generated code is kept on disk (:func:`term_code`), so a new process
     compiles it in milliseconds instead of differentiating again.
     """
@@ -234,31 +224,6 @@ def _term_code(source: str) -> dict:
     }
 
 
-@cache
-def _runtime_terms(terms: tuple) -> list[Term]:
-    return [Term.from_data(term_data(c, a, n)) for c, a, n in terms]
-
-
-def expectation(terms, q, p, positions: int = 1) -> float:
-    r""":math:`\mathbb{E}_q[\sum c\, r^a t^n]` of :func:`decompose`'s terms (:func:`klsym.exact.closed_form.expectation`)."""
-    return closed_form.expectation(_runtime_terms(tuple(terms)), q, p, positions)
-
-
-def gradient(terms, q, p, moving: str, positions: int = 1):
-    r"""Derivative wrt :math:`(\mu_q, \sigma_q)` of :func:`decompose`'s terms (:func:`klsym.exact.closed_form.gradient`)."""
-    return closed_form.gradient(_runtime_terms(tuple(terms)), q, p, moving, positions)
-
-
-def gradient_parts(terms, q, p, moving: str, positions: int = 1) -> list:
-    """:func:`klsym.exact.closed_form.gradient_parts` of :func:`decompose`'s terms."""
-    return closed_form.gradient_parts(_runtime_terms(tuple(terms)), q, p, moving, positions)
-
-
-def combine(terms, q, p, positions: int = 1) -> list:
-    """:func:`klsym.exact.closed_form.combine` of :func:`decompose`'s terms."""
-    return closed_form.combine(_runtime_terms(tuple(terms)), q, p, positions)
-
-
 def warm(terms) -> None:
     """Derive and compile every term now (so timing-sensitive callers pay the cost up front)."""
     for _, a, n in terms:
@@ -269,16 +234,7 @@ __all__ = [
     "decompose",
     "moment_condition",
     "moment_condition_text",
-    "condition_holds",
     "log_mgf",
-    "expectation",
-    "gradient",
-    "gradient_parts",
-    "combine",
-    "precise",
-    "Tracked",
-    "QUANTITIES",
-    "digits_lost",
     "term_code",
     "term_data",
     "terms_data",

@@ -46,7 +46,7 @@ from klsym.derive.budget import (  # noqa: F401 - the budget's names, where call
     time_budget_seconds,
     time_limit,
 )
-from klsym.derive.diskcache import cache_key, cached_json
+from klsym.derive.diskcache import cache_key, cached_json_if
 from klsym.derive.divergences import REGISTRY
 from klsym.derive.estimators import BUILTINS, Estimator, get_estimator, in_logratio
 from klsym.derive.symbols import delta, r, t, u
@@ -736,14 +736,6 @@ def _jsonable(result: dict) -> dict:
     }
 
 
-class _Unfinished(Exception):
-    """A derivation cut short by the time budget: returned, never cached."""
-
-    def __init__(self, result):
-        super().__init__("unfinished derivation")
-        self.result = result
-
-
 def analyze(estimator: Estimator | str, budget: float | None = None) -> dict:
     """Derived properties of one estimator as JSON-ready values (the ``derive`` contract).
 
@@ -759,16 +751,9 @@ def analyze(estimator: Estimator | str, budget: float | None = None) -> dict:
     estimator = get_estimator(estimator)
     key = cache_key([sp.srepr(estimator.expr), sp.srepr(estimator.surrogate_expr), estimator.name], [__file__])
 
-    def compute():
-        result = _jsonable(analyze_symbolic(estimator, budget))
-        if result["undecided"]:
-            raise _Unfinished(result)
-        return result
-
-    try:
-        return cached_json("derive", key, compute)
-    except _Unfinished as unfinished:
-        return unfinished.result
+    return cached_json_if(
+        "derive", key, lambda: _jsonable(analyze_symbolic(estimator, budget)), lambda row: not row["undecided"]
+    )
 
 
 def derivation_rows(estimators=None) -> list[dict]:

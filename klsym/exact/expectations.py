@@ -38,7 +38,6 @@ from klsym.derive.modes import MODES, gradient_weights
 from klsym.exact import closed_form, quadrature
 from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
 from klsym.exact.plans import Plan, plan_of
-from klsym.exact.plans import limit_at_minus_inf as _limit_at_minus_inf  # noqa: F401 - the MC engine imports it here
 
 KL_QP = "KL(q||p)"
 KL_PQ = "KL(p||q)"

@@ -247,7 +247,7 @@ def _behaviour_expectations(terms, q: Gaussian, p: Gaussian, b: Gaussian) -> np.
     """[E_b[h], E_b[h s_mu], E_b[h s_sigma]] for h = sum c r^a t^n (NaN where a term diverges)."""
     import mpmath
 
-    from klsym.derive.gaussian_closed_form import precise
+    from klsym.exact.closed_form import precise
 
     if not all(behaviour_condition_holds(a, q, p, b) for _, a, _ in terms):
         return np.full(3, np.nan)

@@ -17,13 +17,10 @@ file, or ``$NUMBA_CACHE_DIR``), so a process pays the compilation once per machi
 
 from __future__ import annotations
 
-from collections import namedtuple
 from functools import cache
 
 import numba
 import numpy as np
-
-_Gaussian = namedtuple("_Gaussian", "mu sigma")
 
 _jit = numba.njit(nogil=True, cache=True)
 
@@ -137,7 +134,9 @@ def categorical_draw(generators, size: int, cdf: np.ndarray, last_token: int, ta
 @cache
 def warm_up() -> None:
     """Load (or compile) every kernel now, outside any timing and before worker threads need them."""
+    from klsym.exact.families import Gaussian
+
     generator = np.random.default_rng(0)
-    gaussian_draw([generator], 8, _Gaussian(0.0, 1.0), _Gaussian(1.0, 1.0))
+    gaussian_draw([generator], 8, Gaussian(0.0, 1.0), Gaussian(1.0, 1.0))
     categorical_draw([generator], 8, np.array([0.5, 1.0]), 1, np.array([0.0, 1.0]))
     log_ratio_histogram(np.zeros(8), 18)
