@@ -26,17 +26,30 @@ def main() -> None:
         seconds[step] = seconds.get(step, 0.0) + now - started
         return now
 
-    for blocks in stream.streaming_plan(n):
+    accumulators = statistics.accumulators
+    for blocks in stream.streaming_plan(n):  # the driver's order (klsym.simulate.accumulators.feed), timed
         started = time.perf_counter()
         chunk = stream.draw(blocks)
         started = tick("draw", started)
+        parts = [accumulator.empty() for accumulator in accumulators]
+        pieces: list[list] = [[] for _ in accumulators]
+        for part in parts:
+            if not part.by_estimator:
+                part._partials.extend(part.partials(chunk))
+                started = tick(type(part).__name__, started)
         for i in range(len(stream.estimators)):
             chunk.values(i)
-        started = tick("values", started)
-        for accumulator in statistics.accumulators:
-            part = accumulator.empty()
-            part.update(chunk)
-            started = tick(type(accumulator).__name__, started)
+            started = tick("values", started)
+            for part, got in zip(parts, pieces):
+                if part.by_estimator:
+                    got.append(part.piece(chunk, i))
+                    started = tick(type(part).__name__, started)
+            chunk.forget(i)
+        for part, got in zip(parts, pieces):
+            if part.by_estimator:
+                part._partials.extend(part.assemble(chunk, got))
+                started = tick(type(part).__name__, started)
+        for accumulator, part in zip(accumulators, parts):
             accumulator.merge(part)
             started = tick("merge", started)
     per_sample = {step: round(total / n * 1e9, 1) for step, total in seconds.items()}

@@ -5,7 +5,17 @@ import pytest
 
 from klsym.derive.estimators import MODES, get_estimator, gradient_weights
 from klsym.exact.families import Categorical, Gaussian
-from klsym.simulate.accumulators import BatchSpread, Extremes, GradientSums, Histogram, Moments, TrialGradients
+from klsym.simulate.accumulators import (
+    BatchSpread,
+    Extremes,
+    GradientSums,
+    Histogram,
+    LogRatioHistogram,
+    Moments,
+    TrialGradients,
+    feed,
+    needs_samples,
+)
 from klsym.simulate.driver import Stream, stream_through
 
 PAIRS = {
@@ -50,6 +60,36 @@ def test_every_accumulator_is_bit_identical_for_any_chunking_and_threads(family)
         for a, b in zip(states[0], other):
             for key in a:
                 np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+
+
+@pytest.mark.parametrize("family", PAIRS)
+def test_feeding_estimator_by_estimator_gives_each_accumulators_own_update(family):
+    q, p = PAIRS[family]
+    stream = Stream(q, p, "k1,k3,rev_k1", seed=11)
+    trials = TrialGradients(3, MODES, stream.sampler.size, stream.sampler.categorical, 2)
+    fed = _accumulators(stream) + [LogRatioHistogram(), trials]
+    alone = [a.empty() for a in fed]
+    for blocks in ([((0,), 5000), ((1,), 5000)], [((2,), 777)]):
+        feed(fed, stream.draw(blocks))
+        for accumulator in alone:
+            accumulator.update(stream.draw(blocks))
+    for a, b in zip(fed, alone):
+        assert len(a._partials) == len(b._partials) > 0
+        for x, y in zip(a._partials, b._partials):
+            for u, v in zip(x if isinstance(x, tuple) else (x,), y if isinstance(y, tuple) else (y,)):
+                np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=type(a).__name__)
+
+
+def test_a_chunk_keeps_the_samples_only_where_an_accumulator_reads_them(monkeypatch):
+    q, p = PAIRS["gaussian"]
+    stream = Stream(q, p, "k3", seed=4)
+    gradient = [GradientSums(1, ("loss",), stream.sampler.size, False)]
+    assert not needs_samples([Moments(1), Extremes(1), LogRatioHistogram()]) and needs_samples(gradient)
+    kept, skipped = stream.draw([((0,), 3000)]), stream.draw([((0,), 3000)], keep_samples=False)
+    np.testing.assert_array_equal(kept.t, skipped.t)
+    assert kept.data.shape == kept.t.shape
+    if skipped.kernels is not None:  # the compiled draw stores no x; the array code computes t from x anyway
+        assert skipped.data is None
 
 
 def test_moments_match_numpy_on_the_same_draws():

@@ -89,3 +89,17 @@ def test_constructors():
     assert sp.simplify(control_variate(1).expr - get_estimator("k3").expr) == 0
     with pytest.raises(ValueError, match="free parameters"):
         control_variate().numeric(np.zeros(2))
+
+
+@pytest.mark.parametrize("name", ["k3", "k4", "rev_k2"])
+def test_shared_taylor_indices_give_the_functions_own_values(name):
+    from klsym.derive.generated import near_zero
+
+    estimator = get_estimator(name)
+    t = np.random.default_rng(8).normal(scale=2e-3, size=(3, 400))  # many |t| below the Taylor radius
+    t[0, :3] = [0.0, -0.0, 1e-300]
+    shared = near_zero(np, t)
+    assert 0 < shared.size < t.size
+    for function in (estimator.numeric, estimator.numeric_dt):
+        np.testing.assert_array_equal(function(t, lambda: shared), function(t))
+        np.testing.assert_array_equal(function(t[:, ::2], None), function(np.ascontiguousarray(t[:, ::2])))

@@ -66,8 +66,11 @@ class LogratioFunction:
     def __init__(self, evaluate, expression):
         self._evaluate, self._expression = evaluate, expression
 
-    def __call__(self, values):
-        return self._evaluate(values)
+    def __call__(self, values, near_zero=None):
+        """The values at ``values``; ``near_zero``, where given, is a callable returning :func:`near_zero` of
+        them, called only if this function has a Taylor part (so that functions evaluated at the same array
+        can share one pass over it)."""
+        return self._evaluate(values, near_zero)
 
     @cached_property
     def expression(self):
@@ -80,19 +83,25 @@ def logratio_function(plan: dict, xp, expression) -> LogratioFunction:
     taylor_fn = None if plan["taylor"] is None else compile_code(plan["taylor"], xp)
     closed_fn = _compile_pieces(plan["closed"], xp)
 
-    def evaluate(values):
+    def evaluate(values, shared_near_zero=None):
         values = xp.asarray(values)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
             out = closed_fn(values)
             if taylor_fn is not None:
-                small = xp.abs(values) < TAYLOR_RADIUS
                 if values.ndim == 0:
-                    out = xp.where(small, taylor_fn(values), out)
-                elif bool(small.any()):  # the polynomial runs only on the few elements near 0
-                    out[small] = taylor_fn(values[small])
+                    return xp.where(xp.abs(values) < TAYLOR_RADIUS, taylor_fn(values), out)
+                index = near_zero(xp, values) if shared_near_zero is None else shared_near_zero()
+                if index.size:  # the polynomial runs only on the few elements near 0
+                    out = out if out.flags.c_contiguous else xp.ascontiguousarray(out)
+                    out.reshape(-1)[index] = taylor_fn(values.reshape(-1)[index])  # a view of out: written in place
         return out
 
     return LogratioFunction(evaluate, expression)
+
+
+def near_zero(xp, values):
+    """Flat indices of the elements of ``values`` where the Taylor polynomial replaces the closed form."""
+    return xp.flatnonzero(xp.abs(values) < TAYLOR_RADIUS)
 
 
 def _compile_pieces(piece: dict, xp):
@@ -123,4 +132,12 @@ def _compile_pieces(piece: dict, xp):
     return whole
 
 
-__all__ = ["TAYLOR_RADIUS", "NotCacheable", "globals_of", "compile_code", "LogratioFunction", "logratio_function"]
+__all__ = [
+    "TAYLOR_RADIUS",
+    "NotCacheable",
+    "globals_of",
+    "compile_code",
+    "LogratioFunction",
+    "logratio_function",
+    "near_zero",
+]

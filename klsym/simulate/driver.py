@@ -22,15 +22,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from klsym.derive.generated import near_zero
 from klsym.derive.modes import MODES, gradient_weights
 from klsym.derive.registry import split_names
 from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
 from klsym.exact.plans import plan_of
+from klsym.simulate.accumulators import feed, needs_samples
 from klsym.simulate.backend import Backend, get_backend
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
-#: Samples one worker processes at once (rounded to whole RNG blocks); one block keeps arrays in cache.
-DEFAULT_CHUNK = 1 << 16
+#: Samples one worker processes at once (rounded to whole RNG blocks). Four blocks: fewer hand-offs and
+#: Python calls a sample than one block, which pays more than keeping each array in a core's cache
+#: (``make bench`` with 2 threads: about 20 % less wall time than one block, more blocks gain nothing).
+DEFAULT_CHUNK = 1 << 18
 #: First spawn key of the per-trial streams (streaming blocks use the 1-tuple ``(b,)``).
 TRIALS_STREAM = 1
 
@@ -89,9 +93,9 @@ class GaussianSampler:
         self.param_names = q.param_names
         self.size = len(q.param_names)
 
-    def draw(self, generators, size, kernels=None):
+    def draw(self, generators, size, kernels=None, keep_samples: bool = True):
         if kernels is not None:  # one compiled loop, the same bits as the array code below
-            return kernels.gaussian_draw(generators, size, self.q, self.p)
+            return kernels.gaussian_draw(generators, size, self.q, self.p, keep_samples)
         x = _rows(self.backend.xp, generators, lambda g: g.standard_normal(size, dtype=self.dtype))
         x *= self.q.sigma  # x = mu + sigma z in place; elementwise: the same bits as block by block
         x += self.q.mu
@@ -118,7 +122,7 @@ class CategoricalSampler:
         self.last_token = int(np.flatnonzero(self.probs > 0)[-1])  # u past a rounded cdf[-1]
         self.table = xp.asarray((p.log_probs - q.log_probs).astype(dtype))
 
-    def draw(self, generators, size, kernels=None):
+    def draw(self, generators, size, kernels=None, keep_samples: bool = True):
         if kernels is not None:
             return kernels.categorical_draw(generators, size, self.cdf, self.last_token, self.table)
         xp = self.backend.xp
@@ -214,8 +218,9 @@ class Stream:
         for first in range(0, trials, group):
             yield [((TRIALS_STREAM, i), n) for i in range(first, min(trials, first + group))]
 
-    def draw(self, blocks) -> Chunk:
-        return Chunk(self, blocks)
+    def draw(self, blocks, keep_samples: bool = True) -> Chunk:
+        """The chunk of ``blocks``; without ``keep_samples`` its ``data`` may be ``None`` (values need only t)."""
+        return Chunk(self, blocks, keep_samples)
 
 
 class Chunk:
@@ -224,7 +229,7 @@ class Chunk:
     Estimator values and gradient weights are computed once per chunk and shared by the accumulators.
     """
 
-    def __init__(self, stream: Stream, blocks):
+    def __init__(self, stream: Stream, blocks, keep_samples: bool = True):
         self.stream, self.blocks = stream, blocks
         self.sizes = [size for _, size in blocks]
         if len(set(self.sizes)) != 1:
@@ -232,19 +237,26 @@ class Chunk:
         #: :mod:`klsym.simulate.kernels` where they are used, else None (the array code runs)
         self.kernels = stream.kernels
         generators = [stream.backend.generator(stream.seed, *key) for key, _ in blocks]
-        self.t, self.data = stream.sampler.draw(generators, self.sizes[0], self.kernels)
+        self.t, self.data = stream.sampler.draw(generators, self.sizes[0], self.kernels, keep_samples)
         self._values: dict = {}
         self._weights: dict = {}
-        self._score = None
+        self._score = self._score_squared = self._near_zero = None
 
     @property
     def rows(self) -> int:
         return len(self.blocks)
 
+    def near_zero(self):
+        """Where |t| is below the Taylor radius (:func:`klsym.derive.generated.near_zero`): found once a chunk,
+        when a function with a Taylor part first asks."""
+        if self._near_zero is None:
+            self._near_zero = near_zero(self.stream.xp, self.t)
+        return self._near_zero
+
     def values(self, i: int):
         """Values k(e^t) of estimator ``i`` (one array per estimator: each stays in cache while it is reduced)."""
         if i not in self._values:
-            self._values[i] = self.stream.values[i](self.t)
+            self._values[i] = self.stream.values[i](self.t, self.near_zero)
         return self._values[i]
 
     def weights(self, i: int, modes) -> dict:
@@ -252,15 +264,36 @@ class Chunk:
         missing = [m for m in modes if m not in self._weights.get(i, {})]
         if missing:
             values = self._values.get(i)
-            value = (lambda t: values) if values is not None else self.stream.values[i]
-            self._weights.setdefault(i, {}).update(gradient_weights(value, self.stream.slopes[i], self.t, missing))
+            shared = self.near_zero
+
+            def value(t):
+                return values if values is not None else self.stream.values[i](t, shared if t is self.t else None)
+
+            def slope(t):
+                return self.stream.slopes[i](t, shared if t is self.t else None)
+
+            weights = gradient_weights(value, slope, self.t, missing)
+            self._weights.setdefault(i, {}).update(weights)
         return self._weights[i]
+
+    def forget(self, i: int) -> None:
+        """Drop estimator ``i``'s values and weights (once every accumulator has them): the next estimator's
+        arrays then reuse the same, cached, memory."""
+        self._values.pop(i, None)
+        self._weights.pop(i, None)
 
     def score(self):
         """Gaussian score, (params, rows, size)."""
         if self._score is None:
             self._score = self.stream.sampler.score(self.data)
         return self._score
+
+    def score_squared(self):
+        """The score squared elementwise (for the gradients' second moments)."""
+        if self._score_squared is None:
+            score = self.score()
+            self._score_squared = score * score
+        return self._score_squared
 
 
 # --- the driver --------------------------------------------------------------------------------
@@ -317,12 +350,8 @@ def stream_through(
     keep_freed_blocks()
 
     def work(blocks):
-        chunk = stream.draw(blocks)
-        parts = []
-        for accumulator in accumulators:
-            part = accumulator.empty()
-            part.update(chunk)
-            parts.append(part)
+        parts = [accumulator.empty() for accumulator in accumulators]
+        feed(parts, stream.draw(blocks, needs_samples(accumulators)))
         return parts
 
     workers = max(1, threads or min(os.cpu_count() or 1, 8))

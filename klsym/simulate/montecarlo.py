@@ -173,7 +173,7 @@ def _zero_probability_on_support(q, p) -> bool:
 
 def _with_limit(function, limit: float, xp):
     """``function`` with the value at t = -inf replaced by ``limit``."""
-    return lambda t: xp.where(xp.isneginf(t), limit, function(t))
+    return lambda t, near_zero=None: xp.where(xp.isneginf(t), limit, function(t, near_zero))
 
 
 def _host_value_function(stream: Stream, plan):

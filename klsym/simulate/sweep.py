@@ -37,6 +37,7 @@ import numpy as np
 
 from klsym.derive.registry import canonical_name, split_names
 from klsym.exact.families import Categorical, Gaussian, check_same_family
+from klsym.simulate.accumulators import feed, needs_samples
 from klsym.simulate.driver import DEFAULT_CHUNK, Stream, check_count, check_modes, check_seed, keep_freed_blocks
 from klsym.simulate.montecarlo import (
     DEFAULT_BATCH,
@@ -171,9 +172,7 @@ def run_blocks(point: Point, chunks) -> list:
     values, sums = point.accumulators(stream)
     accumulators = values.accumulators + ([sums] if sums is not None else [])
     for blocks in chunks:
-        chunk = stream.draw(blocks)
-        for accumulator in accumulators:
-            accumulator.update(chunk)
+        feed(accumulators, stream.draw(blocks, needs_samples(accumulators)))
     if values.histogram is not None:
         values.histogram.coalesce()  # integer counts: one partial per task is exact
     return accumulators
