@@ -65,24 +65,42 @@ def _categorical_row(generator, cdf, last_token, table, tokens, t):
 
 
 @_jit
-def _count_keys(patterns, bits, counts, touched):
+def _count_keys(patterns, bits, counts, marks):
     # klsym.simulate.accumulators.histogram_keys (float32 bit pattern, made monotone, cut to `bits` bits),
-    # counted in `counts` (all zero on entry and on exit); returns the keys met and their counts
-    met = 0
+    # counted in `counts`, each group of 64 keys met marked in `marks` (both all zero on entry and on exit);
+    # returns the keys met, in increasing order, and their counts
     for i in range(patterns.size):
         p = np.int64(patterns[i])
-        monotone = p ^ ((p >> 31) & 0x7FFFFFFF)
-        key = (monotone >> (32 - bits)) + (1 << (bits - 1))
-        if counts[key] == 0:
-            touched[met] = key
-            met += 1
+        key = ((p ^ ((p >> 31) & 0x7FFFFFFF)) >> (32 - bits)) + (1 << (bits - 1))
         counts[key] += 1
-    keys = touched[:met].copy()
+        marks[key >> 6] = 1  # no branch in this loop: a test of counts[key] here costs twice the loop
+    met = 0
+    for group in range(marks.size):
+        if marks[group]:
+            for key in range(group << 6, min((group + 1) << 6, counts.size)):
+                met += counts[key] != 0
+    keys = np.empty(met, dtype=np.int64)
     found = np.empty(met, dtype=np.int64)
-    for j in range(met):
-        found[j] = counts[keys[j]]
-        counts[keys[j]] = 0
+    j = 0
+    for group in range(marks.size):
+        if marks[group]:
+            marks[group] = 0
+            for key in range(group << 6, min((group + 1) << 6, counts.size)):
+                if counts[key]:
+                    keys[j], found[j] = key, counts[key]
+                    counts[key] = 0
+                    j += 1
     return keys, found
+
+
+@_jit
+def _squared_deviations(values, means, out):
+    # (v - mean) * (v - mean), row by row: NumPy's subtract and multiply, in one vectorised pass
+    for row in range(values.shape[0]):
+        mean = means[row]
+        for i in range(values.shape[1]):
+            deviation = values[row, i] - mean
+            out[row, i] = deviation * deviation
 
 
 _scratch = threading.local()  # per worker thread: the kernels run without the GIL
@@ -99,17 +117,31 @@ def _thread_buffer(name: str, size: int, dtype, zeroed: bool = False) -> np.ndar
 
 
 def log_ratio_histogram(t: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    r"""``(keys, counts)``: the bit-pattern keys met among the ``t`` (in the order first met) and how many of
+    r"""``(keys, counts)``: the bit-pattern keys met among the ``t``, in increasing order, and how many of
     each, as :class:`klsym.simulate.accumulators.LogRatioHistogram` bins them.
 
     A block's keys span about 10^5 bins (those between its smallest and largest log-ratio, the subnormal
     float32 numbers around 0 included) but it meets only a few thousand: counting them in a zeroed
-    per-thread table and returning only those keeps a block's partial small.
+    per-thread table, with a mark per group of 64 keys, and returning only those keeps a partial small.
     """
     table = _thread_buffer("counts", 1 << bits, np.int64, zeroed=True)  # zero again after each call
+    marks = _thread_buffer("marks", -(-(1 << bits) // 64), np.uint8, zeroed=True)
     with np.errstate(over="ignore"):  # beyond float32: the inf bins
         patterns = t.astype(np.float32).reshape(-1).view(np.int32)  # vectorised; a scalar cast in the loop is slower
-    return _count_keys(patterns, bits, table, np.empty(patterns.size, dtype=np.int64))
+    return _count_keys(patterns, bits, table, marks)
+
+
+def squared_deviations(values: np.ndarray, means: np.ndarray) -> np.ndarray:
+    r"""``(values - means[:, None]) ** 2`` for a (rows, size) float64 array, bit for bit, in this thread's scratch
+    array (valid until its next call).
+
+    >>> v = np.array([[1.0, 2.0, 4.0]]); m = v.mean(axis=-1)
+    >>> bool((squared_deviations(v, m) == (v - m[:, None]) ** 2).all())
+    True
+    """
+    out = _thread_buffer("squares", values.size, np.float64).reshape(values.shape)
+    _squared_deviations(values, np.ascontiguousarray(means, dtype=np.float64), out)
+    return out
 
 
 def gaussian_draw(generators, size: int, q, p, keep_samples: bool = True):
@@ -168,3 +200,4 @@ def warm_up() -> None:
     gaussian_draw([generator], 8, Gaussian(0.0, 1.0), Gaussian(1.0, 1.0))
     categorical_draw([generator], 8, np.array([0.5, 1.0]), 1, np.array([0.0, 1.0]))
     log_ratio_histogram(np.zeros(8), 18)
+    squared_deviations(np.zeros((1, 8)), np.zeros(1))
