@@ -9,6 +9,7 @@ import sys
 import time
 
 from klsym.exact.families import Gaussian
+from klsym.simulate.accumulators import needs_samples
 from klsym.simulate.driver import Stream, keep_freed_blocks
 from klsym.simulate.montecarlo import ValueStatistics
 
@@ -27,9 +28,10 @@ def main() -> None:
         return now
 
     accumulators = statistics.accumulators
-    for blocks in stream.streaming_plan(n):  # the driver's order (klsym.simulate.accumulators.feed), timed
+    # chunks of DEFAULT_CHUNK samples, through the accumulators in the driver's order (accumulators.feed), timed
+    for blocks in stream.streaming_plan(n):
         started = time.perf_counter()
-        chunk = stream.draw(blocks)
+        chunk = stream.draw(blocks, needs_samples(accumulators))
         started = tick("draw", started)
         parts = [accumulator.empty() for accumulator in accumulators]
         pieces: list[list] = [[] for _ in accumulators]

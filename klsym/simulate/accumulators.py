@@ -120,16 +120,12 @@ def feed(accumulators, chunk) -> None:
 # --- values ------------------------------------------------------------------------------------
 
 
-def block_moments(xp, values, kernels=None):
-    """Per-row (mean, M2) of a (rows, size) array, accumulated in float64 (``kernels``: the compiled
-    :func:`klsym.simulate.kernels.squared_deviations`, the same numbers in one pass instead of two)."""
+def block_moments(xp, values):
+    """Per-row (mean, M2) of a (rows, size) array, accumulated in float64."""
     size = values.shape[-1]
     means = values.sum(axis=-1, dtype=xp.float64) / size
-    if kernels is not None and values.dtype == np.float64 and values.ndim == 2:
-        deviations = kernels.squared_deviations(values, means)
-    else:
-        deviations = values - means[..., None]
-        xp.multiply(deviations, deviations, out=deviations)  # in place: one temporary, not two
+    deviations = values - means[..., None]
+    xp.multiply(deviations, deviations, out=deviations)  # in place: one temporary, not two
     # a pairwise sum per row: the same bits whatever the number of rows (einsum's are not)
     return means, deviations.sum(axis=-1)
 
@@ -146,7 +142,7 @@ class Moments(Accumulator):
 
     def piece(self, chunk, i: int):
         values = chunk.values(i)
-        return block_moments(chunk.stream.xp, values * values if self.square else values, chunk.kernels)
+        return block_moments(chunk.stream.xp, values * values if self.square else values)
 
     def assemble(self, chunk, stats):
         xp, host = chunk.stream.xp, chunk.stream.backend.host

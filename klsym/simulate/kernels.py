@@ -93,16 +93,6 @@ def _count_keys(patterns, bits, counts, marks):
     return keys, found
 
 
-@_jit
-def _squared_deviations(values, means, out):
-    # (v - mean) * (v - mean), row by row: NumPy's subtract and multiply, in one vectorised pass
-    for row in range(values.shape[0]):
-        mean = means[row]
-        for i in range(values.shape[1]):
-            deviation = values[row, i] - mean
-            out[row, i] = deviation * deviation
-
-
 _scratch = threading.local()  # per worker thread: the kernels run without the GIL
 
 
@@ -129,19 +119,6 @@ def log_ratio_histogram(t: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
     with np.errstate(over="ignore"):  # beyond float32: the inf bins
         patterns = t.astype(np.float32).reshape(-1).view(np.int32)  # vectorised; a scalar cast in the loop is slower
     return _count_keys(patterns, bits, table, marks)
-
-
-def squared_deviations(values: np.ndarray, means: np.ndarray) -> np.ndarray:
-    r"""``(values - means[:, None]) ** 2`` for a (rows, size) float64 array, bit for bit, in this thread's scratch
-    array (valid until its next call).
-
-    >>> v = np.array([[1.0, 2.0, 4.0]]); m = v.mean(axis=-1)
-    >>> bool((squared_deviations(v, m) == (v - m[:, None]) ** 2).all())
-    True
-    """
-    out = _thread_buffer("squares", values.size, np.float64).reshape(values.shape)
-    _squared_deviations(values, np.ascontiguousarray(means, dtype=np.float64), out)
-    return out
 
 
 def gaussian_draw(generators, size: int, q, p, keep_samples: bool = True):
@@ -200,4 +177,3 @@ def warm_up() -> None:
     gaussian_draw([generator], 8, Gaussian(0.0, 1.0), Gaussian(1.0, 1.0))
     categorical_draw([generator], 8, np.array([0.5, 1.0]), 1, np.array([0.0, 1.0]))
     log_ratio_histogram(np.zeros(8), 18)
-    squared_deviations(np.zeros((1, 8)), np.zeros(1))
