@@ -70,8 +70,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--chunk",
         type=_count,
-        default=DEFAULT_CHUNK,
-        help="samples per worker task, rounded to RNG blocks (speed/memory only)",
+        default=None,
+        help=f"samples per worker task, rounded to RNG blocks (speed/memory only; default up to {DEFAULT_CHUNK})",
     )
     parser.add_argument("--threads", type=_count, default=None, help="worker threads (default: all cores)")
     parser.add_argument(

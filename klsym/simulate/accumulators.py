@@ -96,25 +96,26 @@ def needs_samples(accumulators) -> bool:
 
 
 def feed(accumulators, chunk) -> None:
-    """Add ``chunk`` to every accumulator, one estimator at a time: each estimator's values (and gradient
-    weights) are reduced by every accumulator while they are in cache, then dropped (:meth:`Chunk.forget`).
+    """Add ``chunk`` to every accumulator: the statistics of the whole chunk at once (the t-histogram), then
+    block by block and in each block one estimator at a time, each estimator's values (and gradient weights)
+    reduced by every accumulator while they are in a core's cache, then dropped (:meth:`Chunk.forget`).
 
-    The same numbers as ``accumulator.update(chunk)`` for each accumulator; about 30 % less time a sample
-    than reducing all estimators' values statistic by statistic, whose arrays no longer fit in a core's cache.
+    The same numbers as ``accumulator.update(chunk)`` for each accumulator.
     """
     by_estimator = [a for a in accumulators if a.by_estimator]
-    pieces: list[list] = [[] for _ in by_estimator]
     with np.errstate(**_QUIET):
         for a in accumulators:
             if not a.by_estimator:
                 a._partials.extend(a.partials(chunk))
-        for i in range(max((a.width for a in by_estimator), default=0)):
+        for block in chunk.blocks_alone() if by_estimator else ():
+            pieces: list[list] = [[] for _ in by_estimator]
+            for i in range(max(a.width for a in by_estimator)):
+                for a, got in zip(by_estimator, pieces):
+                    if i < a.width:
+                        got.append(a.piece(block, i))
+                block.forget(i)
             for a, got in zip(by_estimator, pieces):
-                if i < a.width:
-                    got.append(a.piece(chunk, i))
-            chunk.forget(i)
-        for a, got in zip(by_estimator, pieces):
-            a._partials.extend(a.assemble(chunk, got))
+                a._partials.extend(a.assemble(block, got))
 
 
 # --- values ------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def run(
     n: int = 1_000_000,
     seed: int = 0,
     *,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     backend: str | Backend | None = None,
     dtype: str = "float64",
     quantiles=DEFAULT_QUANTILES,
@@ -92,8 +92,9 @@ def run(
         (:func:`klsym.exact.plans.plan_of`); built-in names need no SymPy once the cache is warm.
     n, seed : int
         Sample size and seed; the result depends only on these (and the backend).
-    chunk : int
-        Samples a worker processes at once, rounded to whole RNG blocks; does not change results.
+    chunk : int, optional
+        Samples a worker processes at once, rounded to whole RNG blocks; does not change results. Default:
+        up to :data:`~klsym.simulate.driver.DEFAULT_CHUNK`, fewer for a small n (every thread gets work).
     backend : str, optional
         ``"numpy"`` or ``"cupy"``; default ``$KLSYM_BACKEND`` or NumPy.
     dtype : {"float64", "float32"}
@@ -283,7 +284,7 @@ def gradient(
     seed: int = 0,
     *,
     modes=GRADIENT_MODES,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     backend: str | Backend | None = None,
     dtype: str = "float64",
     threads: int | None = None,
