@@ -28,29 +28,30 @@ def main() -> None:
         return now
 
     accumulators = statistics.accumulators
-    # chunks of DEFAULT_CHUNK samples, through the accumulators in the driver's order (accumulators.feed), timed
+    # the default plan's chunks, through the accumulators in the driver's order (accumulators.feed), timed
     for blocks in stream.streaming_plan(n):
         started = time.perf_counter()
         chunk = stream.draw(blocks, needs_samples(accumulators))
         started = tick("draw", started)
         parts = [accumulator.empty() for accumulator in accumulators]
-        pieces: list[list] = [[] for _ in accumulators]
         for part in parts:
             if not part.by_estimator:
                 part._partials.extend(part.partials(chunk))
                 started = tick(type(part).__name__, started)
-        for i in range(len(stream.estimators)):
-            chunk.values(i)
-            started = tick("values", started)
+        for block in chunk.blocks_alone():
+            pieces: list[list] = [[] for _ in accumulators]
+            for i in range(len(stream.estimators)):
+                block.values(i)
+                started = tick("values", started)
+                for part, got in zip(parts, pieces):
+                    if part.by_estimator:
+                        got.append(part.piece(block, i))
+                        started = tick(type(part).__name__, started)
+                block.forget(i)
             for part, got in zip(parts, pieces):
                 if part.by_estimator:
-                    got.append(part.piece(chunk, i))
+                    part._partials.extend(part.assemble(block, got))
                     started = tick(type(part).__name__, started)
-            chunk.forget(i)
-        for part, got in zip(parts, pieces):
-            if part.by_estimator:
-                part._partials.extend(part.assemble(chunk, got))
-                started = tick(type(part).__name__, started)
         for accumulator, part in zip(accumulators, parts):
             accumulator.merge(part)
             started = tick("merge", started)
