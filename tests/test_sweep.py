@@ -89,6 +89,17 @@ def test_every_point_equals_the_single_process_engine(client):
     assert [row["n_nonfinite"] > 0 for row in zero_mass] == [True, True, False]  # k1, k3 = +inf; k4 finite
 
 
+@pytest.mark.parametrize("task_blocks", [1, 3, 8, 20])
+def test_tasks_hold_the_blocks_asked_for_and_every_block_once(task_blocks):
+    point = load_spec({**SPEC, "n": 20 * BLOCK + 5, "task_size": task_blocks * BLOCK}).points[0]
+    tasks = sweep_module.plan_tasks(point, task_blocks * BLOCK)
+    blocks = [key for task in tasks for chunk in task for key, _ in chunk]
+    assert blocks == [(b,) for b in range(21)]  # in order, each once (the last one partial)
+    sizes = [sum(size for chunk in task for _, size in chunk) for task in tasks]
+    assert max(sizes) <= task_blocks * BLOCK  # never more than asked for: a dead worker loses little
+    assert sizes[0] > task_blocks * BLOCK / 2  # and not much less (whole chunks)
+
+
 def test_a_killed_worker_mid_sweep_still_gives_the_full_identical_result(client):
     spec = {
         "pairs": gaussian_pairs([0.2, 0.6], [1.0, 1.2]),
@@ -109,6 +120,7 @@ def test_a_killed_worker_mid_sweep_still_gives_the_full_identical_result(client)
         if done >= 3:
             break
         time.sleep(0.05)
+    assert runner.is_alive(), "the sweep ended before a worker could be killed"
     victim = sorted(pids)[0]
     os.kill(pids[victim], signal.SIGKILL)
     runner.join(timeout=300)

@@ -158,9 +158,13 @@ def load_spec(spec, base: str | Path | None = None) -> Spec:
 
 
 def plan_tasks(point: Point, task_size: int) -> list[list]:
-    """The point's streaming plan (:meth:`Stream.streaming_plan`) cut into tasks of consecutive blocks."""
-    stream_plan = list(point.stream().streaming_plan(point.n, DEFAULT_CHUNK))
-    per_task = max(1, task_size // DEFAULT_CHUNK)
+    """The point's streaming plan (:meth:`Stream.streaming_plan`) cut into tasks of about ``task_size`` samples
+    (whole RNG blocks, at least one)."""
+    stream = point.stream()
+    block = stream.backend.block_size
+    chunk = max(1, min(task_size, DEFAULT_CHUNK) // block) * block  # no chunk larger than a task
+    per_task = max(1, task_size // chunk)
+    stream_plan = list(stream.streaming_plan(point.n, chunk))
     return [stream_plan[i : i + per_task] for i in range(0, len(stream_plan), per_task)]
 
 
