@@ -167,8 +167,9 @@ class Moments(Accumulator):
 
 
 class _PerChunk(Accumulator):
-    """A statistic that is exact whatever the grouping (extremes, integer counts): one partial per chunk,
-    ``summarise(xp, values)`` applied to each estimator's values."""
+    """A statistic that is exact whatever the grouping (extremes, integer counts): one partial for all the
+    blocks it is given at once (a chunk, or one block under :func:`feed`), ``summarise(xp, values)`` applied
+    to each estimator's values."""
 
     def piece(self, chunk, i: int):
         return self.summarise(chunk.stream.xp, chunk.values(i))

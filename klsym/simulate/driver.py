@@ -245,6 +245,10 @@ class Chunk:
         self.kernels = stream.kernels
         generators = [stream.backend.generator(stream.seed, *key) for key, _ in blocks]
         self.t, self.data = stream.sampler.draw(generators, self.sizes[0], self.kernels, keep_samples)
+        self._clear_caches()
+
+    def _clear_caches(self) -> None:
+        """Nothing computed from the draws yet: values, weights, score, the Taylor index."""
         self._values: dict = {}
         self._weights: dict = {}
         self._score = self._score_squared = self._near_zero = None
@@ -264,8 +268,7 @@ class Chunk:
         view.stream, view.blocks, view.sizes = self.stream, self.blocks[row : row + 1], self.sizes[row : row + 1]
         view.kernels, view.t = self.kernels, self.t[row : row + 1]
         view.data = None if self.data is None else self.data[row : row + 1]
-        view._values, view._weights = {}, {}
-        view._score = view._score_squared = view._near_zero = None
+        view._clear_caches()
         return view
 
     def near_zero(self):
