@@ -94,3 +94,18 @@ def test_quantiles_and_batch_spread_cover_zero_mass_samples():
     assert k1["0.95"] == np.inf and k1["0.99"] == np.inf and k1["0.01"] == pytest.approx(-np.log(1.5), rel=2.0**-8)
     assert result["k1"]["batch"]["mean_std"] == np.inf
     assert np.isfinite(result["rev_k1"]["batch"]["mean_std"]) and result["rev_k1"]["min"] == 0.0
+
+
+def test_quantiles_asked_between_updates_follow_the_samples_added_since():
+    """The histogram keeps the bins it met between calls: blocks added after a call must change the answer."""
+    q, p = PAIRS["far"]
+    stream = Stream(q, p, "k1", seed=2)
+    plan = list(stream.streaming_plan(4 * 65536, chunk=65536))
+    k1 = BUILTINS["k1"].numeric
+    growing, whole = LogRatioHistogram(), LogRatioHistogram()
+    growing.update(stream.draw(plan[0]))
+    first = growing.quantiles(k1, INTERIOR)
+    for blocks in plan[1:]:
+        growing.update(stream.draw(blocks))
+    stream_through(stream, plan, [whole], threads=1)
+    assert growing.quantiles(k1, INTERIOR) == whole.quantiles(k1, INTERIOR) != first

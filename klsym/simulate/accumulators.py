@@ -334,6 +334,7 @@ class LogRatioHistogram(Accumulator):
         super().__init__(bits)
         self.bits = bits
         self._counts = None  # 2 MiB: allocated when first folded into, not in every worker's empty copy
+        self._met = None  # (keys, counts) of the bins met, once asked for
 
     @property
     def counts(self) -> np.ndarray:
@@ -356,6 +357,7 @@ class LogRatioHistogram(Accumulator):
     def fold(self, partial) -> None:
         keys, counts = partial  # each key once
         self.counts[keys] += counts
+        self._met = None
 
     def coalesce(self) -> LogRatioHistogram:
         """Sum the pending partials into one (integer counts: exact), e.g. before shipping them elsewhere."""
@@ -370,8 +372,10 @@ class LogRatioHistogram(Accumulator):
     def quantiles(self, function, levels, bracket: bool = False) -> dict:
         """Quantiles of ``function(t)`` over the samples (see :func:`quantiles_of_function`)."""
         self._fold_pending()
-        keys = np.flatnonzero(self.counts)
-        return quantiles_of_function(keys, self.counts[keys], function, levels, self.bits, bracket)
+        if self._met is None:  # the bins met, found once for every estimator's quantiles
+            keys = np.flatnonzero(self.counts)
+            self._met = keys, self.counts[keys]
+        return quantiles_of_function(*self._met, function, levels, self.bits, bracket)
 
 
 def quantiles_of_function(keys, counts, function, levels, bits: int = T_HIST_BITS, bracket: bool = False) -> dict:
@@ -395,10 +399,13 @@ def quantiles_of_function(keys, counts, function, levels, bits: int = T_HIST_BIT
     low, high = np.where(np.isnan(low), high, low), np.where(np.isnan(high), low, high)
     middle = np.where(np.isfinite(low) & np.isfinite(high), 0.5 * low + 0.5 * high, low)
     with np.errstate(all="ignore"):
-        image = np.stack([np.asarray(function(v), dtype=np.float64) for v in (low, middle, high)])
-        keep = ~np.all(np.isnan(image), axis=0)
-        a, b = np.nanmin(image[:, keep], axis=0), np.nanmax(image[:, keep], axis=0)
-    c = np.asarray(counts, dtype=np.float64)[keep]
+        image = [np.asarray(function(v), dtype=np.float64) for v in (low, middle, high)]
+        # fmin/fmax skip NaN, as nanmin/nanmax would (and are 30x faster on the subnormal values near t = 0)
+        a, b = np.fmin(np.fmin(image[0], image[1]), image[2]), np.fmax(np.fmax(image[0], image[1]), image[2])
+    c = np.asarray(counts, dtype=np.float64)
+    keep = ~np.isnan(a)  # bins where k is NaN at every point
+    if not keep.all():
+        a, b, c = a[keep], b[keep], c[keep]
     total = c.sum()
     by_low, by_high = np.argsort(a, kind="stable"), np.argsort(b, kind="stable")
     a_sorted, b_sorted = a[by_low], b[by_high]
