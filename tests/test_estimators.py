@@ -103,3 +103,30 @@ def test_shared_taylor_indices_give_the_functions_own_values(name):
     for function in (estimator.numeric, estimator.numeric_dt):
         np.testing.assert_array_equal(function(t, lambda: shared), function(t))
         np.testing.assert_array_equal(function(t[:, ::2], None), function(np.ascontiguousarray(t[:, ::2])))
+
+
+def test_functions_at_one_array_share_its_exp_and_expm1_and_give_their_own_values():
+    """Within sharing_calls, exp(t) and expm1(t) are computed once for every function evaluated at t (the
+    engine's block), with each function's own numbers; a result that is the shared array itself (k3's slope,
+    expm1(t)) is handed out as a copy, so that writing into it (the Taylor part does) leaves the others intact."""
+    from klsym.derive.generated import sharing_calls
+
+    t = np.random.default_rng(9).normal(scale=3.0, size=(2, 500))
+    t[0, :4] = [0.0, 1e-5, -1e-4, 700.0]  # Taylor parts, and the far tail
+    functions = [
+        f for name in ("k3", "k4", "rev_k1", "rev_k3") for f in (BUILTINS[name].numeric, BUILTINS[name].numeric_dt)
+    ]
+    alone = [f(t) for f in functions]
+    memo: dict = {}
+    with sharing_calls(t, memo):
+        together = [f(t) for f in functions]
+        elsewhere = BUILTINS["k3"].numeric(t.copy())  # another array: nothing shared
+    assert set(memo) == {"exp", "expm1"}
+    kept = {name: value.copy() for name, value in memo.items()}
+    for one, other in zip(together, alone):
+        np.testing.assert_array_equal(one, other)
+        assert all(one is not value for value in memo.values())
+        one[...] = np.nan  # a caller may write into what it gets
+    np.testing.assert_array_equal(elsewhere, alone[0])
+    for name, value in memo.items():
+        np.testing.assert_array_equal(value, kept[name])

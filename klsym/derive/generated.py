@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import threading
 from functools import cached_property
 
 import numpy as np
@@ -44,12 +45,66 @@ def globals_of(fn, xp) -> dict:
     return sources
 
 
+#: Array functions whose result at the array of a :func:`sharing_calls` context is computed once for every
+#: function evaluated there (k3 and k4 both read ``expm1(t)``; rev_k1 and rev_k3 ``exp(t)``).
+SHARED_CALLS = ("exp", "expm1")
+_sharing = threading.local()
+
+
+class sharing_calls:
+    r"""Context: while it is active (in this thread), ``exp(values)`` and ``expm1(values)`` in generated code
+    return the result kept in ``memo`` (a dict; computed at the first call), for this very ``values`` array
+    only. Functions evaluated at the same array then share those calls: the same numbers, one pass fewer.
+
+    Results read from ``memo`` must not be written into: :func:`logratio_function` copies one it would return.
+
+    >>> import numpy as np
+    >>> f = compile_code({"source": "def f(t):\n    return expm1(t) + 1\n", "name": "f",
+    ...                   "globals": {"expm1": ["xp", "expm1"]}}, np)
+    >>> t, memo = np.array([0.0, 1.0]), {}
+    >>> with sharing_calls(t, memo):
+    ...     first, second = f(t), f(t)
+    >>> list(memo) == ["expm1"] and bool((first == second).all())
+    True
+    """
+
+    def __init__(self, values, memo: dict):
+        self.values, self.memo = values, memo
+
+    def __enter__(self):
+        self._outer = getattr(_sharing, "active", None)
+        _sharing.active = self
+        return self
+
+    def __exit__(self, *exc_info):
+        _sharing.active = self._outer
+        return False
+
+
+def is_shared(array) -> bool:
+    """Whether ``array`` is a result kept by the active :func:`sharing_calls` context (not to be written into)."""
+    active = getattr(_sharing, "active", None)
+    return active is not None and any(array is kept for kept in active.memo.values())
+
+
+def _shared_call(name: str, function):
+    def call(x, *args, **kwargs):
+        active = getattr(_sharing, "active", None)
+        if active is None or x is not active.values or args or kwargs:
+            return function(x, *args, **kwargs)
+        if name not in active.memo:
+            active.memo[name] = function(x)
+        return active.memo[name]
+
+    return call
+
+
 def compile_code(code: dict, xp):
     """The function of generated ``code`` (source klsym wrote itself, never a user's text)."""
     if "compiled" in code:
         return code["compiled"]
     namespace = {
-        name: getattr(xp, where)
+        name: (_shared_call(where, getattr(xp, where)) if where in SHARED_CALLS else getattr(xp, where))
         if kind == "xp"
         else importlib.import_module(where)
         if kind == "module"
@@ -127,7 +182,8 @@ def _compile_pieces(piece: dict, xp):
         out = fn(values)
         if xp.ndim(out) < xp.ndim(values):  # a constant (k1's derivative): broadcast
             return xp.full(values.shape, out, dtype=values.dtype)
-        return out.copy() if out is values else out  # identity (k2's derivative): callers may write into it
+        # identity (k2's derivative) or a shared call (k3's derivative, expm1(t)): callers may write into it
+        return out.copy() if out is values or is_shared(out) else out
 
     return whole
 
@@ -140,4 +196,7 @@ __all__ = [
     "LogratioFunction",
     "logratio_function",
     "near_zero",
+    "SHARED_CALLS",
+    "sharing_calls",
+    "is_shared",
 ]

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from klsym.derive.generated import near_zero
+from klsym.derive.generated import near_zero, sharing_calls
 from klsym.derive.modes import MODES, gradient_weights
 from klsym.derive.registry import split_names
 from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
@@ -251,6 +251,7 @@ class Chunk:
         """Nothing computed from the draws yet: values, weights, score, the Taylor index."""
         self._values: dict = {}
         self._weights: dict = {}
+        self._shared_calls: dict = {}  # exp(t), expm1(t): computed once for every estimator (sharing_calls)
         self._score = self._score_squared = self._near_zero = None
 
     @property
@@ -281,7 +282,8 @@ class Chunk:
     def values(self, i: int):
         """Values k(e^t) of estimator ``i`` (one array per estimator: each stays in cache while it is reduced)."""
         if i not in self._values:
-            self._values[i] = self.stream.values[i](self.t, self.near_zero)
+            with sharing_calls(self.t, self._shared_calls):
+                self._values[i] = self.stream.values[i](self.t, self.near_zero)
         return self._values[i]
 
     def weights(self, i: int, modes) -> dict:
@@ -297,7 +299,8 @@ class Chunk:
             def slope(t):
                 return self.stream.slopes[i](t, shared if t is self.t else None)
 
-            weights = gradient_weights(value, slope, self.t, missing)
+            with sharing_calls(self.t, self._shared_calls):
+                weights = gradient_weights(value, slope, self.t, missing)
             self._weights.setdefault(i, {}).update(weights)
         return self._weights[i]
 
