@@ -38,7 +38,9 @@ def main() -> None:
             if not part.by_estimator:
                 part._partials.extend(part.partials(chunk))
                 started = tick(type(part).__name__, started)
+        batch = next((part.summary_batch for part in parts if part.summary_batch), None)
         for block in chunk.blocks_alone():
+            block.batch = batch
             pieces: list[list] = [[] for _ in accumulators]
             for i in range(len(stream.estimators)):
                 block.values(i)

@@ -1,5 +1,7 @@
 """The streaming driver and its mergeable accumulators: merge order, chunk invariance, reference values."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from klsym.simulate.accumulators import (
     Moments,
     TrialGradients,
     feed,
+    lane_sums,
     needs_samples,
 )
 from klsym.simulate.driver import Stream, stream_through
@@ -107,6 +110,31 @@ def test_moments_match_numpy_on_the_same_draws():
     np.testing.assert_allclose(moments.std(), values.std(axis=1, ddof=1), rtol=1e-12)
     np.testing.assert_array_equal(extremes.min, values.min(axis=1))
     np.testing.assert_array_equal(extremes.negative, (values < 0).sum(axis=1))
+
+
+def _lane_sum_by_definition(sequence) -> float:
+    """klsym's summation order, one element at a time: lane i mod 128 in order, then the lanes in halves."""
+    lanes = [0.0] * 128
+    for i, x in enumerate(sequence):
+        lanes[i % 128] = lanes[i % 128] + x
+    while len(lanes) > 1:
+        half = len(lanes) // 2
+        lanes = [a + b for a, b in zip(lanes[:half], lanes[half:])]
+    return lanes[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 65536), (3, 1000), (2, 5, 300), (4, 127), (2, 0)])
+def test_lane_sums_add_in_klsyms_order(shape):
+    values = np.random.default_rng(1).standard_normal(shape) * np.exp(np.random.default_rng(2).uniform(-20, 20, shape))
+    flat = values.reshape(math.prod(shape[:-1]), shape[-1])
+    flat[0, :3] = -0.0
+    expected = np.array([_lane_sum_by_definition(row.tolist()) for row in flat], dtype=float).reshape(shape[:-1])
+    got = lane_sums(np, values)
+    np.testing.assert_array_equal(got, expected)
+    assert np.signbit(got).tolist() == np.signbit(expected).tolist()
+    np.testing.assert_array_equal(
+        lane_sums(np, values.astype(np.float32)), lane_sums(np, values.astype(np.float32).astype(np.float64))
+    )
 
 
 def test_merge_folds_the_other_accumulators_blocks_after_its_own():

@@ -10,7 +10,7 @@ import pytest
 
 from klsym.exact.families import Categorical, Gaussian
 from klsym.simulate import kernels
-from klsym.simulate.accumulators import histogram_keys
+from klsym.simulate.accumulators import ValueSummary, histogram_keys
 from klsym.simulate.backend import get_backend
 from klsym.simulate.driver import KERNELS_ENV, Stream, compiled_kernels
 from klsym.simulate.montecarlo import gradient, run
@@ -78,6 +78,36 @@ def test_log_ratio_histogram_counts_the_array_codes_keys(bits):
         np.testing.assert_array_equal(
             np.bincount(met, weights=counts, minlength=1 << bits), np.bincount(keys, minlength=1 << bits)
         )
+
+
+def _values_with_edges(rows: int, size: int) -> np.ndarray:
+    values = np.random.default_rng(size).standard_normal((rows, size)) * 3.0
+    values[0, : min(size, 40)] = -0.0  # a lane of signed zeros: -0.0 + -0.0 stays -0.0, 0.0 + -0.0 does not
+    values[-1] = np.abs(values[-1])  # a row with no negative value: the count is skipped
+    return values
+
+
+@pytest.mark.parametrize("size, batch", [(65536, 1024), (65536, None), (5000, 1000), (300, 128), (100, 7), (1, 1)])
+def test_value_summaries_are_the_array_codes_bits(size, batch):
+    values = _values_with_edges(3, size)
+    compiled, array = ValueSummary(np, values, batch, kernels), ValueSummary(np, values, batch)
+    assert (compiled.batch_means is None) == (array.batch_means is None) == (batch is None)
+    for name in ("means", "m2s", "low", "high", "negative", "nonfinite", "batch_means"):
+        a, b = np.asarray(getattr(compiled, name), dtype=float), np.asarray(getattr(array, name), dtype=float)
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        assert np.signbit(a).tolist() == np.signbit(b).tolist(), name
+    assert np.array_equal(array.low, values.min(axis=1)) and np.array_equal(array.negative, (values < 0).sum(axis=1))
+
+
+@pytest.mark.parametrize("bad", [[np.inf], [np.nan], [-np.inf, np.inf], [1e308, 1e308]])
+def test_value_summaries_of_rows_with_inf_or_nan_are_the_array_codes(bad):
+    values = _values_with_edges(3, 1000)
+    values[1, 10 : 10 + len(bad)] = bad  # row 1 only: the others keep the kernel's extremes
+    with np.errstate(over="ignore", invalid="ignore"):  # as the accumulators run it
+        compiled, array = ValueSummary(np, values, 100, kernels), ValueSummary(np, values, 100)
+    for name in ("means", "m2s", "low", "high", "negative", "nonfinite", "batch_means"):
+        np.testing.assert_array_equal(getattr(compiled, name), getattr(array, name), err_msg=name)
+    assert compiled.nonfinite.tolist() == [0, np.count_nonzero(~np.isfinite(bad)), 0]
 
 
 def _without_timing(result: dict) -> dict:

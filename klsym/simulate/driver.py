@@ -27,7 +27,7 @@ from klsym.derive.modes import MODES, gradient_weights
 from klsym.derive.registry import split_names
 from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
 from klsym.exact.plans import plan_of
-from klsym.simulate.accumulators import feed, needs_samples
+from klsym.simulate.accumulators import ValueSummary, feed, needs_samples
 from klsym.simulate.backend import Backend, get_backend
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
@@ -252,7 +252,10 @@ class Chunk:
         self._values: dict = {}
         self._weights: dict = {}
         self._shared_calls: dict = {}  # exp(t), expm1(t): computed once for every estimator (sharing_calls)
+        self._summaries: dict = {}
         self._score = self._score_squared = self._near_zero = None
+        #: batch size of the batch means that value summaries include (set by accumulators.feed)
+        self.batch: int | None = None
 
     @property
     def rows(self) -> int:
@@ -286,6 +289,15 @@ class Chunk:
                 self._values[i] = self.stream.values[i](self.t, self.near_zero)
         return self._values[i]
 
+    def summary(self, i: int, batch: int | None = None) -> ValueSummary:
+        """The :class:`~klsym.simulate.accumulators.ValueSummary` of estimator ``i``'s values (moments, extremes,
+        means of batches of ``batch`` or :attr:`batch`), made once for every statistic that reads it."""
+        summary = self._summaries.get(i)
+        if summary is None or (batch is not None and summary.batch != batch):
+            summary = ValueSummary(self.stream.xp, self.values(i), batch or self.batch, self.kernels)
+            self._summaries[i] = summary
+        return summary
+
     def weights(self, i: int, modes) -> dict:
         """Gradient weights of estimator ``i`` per mode (see :func:`klsym.derive.modes.gradient_weights`)."""
         missing = [m for m in modes if m not in self._weights.get(i, {})]
@@ -309,6 +321,7 @@ class Chunk:
         arrays then reuse the same, cached, memory."""
         self._values.pop(i, None)
         self._weights.pop(i, None)
+        self._summaries.pop(i, None)
 
     def score(self):
         """Gaussian score, (params, rows, size)."""

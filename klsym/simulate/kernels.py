@@ -7,7 +7,10 @@ on many pairs and seeds). The draws come from the block's own ``numpy.random.Gen
 ``standard_normal`` and ``random`` run NumPy's algorithms (ziggurat, 53-bit doubles) on the same
 PCG64 state, about three times faster than NumPy's per-call C path because they are inlined (5 against
 17 ns a sample here). Estimator values are not compiled: NumPy's AVX-512 ``expm1``/``log1p`` (2.5-3.6 ns) beat
-the scalar libm calls of a compiled loop (22-24 ns), so only the draws and the t-histogram are fused.
+the scalar libm calls of a compiled loop (22-24 ns). What is fused: the draws, the t-histogram, and the
+reduction of each estimator's values (:func:`value_summary`: mean, squared deviations, extremes and batch
+means in two passes instead of eight NumPy calls), whose sums follow
+:func:`klsym.simulate.accumulators.lane_sums`, an order LLVM vectorises without reassociating anything.
 
 numba is imported by this module only, and this module only where the NumPy engine draws (the
 driver falls back to the array code, which is also what the CuPy backend runs, where numba cannot be
@@ -91,6 +94,133 @@ def _count_keys(patterns, bits, counts, marks):
                     counts[key] = 0
                     j += 1
     return keys, found
+
+
+#: Lanes of klsym's summation (:func:`klsym.simulate.accumulators.lane_sums`): element i goes to lane i mod LANES.
+LANES = 128
+
+
+@_jit
+def _lane_total(lanes):
+    # the lanes added in halves (lane j and lane j + width), as lane_sums does; overwrites them
+    width = lanes.size
+    while width > 1:
+        width >>= 1
+        for j in range(width):
+            lanes[j] = lanes[j] + lanes[j + width]
+    return lanes[0]
+
+
+@_jit
+def _lane_sum(v):
+    lanes = np.zeros(LANES)
+    full = v.size - v.size % LANES
+    rows = v[:full].reshape(-1, LANES)
+    for r in range(rows.shape[0]):
+        row = rows[r]
+        for j in range(LANES):  # over the lanes of one row: LLVM vectorises it, no reassociation needed
+            lanes[j] += row[j]
+    for j in range(v.size - full):
+        lanes[j] += v[full + j]
+    return _lane_total(lanes)
+
+
+@_jit
+def _sum_min_max(v, batch, batch_sums):
+    # the lane sum, min and max of v, and the lane sum of each of its batch_sums.size batches of `batch`;
+    # min and max are exact where v holds no NaN (the caller looks at them only where the sum is finite)
+    lanes = np.zeros(LANES)
+    low = np.full(LANES, np.inf)
+    high = np.full(LANES, -np.inf)
+    done = 0
+    if batch % LANES == 0:  # whole rows: a batch's lanes are added up in the same pass
+        part = np.empty(LANES)
+        for b in range(batch_sums.size):
+            part[:] = 0.0
+            rows = v[done : done + batch].reshape(-1, LANES)
+            for r in range(rows.shape[0]):
+                row = rows[r]
+                for j in range(LANES):
+                    x = row[j]
+                    lanes[j] += x
+                    part[j] += x
+                    low[j] = min(low[j], x)
+                    high[j] = max(high[j], x)
+            batch_sums[b] = _lane_total(part)
+            done += batch
+    else:  # batches that split rows (a batch size that is not a multiple of LANES): a pass of their own
+        for b in range(batch_sums.size):
+            batch_sums[b] = _lane_sum(v[b * batch : (b + 1) * batch])
+    full = v.size - v.size % LANES
+    rows = v[done:full].reshape(-1, LANES)
+    for r in range(rows.shape[0]):
+        row = rows[r]
+        for j in range(LANES):
+            x = row[j]
+            lanes[j] += x
+            low[j] = min(low[j], x)
+            high[j] = max(high[j], x)
+    for j in range(v.size - full):
+        x = v[full + j]
+        lanes[j] += x
+        low[j] = min(low[j], x)
+        high[j] = max(high[j], x)
+    return _lane_total(lanes), low.min(), high.max()
+
+
+@_jit
+def _squared_deviations(v, mean, count_negative):
+    # the lane sum of (v - mean)^2 (no fused multiply-add: the array code's bits), and the number of v < 0
+    lanes = np.zeros(LANES)
+    negative = np.zeros(LANES)
+    full = v.size - v.size % LANES
+    rows = v[:full].reshape(-1, LANES)
+    if count_negative:
+        for r in range(rows.shape[0]):
+            row = rows[r]
+            for j in range(LANES):
+                x = row[j]
+                deviation = x - mean
+                lanes[j] += deviation * deviation
+                negative[j] += x < 0
+    else:
+        for r in range(rows.shape[0]):
+            row = rows[r]
+            for j in range(LANES):
+                deviation = row[j] - mean
+                lanes[j] += deviation * deviation
+    for j in range(v.size - full):
+        x = v[full + j]
+        deviation = x - mean
+        lanes[j] += deviation * deviation
+        negative[j] += x < 0
+    return _lane_total(lanes), negative.sum() if count_negative else 0.0
+
+
+@_jit
+def _summarise_rows(values, batch, out, batch_sums):
+    for row in range(values.shape[0]):
+        v = values[row]
+        total, low, high = _sum_min_max(v, batch, batch_sums[row])
+        mean = total / v.size
+        m2, negative = _squared_deviations(v, mean, low < 0)
+        # -0.0 + 0.0 = 0.0: the sign of a zero min or max is the array code's whatever the order of comparisons
+        out[row, 0], out[row, 1], out[row, 2], out[row, 3] = mean, m2, low + 0.0, high + 0.0
+        out[row, 4], out[row, 5] = negative, 0.0
+
+
+def value_summary(values: np.ndarray, batch: int | None):
+    r"""``(stats, batch_sums)`` of each row of a (rows, size) float64 array in two passes: ``stats`` (rows, 6)
+    holds the mean, the sum of squared deviations from it (both :func:`klsym.simulate.accumulators.lane_sums`),
+    the min, the max, the number of negative and of non-finite (0) values; ``batch_sums`` (rows, size // batch)
+    the lane sums of consecutive batches. Min, max and the counts hold only for rows whose mean is finite (no
+    inf, no NaN): :class:`klsym.simulate.accumulators.ValueSummary` recounts the others.
+    """
+    rows, size = values.shape
+    out = np.empty((rows, 6))
+    batch_sums = np.empty((rows, size // batch if batch else 0))
+    _summarise_rows(np.ascontiguousarray(values), batch or LANES, out, batch_sums)
+    return out, batch_sums
 
 
 _scratch = threading.local()  # per worker thread: the kernels run without the GIL
@@ -177,3 +307,5 @@ def warm_up() -> None:
     gaussian_draw([generator], 8, Gaussian(0.0, 1.0), Gaussian(1.0, 1.0))
     categorical_draw([generator], 8, np.array([0.5, 1.0]), 1, np.array([0.0, 1.0]))
     log_ratio_histogram(np.zeros(8), 18)
+    value_summary(np.zeros((1, 8)), 4)
+    value_summary(np.zeros((1, 3 * LANES)), LANES)
