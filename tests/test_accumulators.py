@@ -113,14 +113,15 @@ def test_moments_match_numpy_on_the_same_draws():
 
 
 def _lane_sum_by_definition(sequence) -> float:
-    """klsym's summation order, one element at a time: lane i mod 128 in order, then the lanes in halves."""
+    """klsym's summation order, one addition at a time: element i into lane i mod 128, lane j into accumulator
+    j mod 8, each in order; the accumulators in a fixed tree, added to 0."""
     lanes = [0.0] * 128
     for i, x in enumerate(sequence):
         lanes[i % 128] = lanes[i % 128] + x
-    while len(lanes) > 1:
-        half = len(lanes) // 2
-        lanes = [a + b for a, b in zip(lanes[:half], lanes[half:])]
-    return lanes[0]
+    a = lanes[:8]
+    for j in range(8, 128):
+        a[j % 8] = a[j % 8] + lanes[j]
+    return 0.0 + (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
 
 
 @pytest.mark.parametrize("shape", [(1, 65536), (3, 1000), (2, 5, 300), (4, 127), (2, 0)])

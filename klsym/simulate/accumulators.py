@@ -134,21 +134,22 @@ SUM_LANES = 128
 
 def lane_sums(xp, values):
     r"""Sums over the last axis of ``values`` (in float64), in klsym's fixed order: element :math:`i` of a
-    sequence is added to lane :math:`i \bmod 128` (each lane starts at 0 and adds its elements in order), then
-    the lanes are added in halves, lane :math:`j` and lane :math:`j + w` for :math:`w = 64, 32, \dots, 1`.
+    sequence is added to lane :math:`i \bmod 128` (each lane starts at 0 and adds its elements in order); lane
+    :math:`j` then goes to accumulator :math:`j \bmod 8` (in order, from the first), and the eight accumulators
+    are added as :math:`((a_0 + a_1) + (a_2 + a_3)) + ((a_4 + a_5) + (a_6 + a_7))`, to 0.
 
     That order vectorises in a compiled loop without reassociation (the kernels of
-    :mod:`klsym.simulate.kernels` give these bits) and costs NumPy one reduction over rows. A block of
-    65536 samples puts 512 in a lane: a rounding error of at most about :math:`519\,\epsilon \sum |x_i|`
-    (pairwise summation: about :math:`16\,\epsilon \sum |x_i|`), typically :math:`\sqrt{512}\,\epsilon`;
-    both are far below any Monte Carlo standard error.
+    :mod:`klsym.simulate.kernels` give these bits), and NumPy computes it in two calls: a reduction over rows of
+    128, then its own (pairwise) sum of 128 contiguous lanes, which is this 8-accumulator order (a test checks
+    both against the definition). A block of 65536 samples puts 512 in a lane: a rounding error of at most
+    about :math:`530\,\epsilon \sum |x_i|` (NumPy's pairwise sum: about :math:`16\,\epsilon \sum |x_i|`),
+    typically :math:`\sqrt{530}\,\epsilon`; both are far below any Monte Carlo standard error.
 
     >>> import numpy as np
     >>> x = np.arange(300.0)
     >>> lanes = [sum(x[j::128]) for j in range(128)]
-    >>> while len(lanes) > 1:
-    ...     lanes = [a + b for a, b in zip(lanes[: len(lanes) // 2], lanes[len(lanes) // 2 :])]
-    >>> bool(lane_sums(np, x) == lanes[0] == x.sum())
+    >>> a = [sum(lanes[k::8]) for k in range(8)]
+    >>> bool(lane_sums(np, x) == ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) == x.sum())
     True
     """
     values = values.astype(xp.float64, copy=False)
@@ -158,11 +159,7 @@ def lane_sums(xp, values):
     lanes = rows.sum(axis=-2)  # row after row: each lane in order
     if size > full:
         lanes[..., : size - full] += values[..., full:]
-    width = SUM_LANES
-    while width > 1:
-        width //= 2
-        lanes = lanes[..., :width] + lanes[..., width : 2 * width]
-    return lanes[..., 0]
+    return lanes.sum(axis=-1)  # 128 contiguous values: NumPy's 8 accumulators
 
 
 def block_moments(xp, values):
@@ -177,14 +174,16 @@ def block_moments(xp, values):
 def extremes_of(xp, values):
     """Per-row (min, max, number of negative values, number of non-finite values) of a (rows, size) array,
     as float64 arrays; min and max are NaN in a row with a NaN, and -0.0 is reported as 0.0."""
-    low, high = values.min(axis=-1) + 0.0, values.max(axis=-1) + 0.0
-    negative, nonfinite = xp.zeros(low.shape), xp.zeros(low.shape)
-    # the counts take a pass over the values only where min and max say there is something to count
-    if not bool((low >= 0).all()):
-        negative = xp.count_nonzero(values < 0, axis=-1).astype(xp.float64)
-    if not bool((xp.isfinite(low) & xp.isfinite(high)).all()):
-        nonfinite = (values.shape[-1] - xp.count_nonzero(xp.isfinite(values), axis=-1)).astype(xp.float64)
-    return tuple(xp.asarray(a, dtype=xp.float64) for a in (low, high, negative, nonfinite))
+    out = np.zeros((4, values.shape[0]))
+    for row, v in enumerate(values):  # whole-array reductions: along an axis NumPy takes 2-3x longer
+        low, high = float(v.min()) + 0.0, float(v.max()) + 0.0
+        out[:2, row] = low, high
+        # the counts take a pass over the values only where min and max say there is something to count
+        if not low >= 0:
+            out[2, row] = int(xp.count_nonzero(v < 0))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            out[3, row] = v.size - int(xp.count_nonzero(xp.isfinite(v)))
+    return tuple(out)
 
 
 class ValueSummary:
@@ -211,8 +210,9 @@ class ValueSummary:
         else:
             self.means, self.m2s = block_moments(xp, values)
             self.low, self.high, self.negative, self.nonfinite = extremes_of(xp, values)
-            whole = values[..., : per_row * batch] if batch else values[..., :0]
-            batch_sums = lane_sums(xp, whole.reshape(*values.shape[:-1], per_row, batch or 1))
+            if batch:
+                whole = values[..., : per_row * batch]
+                batch_sums = lane_sums(xp, whole.reshape(*values.shape[:-1], per_row, batch))
         self.batch_means = batch_sums / batch if batch else None
 
 

@@ -102,13 +102,13 @@ LANES = 128
 
 @_jit
 def _lane_total(lanes):
-    # the lanes added in halves (lane j and lane j + width), as lane_sums does; overwrites them
-    width = lanes.size
-    while width > 1:
-        width >>= 1
-        for j in range(width):
-            lanes[j] = lanes[j] + lanes[j + width]
-    return lanes[0]
+    # the LANES lanes as lane_sums adds them (NumPy's sum of 128 contiguous values): accumulator k takes
+    # lanes k, k + 8, ... in order, then a fixed tree, then added to 0
+    acc = lanes[:8].copy()
+    for i in range(8, lanes.size, 8):
+        for k in range(8):
+            acc[k] += lanes[i + k]
+    return 0.0 + (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
 
 
 @_jit
