@@ -172,8 +172,8 @@ def block_moments(xp, values):
 
 
 def extremes_of(xp, values):
-    """Per-row (min, max, number of negative values, number of non-finite values) of a (rows, size) array,
-    as float64 arrays; min and max are NaN in a row with a NaN, and -0.0 is reported as 0.0."""
+    """Per-row min, max, number of negative values and number of non-finite values of a (rows, size) array,
+    as a (4, rows) float64 array on the host; min and max are NaN in a row with a NaN, -0.0 is reported as 0.0."""
     out = np.zeros((4, values.shape[0]))
     for row, v in enumerate(values):  # whole-array reductions: along an axis NumPy takes 2-3x longer
         low, high = float(v.min()) + 0.0, float(v.max()) + 0.0
@@ -183,7 +183,7 @@ def extremes_of(xp, values):
             out[2, row] = int(xp.count_nonzero(v < 0))
         if not (math.isfinite(low) and math.isfinite(high)):
             out[3, row] = v.size - int(xp.count_nonzero(xp.isfinite(v)))
-    return tuple(out)
+    return out
 
 
 class ValueSummary:
@@ -198,21 +198,20 @@ class ValueSummary:
 
     def __init__(self, xp, values, batch: int | None = None, kernels=None):
         self.batch = batch
-        size = values.shape[-1]
-        per_row = size // batch if batch else 0
         if kernels is not None:
             stats, batch_sums = kernels.value_summary(values, batch)
-            self.means, self.m2s, self.low, self.high, self.negative, self.nonfinite = stats.T
+            self.means, self.m2s, self.extremes = stats[:, 0], stats[:, 1], stats.T[2:]
             broken = [row for row, mean in enumerate(self.means.tolist()) if not math.isfinite(mean)]
             if broken:  # an inf or a NaN in these rows: the kernel's extremes do not hold there
-                for name, column in zip(("low", "high", "negative", "nonfinite"), extremes_of(xp, values[broken])):
-                    getattr(self, name)[broken] = column
+                self.extremes[:, broken] = extremes_of(xp, values[broken])
         else:
             self.means, self.m2s = block_moments(xp, values)
-            self.low, self.high, self.negative, self.nonfinite = extremes_of(xp, values)
+            self.extremes = extremes_of(xp, values)
             if batch:
-                whole = values[..., : per_row * batch]
-                batch_sums = lane_sums(xp, whole.reshape(*values.shape[:-1], per_row, batch))
+                per_row = values.shape[-1] // batch
+                batch_sums = lane_sums(xp, values[..., : per_row * batch].reshape(*values.shape[:-1], per_row, batch))
+        #: (4, rows) on the host: min, max, number of negative and of non-finite values
+        self.low, self.high, self.negative, self.nonfinite = self.extremes
         self.batch_means = batch_sums / batch if batch else None
 
 
@@ -280,11 +279,9 @@ class Extremes(Accumulator):
         self.nonfinite = np.zeros(width)
 
     def piece(self, chunk, i: int):
-        summary = chunk.summary(i)
-        host = chunk.stream.backend.host
-        low, high, negative, nonfinite = (
-            host(a) for a in (summary.low, summary.high, summary.negative, summary.nonfinite)
-        )
+        low, high, negative, nonfinite = extremes = chunk.summary(i).extremes
+        if extremes.shape[1] == 1:  # one block (under feed): its own numbers
+            return extremes[:, 0]
         return np.array([low.min(), high.max(), negative.sum(), nonfinite.sum()])
 
     def assemble(self, chunk, pieces):
