@@ -80,6 +80,15 @@ def test_log_ratio_histogram_counts_the_array_codes_keys(bits):
         )
 
 
+def test_near_zero_indices_are_numpys():
+    t = np.random.default_rng(8).standard_normal((3, 5000)) * np.exp(np.random.default_rng(9).uniform(-12, 2, 5000))
+    t[1, :6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, -1e-3]
+    found = kernels.near_zero(t, 1e-3)
+    assert found.dtype == np.intp and 0 < found.size < t.size
+    np.testing.assert_array_equal(found, np.flatnonzero(np.abs(t) < 1e-3))
+    np.testing.assert_array_equal(kernels.near_zero(t[1:2], 1e-3), np.flatnonzero(np.abs(t[1]) < 1e-3))
+
+
 def _values_with_edges(rows: int, size: int) -> np.ndarray:
     values = np.random.default_rng(size).standard_normal((rows, size)) * 3.0
     values[0, : min(size, 40)] = -0.0  # a lane of signed zeros: -0.0 + -0.0 stays -0.0, 0.0 + -0.0 does not

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from klsym.derive.generated import near_zero, sharing_calls
+from klsym.derive.generated import TAYLOR_RADIUS, near_zero, sharing_calls
 from klsym.derive.modes import MODES, gradient_weights
 from klsym.derive.registry import split_names
 from klsym.exact.families import Categorical, Gaussian, check_same_family, log_ratio
@@ -279,7 +279,10 @@ class Chunk:
         """Where |t| is below the Taylor radius (:func:`klsym.derive.generated.near_zero`): found once a chunk,
         when a function with a Taylor part first asks."""
         if self._near_zero is None:
-            self._near_zero = near_zero(self.stream.xp, self.t)
+            if self.kernels is not None:  # the same indices in one compiled pass
+                self._near_zero = self.kernels.near_zero(self.t, TAYLOR_RADIUS)
+            else:
+                self._near_zero = near_zero(self.stream.xp, self.t)
         return self._near_zero
 
     def values(self, i: int):

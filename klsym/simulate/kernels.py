@@ -96,6 +96,23 @@ def _count_keys(patterns, bits, counts, marks):
     return keys, found
 
 
+@_jit
+def _near_zero(t, radius, found):
+    count = 0
+    for i in range(t.size):
+        if abs(t[i]) < radius:  # rare: a predictable branch
+            found[count] = i
+            count += 1
+    return count
+
+
+def near_zero(t: np.ndarray, radius: float) -> np.ndarray:
+    """Flat indices of the elements of ``t`` with ``|t| < radius``, as ``numpy.flatnonzero(abs(t) < radius)``
+    gives them, in one pass without temporaries (:func:`klsym.derive.generated.near_zero`)."""
+    found = _thread_buffer("near_zero", t.size, np.intp)
+    return found[: _near_zero(np.ascontiguousarray(t).reshape(-1), radius, found)].copy()
+
+
 #: Lanes of klsym's summation (:func:`klsym.simulate.accumulators.lane_sums`): element i goes to lane i mod LANES.
 LANES = 128
 
@@ -307,5 +324,6 @@ def warm_up() -> None:
     gaussian_draw([generator], 8, Gaussian(0.0, 1.0), Gaussian(1.0, 1.0))
     categorical_draw([generator], 8, np.array([0.5, 1.0]), 1, np.array([0.0, 1.0]))
     log_ratio_histogram(np.zeros(8), 18)
+    near_zero(np.zeros((1, 8)), 1e-3)
     value_summary(np.zeros((1, 8)), 4)
     value_summary(np.zeros((1, 3 * LANES)), LANES)
