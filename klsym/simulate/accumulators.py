@@ -215,6 +215,13 @@ class ValueSummary:
         self.batch_means = batch_sums / batch if batch else None
 
 
+def host_stack(chunk, arrays) -> np.ndarray:
+    """``arrays`` (of ``chunk``'s backend) stacked along a new first axis, on the host; for NumPy arrays one
+    ``np.array`` call (a few microseconds less than ``np.stack``, which counts for every block)."""
+    xp = chunk.stream.xp
+    return np.array(arrays) if xp is np else chunk.stream.backend.host(xp.stack(arrays))
+
+
 class Moments(Accumulator):
     r"""Count, mean and sum of squared deviations of each estimator's values (``square``: of :math:`k^2`)."""
 
@@ -234,9 +241,8 @@ class Moments(Accumulator):
         return summary.means, summary.m2s
 
     def assemble(self, chunk, stats):
-        xp, host = chunk.stream.xp, chunk.stream.backend.host
-        means = host(xp.stack([m for m, _ in stats]))  # (width, rows)
-        m2s = host(xp.stack([v for _, v in stats]))
+        means = host_stack(chunk, [m for m, _ in stats])  # (width, rows)
+        m2s = host_stack(chunk, [v for _, v in stats])
         return [(size, means[:, row], m2s[:, row]) for row, size in enumerate(chunk.sizes)]
 
     def fold(self, partial) -> None:
@@ -285,7 +291,7 @@ class Extremes(Accumulator):
         return np.array([low.min(), high.max(), negative.sum(), nonfinite.sum()])
 
     def assemble(self, chunk, pieces):
-        return [np.stack(pieces)]
+        return [np.array(pieces)]
 
     def fold(self, partial) -> None:
         self.min = np.minimum(self.min, partial[:, 0])
@@ -381,7 +387,7 @@ class BatchSpread(Accumulator):
     def assemble(self, chunk, pieces):
         xp, host = chunk.stream.xp, chunk.stream.backend.host
         per_block = chunk.t.shape[1] // self.batch_size
-        batch_values = xp.stack(pieces)  # (width, rows, batches)
+        batch_values = np.array(pieces) if xp is np else xp.stack(pieces)  # (width, rows, batches)
         if per_block:
             summary = ValueSummary(xp, batch_values.reshape(-1, per_block), kernels=chunk.kernels)
             means, m2s, negative = (
