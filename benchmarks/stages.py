@@ -9,7 +9,7 @@ import sys
 import time
 
 from klsym.exact.families import Gaussian
-from klsym.simulate.accumulators import needs_samples
+from klsym.simulate.accumulators import FEED_BLOCKS, needs_samples
 from klsym.simulate.driver import Stream, keep_freed_blocks
 from klsym.simulate.montecarlo import ValueStatistics
 
@@ -39,7 +39,7 @@ def main() -> None:
                 part._partials.extend(part.partials(chunk))
                 started = tick(type(part).__name__, started)
         batch = next((part.summary_batch for part in parts if part.summary_batch), None)
-        for block in chunk.blocks_alone():
+        for block in chunk.row_groups(FEED_BLOCKS):
             block.batch = batch
             pieces: list[list] = [[] for _ in accumulators]
             for i in range(len(stream.estimators)):

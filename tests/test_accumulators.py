@@ -8,6 +8,7 @@ import pytest
 from klsym.derive.estimators import MODES, get_estimator, gradient_weights
 from klsym.exact.families import Categorical, Gaussian
 from klsym.simulate.accumulators import (
+    FEED_BLOCKS,
     BatchSpread,
     Extremes,
     GradientSums,
@@ -66,13 +67,14 @@ def test_every_accumulator_is_bit_identical_for_any_chunking_and_threads(family)
 
 
 @pytest.mark.parametrize("family", PAIRS)
-def test_feeding_block_by_block_and_estimator_by_estimator_gives_each_accumulators_own_update(family):
+def test_feeding_groups_of_blocks_estimator_by_estimator_gives_each_accumulators_own_update(family):
     q, p = PAIRS[family]
     stream = Stream(q, p, "k1,k3,rev_k1", seed=11)
-    trials = TrialGradients(3, MODES, stream.sampler.size, stream.sampler.categorical, 3)
+    six = [((b,), 5000) for b in range(FEED_BLOCKS + 2)]  # more blocks than feed reduces at once
+    trials = TrialGradients(3, MODES, stream.sampler.size, stream.sampler.categorical, len(six) + 1)
     fed = _accumulators(stream) + [LogRatioHistogram(), trials]
     alone = [a.empty() for a in fed]
-    for blocks in ([((0,), 5000), ((1,), 5000)], [((2,), 777)]):
+    for blocks in (six, [((FEED_BLOCKS + 2,), 777)]):
         feed(fed, stream.draw(blocks))
         for accumulator in alone:
             accumulator.update(stream.draw(blocks))
@@ -80,7 +82,7 @@ def test_feeding_block_by_block_and_estimator_by_estimator_gives_each_accumulato
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
-    assert fed[-2].counts.sum() == 2 * 5000 + 777
+    assert fed[-2].counts.sum() == len(six) * 5000 + 777
     np.testing.assert_array_equal(fed[-2].counts, alone[-2].counts)
 
 
