@@ -80,6 +80,21 @@ def test_log_ratio_histogram_counts_the_array_codes_keys(bits):
         )
 
 
+def test_inlined_normals_are_numpys_numbers_and_leave_the_generator_where_numpy_does():
+    tail = 0
+    for seed in range(20):
+        generator, reference = np.random.default_rng(seed), np.random.default_rng(seed)
+        out = np.empty(200_000)
+        kernels.standard_normals(generator, out)
+        np.testing.assert_array_equal(out, reference.standard_normal(out.size))
+        assert generator.bit_generator.state == reference.bit_generator.state
+        tail += int((np.abs(out) > kernels.ziggurat_nor_r).sum())  # only the tail branch draws these
+    assert tail > 0
+    other = np.random.Generator(np.random.Philox(3))  # not PCG64: numba's own Generator path
+    kernels.standard_normals(other, out[:1000])
+    np.testing.assert_array_equal(out[:1000], np.random.Generator(np.random.Philox(3)).standard_normal(1000))
+
+
 def test_near_zero_indices_are_numpys():
     t = np.random.default_rng(8).standard_normal((3, 5000)) * np.exp(np.random.default_rng(9).uniform(-12, 2, 5000))
     t[1, :6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, -1e-3]
