@@ -115,19 +115,25 @@ def _pcg64_standard_normals(state, out):
     state[0], state[1] = high, low
 
 
-def standard_normals(generator, out: np.ndarray) -> None:
-    """Fill ``out`` with ``generator.standard_normal(out.size)``'s numbers, advancing ``generator`` the same way:
-    for NumPy's PCG64 with its state handed to the inlined sampler, else through numba's ``Generator``."""
+def _on_pcg64(generator, inlined, through_generator, *args) -> None:
+    """``inlined(state, *args)`` on ``generator``'s PCG64 state (four uint64 words, written back afterwards), or
+    ``through_generator(generator, *args)`` for another bit generator: the same numbers either way."""
     bit_generator = generator.bit_generator
     if type(bit_generator) is not np.random.PCG64:
-        _standard_normals(generator, out)
+        through_generator(generator, *args)
         return
     state = bit_generator.state
     words, mask = state["state"], (1 << 64) - 1
     packed = np.array([words["state"] >> 64, words["state"] & mask, words["inc"] >> 64, words["inc"] & mask], _U64)
-    _pcg64_standard_normals(packed, out)
+    inlined(packed, *args)
     words["state"] = (int(packed[0]) << 64) | int(packed[1])
     bit_generator.state = state
+
+
+def standard_normals(generator, out: np.ndarray) -> None:
+    """Fill ``out`` with ``generator.standard_normal(out.size)``'s numbers, advancing ``generator`` the same way
+    (for NumPy's PCG64 on the inlined sampler, else through numba's ``Generator``)."""
+    _on_pcg64(generator, _pcg64_standard_normals, _standard_normals, out)
 
 
 @_jit
@@ -145,20 +151,34 @@ def _gaussian_log_ratio(z, x, t, mu_q, sigma_q, log_sigma_ratio, sigma_gap, mu_g
 
 
 @_jit
+def _inverse_cdf(cdf, last_token, u):
+    # the first cdf entry > u (searchsorted side="right"), capped at the last token
+    low, high = 0, cdf.size
+    while low < high:
+        middle = (low + high) >> 1
+        if cdf[middle] <= u:
+            low = middle + 1
+        else:
+            high = middle
+    return min(low, last_token)
+
+
+@_jit
 def _categorical_row(generator, cdf, last_token, table, tokens, t):
-    # inverse CDF: the first cdf entry > u (searchsorted side="right"), capped at the last token
     for i in range(t.size):
-        u = generator.random()
-        low, high = 0, cdf.size
-        while low < high:
-            middle = (low + high) >> 1
-            if cdf[middle] <= u:
-                low = middle + 1
-            else:
-                high = middle
-        token = min(low, last_token)
-        tokens[i] = token
+        tokens[i] = token = _inverse_cdf(cdf, last_token, generator.random())
         t[i] = table[token]
+
+
+@_jit
+def _pcg64_categorical_row(state, cdf, last_token, table, tokens, t):
+    # _categorical_row on inlined PCG64 doubles (NumPy's Generator.random)
+    high, low, increment_high, increment_low = state[0], state[1], state[2], state[3]
+    for i in range(t.size):
+        high, low, u = _pcg64_double(high, low, increment_high, increment_low)
+        tokens[i] = token = _inverse_cdf(cdf, last_token, u)
+        t[i] = table[token]
+    state[0], state[1] = high, low
 
 
 @_jit
@@ -405,7 +425,7 @@ def categorical_draw(generators, size: int, cdf: np.ndarray, last_token: int, ta
     tokens = np.empty((len(generators), size), dtype=np.intp)
     t = np.empty((len(generators), size), dtype=table.dtype)
     for row, generator in enumerate(generators):
-        _categorical_row(generator, cdf, last_token, table, tokens[row], t[row])
+        _on_pcg64(generator, _pcg64_categorical_row, _categorical_row, cdf, last_token, table, tokens[row], t[row])
     return t, tokens
 
 
