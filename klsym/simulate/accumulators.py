@@ -268,7 +268,7 @@ class Moments(Accumulator):
 
 
 class _PerChunk(Accumulator):
-    """A statistic that is exact whatever the grouping (extremes, integer counts): one partial for all the
+    """A statistic that is exact whatever the grouping (integer counts): one partial for all the
     blocks it is given at once (a chunk, or a group of blocks under :func:`feed`), ``summarise(xp, values)`` applied
     to each estimator's values."""
 
@@ -392,13 +392,12 @@ class BatchSpread(Accumulator):
         return chunk.summary(i, self.batch_size).batch_means  # (rows, batches): small
 
     def assemble(self, chunk, pieces):
-        xp, host = chunk.stream.xp, chunk.stream.backend.host
         per_block = chunk.t.shape[1] // self.batch_size
-        batch_values = np.array(pieces) if xp is np else xp.stack(pieces)  # (width, rows, batches)
-        if per_block:
-            summary = ValueSummary(xp, batch_values.reshape(-1, per_block), kernels=chunk.kernels)
+        if per_block:  # (width, rows, batches) batch means: small, reduced on the host
+            batch_values = host_stack(chunk, pieces).reshape(-1, per_block)
+            summary = ValueSummary(np, batch_values, kernels=chunk.kernels)
             means, m2s, negative = (
-                host(a).reshape(self.width, chunk.rows) for a in (summary.means, summary.m2s, summary.negative)
+                a.reshape(self.width, chunk.rows) for a in (summary.means, summary.m2s, summary.negative)
             )
         else:
             means = m2s = negative = np.zeros((self.width, chunk.rows))

@@ -6,9 +6,10 @@ operations in the same order, so its results are **bit-identical** to that code 
 on many pairs and seeds). The draws come from the block's own ``numpy.random.Generator``: numba's
 ``standard_normal`` and ``random`` run NumPy's algorithms (ziggurat, 53-bit doubles) on the same
 PCG64 state, about three times faster than NumPy's per-call C path because they are inlined (5 against
-17 ns a sample here); for normals (:func:`standard_normals`) the PCG64 step is inlined too (its 128-bit
-multiply as LLVM ``i128`` arithmetic, the state in registers), another 15-20 %. Estimator values are not compiled: NumPy's AVX-512 ``expm1``/``log1p`` (2.5-3.6 ns) beat
-the scalar libm calls of a compiled loop (22-24 ns). What is fused: the draws, the t-histogram, and the
+17 ns a sample here); for normals and categorical draws the PCG64 step is inlined too (:func:`_on_pcg64`:
+its 128-bit multiply as LLVM ``i128`` arithmetic, the state in registers), another 15-20 %. Estimator values
+are not compiled: NumPy's AVX-512 ``expm1``/``log1p`` (2.5-3.6 ns) beat the scalar libm calls of a compiled
+loop (22-24 ns). What is fused: the draws, the t-histogram, the Taylor index (:func:`near_zero`), and the
 reduction of each estimator's values (:func:`value_summary`: mean, squared deviations, extremes and batch
 means in two passes instead of eight NumPy calls), whose sums follow
 :func:`klsym.simulate.accumulators.lane_sums`, an order LLVM vectorises without reassociating anything.
