@@ -267,18 +267,6 @@ class Moments(Accumulator):
         return np.sqrt(self.m2 / max(self.count - 1.0, 1.0))
 
 
-class _PerChunk(Accumulator):
-    """A statistic that is exact whatever the grouping (integer counts): one partial for all the
-    blocks it is given at once (a chunk, or a group of blocks under :func:`feed`), ``summarise(xp, values)`` applied
-    to each estimator's values."""
-
-    def piece(self, chunk, i: int):
-        return self.summarise(chunk.stream.xp, chunk.values(i))
-
-    def assemble(self, chunk, pieces):
-        return [chunk.stream.backend.host(chunk.stream.xp.stack(pieces))]
-
-
 class Extremes(Accumulator):
     """Min, max, and the counts of negative and of non-finite values, per estimator (exact whatever the
     grouping: one partial for all the blocks it is given at once)."""
@@ -352,19 +340,23 @@ def quantiles_from_histogram(counts: np.ndarray, levels) -> dict:
     return out
 
 
-class Histogram(_PerChunk):
-    """Counts of the finite values in float32 bit-pattern bins (relative width :math:`2^{-7}`)."""
+class Histogram(Accumulator):
+    """Counts of the finite values in float32 bit-pattern bins (relative width :math:`2^{-7}`); integer counts
+    are exact whatever the grouping, so a partial covers all the blocks it is given at once."""
 
     def __init__(self, width: int):
         super().__init__(width)
         self.width = width
         self.counts = np.zeros((width, HIST_BINS), dtype=np.int64)
 
-    @staticmethod
-    def summarise(xp, values):
+    def piece(self, chunk, i: int):
+        xp, values = chunk.stream.xp, chunk.values(i)
         finite = xp.isfinite(values)
         kept = values if bool(finite.all()) else values[finite]
         return xp.bincount(histogram_keys(xp, kept), minlength=HIST_BINS)
+
+    def assemble(self, chunk, pieces):
+        return [host_stack(chunk, pieces)]
 
     def fold(self, partial) -> None:
         self.counts += partial
@@ -381,12 +373,9 @@ class BatchSpread(Accumulator):
     def __init__(self, width: int, batch_size: int):
         super().__init__(width, batch_size)
         self.width, self.batch_size = width, batch_size
+        self.summary_batch = batch_size  # its pieces are the value summaries' batch means
         self.moments = Moments(width)
         self.negative = np.zeros(width)
-
-    @property
-    def summary_batch(self) -> int:
-        return self.batch_size
 
     def piece(self, chunk, i: int):
         return chunk.summary(i, self.batch_size).batch_means  # (rows, batches): small
